@@ -1,0 +1,77 @@
+"""What a provider module implements: an API client for its connections, and webhook intake."""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from sync_project.store.connections import ProviderConnection
+
+
+class SignatureError(Exception):
+    """The delivery's signature is missing, wrong or outside its time tolerance (HTTP 401)."""
+
+
+class MalformedWebhookError(Exception):
+    """The delivery verified but cannot be understood (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class WebhookRequest:
+    """A delivery exactly as received: signatures are computed over the raw bytes."""
+
+    method: str
+    #: Full URL as the provider called it (HubSpot v3 signs it).
+    url: str
+    #: Header names lower-cased.
+    headers: Mapping[str, str]
+    body: bytes
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class InboundEvent:
+    """One event of a verified delivery (a HubSpot delivery carries a batch of them)."""
+
+    #: The provider's id of this event: a redelivery carries the same key, and is stored once.
+    event_key: str
+    event_type: str
+    #: The provider-side account the event belongs to (routes it to a connection); None = all.
+    account_id: str | None
+    payload: dict[str, Any]
+    occurred_at: datetime | None = None
+
+
+@dataclass
+class Provider(ABC):
+    """Base class of a provider module's ``PROVIDER`` object."""
+
+    name: str
+    #: Environment variable holding the webhook signing secret(s); comma-separated for rotation.
+    webhook_secret_env: str | None = None
+    default_base_url: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def webhook_secrets(self) -> list[str]:
+        if not self.webhook_secret_env:
+            return []
+        raw = os.environ.get(self.webhook_secret_env, "")
+        return [secret.strip() for secret in raw.split(",") if secret.strip()]
+
+    @abstractmethod
+    def client(self, connection: ProviderConnection) -> httpx.Client:
+        """An authenticated client for one connection (base URL, auth header, timeouts)."""
+
+    @abstractmethod
+    def verify(self, request: WebhookRequest, secrets: list[str]) -> None:
+        """Raise :class:`SignatureError` unless one of ``secrets`` signed ``request``."""
+
+    @abstractmethod
+    def parse(self, request: WebhookRequest) -> list[InboundEvent]:
+        """Split a verified delivery into events; raise :class:`MalformedWebhookError` if unreadable."""

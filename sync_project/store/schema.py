@@ -1,0 +1,134 @@
+"""The store's tables, as SQLAlchemy Core metadata for both SQLite and Postgres.
+
+This is the *current* schema. Databases are created and upgraded by the alembic revisions in
+``migrations/versions``; a test asserts that the migrated schema equals this metadata.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData()
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, on both backends.
+
+    SQLite has no time zone type: it keeps naive ISO text, which sorts correctly only if every value
+    is UTC. Postgres keeps ``timestamptz`` but answers in the session's zone. Normalising here keeps
+    comparisons (guards, cursors) exact everywhere.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store only takes aware datetimes")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY; Postgres wants a bigint identity.
+AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+connections = Table(
+    "connections",
+    metadata,
+    Column("provider", String(64), nullable=False),
+    Column("connection_id", String(255), nullable=False),
+    # The provider-side account (portal, installation, Stripe account) that webhooks name.
+    Column("account_id", String(255), nullable=True),
+    # The *name* of an environment variable holding the credentials, never the secret itself.
+    Column("credentials_env", String(255), nullable=True),
+    Column("config", Text, nullable=False, default="{}"),
+    Column("status", String(16), nullable=False, default="active"),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    PrimaryKeyConstraint("provider", "connection_id", name="pk_connections"),
+    Index("ix_connections_account", "provider", "account_id"),
+)
+
+records = Table(
+    "records",
+    metadata,
+    Column("sync", String(128), nullable=False),
+    Column("connection_id", String(255), nullable=False),
+    Column("external_id", String(255), nullable=False),
+    # Canonical JSON (sorted keys): the hash below is computed over exactly this text.
+    Column("data", Text, nullable=False),
+    Column("data_hash", String(32), nullable=False),
+    Column("source_updated_at", UtcDateTime, nullable=True),
+    Column("first_seen_at", UtcDateTime, nullable=False),
+    # Moves only when content or deleted state changes; strictly increasing per (sync, connection).
+    Column("last_modified_at", UtcDateTime, nullable=False),
+    Column("deleted_at", UtcDateTime, nullable=True),
+    Column("last_action", String(16), nullable=False),
+    # The full-refresh run that last saw this record at the provider (delete detection).
+    Column("seen_by_run", String(64), nullable=True),
+    PrimaryKeyConstraint("sync", "connection_id", "external_id", name="pk_records"),
+    Index("ix_records_feed", "sync", "connection_id", "last_modified_at", "external_id"),
+)
+
+sync_state = Table(
+    "sync_state",
+    metadata,
+    Column("sync", String(128), nullable=False),
+    Column("connection_id", String(255), nullable=False),
+    Column("checkpoint", Text, nullable=True),
+    Column("last_success_at", UtcDateTime, nullable=True),
+    Column("last_run_id", String(64), nullable=True),
+    Column("last_mode", String(16), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("updated_at", UtcDateTime, nullable=False),
+    PrimaryKeyConstraint("sync", "connection_id", name="pk_sync_state"),
+)
+
+inbox = Table(
+    "inbox",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("provider", String(64), nullable=False),
+    # The provider's own id of the event (delivery id, event id): what duplicates share.
+    Column("event_key", String(255), nullable=False),
+    # The sync this event is for; '' when no sync subscribes to its type (kept, status 'ignored').
+    Column("sync", String(128), nullable=False),
+    Column("connection_id", String(255), nullable=True),
+    Column("account_id", String(255), nullable=True),
+    Column("event_type", String(255), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UtcDateTime, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("received_at", UtcDateTime, nullable=False),
+    Column("processed_at", UtcDateTime, nullable=True),
+    UniqueConstraint("provider", "event_key", "sync", name="uq_inbox_event"),
+    Index("ix_inbox_claim", "status", "sync", "connection_id", "id"),
+)

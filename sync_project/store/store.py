@@ -1,0 +1,148 @@
+"""The records store: one object per database, shared by runs, the receiver and the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from sync_project import settings
+from sync_project.store import feed, migrate
+from sync_project.store.connections import Connections
+from sync_project.store.engine import make_engine, unavailable_as_store_error
+from sync_project.store.locks import run_lock
+from sync_project.store.merge import MergeResult, RecordSpec
+from sync_project.store.records import RecordLike, RecordWriter
+from sync_project.store.schema import records
+from sync_project.store.state import SyncStates
+
+
+class Store:
+    """Records, connections, sync state and inbox in one database (SQLite or Postgres).
+
+    Opening a store migrates its schema to the newest version.
+    """
+
+    def __init__(self, url: str | None = None, *, engine: Engine | None = None, migrate_schema: bool = True) -> None:
+        self.url = url or settings.database_url()
+        self.engine = engine or make_engine(self.url)
+        if migrate_schema:
+            migrate.upgrade(self.engine)
+        self.connections = Connections(self.engine)
+        self.state = SyncStates(self.engine)
+
+    @property
+    def backend(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes -------------------------------------------------------------------------------
+
+    @contextmanager
+    def writer(self, sync: str, connection_id: str, spec: RecordSpec) -> Iterator[RecordWriter]:
+        """One transaction holding the batch lock of (sync, connection); commits on exit."""
+        with unavailable_as_store_error(), self.engine.begin() as conn:
+            yield RecordWriter(conn, sync, connection_id, spec)
+
+    def save(
+        self,
+        sync: str,
+        connection_id: str,
+        spec: RecordSpec,
+        batch: Iterable[RecordLike],
+        *,
+        fetched_at: datetime | None = None,
+    ) -> MergeResult:
+        with self.writer(sync, connection_id, spec) as writer:
+            return writer.save(batch, fetched_at=fetched_at)
+
+    def update(
+        self, sync: str, connection_id: str, spec: RecordSpec, batch: Iterable[RecordLike], *, fetched_at: datetime | None = None
+    ) -> MergeResult:
+        with self.writer(sync, connection_id, spec) as writer:
+            return writer.update(batch, fetched_at=fetched_at)
+
+    def delete(
+        self, sync: str, connection_id: str, spec: RecordSpec, batch: Iterable[RecordLike], *, fetched_at: datetime | None = None
+    ) -> MergeResult:
+        with self.writer(sync, connection_id, spec) as writer:
+            return writer.delete(batch, fetched_at=fetched_at)
+
+    @contextmanager
+    def run_lock(self, sync: str, connection_id: str) -> Iterator[None]:
+        """At most one run per (sync, connection), across processes; raises if already held."""
+        with unavailable_as_store_error(), run_lock(self.engine, sync, connection_id):
+            yield
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def changes(
+        self,
+        sync: str,
+        connection_id: str,
+        *,
+        cursor: str | None = None,
+        limit: int = 100,
+        actions: Sequence[feed.ChangeAction] | None = None,
+        modified_after: datetime | None = None,
+    ) -> feed.ChangePage:
+        """One page of the change feed, ordered by (last_modified_at, id)."""
+        with unavailable_as_store_error(), self._read() as conn:
+            return feed.read_changes(
+                conn, sync, connection_id, cursor=cursor, limit=limit, actions=actions, modified_after=modified_after
+            )
+
+    def get(self, sync: str, connection_id: str, external_id: str) -> feed.Change | None:
+        with unavailable_as_store_error(), self._read() as conn:
+            row = conn.execute(
+                select(*feed._COLUMNS).where(
+                    records.c.sync == sync,
+                    records.c.connection_id == connection_id,
+                    records.c.external_id == external_id,
+                )
+            ).first()
+        return None if row is None else feed._change(row)
+
+    def count(self, sync: str, connection_id: str | None = None, *, include_deleted: bool = False) -> int:
+        query = select(func.count()).select_from(records).where(records.c.sync == sync)
+        if connection_id is not None:
+            query = query.where(records.c.connection_id == connection_id)
+        if not include_deleted:
+            query = query.where(records.c.deleted_at.is_(None))
+        with unavailable_as_store_error(), self._read() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def dataframe(self, sync: str, connection_id: str | None = None, *, include_deleted: bool = False) -> pd.DataFrame:
+        """All records of a sync (optionally one connection) as one DataFrame."""
+        frames = list(self.iter_dataframes(sync, connection_id, include_deleted=include_deleted))
+        if not frames:
+            return feed.empty_frame()
+        return pd.concat(frames, ignore_index=True)
+
+    def iter_dataframes(
+        self, sync: str, connection_id: str | None = None, *, include_deleted: bool = False, chunk_size: int = 50_000
+    ) -> Iterator[pd.DataFrame]:
+        with unavailable_as_store_error(), self._read() as conn:
+            yield from feed.iter_dataframes(
+                conn, sync, connection_id, include_deleted=include_deleted, chunk_size=chunk_size
+            )
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(readonly=True)
+            with conn.begin():
+                yield conn

@@ -1,0 +1,1 @@
+"""One module per sync, each declaring a :class:`sync_project.core.SyncDefinition`."""
