@@ -119,7 +119,8 @@ inbox = Table(
     Column("event_key", String(255), nullable=False),
     # The sync this event is for; '' when no sync subscribes to its type (kept, status 'ignored').
     Column("sync", String(128), nullable=False),
-    Column("connection_id", String(255), nullable=True),
+    # The connection it routes to; '' while unroutable (no connection has its account id yet).
+    Column("connection_id", String(255), nullable=False),
     Column("account_id", String(255), nullable=True),
     Column("event_type", String(255), nullable=False),
     Column("payload", Text, nullable=False),
@@ -129,6 +130,6 @@ inbox = Table(
     Column("last_error", Text, nullable=True),
     Column("received_at", UtcDateTime, nullable=False),
     Column("processed_at", UtcDateTime, nullable=True),
-    UniqueConstraint("provider", "event_key", "sync", name="uq_inbox_event"),
+    UniqueConstraint("provider", "event_key", "sync", "connection_id", name="uq_inbox_event"),
     Index("ix_inbox_claim", "status", "sync", "connection_id", "id"),
 )

@@ -61,7 +61,7 @@ def upgrade() -> None:
         sa.Column("provider", sa.String(64), nullable=False),
         sa.Column("event_key", sa.String(255), nullable=False),
         sa.Column("sync", sa.String(128), nullable=False),
-        sa.Column("connection_id", sa.String(255), nullable=True),
+        sa.Column("connection_id", sa.String(255), nullable=False),
         sa.Column("account_id", sa.String(255), nullable=True),
         sa.Column("event_type", sa.String(255), nullable=False),
         sa.Column("payload", sa.Text, nullable=False),
@@ -71,7 +71,7 @@ def upgrade() -> None:
         sa.Column("last_error", sa.Text, nullable=True),
         sa.Column("received_at", UtcDateTime, nullable=False),
         sa.Column("processed_at", UtcDateTime, nullable=True),
-        sa.UniqueConstraint("provider", "event_key", "sync", name="uq_inbox_event"),
+        sa.UniqueConstraint("provider", "event_key", "sync", "connection_id", name="uq_inbox_event"),
     )
     op.create_index("ix_inbox_claim", "inbox", ["status", "sync", "connection_id", "id"])
 
