@@ -31,3 +31,19 @@ def database_url() -> str:
     if url:
         return url
     return f"sqlite:///{data_dir() / 'sync.db'}"
+
+
+def dagster_home() -> Path:
+    """``DAGSTER_HOME``, defaulting to the project-local, git-ignored ``.dagster_home``.
+
+    The instance config lives in the project's ``dagster.yaml`` and is copied there when missing, so
+    the UI, the daemon, runs and the CLI all use one instance.
+    """
+    home = Path(os.environ.get("DAGSTER_HOME") or project_root() / ".dagster_home")
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        template = project_root() / "dagster.yaml"
+        if template.exists():
+            config.write_text(template.read_text())
+    return home

@@ -1,0 +1,126 @@
+"""The asset factory: one partitioned asset per declared sync.
+
+No `from __future__ import annotations` here: Dagster reads the config and resource types of the
+asset function's parameters at definition time.
+"""
+
+
+import json
+from typing import Literal
+
+import dagster as dg
+
+from sync_project.core.http import ProviderError
+from sync_project.core.provider import Provider
+from sync_project.core.sync import SyncDefinition
+from sync_project.orchestration.partitions import connection_partitions
+from sync_project.orchestration.polling import poll
+from sync_project.orchestration.resources import StoreResource, storage_kind
+from sync_project.store import MergeResult, Store, StoreError, SyncAlreadyRunningError, UnknownConnectionError
+from sync_project.store.records import utcnow
+
+SyncMode = Literal["full", "incremental", "webhook"]
+
+
+class SyncRunConfig(dg.Config):
+    """How a run syncs its partition.
+
+    ``full`` (the default, so a person's launch or backfill from the UI re-fetches everything and
+    then detects deletes), ``incremental`` (schedules: from the stored checkpoint), ``webhook``
+    (the inbox sensor: drain the partition's pending webhook events).
+    """
+
+    mode: SyncMode = "full"
+    #: Webhook mode: stop after this many events (the rest waits for the next run).
+    max_events: int | None = None
+
+
+def op_name(sync: SyncDefinition) -> str:
+    """The op behind the asset, as run config addresses it (``provider__object``)."""
+    return f"{sync.provider}__{sync.name}"
+
+
+def build_sync_asset(sync: SyncDefinition, provider: Provider) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=dg.AssetKey([sync.provider, sync.name]),
+        group_name=sync.provider,
+        kinds={sync.provider, storage_kind()},
+        partitions_def=connection_partitions(sync.provider),
+        description=sync.description or f"{sync.name} of {sync.provider}, one partition per connection.",
+        metadata={
+            "sync": sync.key,
+            "primary_key": sync.primary_key,
+            "merge_strategy": sync.record_spec.strategy.value,
+            "poll_interval_s": sync.poll_interval.total_seconds(),
+            "webhook_events": ", ".join(sync.webhook_events) or "none",
+            "track_deletes": sync.track_deletes,
+        },
+    )
+    def _sync_asset(
+        context: dg.AssetExecutionContext, config: SyncRunConfig, sync_store: StoreResource
+    ) -> dg.MaterializeResult:
+        return run_sync(context, config, sync_store.get_store(), sync, provider)
+
+    return _sync_asset
+
+
+def run_sync(
+    context: dg.AssetExecutionContext,
+    config: SyncRunConfig,
+    store: Store,
+    sync: SyncDefinition,
+    provider: Provider,
+) -> dg.MaterializeResult:
+    connection_id = context.partition_key
+    try:
+        connection = store.connections.get(sync.provider, connection_id)
+    except UnknownConnectionError as error:
+        raise dg.Failure(
+            description=f"{error}. Register it with `sync-project connections add {sync.provider} {connection_id}`."
+        ) from None
+    if connection.status != "active":
+        raise dg.Failure(
+            description=f"connection {sync.provider}/{connection_id} is {connection.status}; "
+            f"`sync-project connections resume {sync.provider} {connection_id}` to sync it again."
+        )
+    metadata: dict[str, object] = {"mode": config.mode}
+    try:
+        with store.run_lock(sync.key, connection_id), provider.client(connection) as client:
+            if config.mode == "webhook":
+                from sync_project.orchestration.webhook_drain import drain_inbox
+
+                drained = drain_inbox(store, sync, connection, client, context.log, max_events=config.max_events)
+                merged: MergeResult = drained.merge
+                metadata.update(
+                    events_drained=drained.events_done,
+                    events_retrying=drained.events_retrying,
+                    events_dead=drained.events_dead,
+                )
+            else:
+                polled = poll(store, sync, connection, client, context.log, mode=config.mode, run_id=context.run.run_id)
+                merged = polled.merge
+                metadata.update(
+                    pages=polled.pages,
+                    records_fetched=polled.records,
+                    checkpoint=dg.MetadataValue.json(polled.checkpoint or {}),
+                )
+    except SyncAlreadyRunningError as error:
+        raise dg.Failure(description=f"{error}; this run did nothing.") from None
+    except (ProviderError, StoreError) as error:
+        store.state.record_run(sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, error=str(error))
+        raise dg.Failure(description=f"{sync.key} for {connection_id}: {error}") from error
+    except Exception as error:
+        store.state.record_run(
+            sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, error=f"{type(error).__name__}: {error}"
+        )
+        raise
+    store.state.record_run(sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, succeeded_at=utcnow())
+    counts = merged.as_dict()
+    context.log.info(f"{sync.key} {connection_id} ({config.mode}): {json.dumps(counts)}")
+    return dg.MaterializeResult(
+        metadata={
+            **counts,
+            **metadata,
+            "dagster/row_count": store.count(sync.key, connection_id),
+        }
+    )
