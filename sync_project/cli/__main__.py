@@ -1,0 +1,3 @@
+from sync_project.cli import main
+
+main()
