@@ -1,0 +1,56 @@
+"""A downstream asset over the sandbox CRM: open pipeline per contact, across all connections.
+
+It shows the consumption pattern: depend on the sync assets, read their live records from the
+store as DataFrames (``Store.dataframe``), and compute with pandas. Deleted records are excluded by
+default; pass ``include_deleted=True`` to see tombstones.
+"""
+
+import dagster as dg
+import pandas as pd
+
+from sync_project.orchestration.resources import StoreResource
+
+CONTACTS = dg.AssetKey(["sandbox", "contacts"])
+DEALS = dg.AssetKey(["sandbox", "deals"])
+
+
+def summarize_deals_per_contact(contacts: pd.DataFrame, deals: pd.DataFrame) -> pd.DataFrame:
+    """One row per live contact: number of deals and their total amount (0 when none)."""
+    columns = ["connection_id", "contact_id", "email", "deals", "total_amount"]
+    if contacts.empty:
+        return pd.DataFrame(columns=columns)
+    people = contacts.rename(columns={"_connection_id": "connection_id", "id": "contact_id"})[
+        ["connection_id", "contact_id", "email"]
+    ]
+    if deals.empty:
+        totals = pd.DataFrame(columns=["connection_id", "contact_id", "deals", "total_amount"])
+    else:
+        totals = (
+            deals.rename(columns={"_connection_id": "connection_id"})
+            .groupby(["connection_id", "contact_id"], as_index=False)
+            .agg(deals=("id", "count"), total_amount=("amount", "sum"))
+        )
+    summary = people.merge(totals, on=["connection_id", "contact_id"], how="left")
+    summary["deals"] = summary["deals"].fillna(0).astype(int)
+    summary["total_amount"] = summary["total_amount"].fillna(0).astype(float)
+    return summary.sort_values(["connection_id", "total_amount", "contact_id"], ascending=[True, False, True])[columns].reset_index(drop=True)
+
+
+@dg.asset(
+    key=["analytics", "deals_per_contact"],
+    deps=[CONTACTS, DEALS],
+    group_name="analytics",
+    kinds={"pandas"},
+    description="Deals and total amount per sandbox contact (a demo of consuming synced records).",
+)
+def deals_per_contact(context: dg.AssetExecutionContext, sync_store: StoreResource) -> dg.MaterializeResult:
+    store = sync_store.get_store()
+    summary = summarize_deals_per_contact(store.dataframe("sandbox/contacts"), store.dataframe("sandbox/deals"))
+    context.log.info(f"{len(summary)} contacts, {int(summary['deals'].sum()) if len(summary) else 0} deals")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": len(summary),
+            "total_amount": float(summary["total_amount"].sum()) if len(summary) else 0.0,
+            "preview": dg.MetadataValue.md(summary.head(10).to_markdown(index=False) if len(summary) else "(empty)"),
+        }
+    )
