@@ -1,0 +1,256 @@
+"""GitHub: one connection per repository; REST client, issue pagination, rate limits, webhooks.
+
+Routing: a webhook's account id is the repository's ``full_name`` (``owner/repo``, spelled as GitHub
+spells it), so a connection is added with ``--account-id owner/repo``. Repository, organization and
+GitHub App webhooks all carry ``repository.full_name``, so one App installation covering many
+repositories routes each delivery to its repository's connection, which routing by installation id
+could not do. Deliveries without a repository (``ping`` from an organization hook, installation
+events) get no account id; no sync subscribes to them.
+
+Which repository a connection syncs: ``config["owner"]``/``config["repo"]`` when set, else its
+account id. ``config["base_url"]`` points at GitHub Enterprise Server (``https://HOST/api/v3``).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import httpx
+
+from sync_project.core.http import ProviderError, json_body, parse_retry_after
+from sync_project.core.provider import (
+    InboundEvent,
+    MalformedWebhookError,
+    Provider,
+    SignatureError,
+    WebhookRequest,
+)
+from sync_project.providers import signing
+from sync_project.providers._common import ListPage, Sleep, load_json, retrying_client, server_time, walk_modified
+from sync_project.store.connections import ProviderConnection
+
+API_VERSION = "2022-11-28"
+SIGNATURE_HEADER = "x-hub-signature-256"
+PAGE_SIZE = 100
+#: GitHub documents ``since`` as "updated after" with second resolution and leaves its
+#: inclusiveness unsaid: restart one second early so a tie at the boundary is never lost.
+SINCE_OVERLAP = timedelta(seconds=1)
+#: Reads can come from replicas that lag a write by a moment; checkpoints stay this far behind.
+CHECKPOINT_LAG = timedelta(minutes=1)
+#: GitHub: "wait for at least one minute" after a secondary rate limit without Retry-After.
+SECONDARY_LIMIT_WAIT_S = 60.0
+
+
+class GitHubRateLimited(ProviderError):
+    """GitHub's rate limit outlasts what one run is willing to wait."""
+
+
+def rate_limit_wait(response: httpx.Response, attempt: int, now: float) -> float | None:
+    """Seconds GitHub asks us to wait before retrying, or None if ``response`` is no rate limit.
+
+    Per GitHub's REST docs: a 403 or 429 with ``retry-after`` means wait that long; with
+    ``x-ratelimit-remaining: 0`` wait until ``x-ratelimit-reset`` (UTC epoch seconds); a secondary
+    limit without either header means at least a minute, growing exponentially. Any other 403 is a
+    permission problem and not retried.
+    """
+    if response.status_code not in (403, 429):
+        return None
+    retry_after = parse_retry_after(response.headers.get("retry-after"))
+    if retry_after is not None:
+        return retry_after
+    reset = response.headers.get("x-ratelimit-reset")
+    if response.headers.get("x-ratelimit-remaining") == "0" and reset and reset.isdigit():
+        # One second past the reset: the header has second resolution.
+        return max(0.0, int(reset) - now) + 1.0
+    response.read()
+    if response.status_code == 429 or "secondary rate limit" in response.text.lower():
+        return SECONDARY_LIMIT_WAIT_S * 2 ** (attempt - 1)
+    return None
+
+
+class RateLimitTransport(httpx.BaseTransport):
+    """Waits out GitHub's rate limits (sitting under the generic 429/5xx retries), up to a bound.
+
+    It sits inside :class:`~sync_project.core.http.RetryingTransport` and consumes GitHub's 403/429
+    rate-limit answers itself: the generic retry would come back within seconds, and GitHub warns
+    that requests made while limited can get an integration banned. Past ``max_wait_s`` it raises
+    :class:`GitHubRateLimited` naming the reset time instead of returning the response.
+    """
+
+    def __init__(
+        self,
+        inner: httpx.BaseTransport | None = None,
+        *,
+        sleep: Sleep = time.sleep,
+        clock: Callable[[], float] = time.time,
+        max_wait_s: float = 900.0,
+        max_attempts: int = 4,
+    ) -> None:
+        self._inner = inner or httpx.HTTPTransport()
+        self._sleep = sleep
+        self._clock = clock
+        self._max_wait_s = max_wait_s
+        self._max_attempts = max_attempts
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(1, self._max_attempts + 1):
+            response = self._inner.handle_request(request)
+            wait = rate_limit_wait(response, attempt, self._now(response))
+            if wait is None:
+                return response
+            response.read()
+            response.close()
+            if wait > self._max_wait_s or attempt == self._max_attempts:
+                raise GitHubRateLimited(
+                    f"{request.method} {request.url.copy_with(query=None)}: GitHub rate limit "
+                    f"(HTTP {response.status_code}) asks to wait {wait:.0f} s; this run waits at most "
+                    f"{self._max_wait_s:.0f} s per request and tried {attempt} time(s): "
+                    f"the next run continues from the checkpoint"
+                )
+            self._sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _now(self, response: httpx.Response) -> float:
+        """GitHub's clock when the response says it (``x-ratelimit-reset`` is on that clock)."""
+        value = response.headers.get("date")
+        if value:
+            try:
+                return email.utils.parsedate_to_datetime(value).timestamp()
+            except (TypeError, ValueError):
+                pass
+        return self._clock()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@dataclass
+class GitHubProvider(Provider):
+    name: str = "github"
+    webhook_secret_env: str | None = "SYNC_GITHUB_WEBHOOK_SECRET"
+    default_base_url: str = "https://api.github.com"
+    #: Tests serve fixtures through these; production uses real HTTP and real sleeps.
+    transport: httpx.BaseTransport | None = None
+    sleep: Sleep = time.sleep
+    clock: Callable[[], float] = time.time
+    #: The longest one request waits for a rate limit to reset before the run fails.
+    max_rate_limit_wait_s: float = 900.0
+
+    def client(self, connection: ProviderConnection) -> httpx.Client:
+        headers = {
+            "Accept": "application/vnd.github+json",
+            "X-GitHub-Api-Version": API_VERSION,
+            "User-Agent": "sync-project",
+        }
+        # A token is optional: public repositories can be read anonymously (60 requests an hour).
+        token = connection.credentials()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        limits = RateLimitTransport(
+            self.transport, sleep=self.sleep, clock=self.clock, max_wait_s=self.max_rate_limit_wait_s
+        )
+        base_url = str(connection.config.get("base_url") or self.default_base_url)
+        return retrying_client(base_url, headers=headers, transport=limits, sleep=self.sleep)
+
+    def verify(self, request: WebhookRequest, secrets: list[str]) -> None:
+        """``X-Hub-Signature-256: sha256=<hex HMAC-SHA256(secret, raw body)>``; GitHub signs no
+        timestamp, so replays are caught by the delivery id instead (the inbox stores each once)."""
+        signing.require_secrets(secrets, self.webhook_secret_env)
+        header = request.headers.get(SIGNATURE_HEADER)
+        if not header:
+            raise SignatureError("missing X-Hub-Signature-256 header")
+        scheme, _, given = header.partition("=")
+        if scheme != "sha256" or not given:
+            raise SignatureError("X-Hub-Signature-256 is not of the form sha256=<hex>")
+        expected = [signing.hmac_sha256(secret, request.body).hex() for secret in secrets]
+        if not signing.matches_any(given, expected):
+            raise SignatureError("X-Hub-Signature-256 does not match the body under any configured secret")
+
+    def parse(self, request: WebhookRequest) -> list[InboundEvent]:
+        delivery = request.headers.get("x-github-delivery")
+        event_type = request.headers.get("x-github-event")
+        if not delivery or not event_type:
+            raise MalformedWebhookError("missing X-GitHub-Delivery or X-GitHub-Event header")
+        payload = load_json(request.body)
+        if not isinstance(payload, dict):
+            raise MalformedWebhookError("GitHub delivers one JSON object per request")
+        repository = payload.get("repository")
+        account = repository.get("full_name") if isinstance(repository, dict) else None
+        return [
+            InboundEvent(
+                event_key=delivery,
+                event_type=event_type,
+                account_id=account if isinstance(account, str) and account else None,
+                payload=payload,
+            )
+        ]
+
+
+def repository(connection: ProviderConnection) -> tuple[str, str]:
+    """(owner, repo) of a connection: from its config, else its ``owner/repo`` account id."""
+    owner = connection.config.get("owner")
+    repo = connection.config.get("repo")
+    if not (owner and repo) and connection.account_id and connection.account_id.count("/") == 1:
+        owner, repo = connection.account_id.split("/")
+    if not (owner and repo):
+        raise ProviderError(
+            f"connection github/{connection.connection_id}: no repository; add it with "
+            f"--account-id OWNER/REPO (or config owner and repo)"
+        )
+    return str(owner), str(repo)
+
+
+def list_issues(
+    client: httpx.Client, owner: str, repo: str, since: datetime | None
+) -> Iterator[tuple[list[dict[str, Any]], datetime | None]]:
+    """The repository's issues and pull requests updated at or after ``since``, oldest update first,
+    one API page at a time with the checkpoint to resume from (see :func:`walk_modified`).
+
+    ``GET /repos/{owner}/{repo}/issues?state=all&sort=updated&direction=asc&since=`` with the
+    ``Link`` header's ``rel="next"`` when a page does not advance the timestamp.
+    """
+
+    def fetch_page(anchor: datetime | None, cursor: str | None) -> ListPage:
+        if cursor is not None:
+            response = client.get(cursor)
+        else:
+            params: dict[str, str | int] = {
+                "state": "all",
+                "sort": "updated",
+                "direction": "asc",
+                "per_page": PAGE_SIZE,
+            }
+            if anchor is not None:
+                params["since"] = format_time(anchor)
+            response = client.get(f"/repos/{owner}/{repo}/issues", params=params)
+        items = json_body(response)
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise ProviderError(f"GET {response.request.url.path}: expected a JSON array of issues")
+        next_link = response.links.get("next", {}).get("url")
+        return ListPage(items, next_link, server_time(response))
+
+    yield from walk_modified(fetch_page, _updated_at, since, overlap=SINCE_OVERLAP, lag=CHECKPOINT_LAG)
+
+
+def _updated_at(item: dict[str, Any]) -> datetime:
+    try:
+        return parse_time(item["updated_at"])
+    except (KeyError, TypeError, ValueError):
+        raise ProviderError(f"issue {item.get('id')!r} has no readable updated_at") from None
+
+
+def format_time(value: datetime) -> str:
+    """GitHub's ``YYYY-MM-DDTHH:MM:SSZ``."""
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(timezone.utc)
+
+
+PROVIDER = GitHubProvider()
