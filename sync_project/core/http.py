@@ -96,14 +96,16 @@ def make_client(
     timeout_s: float = 30.0,
     transport: httpx.BaseTransport | None = None,
     max_attempts: int = 5,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> httpx.Client:
-    """An ``httpx.Client`` with retries; ``transport`` lets tests point it at a fixture server."""
+    """An ``httpx.Client`` with retries. ``transport`` lets tests serve fixtures and ``sleep`` lets
+    them assert the waits a ``Retry-After`` asked for without waiting them."""
     return httpx.Client(
         base_url=base_url,
         headers=headers,
         auth=auth,
         timeout=timeout_s,
-        transport=RetryingTransport(transport, max_attempts=max_attempts),
+        transport=RetryingTransport(transport, max_attempts=max_attempts, sleep=sleep),
     )
 
 

@@ -40,6 +40,11 @@ def op_name(sync: SyncDefinition) -> str:
     return f"{sync.provider}__{sync.name}"
 
 
+def job_name(sync: SyncDefinition) -> str:
+    """The job that materializes the sync's asset (schedules, the sensor and backfills target it)."""
+    return f"{op_name(sync)}_job"
+
+
 def build_sync_asset(sync: SyncDefinition, provider: Provider) -> dg.AssetsDefinition:
     @dg.asset(
         key=dg.AssetKey([sync.provider, sync.name]),

@@ -8,7 +8,7 @@ import dagster as dg
 
 from sync_project.core.provider import Provider
 from sync_project.core.sync import SyncDefinition
-from sync_project.orchestration.assets import build_sync_asset, op_name
+from sync_project.orchestration.assets import build_sync_asset, job_name, op_name
 from sync_project.orchestration.partitions import AssetJob
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.schedules import build_poll_schedule
@@ -25,9 +25,9 @@ def build_definitions(
     assets = {sync.key: build_sync_asset(sync, providers[sync.provider]) for sync in syncs}
     jobs = {
         sync.key: dg.define_asset_job(
-            name=op_name(sync),
+            name=job_name(sync),
             selection=dg.AssetSelection.assets(assets[sync.key]),
-            description=f"Sync {sync.key}. Backfill: `dagster job backfill -j {op_name(sync)} --partitions a,b`.",
+            description=f"Sync {sync.key}. Backfill: `dagster job backfill -j {job_name(sync)} --partitions a,b`.",
         )
         for sync in syncs
     }

@@ -1,4 +1,4 @@
-"""What the real provider modules share: their HTTP client, the provider's clock, JSON intake, and
+"""What the real provider modules share: the provider's clock, JSON intake, and
 walking a list sorted by modification time without skipping records that change meanwhile.
 
 The module name starts with ``_`` so the registry, which imports every provider module, skips it.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import email.utils
 import json
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -17,30 +16,11 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from sync_project.core.http import ProviderError, RetryingTransport
+from sync_project.core.http import ProviderError
 from sync_project.core.provider import MalformedWebhookError
 
 Sleep = Callable[[float], None]
 ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-def retrying_client(
-    base_url: str,
-    *,
-    headers: dict[str, str],
-    transport: httpx.BaseTransport | None = None,
-    sleep: Sleep = time.sleep,
-    timeout_s: float = 30.0,
-    max_attempts: int = 5,
-) -> httpx.Client:
-    """``core.http.make_client`` plus an injectable ``sleep``, so tests can assert the waits a
-    ``Retry-After`` asked for without waiting them."""
-    return httpx.Client(
-        base_url=base_url,
-        headers=headers,
-        timeout=timeout_s,
-        transport=RetryingTransport(transport, max_attempts=max_attempts, sleep=sleep),
-    )
 
 
 def server_time(response: httpx.Response) -> datetime | None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from sync_project.core.http import ProviderError, json_body, parse_retry_after
+from sync_project.core.http import ProviderError, json_body, make_client, parse_retry_after
 from sync_project.core.provider import (
     InboundEvent,
     MalformedWebhookError,
@@ -31,7 +31,7 @@ from sync_project.core.provider import (
     WebhookRequest,
 )
 from sync_project.providers import signing
-from sync_project.providers._common import ListPage, Sleep, load_json, retrying_client, server_time, walk_modified
+from sync_project.providers._common import ListPage, Sleep, load_json, server_time, walk_modified
 from sync_project.store.connections import ProviderConnection
 
 API_VERSION = "2022-11-28"
@@ -155,7 +155,7 @@ class GitHubProvider(Provider):
             self.transport, sleep=self.sleep, clock=self.clock, max_wait_s=self.max_rate_limit_wait_s
         )
         base_url = str(connection.config.get("base_url") or self.default_base_url)
-        return retrying_client(base_url, headers=headers, transport=limits, sleep=self.sleep)
+        return make_client(base_url, headers=headers, transport=limits, sleep=self.sleep)
 
     def verify(self, request: WebhookRequest, secrets: list[str]) -> None:
         """``X-Hub-Signature-256: sha256=<hex HMAC-SHA256(secret, raw body)>``; GitHub signs no

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sync_project.core.http import ProviderAuthError, ProviderError, json_body
+from sync_project.core.http import ProviderAuthError, ProviderError, json_body, make_client
 from sync_project.core.provider import (
     InboundEvent,
     MalformedWebhookError,
@@ -32,7 +32,7 @@ from sync_project.core.provider import (
     WebhookRequest,
 )
 from sync_project.providers import signing
-from sync_project.providers._common import ListPage, Sleep, load_json, retrying_client, server_time, walk_modified
+from sync_project.providers._common import ListPage, Sleep, load_json, server_time, walk_modified
 from sync_project.store.connections import ProviderConnection
 
 SIGNATURE_HEADER = "x-hubspot-signature-v3"
@@ -103,7 +103,7 @@ class HubSpotProvider(Provider):
             )
         headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         base_url = str(connection.config.get("base_url") or self.default_base_url)
-        return retrying_client(base_url, headers=headers, transport=self.transport, sleep=self.sleep)
+        return make_client(base_url, headers=headers, transport=self.transport, sleep=self.sleep)
 
     def verify(self, request: WebhookRequest, secrets: list[str]) -> None:
         """``X-HubSpot-Signature-v3 = base64(HMAC-SHA256(client secret, method + URI + body +

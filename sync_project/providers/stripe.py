@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from sync_project.core.http import ProviderAuthError, ProviderError, json_body
+from sync_project.core.http import ProviderAuthError, ProviderError, json_body, make_client
 from sync_project.core.provider import (
     InboundEvent,
     MalformedWebhookError,
@@ -33,7 +33,7 @@ from sync_project.core.provider import (
     WebhookRequest,
 )
 from sync_project.providers import signing
-from sync_project.providers._common import Sleep, load_json, retrying_client, server_time
+from sync_project.providers._common import Sleep, load_json, server_time
 from sync_project.store.connections import ProviderConnection
 
 SIGNATURE_HEADER = "stripe-signature"
@@ -74,7 +74,7 @@ class StripeProvider(Provider):
         if connection.config.get("api_version"):
             headers["Stripe-Version"] = str(connection.config["api_version"])
         base_url = str(connection.config.get("base_url") or self.default_base_url)
-        return retrying_client(base_url, headers=headers, transport=self.transport, sleep=self.sleep)
+        return make_client(base_url, headers=headers, transport=self.transport, sleep=self.sleep)
 
     def verify(self, request: WebhookRequest, secrets: list[str]) -> None:
         """``Stripe-Signature: t=<unix s>,v1=<hex HMAC-SHA256(secret, "{t}.{raw body}")>``; any of
