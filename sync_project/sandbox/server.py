@@ -1,7 +1,7 @@
 """Running the sandbox over real HTTP: in a background thread (tests, ``make run``) or in the foreground (CLI).
 
-We bind the listening socket ourselves and hand it to uvicorn, so ``port=0`` yields a free port that
-is known before the first request, with no race between choosing a port and binding it.
+We bind and listen on the socket ourselves and hand it to uvicorn, so ``port=0`` yields a free port
+that is known (and connectable) before uvicorn runs, with no race between choosing a port and binding it.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # Listening now (not when uvicorn gets to it) means clients told the URL are queued in
+        # the backlog instead of refused while the server starts.
+        sock.listen(2048)
     except OSError:
         sock.close()
         raise
-    sock.set_inheritable(True)
     return sock
 
 
