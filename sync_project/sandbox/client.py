@@ -62,6 +62,9 @@ class SandboxAdmin:
     def set_chaos(self, **knobs: Any) -> ChaosSettings:
         return ChaosSettings.model_validate(json_body(self._http.post("/admin/chaos", json=knobs)))
 
+    def generator(self) -> GeneratorStatus:
+        return GeneratorStatus.model_validate(json_body(self._http.get("/admin/generator")))
+
     def set_generator(self, **settings: Any) -> GeneratorStatus:
         return GeneratorStatus.model_validate(json_body(self._http.post("/admin/generator", json=settings)))
 

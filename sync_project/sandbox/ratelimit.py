@@ -28,6 +28,8 @@ class RateLimiter:
         self._monotonic = monotonic
         self._buckets: dict[str, tuple[float, float]] = {}  # token -> (tokens left, at)
         self._lock = threading.Lock()
+        #: Requests answered 429 so far.
+        self.rejected = 0
 
     def configure(self, settings: RateLimitSettings) -> None:
         with self._lock:
@@ -47,5 +49,6 @@ class RateLimiter:
                 self._buckets[key] = (tokens - 1.0, now)
                 return None
             self._buckets[key] = (tokens, now)
+            self.rejected += 1
             # Retry-After is whole seconds; rounding up means a client that honours it succeeds.
             return max(1, math.ceil((1.0 - tokens) / settings.rate_per_s))

@@ -173,6 +173,7 @@ def test_rate_limit_answers_429_with_retry_after(make_sandbox: SandboxFactory) -
         assert limited.status_code == 429
         assert limited.headers["retry-after"] == "100"  # one token at 0.01/s
         assert limited.json()["error"] == "rate_limited"
+        assert server.sandbox.rate_limiter.rejected == 1
     with api(server.base_url, other_token) as other:
         assert other.get("/v1/contacts").status_code == 200  # buckets are per token
     admin.set_rate_limit(enabled=False)
@@ -194,8 +195,7 @@ def test_the_provider_client_waits_out_429s(make_sandbox: SandboxFactory, monkey
     with PROVIDER.client(connection) as client:
         bodies = [json_body(client.get("/v1/contacts")) for _ in range(3)]
     assert [len(b["results"]) for b in bodies] == [3, 3, 3]
-    with api(server.base_url) as raw:
-        assert raw.get("/v1/contacts").status_code == 429  # the limit was really in force
+    assert server.sandbox.rate_limiter.rejected >= 1  # the limit was really in force
 
 
 def test_truth_equals_what_the_api_lists(crm: tuple[Any, Any]) -> None:
@@ -236,11 +236,11 @@ def test_the_generator_changes_data_until_stopped(crm: tuple[Any, Any]) -> None:
     before = admin.truth("acct-1")
     status = admin.set_generator(running=True, rate_per_s=200)
     assert status.settings.running and status.settings.rate_per_s == 200
-    wait_until(lambda: admin.set_generator().applied >= 20, what="the generator to apply changes")
+    wait_until(lambda: admin.generator().applied >= 20, what="the generator to apply changes")
     stopped = admin.set_generator(running=False)
     assert not stopped.settings.running
     settled = admin.truth("acct-1")
     assert settled != before
     # Stopping is synchronous: once the call returned, nothing more changes.
     assert admin.truth("acct-1") == settled
-    assert admin.set_generator().applied == stopped.applied
+    assert admin.generator().applied == stopped.applied
