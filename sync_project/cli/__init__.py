@@ -9,6 +9,7 @@ import click
 #: Modules whose ``command`` (a click command or group) is added to the root group.
 COMMAND_MODULES = (
     "connections",
+    "dev",
     "sandbox",
 )
 
