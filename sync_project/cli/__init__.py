@@ -8,6 +8,8 @@ import click
 
 #: Modules whose ``command`` (a click command or group) is added to the root group.
 COMMAND_MODULES = (
+    "inbox",
+    "receiver",
 )
 
 
