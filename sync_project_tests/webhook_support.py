@@ -273,7 +273,7 @@ class TcpProxy:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._closed = True
         self.cut()
-        self._listener.close()
+        _close(self._listener)  # shutdown() wakes the thread blocked in accept()
         self._thread.join(5)
 
     def cut(self) -> None:

@@ -30,7 +30,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -42,7 +41,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sync_project.core.provider import (
-    InboundEvent,
     MalformedWebhookError,
     Provider,
     SignatureError,
@@ -50,12 +48,12 @@ from sync_project.core.provider import (
 )
 from sync_project.core.sync import SyncDefinition
 from sync_project.receiver.batching import CommitterClosedError, GroupCommitter, QueueFullError
-from sync_project.receiver.routing import account_of, registry_subscribers, route, subscribers_from
+from sync_project.receiver.routing import registry_subscribers, subscribers_from
+from sync_project.receiver.writer import Delivery, InboxWriter
 from sync_project.store import Store
 from sync_project.store.engine import unavailable_as_store_error
 from sync_project.store.errors import StoreUnavailableError
-from sync_project.store.inbox import ReceiveResult, insert_events
-from sync_project.store.routing import ConnectionSnapshot
+from sync_project.store.inbox import ReceiveResult
 from sync_project.store.schema import inbox
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -63,14 +61,6 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 LOGGED_KEYS = 20
 
 log = logging.getLogger("sync_project.receiver")
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """A verified, parsed delivery on its way to the inbox."""
-
-    provider: str
-    events: tuple[InboundEvent, ...]
 
 
 class _BodyTooLarge(Exception):
@@ -102,28 +92,9 @@ def create_app(
     known = dict(providers)
     subscribers = subscribers_from(syncs) if syncs is not None else registry_subscribers
 
-    def commit(batch: Sequence[Delivery]) -> list[ReceiveResult | Exception]:
-        """One transaction: route every delivery against one read of connections, insert all."""
-        with unavailable_as_store_error(), store.engine.begin() as conn:
-            wanted = {(d.provider, account_of(e)) for d in batch for e in d.events if _routable_account(e)}
-            snapshot = ConnectionSnapshot.load(conn, wanted)
-            outcomes: list[ReceiveResult | Exception] = []
-            routed = []
-            for delivery in batch:
-                try:
-                    rows = route(delivery.provider, delivery.events, snapshot, subscribers=subscribers)
-                except MalformedWebhookError as error:
-                    outcomes.append(error)
-                    continue
-                outcomes.append(ReceiveResult())  # placeholder, replaced below
-                routed.append((len(outcomes) - 1, (delivery.provider, rows)))
-            results = insert_events(conn, [item for _, item in routed])
-        for (index, _), result in zip(routed, results, strict=True):
-            outcomes[index] = result
-        return outcomes
-
+    writer = InboxWriter(store, subscribers)
     committer: GroupCommitter[Delivery, ReceiveResult] = GroupCommitter(
-        commit, max_batch=max_batch, max_queue=max_queue
+        writer, max_batch=max_batch, max_queue=max_queue
     )
     unavailable_headers = {"Retry-After": str(retry_after_s)}
 
@@ -222,6 +193,7 @@ def create_app(
             yield
         finally:
             await committer.stop()
+            writer.close()
 
     app = Starlette(
         routes=[
@@ -232,11 +204,6 @@ def create_app(
     )
     app.state.committer = committer
     return app
-
-
-def _routable_account(event: InboundEvent) -> bool:
-    # Other types are refused per delivery by route(); they must not break the batch's lookup.
-    return event.account_id is None or isinstance(account_of(event), str)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
