@@ -49,3 +49,26 @@ def replay(status: str, provider: str | None) -> None:
         left = store.inbox.count(status=status, provider=provider)  # type: ignore[arg-type]
     scope = f" of provider {provider}" if provider else ""
     click.echo(f"{pending} event(s){scope} became pending; {left} still {status}")
+
+
+@command.command("purge")
+@click.option(
+    "--older-than-days",
+    type=click.FloatRange(min=0, min_open=True),
+    default=7.0,
+    show_default=True,
+    help="Delete done, ignored and routed events received longer ago than this.",
+)
+def purge(older_than_days: float) -> None:
+    """Delete finished events (never pending, dead or unroutable ones).
+
+    A kept event is what recognises a provider's redelivery as a duplicate: keep them longer than
+    your providers redeliver (Stripe: 3 days).
+    """
+    from datetime import timedelta
+
+    from sync_project.store import Store
+
+    with Store() as store:
+        purged = store.inbox.purge(timedelta(days=older_than_days))
+    click.echo(f"{purged} finished event(s) purged")

@@ -51,14 +51,17 @@ _STOP = object()
 class GroupCommitter(Generic[Item, Result]):
     """Batches concurrent submissions into one commit; see the module docstring."""
 
-    def __init__(self, commit: CommitFn[Item, Result], *, max_batch: int = 1000, max_queue: int = 10_000) -> None:
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be at least 1")
+    def __init__(
+        self, commit: CommitFn[Item, Result], *, max_batch: int = 1000, max_queue: int = 10_000, writers: int = 1
+    ) -> None:
+        if max_batch < 1 or max_queue < 1 or writers < 1:
+            raise ValueError("max_batch, max_queue and writers must be at least 1")
         self._commit = commit
+        self._writers = writers
         self._max_batch = max_batch
         self._max_queue = max_queue
         self._queue: asyncio.Queue[object] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         #: Commits done and deliveries in them: the benchmark reports the mean batch size.
@@ -67,19 +70,22 @@ class GroupCommitter(Generic[Item, Result]):
 
     async def start(self) -> None:
         self._queue = asyncio.Queue(maxsize=self._max_queue)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inbox-writer")
+        self._executor = ThreadPoolExecutor(max_workers=self._writers, thread_name_prefix="inbox-writer")
         self._closed = False
-        self._task = asyncio.create_task(self._run(), name="inbox-group-commit")
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"inbox-group-commit-{n}") for n in range(self._writers)
+        ]
 
     async def stop(self) -> None:
         """Commit everything already submitted, then stop the writer."""
         self._closed = True
-        if self._queue is not None and self._task is not None:
-            await self._queue.put(_STOP)
-            await self._task
+        if self._queue is not None:
+            for _ in self._tasks:
+                await self._queue.put(_STOP)
+            await asyncio.gather(*self._tasks)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-        self._queue = self._task = self._executor = None
+        self._queue, self._tasks, self._executor = None, [], None
 
     async def submit(self, item: Item) -> Result:
         """Queue ``item`` and wait until the transaction that holds it has committed."""

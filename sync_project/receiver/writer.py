@@ -1,13 +1,14 @@
 """The receiver's database side: one group commit = route + insert in one transaction.
 
-It runs only on the group committer's single worker thread, so it keeps ONE database connection
-for its whole life instead of checking one out of the pool per batch: a checkout costs a ping,
-and every round trip is paid twice under load, because a thread coming back from the database
-must wait for the busy event-loop thread to hand over the GIL.
+Each of the group committer's worker threads keeps ONE database connection for its whole life
+instead of checking one out of the pool per batch: a checkout costs a ping, and every round trip
+is paid twice under load, because a thread coming back from the database must wait for the busy
+event-loop thread to hand over the GIL.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,7 +37,23 @@ class InboxWriter:
     def __init__(self, store: Store, subscribers: SubscribersFn) -> None:
         self._store = store
         self._subscribers = subscribers
-        self._conn: Connection | None = None
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[Connection] = set()
+
+    @property
+    def _conn(self) -> Connection | None:
+        return getattr(self._local, "conn", None)
+
+    @_conn.setter
+    def _conn(self, conn: Connection | None) -> None:
+        with self._lock:
+            previous = self._conn
+            if previous is not None:
+                self._open.discard(previous)
+            if conn is not None:
+                self._open.add(conn)
+        self._local.conn = conn
 
     def __call__(self, batch: Sequence[Delivery]) -> list[ReceiveResult | Exception]:
         reused = self._conn is not None
@@ -44,23 +61,28 @@ class InboxWriter:
             try:
                 return self._commit(batch)
             except DBAPIError as error:
-                self.close()
+                self._drop()
                 # A kept connection may have died while idle (server restart, idle timeout). Nothing
                 # was committed, so one retry on a fresh connection is safe; a second failure is real.
                 if reused and error.connection_invalidated:
                     return self._commit(batch)
                 raise
             except Exception:
-                self.close()
+                self._drop()
                 raise
 
     def close(self) -> None:
-        conn, self._conn = self._conn, None
+        """Close every worker's connection (after the committer stopped)."""
+        with self._lock:
+            connections, self._open = list(self._open), set()
+        for conn in connections:
+            _close(conn)
+
+    def _drop(self) -> None:
+        conn = self._conn
+        self._conn = None
         if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - a dead connection may refuse even to close
-                pass
+            _close(conn)
 
     def _commit(self, batch: Sequence[Delivery]) -> list[ReceiveResult | Exception]:
         if self._conn is None:
@@ -85,6 +107,13 @@ class InboxWriter:
         for (index, _), result in zip(routed, results, strict=True):
             outcomes[index] = result
         return outcomes
+
+
+def _close(conn: Connection) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - a dead connection may refuse even to close
+        pass
 
 
 def _routable_account(event: InboundEvent) -> bool:

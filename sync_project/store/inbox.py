@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -312,6 +312,37 @@ class Inbox:
         if status == "unroutable":
             return self._replay_unroutable(connections, provider)
         raise ValueError(f"cannot replay status {status!r}; expected 'dead' or 'unroutable'")
+
+    def purge(
+        self,
+        older_than: timedelta,
+        *,
+        statuses: Sequence[InboxStatus] = ("done", "ignored", "routed"),
+        now: datetime | None = None,
+    ) -> int:
+        """Delete finished rows received more than ``older_than`` ago; returns how many.
+
+        A kept row is also what recognises a redelivery as a duplicate, so keep rows for longer
+        than providers redeliver (Stripe retries for 3 days, GitHub redelivers by hand for 3).
+        Pending, dead and unroutable rows are never purged by default: they are work not done.
+        """
+        if older_than <= timedelta(0):
+            raise ValueError("older_than must be positive")
+        unknown = set(statuses) - set(INBOX_STATUSES)
+        if unknown:
+            raise ValueError(f"unknown status(es) {sorted(unknown)}; expected some of {list(INBOX_STATUSES)}")
+        cutoff = (now or utcnow()) - older_than
+        purged = 0
+        while True:
+            # Bounded deletes: short transactions, so receivers and runs never wait long.
+            with unavailable_as_store_error(), self._engine.begin() as conn:
+                ids = select(inbox.c.id).where(inbox.c.status.in_(list(statuses)), inbox.c.received_at < cutoff)
+                removed = conn.execute(
+                    delete(inbox).where(inbox.c.id.in_(ids.limit(_ID_CHUNK).scalar_subquery()))
+                ).rowcount
+            purged += removed
+            if removed < _ID_CHUNK:
+                return purged
 
     def events(
         self,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner
 
 from sync_project.cli import main
 from sync_project.store import Store
 from sync_project.store.inbox import RoutedEvent
+from sync_project.store.schema import inbox
 
 
 @pytest.fixture
@@ -65,3 +68,22 @@ def test_replay_refuses_a_status_it_cannot_replay(cli: CliRunner) -> None:
     result = cli.invoke(main, ["inbox", "replay", "--status", "done"])
     assert result.exit_code == 2
     assert "'done' is not one of 'dead', 'unroutable'" in result.output
+
+
+def test_purge_removes_old_finished_events_only(cli: CliRunner, database_url: str) -> None:
+    with Store(database_url) as store:
+        store.inbox.receive("acme", [routed("done-old"), routed("done-new"), routed("pending-old")])
+        with store.engine.begin() as conn:
+            finished = [e.id for e in store.inbox.events() if e.event_key.startswith("done")]
+            store.inbox.mark_done(conn, finished)
+            conn.execute(
+                sa.update(inbox)
+                .where(inbox.c.event_key.like("%-old"))
+                .values(received_at=datetime.now(timezone.utc) - timedelta(days=3))
+            )
+    result = cli.invoke(main, ["inbox", "purge", "--older-than-days", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "1 finished event(s) purged"
+    with Store(database_url) as store:
+        assert [e.event_key for e in store.inbox.events()] == ["done-new", "pending-old"]
+    assert cli.invoke(main, ["inbox", "purge", "--older-than-days", "0"]).exit_code == 2

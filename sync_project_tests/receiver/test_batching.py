@@ -124,3 +124,31 @@ def test_stop_commits_what_was_submitted_and_then_refuses_more() -> None:
     outcomes, refusal = asyncio.run(scenario())
     assert outcomes == [f"committed d{i}" for i in range(5)]
     assert isinstance(refusal, CommitterClosedError)
+
+
+def test_several_writers_commit_batches_concurrently() -> None:
+    both_in_flight = threading.Barrier(2, timeout=10)
+    first_entered = threading.Event()
+    batches: list[list[str]] = []
+
+    def commit(items: Sequence[str]) -> list[str]:
+        batches.append(list(items))
+        if len(batches) <= 2:
+            first_entered.set()
+            both_in_flight.wait()  # passes only when two commits run at the same time
+        return [f"committed {item}" for item in items]
+
+    committer = GroupCommitter(commit, writers=2)
+
+    async def scenario() -> list:
+        await committer.start()
+        try:
+            first = asyncio.create_task(committer.submit("d0"))
+            await asyncio.get_running_loop().run_in_executor(None, first_entered.wait, 10)
+            rest = [asyncio.create_task(committer.submit(f"d{i}")) for i in range(1, 10)]
+            return await asyncio.gather(first, *rest)
+        finally:
+            await committer.stop()
+
+    assert asyncio.run(scenario()) == [f"committed d{i}" for i in range(10)]
+    assert batches[0] == ["d0"] and sorted(item for batch in batches for item in batch) == sorted(f"d{i}" for i in range(10))

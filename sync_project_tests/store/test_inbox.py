@@ -296,3 +296,32 @@ def test_stats_count_every_status_and_age_the_oldest_pending_event(store: Store)
     assert stats.counts["pending"] == 2 and stats.counts["ignored"] == 1 and stats.counts["dead"] == 0
     assert stats.oldest_pending_received_at == T0
     assert stats.oldest_pending_age_s == 90.0
+
+
+# -- retention -------------------------------------------------------------------------------------
+
+
+def test_purge_deletes_only_old_finished_rows(store: Store) -> None:
+    store.inbox.receive(
+        "acme",
+        [
+            pending("done-old"),
+            pending("pending-old"),
+            pending("dead-old"),
+            pending("done-new"),
+            RoutedEvent(event_key="ignored-old", event_type="t", payload={}),
+            RoutedEvent(event_key="unroutable-old", event_type="t", payload={}, sync="acme/contacts"),
+        ],
+    )
+    with store.engine.begin() as conn:
+        done = [e.id for e in store.inbox.events() if e.event_key.startswith("done")]
+        store.inbox.mark_done(conn, done)
+        month_ago = datetime.now(timezone.utc) - timedelta(days=30)
+        conn.execute(sa.update(inbox).where(inbox.c.event_key.like("%-old")).values(received_at=month_ago))
+    store.inbox.mark_failed(store.inbox.events(event_key="dead-old")[0].id, "boom", max_attempts=1)
+    assert store.inbox.purge(timedelta(days=7)) == 2
+    assert sorted(ids_of(store.inbox.events())) == ["dead-old", "done-new", "pending-old", "unroutable-old"]
+    with pytest.raises(ValueError, match="positive"):
+        store.inbox.purge(timedelta(0))
+    with pytest.raises(ValueError, match="unknown status"):
+        store.inbox.purge(timedelta(days=1), statuses=("finished",))  # type: ignore[arg-type]
