@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
@@ -168,7 +169,8 @@ def create_app(
         except (MalformedWebhookError, ValueError) as error:  # ValueError covers bad JSON and UTF-8
             return answer(400, "malformed", {"error": str(error) or type(error).__name__})
         except Exception as error:  # noqa: BLE001 - a provider bug: 5xx so the provider retries
-            log.exception("provider %s failed to parse a verified delivery", name)
+            # Where, not what: the exception's text may quote the body it choked on.
+            log.error("provider %s failed to parse a verified delivery: %s", name, _where(error))
             return answer(500, "parse_failed", {"error": f"{type(error).__name__} while parsing"})
         keys = [str(e.event_key) for e in events]
         entry.update(events=len(keys), event_keys=keys[:LOGGED_KEYS])
@@ -184,7 +186,8 @@ def create_app(
             entry["reason"] = type(error).__name__
             return answer(503, "unavailable", {"error": "inbox unavailable, retry later"}, unavailable_headers)
         except Exception as error:  # noqa: BLE001 - answered 500 so the provider retries
-            log.error("storing a %s delivery failed: %s: %s", name, type(error).__name__, error)
+            # The type only: a database error's text quotes the statement's parameters (the body).
+            entry["reason"] = type(error).__name__
             return answer(500, "store_failed", {"error": "could not store the delivery"})
         entry.update(stored=result.stored, duplicates=result.duplicates)
         body_out = {"stored": result.stored, "duplicates": result.duplicates}
@@ -226,6 +229,15 @@ def create_app(
     )
     app.state.committer = committer
     return app
+
+
+def _where(error: BaseException) -> str:
+    """The exception's type and the innermost frame that raised it, without its message."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return type(error).__name__
+    last = frames[-1]
+    return f"{type(error).__name__} at {last.filename}:{last.lineno} in {last.name}"
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -121,7 +121,7 @@ class GroupCommitter(Generic[Item, Result]):
                     self._executor, self._commit_isolating, [p.item for p in batch]
                 )
             except Exception as error:  # noqa: BLE001 - never leave a request waiting forever
-                log.exception("group commit writer failed")
+                log.error("group commit writer failed: %s", type(error).__name__)
                 outcomes = [error] * len(batch)
             self.commits += 1
             self.committed_items += len(batch)

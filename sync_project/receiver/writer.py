@@ -56,20 +56,22 @@ class InboxWriter:
         self._local.conn = conn
 
     def __call__(self, batch: Sequence[Delivery]) -> list[ReceiveResult | Exception]:
-        reused = self._conn is not None
         with unavailable_as_store_error():
-            try:
-                return self._commit(batch)
-            except DBAPIError as error:
-                self._drop()
-                # A kept connection may have died while idle (server restart, idle timeout). Nothing
-                # was committed, so one retry on a fresh connection is safe; a second failure is real.
-                if reused and error.connection_invalidated:
+            for attempt in (1, 2):
+                reused = self._conn is not None
+                try:
                     return self._commit(batch)
-                raise
-            except Exception:
-                self._drop()
-                raise
+                except DBAPIError as error:
+                    self._drop()
+                    # A kept connection may have died while idle (server restart, idle timeout).
+                    # Nothing was committed, so one retry on a fresh connection is safe.
+                    if attempt == 1 and reused and error.connection_invalidated:
+                        continue
+                    raise
+                except Exception:
+                    self._drop()
+                    raise
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         """Close every worker's connection (after the committer stopped)."""

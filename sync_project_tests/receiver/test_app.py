@@ -251,13 +251,18 @@ class ParserWithABug(AcmeProvider):
         return [InboundEvent(event_key=json.loads(request.body)["missing"], event_type="t", account_id=None, payload={})]
 
 
-def test_a_provider_bug_while_parsing_is_a_500_so_the_provider_retries(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_provider_bug_while_parsing_is_a_500_so_the_provider_retries(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv(SECRET_ENV, SECRET)
     with serve(store, providers={"acme": ParserWithABug()}) as server:
         body = body_of(event("evt-1"))
         response = httpx.post(f"{server.url}/webhooks/acme", content=body, headers=sign(body))
     assert (response.status_code, response.json()["outcome"]) == (500, "parse_failed")
     assert store.inbox.count() == 0
+    (bug,) = [r.getMessage() for r in caplog.records if "failed to parse" in r.getMessage()]
+    assert "KeyError at" in bug and "in parse" in bug
+    assert "missing" not in bug  # the exception's text stays out of the log
 
 
 def unavailable_store(database_url: str, stack: Any) -> tuple[Store, Any, Any]:
@@ -319,6 +324,26 @@ def test_with_the_database_down_it_answers_503_and_the_providers_retry_is_stored
         assert httpx.get(f"{server.url}/healthz").status_code == 200
         assert [e.event_key for e in store.inbox.events()] == ["evt-1", "evt-2"]
         assert store.inbox.events(event_key="evt-2")[0].payload == {"name": "Grace"}
+
+
+def test_a_kept_connection_that_died_while_idle_is_replaced_without_a_503(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from contextlib import ExitStack
+
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    with ExitStack() as stack:
+        url = make_url(postgres_url)
+        proxy = stack.enter_context(TcpProxy(url.host or "127.0.0.1", url.port or 5432))
+        store = stack.enter_context(Store(url.set(port=proxy.port).render_as_string(hide_password=False)))
+        store.connections.add("acme", "north", account_id="acct-1")
+        server = stack.enter_context(serve(store))
+        first, second = body_of(event("evt-1")), body_of(event("evt-2"))
+        assert httpx.post(f"{server.url}/webhooks/acme", content=first, headers=sign(first)).status_code == 202
+        proxy.cut()  # the server drops every connection (a restart, an idle timeout) ...
+        proxy.restore()  # ... and accepts new ones at once
+        assert httpx.post(f"{server.url}/webhooks/acme", content=second, headers=sign(second)).status_code == 202
+        assert [e.event_key for e in store.inbox.events()] == ["evt-1", "evt-2"]
 
 
 # -- observability -------------------------------------------------------------------------------
