@@ -10,6 +10,8 @@ import click
 COMMAND_MODULES = (
     "connections",
     "dev",
+    "inbox",
+    "receiver",
     "sandbox",
 )
 

@@ -15,6 +15,7 @@ from sync_project import settings
 from sync_project.store import feed, migrate
 from sync_project.store.connections import Connections
 from sync_project.store.engine import make_engine, unavailable_as_store_error
+from sync_project.store.inbox import Inbox
 from sync_project.store.locks import run_lock
 from sync_project.store.merge import MergeResult, RecordSpec
 from sync_project.store.records import RecordLike, RecordWriter
@@ -35,6 +36,7 @@ class Store:
             migrate.upgrade(self.engine)
         self.connections = Connections(self.engine)
         self.state = SyncStates(self.engine)
+        self.inbox = Inbox(self.engine)
 
     @property
     def backend(self) -> str:

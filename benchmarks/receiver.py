@@ -1,0 +1,389 @@
+"""Benchmark: durable webhook deliveries per second through the receiver, beside a bare endpoint.
+
+    python benchmarks/receiver.py [--requests 30000] [--concurrency 64] [--max-seconds 30]
+                                  [--backend postgres|sqlite] [--naive-requests 2000]
+
+Three servers, each uvicorn (uvloop + httptools) in its own process on a loopback port, served the
+same way and driven by the same load generator in the same run:
+
+- ``bare``: a Starlette endpoint that reads the body and answers 202 (the ceiling: HTTP alone);
+- ``receiver``: ``sync_project.receiver.create_app`` over a fresh store: verify the HMAC signature,
+  parse, route against the connections table, group-commit to the inbox, then answer;
+- ``one commit per delivery``: the same receiver with ``max_batch=1``, i.e. without group commit
+  (the naive design), for scale.
+
+The load generator is a raw asyncio HTTP/1.1 client (keep-alive, one request in flight per
+connection, ``--concurrency`` connections) running in this process: httpx's client costs more CPU
+per request than the server under test and would measure itself. Every request is a distinct,
+signed delivery of about 500 bytes, prepared before the clock starts. A phase stops after its
+request count or ``--max-seconds``, whichever comes first.
+
+Durability is checked, not assumed: after the run, the inbox must hold exactly one row per 202.
+Postgres runs in a fresh private schema (dropped afterwards): ``SYNC_BENCH_POSTGRES_URL``, else
+``SYNC_TEST_POSTGRES_URL``, else the local server's ``test`` database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DEFAULT_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+SECRET = "bench-secret"
+SECRET_ENV = "BENCH_WEBHOOK_SECRET"
+SIGNATURE_HEADER = "x-bench-signature"
+
+
+# -- the servers (run in child processes) ------------------------------------------------------------
+
+
+def _bench_provider() -> Any:
+    from dataclasses import dataclass as provider_dataclass
+
+    from sync_project.core import InboundEvent, MalformedWebhookError, Provider, SignatureError, WebhookRequest
+
+    @provider_dataclass
+    class BenchProvider(Provider):
+        """GitHub's scheme: hex HMAC-SHA256 of the raw body; one event per delivery."""
+
+        def client(self, connection: Any) -> Any:
+            raise NotImplementedError
+
+        def verify(self, request: WebhookRequest, secrets: list[str]) -> None:
+            given = request.headers.get(SIGNATURE_HEADER, "").removeprefix("sha256=")
+            for secret in secrets:
+                if hmac.compare_digest(given, hmac.new(secret.encode(), request.body, hashlib.sha256).hexdigest()):
+                    return
+            raise SignatureError("bad signature")
+
+        def parse(self, request: WebhookRequest) -> list[InboundEvent]:
+            document = json.loads(request.body)
+            if not isinstance(document, dict) or "id" not in document:
+                raise MalformedWebhookError("no event id")
+            return [InboundEvent(document["id"], document["type"], document.get("account"), document["data"])]
+
+    return BenchProvider(name="bench", webhook_secret_env=SECRET_ENV)
+
+
+def _bench_sync() -> Any:
+    from pydantic import BaseModel
+
+    from sync_project.core import Save, SyncDefinition
+
+    class Contact(BaseModel):
+        id: str
+
+    return SyncDefinition(
+        provider="bench",
+        name="contacts",
+        model=Contact,
+        fetch=lambda context: iter(()),
+        webhook_events=("contact.updated",),
+        on_webhook=lambda context, event: [Save(event.payload)],
+    )
+
+
+def _bare_app() -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def accept(request: Request) -> JSONResponse:
+        body = await request.body()
+        return JSONResponse({"outcome": "stored", "bytes": len(body)}, status_code=202)
+
+    return Starlette(routes=[Route("/webhooks/{provider}", accept, methods=["POST"])])
+
+
+def serve(kind: str, database_url: str | None, max_batch: int, log_path: str, ready: Any, stats: Any) -> None:
+    """Child process: serve one app on a free port, report the port, serve until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from sync_project.cli.receiver import SWITCH_INTERVAL_S
+    from sync_project.receiver.logs import configure_json_logging
+
+    os.environ[SECRET_ENV] = SECRET
+    log_file = open(log_path, "w")  # noqa: SIM115 - closed when the server stops
+    listener = configure_json_logging(logging.INFO, log_file)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)  # as `sync-project receiver` does
+    store = None
+    if kind == "bare":
+        app = _bare_app()
+    else:
+        from sync_project.receiver import create_app
+        from sync_project.store import Store
+
+        store = Store(database_url)
+        app = create_app(store, providers={"bench": _bench_provider()}, syncs=[_bench_sync()], max_batch=max_batch)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    ready.put(sock.getsockname()[1])
+    config = uvicorn.Config(app, access_log=False, log_config=None, loop="uvloop", http="httptools", backlog=2048)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down on
+        pass
+    if kind != "bare":
+        committer = app.state.committer
+        stats.put((committer.commits, committer.committed_items))
+    if store is not None:
+        store.close()
+    listener.stop()
+    log_file.close()
+
+
+@contextmanager
+def server(kind: str, database_url: str | None, log_dir: str, max_batch: int = 1000) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Serve ``kind`` in a child process; on exit, shut it down and put its commit counts in the dict."""
+    context = multiprocessing.get_context("spawn")
+    ready, stats = context.Queue(), context.Queue()
+    process = context.Process(
+        target=serve, args=(kind, database_url, max_batch, f"{log_dir}/{kind}-{max_batch}.log", ready, stats)
+    )
+    process.start()
+    report: dict[str, Any] = {}
+    try:
+        port = ready.get(timeout=60)
+        _wait_listening(port)
+        yield port, report
+    finally:
+        if process.pid is not None and process.is_alive():
+            os.kill(process.pid, signal.SIGINT)  # a graceful uvicorn shutdown, then the stats
+        if kind != "bare":
+            try:
+                report["batches"] = stats.get(timeout=30)
+            except Exception:  # noqa: BLE001 - the figures print without it
+                pass
+        process.join(30)
+        if process.is_alive():
+            process.terminate()
+            process.join(10)
+
+
+def _wait_listening(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+# -- the load generator --------------------------------------------------------------------------------
+
+
+def deliveries(count: int, prefix: str) -> list[bytes]:
+    """Distinct signed requests, built before the clock starts."""
+    requests = []
+    for i in range(count):
+        body = json.dumps(
+            {
+                "id": f"{prefix}-{i}",
+                "type": "contact.updated",
+                "account": "acct-1",
+                "data": {
+                    "id": f"c{i % 5000}",
+                    "name": f"Contact {i}",
+                    "email": f"c{i}@example.com",
+                    "company": {"name": "Example Corp", "domain": "example.com"},
+                    "tags": ["lead", "newsletter"],
+                    "notes": "n" * 200,
+                    "updated_at": "2030-01-01T00:00:00+00:00",
+                },
+            }
+        ).encode()
+        signature = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        head = (
+            "POST /webhooks/bench HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{SIGNATURE_HEADER}: sha256={signature}\r\n\r\n"
+        )
+        requests.append(head.encode() + body)
+    return requests
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float = 0.0
+    statuses: Counter[int] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    batches: tuple[int, int] | None = None
+
+    @property
+    def answered(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def per_second(self) -> float:
+        return self.answered / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
+
+
+async def _load(port: int, requests: list[bytes], concurrency: int, max_seconds: float, phase: Phase) -> None:
+    pending = iter(requests)
+    deadline = time.perf_counter() + max_seconds
+
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for request in pending:
+                if time.perf_counter() > deadline:
+                    return
+                started = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head[9:12])
+                length = 0
+                close = False
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    lowered = name.strip().lower()
+                    if lowered == b"content-length":
+                        length = int(value)
+                    elif lowered == b"connection" and value.strip().lower() == b"close":
+                        close = True
+                await reader.readexactly(length)
+                phase.latencies.append(time.perf_counter() - started)
+                phase.statuses[status] += 1
+                if close:
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    phase.seconds = time.perf_counter() - started
+
+
+def drive(port: int, requests: list[bytes], concurrency: int, max_seconds: float, name: str) -> Phase:
+    phase = Phase(name)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        runner = asyncio.run
+    runner(_load(port, requests, concurrency, max_seconds, phase))
+    return phase
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def database(backend: str) -> Iterator[str]:
+    if backend == "sqlite":
+        with tempfile.TemporaryDirectory() as folder:
+            yield f"sqlite:///{folder}/bench.db"
+        return
+    base = os.environ.get("SYNC_BENCH_POSTGRES_URL") or os.environ.get("SYNC_TEST_POSTGRES_URL") or DEFAULT_POSTGRES
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    separator = "&" if "?" in base else "?"
+    try:
+        yield f"{base}{separator}options={quote(f'-csearch_path={schema}')}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def run_receiver(name: str, url: str, log_dir: str, requests: list[bytes], args: argparse.Namespace, max_batch: int) -> Phase:
+    with server("receiver", url, log_dir, max_batch=max_batch) as (port, report):
+        drive(port, deliveries(500, f"warmup-{name}"), args.concurrency, 30, "warmup")
+        phase = drive(port, requests, args.concurrency, args.max_seconds, name)
+    phase.batches = report.get("batches")
+    return phase
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=30_000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--max-seconds", type=float, default=30.0)
+    parser.add_argument("--backend", choices=["postgres", "sqlite"], default="postgres")
+    parser.add_argument("--naive-requests", type=int, default=2000, help="0 skips the one-commit-per-delivery phase")
+    args = parser.parse_args()
+
+    from sync_project.store import Store
+
+    with database(args.backend) as url, tempfile.TemporaryDirectory() as log_dir:
+        with Store(url) as store:
+            store.connections.add("bench", "bench-conn", account_id="acct-1")
+        phases: list[Phase] = []
+        with server("bare", None, log_dir) as (port, _):
+            drive(port, deliveries(2000, "warmup-bare"), args.concurrency, 30, "warmup")
+            phases.append(drive(port, deliveries(args.requests, "bare"), args.concurrency, args.max_seconds, "bare Starlette"))
+        receiver = run_receiver("receiver", url, log_dir, deliveries(args.requests, "durable"), args, max_batch=1000)
+        phases.append(receiver)
+        if args.naive_requests:
+            naive = deliveries(args.naive_requests, "naive")
+            phases.append(run_receiver("one commit per delivery", url, log_dir, naive, args, max_batch=1))
+        with Store(url) as store:
+            stored = store.inbox.count(provider="bench")
+        warmups = 500 * (1 + bool(args.naive_requests))
+        accepted = sum(p.statuses[202] for p in phases[1:])
+        if stored != accepted + warmups:
+            raise SystemExit(f"durability check failed: {stored} inbox rows for {accepted + warmups} answers 202")
+
+    bare = phases[0]
+    print(
+        f"receiver benchmark on {args.backend}: {args.concurrency} connections, "
+        f"{args.requests} distinct signed deliveries per phase, {os.cpu_count()} cores shared by all "
+        f"(load average {os.getloadavg()[0]:.1f} at the end)"
+    )
+    print(f"  {'phase':<24} {'answered/s':>11} {'p50 ms':>8} {'p99 ms':>8}  statuses")
+    for phase in phases:
+        extra = ""
+        if phase.batches:
+            commits, items = phase.batches
+            extra = f"  ({items / max(commits, 1):.1f} deliveries per commit)"
+        print(
+            f"  {phase.name:<24} {phase.per_second:>11,.0f} {phase.percentile(0.50):>8.1f} "
+            f"{phase.percentile(0.99):>8.1f}  {dict(phase.statuses)}{extra}"
+        )
+    durable = receiver.statuses[202] / receiver.seconds
+    print(f"durable deliveries/s: {durable:,.0f} (target >= 2,000); p99 {receiver.percentile(0.99):.1f} ms")
+    print(f"receiver / bare Starlette: {receiver.per_second / bare.per_second:.2f}")
+    if len(phases) > 2:
+        print(f"group commit / one commit per delivery: {receiver.per_second / phases[2].per_second:.1f}x")
+    print(f"inbox rows checked: {stored} (one per 202, warm-ups included); mean latency "
+          f"{statistics.fmean(receiver.latencies) * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Draining one (sync, connection)'s inbox inside a webhook-mode run (no Dagster in here).
+
+Each batch is ONE records transaction: claim the due pending events, run ``on_webhook`` on each,
+merge the changes they return, and mark those events done, all before the commit. A crash
+anywhere in it rolls everything back and leaves the events pending for the next run. A handler
+that raises (or returns a record the store would refuse) fails only its own event: the rest of
+the batch is applied, and that event is retried with backoff after the commit, until it is
+dead-lettered after ``max_attempts``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+
+from sync_project.core.provider import InboundEvent
+from sync_project.core.sync import Delete, Save, SyncDefinition, Update, WebhookContext
+from sync_project.store import Store
+from sync_project.store.connections import ProviderConnection
+from sync_project.store.inbox import DEFAULT_MAX_ATTEMPTS, InboxEvent
+from sync_project.store.merge import Action, MergeResult, RecordSpec, prepare_batch
+from sync_project.store.records import RecordLike, RecordWriter
+
+_ACTIONS: tuple[Action, ...] = ("save", "update", "delete")
+#: A repeated key in one merge batch is collapsed by the store; for these actions the collapse
+#: ends where applying the changes one by one would (last copy, or newest provider version).
+#: Partial updates are not collapsible (a deep merge of patches differs when a field changes type).
+_COLLAPSIBLE: frozenset[Action] = frozenset({"save", "delete"})
+
+
+@dataclass
+class DrainResult:
+    """What one drain did: the merge counts and where every claimed event ended up."""
+
+    merge: MergeResult = field(default_factory=MergeResult)
+    events_done: int = 0
+    events_retrying: int = 0
+    events_dead: int = 0
+    batches: int = 0
+
+    @property
+    def events_claimed(self) -> int:
+        return self.events_done + self.events_retrying + self.events_dead
+
+
+@dataclass(frozen=True)
+class _Change:
+    action: Action
+    key: str
+    record: RecordLike
+
+
+def drain_inbox(
+    store: Store,
+    sync: SyncDefinition,
+    connection: ProviderConnection,
+    client: httpx.Client,
+    log: logging.Logger | Any,
+    *,
+    batch_size: int = 500,
+    max_events: int | None = None,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    retry_base_delay_s: float = 1.0,
+) -> DrainResult:
+    """Apply the due pending inbox events of (``sync``, ``connection``) until none is due.
+
+    ``max_events`` bounds the events claimed by this call (the rest wait for the next run).
+    Failed events are due again after ``retry_base_delay_s * 2**attempts`` seconds (capped at 1 h).
+    """
+    if sync.on_webhook is None:
+        raise ValueError(f"sync {sync.key} declares no on_webhook handler")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    context = WebhookContext(client=client, connection=connection, log=log)
+    spec = sync.record_spec
+    result = DrainResult()
+    claimed = 0
+    while max_events is None or claimed < max_events:
+        limit = batch_size if max_events is None else min(batch_size, max_events - claimed)
+        failures: list[tuple[int, str]] = []
+        with store.writer(sync.key, connection.connection_id, spec) as writer:
+            events = store.inbox.claim(writer.conn, sync.key, connection.connection_id, limit=limit)
+            if not events:
+                break
+            buffer = _ChangeBuffer(writer)
+            done: list[int] = []
+            for event in events:
+                handled_at = _utcnow()
+                try:
+                    changes = _handle(sync, context, event, spec, handled_at)
+                except Exception as error:  # noqa: BLE001 - the event fails, not the batch
+                    failures.append((event.id, f"{type(error).__name__}: {error}"))
+                    continue
+                buffer.add(changes, handled_at)
+                done.append(event.id)
+            merged = buffer.finish()
+            store.inbox.mark_done(writer.conn, done)
+        claimed += len(events)
+        result.batches += 1
+        result.events_done += len(done)
+        result.merge += merged
+        retrying = dead = 0
+        for event_id, error in failures:
+            status = store.inbox.mark_failed(
+                event_id, error, max_attempts=max_attempts, base_delay_s=retry_base_delay_s
+            )
+            if status == "dead":
+                dead += 1
+            elif status == "pending":
+                retrying += 1
+        result.events_retrying += retrying
+        result.events_dead += dead
+        log.info(
+            f"inbox {sync.key}/{connection.connection_id}: batch of {len(events)} events: "
+            f"{len(done)} done, {retrying} retrying, {dead} dead; "
+            + ", ".join(f"{name} {count}" for name, count in merged.as_dict().items() if count)
+        )
+        if failures:
+            log.warning(
+                f"inbox {sync.key}/{connection.connection_id}: handler failed for event(s) "
+                + ", ".join(f"{event_id} ({error[:200]})" for event_id, error in failures[:5])
+                + (" ..." if len(failures) > 5 else "")
+            )
+    return result
+
+
+def inbound_event(event: InboxEvent) -> InboundEvent:
+    """The event as the receiver parsed it, rebuilt from its inbox row."""
+    return InboundEvent(
+        event_key=event.event_key,
+        event_type=event.event_type,
+        account_id=event.account_id,
+        payload=event.payload,
+    )
+
+
+def _handle(
+    sync: SyncDefinition, context: WebhookContext, event: InboxEvent, spec: RecordSpec, handled_at: datetime
+) -> list[_Change]:
+    """Run the handler and validate every change it returns, so a bad one fails only this event."""
+    assert sync.on_webhook is not None
+    changes: list[_Change] = []
+    returned: Iterable[object] | None = sync.on_webhook(context, inbound_event(event))
+    for change in returned or ():
+        if isinstance(change, Save):
+            action: Action = "save"
+        elif isinstance(change, Update):
+            action = "update"
+        elif isinstance(change, Delete):
+            action = "delete"
+        else:
+            raise TypeError(f"on_webhook returned a {type(change).__name__}; expected Save, Update or Delete")
+        # Raises InvalidBatchError (no primary key, not JSON, bad timestamp) before any SQL runs.
+        (incoming,) = prepare_batch(action, [change.record], spec, handled_at)
+        changes.append(_Change(action, incoming.key, change.record))
+    return changes
+
+
+class _ChangeBuffer:
+    """Accumulates one batch's changes into as few merges as applying them in event order allows.
+
+    Changes go into one save, one update and one delete batch while their keys are disjoint. When a
+    key comes back under another action (a Save then a Delete of one record), or as a second
+    partial update, the buffer is merged first, so the later change lands after the earlier one.
+
+    ``fetched_at`` of a merge is the time its newest handler ran, and never earlier than the end
+    of this transaction's previous merge: the writer holds the batch lock since before the first
+    handler ran, so the only writes after a handler read its data are this batch's own earlier
+    (older) events, which must not make later events look stale.
+    """
+
+    def __init__(self, writer: RecordWriter) -> None:
+        self._writer = writer
+        self._batches: dict[Action, list[RecordLike]] = {action: [] for action in _ACTIONS}
+        self._keys: dict[str, Action] = {}
+        self._newest_handled: datetime | None = None
+        self._previous_merge_end: datetime | None = None
+        self.result = MergeResult()
+
+    def add(self, changes: list[_Change], handled_at: datetime) -> None:
+        for change in changes:
+            earlier = self._keys.get(change.key)
+            if earlier is not None and not (earlier == change.action and earlier in _COLLAPSIBLE):
+                self._merge()
+            self._batches[change.action].append(change.record)
+            self._keys[change.key] = change.action
+            self._newest_handled = handled_at
+
+    def finish(self) -> MergeResult:
+        self._merge()
+        return self.result
+
+    def _merge(self) -> None:
+        if not self._keys or self._newest_handled is None:
+            return
+        fetched_at = self._newest_handled
+        if self._previous_merge_end is not None and self._previous_merge_end > fetched_at:
+            fetched_at = self._previous_merge_end
+        for action in _ACTIONS:
+            if self._batches[action]:
+                self.result += self._writer.merge(action, self._batches[action], fetched_at=fetched_at)
+                self._batches[action] = []
+        self._keys.clear()
+        self._previous_merge_end = _utcnow()
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)

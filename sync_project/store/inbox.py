@@ -1,0 +1,563 @@
+"""The inbox: webhook events as the receiver committed them, until a webhook run has applied them.
+
+One row per (provider, event key, sync, connection): a delivery fans out to every sync that
+subscribes to its event type and every connection its account routes to, and a redelivery of the
+same event hits the unique key and is stored once. Statuses:
+
+- ``pending``: waiting for a webhook run of its (sync, connection); after a handler failure it
+  waits until ``next_attempt_at`` (exponential backoff).
+- ``done``: applied, marked in the same transaction as the merge it caused.
+- ``dead``: the handler failed ``max_attempts`` times; ``last_error`` says why; replayable.
+- ``unroutable``: no connection has its account id yet (``connection_id`` ''); replayable.
+- ``routed``: an unroutable row that a replay routed (its pending copies carry on).
+- ``ignored``: no sync subscribes to its event type (``sync`` ''); kept so nothing is silently lost.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from sync_project.store.engine import unavailable_as_store_error
+from sync_project.store.routing import ConnectionLookup, connections_for
+from sync_project.store.schema import inbox
+
+InboxStatus = Literal["pending", "done", "dead", "unroutable", "ignored", "routed"]
+INBOX_STATUSES: tuple[str, ...] = get_args(InboxStatus)
+ReplayableStatus = Literal["dead", "unroutable"]
+
+DEFAULT_MAX_ATTEMPTS = 8
+#: Ids per UPDATE ... IN (...): well under SQLite's bound-parameter limit.
+_ID_CHUNK = 5000
+#: Unroutable rows re-routed per transaction by a replay.
+_REPLAY_CHUNK = 1000
+#: Error text kept per event: enough for a traceback's last lines, bounded so a row stays small.
+MAX_ERROR_CHARS = 4000
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class RoutedEvent(BaseModel):
+    """One inbox row to be: an event of a verified delivery, routed to one (sync, connection).
+
+    ``status`` follows from the routing (``ignored`` without a sync, ``unroutable`` without a
+    connection, else ``pending``) and is checked against it, so a row can never claim to be pending
+    for no connection. Strings are bounded by the column sizes and may not hold NUL (Postgres
+    rejects it), so a bad event fails here, as a 400, and not in the middle of a group commit.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    event_key: str = Field(min_length=1, max_length=255)
+    event_type: str = Field(max_length=255)
+    account_id: str | None = Field(default=None, max_length=255)
+    payload: dict[str, Any]
+    sync: str = Field(default="", max_length=128)
+    connection_id: str = Field(default="", max_length=255)
+    status: InboxStatus = "pending"
+
+    _payload_json: str = PrivateAttr(default="")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_status(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "status" not in values:
+            values = dict(values)
+            values["status"] = _routing_status(values.get("sync", ""), values.get("connection_id", ""))
+        return values
+
+    @model_validator(mode="after")
+    def _check(self) -> RoutedEvent:
+        expected = _routing_status(self.sync, self.connection_id)
+        if self.status != expected:
+            raise ValueError(
+                f"status {self.status!r} contradicts the routing (sync={self.sync!r}, "
+                f"connection_id={self.connection_id!r}): expected {expected!r}"
+            )
+        for name in ("event_key", "event_type", "account_id", "sync", "connection_id"):
+            value = getattr(self, name)
+            if value is not None and "\x00" in value:
+                raise ValueError(f"{name} contains a NUL character")
+        try:
+            self._payload_json = json.dumps(self.payload, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"payload is not JSON: {error}") from None
+        return self
+
+    @property
+    def payload_json(self) -> str:
+        return self._payload_json
+
+
+def _routing_status(sync: str, connection_id: str) -> InboxStatus:
+    if not sync:
+        return "ignored"
+    if not connection_id:
+        return "unroutable"
+    return "pending"
+
+
+class ReceiveResult(BaseModel):
+    """What one delivery added: rows stored, and rows that were already there (redeliveries)."""
+
+    stored: int = 0
+    duplicates: int = 0
+
+
+class InboxEvent(BaseModel):
+    """One inbox row as stored."""
+
+    id: int
+    provider: str
+    event_key: str
+    sync: str
+    connection_id: str
+    account_id: str | None = None
+    event_type: str
+    payload: dict[str, Any]
+    status: InboxStatus
+    attempts: int
+    next_attempt_at: datetime | None = None
+    last_error: str | None = None
+    received_at: datetime
+    processed_at: datetime | None = None
+
+
+class DuePartition(BaseModel):
+    """A (sync, connection) with pending events that are due now.
+
+    ``max_id`` and ``attempts`` change whenever the work does (new events; a retry after a
+    failure), so a sensor can derive a run key from them that Dagster has never seen.
+    """
+
+    sync: str
+    connection_id: str
+    max_id: int
+    pending: int
+    attempts: int
+
+
+class InboxStats(BaseModel):
+    counts: dict[str, int]
+    oldest_pending_age_s: float | None = None
+    oldest_pending_received_at: datetime | None = None
+
+
+def retry_delay(attempts: int, *, base_delay_s: float = 1.0, max_delay_s: float = 3600.0) -> timedelta:
+    """Backoff after the ``attempts``-th failure: ``base * 2**attempts`` seconds, capped (1 h)."""
+    return timedelta(seconds=min(base_delay_s * 2.0 ** min(attempts, 62), max_delay_s))
+
+
+class Inbox:
+    """Reads and writes of the inbox table (see the module docstring for the statuses)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    # -- the receiver -------------------------------------------------------------------------
+
+    def receive(self, provider: str, events: Sequence[RoutedEvent]) -> ReceiveResult:
+        """Commit one delivery's events; a redelivered event is counted, not stored again."""
+        return self.receive_many([(provider, events)])[0]
+
+    def receive_many(self, deliveries: Sequence[tuple[str, Sequence[RoutedEvent]]]) -> list[ReceiveResult]:
+        """Commit several deliveries in one transaction (the receiver's group commit)."""
+        with unavailable_as_store_error(), self._engine.begin() as conn:
+            return insert_events(conn, deliveries)
+
+    # -- the sensor ---------------------------------------------------------------------------
+
+    def due_partitions(self, *, limit: int = 500, now: datetime | None = None) -> list[DuePartition]:
+        """The (sync, connection) pairs with due pending events, oldest first, at most ``limit``."""
+        now = now or utcnow()
+        query = (
+            select(
+                inbox.c.sync,
+                inbox.c.connection_id,
+                func.max(inbox.c.id),
+                func.count(),
+                func.coalesce(func.sum(inbox.c.attempts), 0),
+            )
+            .where(inbox.c.status == "pending", _due(now))
+            .group_by(inbox.c.sync, inbox.c.connection_id)
+            .order_by(func.min(inbox.c.id))
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [
+                DuePartition(sync=s, connection_id=c, max_id=int(m), pending=int(n), attempts=int(a))
+                for s, c, m, n, a in conn.execute(query)
+            ]
+
+    def high_water_mark(self) -> int:
+        """The newest inbox id (0 when empty)."""
+        with self._read() as conn:
+            return int(conn.execute(select(func.coalesce(func.max(inbox.c.id), 0))).scalar_one())
+
+    # -- webhook runs ---------------------------------------------------------------------------
+
+    def claim(
+        self, conn: Connection, sync: str, connection_id: str, *, limit: int = 1000, now: datetime | None = None
+    ) -> list[InboxEvent]:
+        """The due pending events of (sync, connection), oldest first, locked in ``conn``'s transaction.
+
+        Call it inside the records writer's transaction and mark the events done there too: the
+        merge and the acknowledgement commit together, and a crash rolls both back. On Postgres the
+        rows are locked ``FOR UPDATE SKIP LOCKED``; on SQLite the writer already holds the database
+        write lock (``BEGIN IMMEDIATE``).
+        """
+        query = (
+            select(inbox)
+            .where(
+                inbox.c.status == "pending",
+                inbox.c.sync == sync,
+                inbox.c.connection_id == connection_id,
+                _due(now or utcnow()),
+            )
+            .order_by(inbox.c.id)
+            .limit(limit)
+        )
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        return _events(conn.execute(query))
+
+    def mark_done(self, conn: Connection, ids: Sequence[int], *, now: datetime | None = None) -> None:
+        """Acknowledge applied events inside the caller's (the merge's) transaction."""
+        now = now or utcnow()
+        unique = sorted(set(ids))
+        for start in range(0, len(unique), _ID_CHUNK):
+            # By id alone: the rows are claimed (locked) by this transaction, and a status predicate
+            # lures the planner onto the status index when statistics lag behind a burst.
+            conn.execute(
+                update(inbox)
+                .where(inbox.c.id.in_(unique[start : start + _ID_CHUNK]))
+                .values(status="done", processed_at=now, next_attempt_at=None)
+            )
+
+    def mark_failed(
+        self,
+        event_id: int,
+        error: str,
+        *,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        now: datetime | None = None,
+        base_delay_s: float = 1.0,
+    ) -> InboxStatus:
+        """Count a failed attempt: retry later with backoff, or dead-letter after ``max_attempts``.
+
+        Its own transaction, after the run's merge transaction committed or rolled back. Returns
+        the event's new status (unchanged if it was no longer pending, e.g. replayed meanwhile).
+        """
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        now = now or utcnow()
+        with unavailable_as_store_error(), self._engine.begin() as conn:
+            query = select(inbox.c.status, inbox.c.attempts).where(inbox.c.id == event_id)
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()
+            row = conn.execute(query).first()
+            if row is None:
+                raise LookupError(f"no inbox event with id {event_id}")
+            if row.status != "pending":
+                return row.status
+            attempts = row.attempts + 1
+            values: dict[str, Any] = {"attempts": attempts, "last_error": error[:MAX_ERROR_CHARS]}
+            if attempts >= max_attempts:
+                values.update(status="dead", next_attempt_at=None, processed_at=now)
+            else:
+                values.update(next_attempt_at=now + retry_delay(attempts, base_delay_s=base_delay_s))
+            conn.execute(update(inbox).where(inbox.c.id == event_id).values(**values))
+            return values.get("status", "pending")
+
+    # -- operators ----------------------------------------------------------------------------
+
+    def stats(self, *, now: datetime | None = None) -> InboxStats:
+        """Counts by status (every status, zeros included) and the age of the oldest pending event."""
+        now = now or utcnow()
+        with self._read() as conn:
+            counts = dict.fromkeys(INBOX_STATUSES, 0)
+            for status, count in conn.execute(select(inbox.c.status, func.count()).group_by(inbox.c.status)):
+                counts[status] = int(count)
+            oldest = conn.execute(
+                select(func.min(inbox.c.received_at)).where(inbox.c.status == "pending")
+            ).scalar()
+        return InboxStats(
+            counts=counts,
+            oldest_pending_received_at=oldest,
+            oldest_pending_age_s=None if oldest is None else max(0.0, (now - oldest).total_seconds()),
+        )
+
+    def replay(
+        self, status: ReplayableStatus, *, connections: ConnectionLookup, provider: str | None = None
+    ) -> int:
+        """Make ``dead`` or ``unroutable`` events pending again; returns how many became pending.
+
+        Dead events restart with no attempts. Unroutable events are routed again, by the routing
+        the receiver uses, to the connections that now exist: new pending rows (a copy that is
+        already there is not duplicated), and the unroutable row becomes ``routed``. Rows that
+        still route nowhere stay unroutable.
+        """
+        if status == "dead":
+            return self._replay_dead(provider)
+        if status == "unroutable":
+            return self._replay_unroutable(connections, provider)
+        raise ValueError(f"cannot replay status {status!r}; expected 'dead' or 'unroutable'")
+
+    def purge(
+        self,
+        older_than: timedelta,
+        *,
+        statuses: Sequence[InboxStatus] = ("done", "ignored", "routed"),
+        now: datetime | None = None,
+    ) -> int:
+        """Delete finished rows received more than ``older_than`` ago; returns how many.
+
+        A kept row is also what recognises a redelivery as a duplicate, so keep rows for longer
+        than providers redeliver (Stripe retries for 3 days, GitHub redelivers by hand for 3).
+        Pending, dead and unroutable rows are never purged by default: they are work not done.
+        """
+        if older_than <= timedelta(0):
+            raise ValueError("older_than must be positive")
+        unknown = set(statuses) - set(INBOX_STATUSES)
+        if unknown:
+            raise ValueError(f"unknown status(es) {sorted(unknown)}; expected some of {list(INBOX_STATUSES)}")
+        cutoff = (now or utcnow()) - older_than
+        purged = 0
+        while True:
+            # Bounded deletes: short transactions, so receivers and runs never wait long.
+            with unavailable_as_store_error(), self._engine.begin() as conn:
+                ids = select(inbox.c.id).where(inbox.c.status.in_(list(statuses)), inbox.c.received_at < cutoff)
+                removed = conn.execute(
+                    delete(inbox).where(inbox.c.id.in_(ids.limit(_ID_CHUNK).scalar_subquery()))
+                ).rowcount
+            purged += removed
+            if removed < _ID_CHUNK:
+                return purged
+
+    def events(
+        self,
+        *,
+        status: InboxStatus | None = None,
+        provider: str | None = None,
+        sync: str | None = None,
+        connection_id: str | None = None,
+        event_key: str | None = None,
+        after_id: int = 0,
+        limit: int = 1000,
+    ) -> list[InboxEvent]:
+        """Inbox rows in id order, filtered (for the CLI, tests and debugging)."""
+        query = select(inbox).where(inbox.c.id > after_id).order_by(inbox.c.id).limit(limit)
+        for column, value in (
+            (inbox.c.status, status),
+            (inbox.c.provider, provider),
+            (inbox.c.sync, sync),
+            (inbox.c.connection_id, connection_id),
+            (inbox.c.event_key, event_key),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        with self._read() as conn:
+            return _events(conn.execute(query))
+
+    def count(
+        self,
+        *,
+        status: InboxStatus | None = None,
+        provider: str | None = None,
+        sync: str | None = None,
+        connection_id: str | None = None,
+    ) -> int:
+        query = select(func.count()).select_from(inbox)
+        for column, value in (
+            (inbox.c.status, status),
+            (inbox.c.provider, provider),
+            (inbox.c.sync, sync),
+            (inbox.c.connection_id, connection_id),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        with self._read() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def get(self, event_id: int) -> InboxEvent:
+        with self._read() as conn:
+            found = _events(conn.execute(select(inbox).where(inbox.c.id == event_id)))
+        if not found:
+            raise LookupError(f"no inbox event with id {event_id}")
+        return found[0]
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _replay_dead(self, provider: str | None) -> int:
+        statement = (
+            update(inbox)
+            .where(inbox.c.status == "dead")
+            .values(status="pending", attempts=0, next_attempt_at=None, processed_at=None)
+        )
+        if provider is not None:
+            statement = statement.where(inbox.c.provider == provider)
+        with unavailable_as_store_error(), self._engine.begin() as conn:
+            return conn.execute(statement).rowcount
+
+    def _replay_unroutable(self, connections: ConnectionLookup, provider: str | None) -> int:
+        became_pending = 0
+        after_id = 0
+        while True:
+            rows = self.events(status="unroutable", provider=provider, after_id=after_id, limit=_REPLAY_CHUNK)
+            if not rows:
+                return became_pending
+            after_id = rows[-1].id
+            # Routing reads the connections table: once per account, outside the write transaction.
+            targets: dict[tuple[str, str | None], list[str]] = {}
+            for row in rows:
+                key = (row.provider, row.account_id)
+                if key not in targets:
+                    found = connections_for(connections, row.provider, row.account_id)
+                    targets[key] = [c.connection_id for c in found]
+            routable = [row for row in rows if targets[(row.provider, row.account_id)]]
+            if not routable:
+                continue
+            with unavailable_as_store_error(), self._engine.begin() as conn:
+                # Only rows still unroutable now: a concurrent replay may have routed some already.
+                still = {
+                    row_id
+                    for (row_id,) in conn.execute(
+                        select(inbox.c.id).where(
+                            inbox.c.id.in_([row.id for row in routable]), inbox.c.status == "unroutable"
+                        )
+                    )
+                }
+                copies: list[tuple[str, RoutedEvent, datetime]] = []
+                for row in routable:
+                    if row.id not in still:
+                        continue
+                    for connection_id in targets[(row.provider, row.account_id)]:
+                        event = RoutedEvent(
+                            event_key=row.event_key,
+                            event_type=row.event_type,
+                            account_id=row.account_id,
+                            payload=row.payload,
+                            sync=row.sync,
+                            connection_id=connection_id,
+                        )
+                        copies.append((row.provider, event, row.received_at))
+                became_pending += _insert_rows(conn, copies)
+                if still:
+                    conn.execute(
+                        update(inbox)
+                        .where(inbox.c.id.in_(sorted(still)), inbox.c.status == "unroutable")
+                        .values(status="routed", processed_at=utcnow())
+                    )
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with unavailable_as_store_error(), self._engine.connect() as conn:
+            conn = conn.execution_options(readonly=True)
+            with conn.begin():
+                yield conn
+
+
+def insert_events(
+    conn: Connection, deliveries: Sequence[tuple[str, Sequence[RoutedEvent]]], *, received_at: datetime | None = None
+) -> list[ReceiveResult]:
+    """Insert the rows of several deliveries in ``conn``'s transaction, with true per-delivery counts.
+
+    ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` reports which rows are new. A row that two
+    deliveries of the same batch share (a provider retrying while the first is still being
+    committed) is attributed to the first; the later one counts it as a duplicate.
+    """
+    received_at = received_at or utcnow()
+    results = [ReceiveResult() for _ in deliveries]
+    owner: dict[tuple[str, str, str, str], int] = {}
+    rows: list[tuple[str, RoutedEvent, datetime]] = []
+    for index, (provider, events) in enumerate(deliveries):
+        for event in events:
+            key = (provider, event.event_key, event.sync, event.connection_id)
+            if key in owner:
+                results[index].duplicates += 1
+                continue
+            owner[key] = index
+            rows.append((provider, event, received_at))
+    inserted = _insert_returning(conn, rows)
+    for key, index in owner.items():
+        if key in inserted:
+            results[index].stored += 1
+        else:
+            results[index].duplicates += 1
+    return results
+
+
+def _insert_rows(conn: Connection, rows: Sequence[tuple[str, RoutedEvent, datetime]]) -> int:
+    return len(_insert_returning(conn, rows))
+
+
+def _insert_returning(
+    conn: Connection, rows: Sequence[tuple[str, RoutedEvent, datetime]]
+) -> set[tuple[str, str, str, str]]:
+    if not rows:
+        return set()
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = (
+        dialect_insert(inbox)
+        .on_conflict_do_nothing(index_elements=[inbox.c.provider, inbox.c.event_key, inbox.c.sync, inbox.c.connection_id])
+        .returning(inbox.c.provider, inbox.c.event_key, inbox.c.sync, inbox.c.connection_id)
+    )
+    parameters = [
+        {
+            "provider": provider,
+            "event_key": event.event_key,
+            "sync": event.sync,
+            "connection_id": event.connection_id,
+            "account_id": event.account_id,
+            "event_type": event.event_type,
+            "payload": event.payload_json,
+            "status": event.status,
+            "attempts": 0,
+            "next_attempt_at": None,
+            "last_error": None,
+            "received_at": received_at,
+            "processed_at": None,
+        }
+        for provider, event, received_at in rows
+    ]
+    return {tuple(row) for row in conn.execute(statement, parameters)}  # type: ignore[misc]
+
+
+def _due(now: datetime) -> Any:
+    return inbox.c.next_attempt_at.is_(None) | (inbox.c.next_attempt_at <= now)
+
+
+def _events(result: Any) -> list[InboxEvent]:
+    """Rows of ``SELECT inbox.*`` as events (a webhook run claims thousands a second: keep it lean)."""
+    names = list(result.keys())
+    payload_at = names.index("payload")
+    events = []
+    for row in result:
+        values = list(row)
+        values[payload_at] = json.loads(values[payload_at])
+        events.append(InboxEvent.model_validate(dict(zip(names, values))))
+    return events
+
+
+__all__ = [
+    "INBOX_STATUSES",
+    "DuePartition",
+    "Inbox",
+    "InboxEvent",
+    "InboxStats",
+    "InboxStatus",
+    "ReceiveResult",
+    "RoutedEvent",
+    "insert_events",
+    "retry_delay",
+]

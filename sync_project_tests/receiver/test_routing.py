@@ -1,0 +1,94 @@
+"""Routing: account id -> connections, event type -> subscribed syncs, one inbox row per pair."""
+
+from __future__ import annotations
+
+import pytest
+
+from sync_project.core import InboundEvent
+from sync_project.receiver.routing import InvalidEventError, route, subscribers_from
+from sync_project.store import Store
+from sync_project.store.routing import ConnectionSnapshot
+from sync_project_tests.webhook_support import audit_sync, contacts_sync
+
+SUBSCRIBERS = subscribers_from([contacts_sync(), audit_sync()])
+
+
+def inbound(key: str, event_type: str = "contact.updated", account: object = "acct-1") -> InboundEvent:
+    return InboundEvent(event_key=key, event_type=event_type, account_id=account, payload={"id": key})  # type: ignore[arg-type]
+
+
+def rows(routed: list) -> list[tuple[str, str, str, str]]:
+    return sorted((r.event_key, r.sync, r.connection_id, r.status) for r in routed)
+
+
+def test_an_account_routes_to_its_connections_and_each_subscribed_sync(store: Store) -> None:
+    store.connections.add("acme", "north", account_id="acct-1")
+    store.connections.add("acme", "south", account_id="acct-1")
+    store.connections.add("acme", "east", account_id="acct-2")
+    store.connections.add("other", "west", account_id="acct-1")
+    routed = route("acme", [inbound("e1", "contact.created")], store.connections, subscribers=SUBSCRIBERS)
+    assert rows(routed) == [
+        ("e1", "acme/audit", "north", "pending"),
+        ("e1", "acme/audit", "south", "pending"),
+        ("e1", "acme/contacts", "north", "pending"),
+        ("e1", "acme/contacts", "south", "pending"),
+    ]
+
+
+def test_an_event_naming_no_account_goes_to_every_connection_of_the_provider(store: Store) -> None:
+    store.connections.add("acme", "north", account_id="acct-1")
+    store.connections.add("acme", "south")
+    store.connections.add("other", "west")
+    routed = route("acme", [inbound("e1", account=None)], store.connections, subscribers=SUBSCRIBERS)
+    assert rows(routed) == [("e1", "acme/contacts", "north", "pending"), ("e1", "acme/contacts", "south", "pending")]
+
+
+def test_a_paused_connection_still_receives(store: Store) -> None:
+    store.connections.add("acme", "north", account_id="acct-1")
+    store.connections.set_status("acme", "north", "paused")
+    assert rows(route("acme", [inbound("e1")], store.connections, subscribers=SUBSCRIBERS)) == [
+        ("e1", "acme/contacts", "north", "pending")
+    ]
+
+
+def test_no_connection_gives_one_unroutable_row_per_subscribed_sync(store: Store) -> None:
+    routed = route("acme", [inbound("e1", "contact.created", "acct-404")], store.connections, subscribers=SUBSCRIBERS)
+    assert rows(routed) == [("e1", "acme/audit", "", "unroutable"), ("e1", "acme/contacts", "", "unroutable")]
+    assert {r.account_id for r in routed} == {"acct-404"}
+
+
+def test_no_subscriber_gives_one_ignored_row(store: Store) -> None:
+    store.connections.add("acme", "north", account_id="acct-1")
+    routed = route("acme", [inbound("e1", "invoice.paid")], store.connections, subscribers=SUBSCRIBERS)
+    assert rows(routed) == [("e1", "", "", "ignored")]
+
+
+def test_numeric_ids_are_routed_as_text(store: Store) -> None:
+    store.connections.add("acme", "north", account_id="62515")
+    routed = route("acme", [InboundEvent(event_key=987, event_type="contact.updated", account_id=62515, payload={})], store.connections, subscribers=SUBSCRIBERS)  # type: ignore[arg-type]
+    assert rows(routed) == [("987", "acme/contacts", "north", "pending")]
+
+
+@pytest.mark.parametrize(
+    "event, message",
+    [
+        (inbound("k" * 300), "event_key"),
+        (inbound("e1", account={"id": 1}), "account id is a dict"),
+        (InboundEvent(event_key="e1", event_type="contact.updated", account_id=None, payload={"x": {1, 2}}), "payload is not JSON"),  # type: ignore[dict-item]
+    ],
+)
+def test_an_event_the_inbox_cannot_hold_is_refused_as_malformed(store: Store, event: InboundEvent, message: str) -> None:
+    with pytest.raises(InvalidEventError, match=message):
+        route("acme", [event], store.connections, subscribers=SUBSCRIBERS)
+
+
+def test_a_snapshot_routes_exactly_like_the_live_connections(store: Store) -> None:
+    store.connections.add("acme", "north", account_id="acct-1")
+    store.connections.add("acme", "south")
+    store.connections.add("acme", "east", account_id="acct-2")
+    events = [inbound("e1"), inbound("e2", account=None), inbound("e3", account="acct-2"), inbound("e4", account="nope")]
+    with store.engine.begin() as conn:
+        snapshot = ConnectionSnapshot.load(conn, {("acme", e.account_id) for e in events})
+    live = route("acme", events, store.connections, subscribers=SUBSCRIBERS)
+    assert rows(route("acme", events, snapshot, subscribers=SUBSCRIBERS)) == rows(live)
+    assert len(live) == 6  # north; north, south, east; east; unroutable
