@@ -16,6 +16,7 @@ from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.partitions import connection_partitions
 from sync_project.orchestration.polling import poll
 from sync_project.orchestration.resources import StoreResource, storage_kind
+from sync_project.orchestration.webhook_drain import drain_inbox
 from sync_project.store import MergeResult, Store, StoreError, SyncAlreadyRunningError, UnknownConnectionError
 from sync_project.store.records import utcnow
 
@@ -92,8 +93,6 @@ def run_sync(
     try:
         with store.run_lock(sync.key, connection_id), provider.client(connection) as client:
             if config.mode == "webhook":
-                from sync_project.orchestration.webhook_drain import drain_inbox
-
                 drained = drain_inbox(store, sync, connection, client, context.log, max_events=config.max_events)
                 merged: MergeResult = drained.merge
                 metadata.update(

@@ -3,10 +3,14 @@
 Dagster keeps sensor run keys forever, so a key must name the work, not the tick: it is derived
 from the partition's inbox high-water mark and its attempts so far. Pending events that a running
 or queued run will drain produce the same key (no duplicate run); new events or a retry that has
-come due produce a new one.
+come due produce a new one. One case keeps the same key although its run is over: a run that died
+(killed, crashed) before committing leaves its events pending and untouched. The cursor remembers
+when each key was first requested, and a key still due ``stall_after_s`` later is requested again
+under a new suffix: at worst a redundant run that finds nothing to claim.
 """
 
 
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 
@@ -22,16 +26,45 @@ from sync_project.orchestration.resources import StoreResource
 MAX_RUNS_PER_TICK = 200
 
 
+#: A requested key whose events are still due this long afterwards is requested again.
+DEFAULT_STALL_AFTER_S = 120.0
+
+
+class RequestedRun(BaseModel):
+    """The last run key requested for one (sync, connection), and when."""
+
+    base_key: str
+    run_key: str
+    requested_at: float
+    retries: int = 0
+
+
 class InboxSensorCursor(BaseModel):
     """What the sensor remembers between ticks (stored by Dagster as JSON)."""
 
-    #: Highest inbox id seen: shown in the UI, and a tick with nothing new and nothing due is cheap.
+    #: Highest inbox id seen (shown in the UI).
     high_water_mark: int = 0
     requested_runs: int = 0
+    #: Keyed by "sync|connection"; only partitions that are due now are kept, so it stays small.
+    requested: dict[str, RequestedRun] = {}
+
+    def run_key_for(self, partition: str, base_key: str, now: float, stall_after_s: float) -> str:
+        previous = self.requested.get(partition)
+        if previous is None or previous.base_key != base_key:
+            self.requested[partition] = RequestedRun(base_key=base_key, run_key=base_key, requested_at=now)
+        elif now - previous.requested_at >= stall_after_s:
+            retries = previous.retries + 1
+            self.requested[partition] = RequestedRun(
+                base_key=base_key, run_key=f"{base_key}|again{retries}", requested_at=now, retries=retries
+            )
+        return self.requested[partition].run_key
 
 
 def build_inbox_sensor(
-    syncs: Mapping[str, SyncDefinition], jobs: Mapping[str, AssetJob]
+    syncs: Mapping[str, SyncDefinition],
+    jobs: Mapping[str, AssetJob],
+    *,
+    stall_after_s: float = DEFAULT_STALL_AFTER_S,
 ) -> dg.SensorDefinition:
     @dg.sensor(
         name="inbox_sensor",
@@ -45,14 +78,17 @@ def build_inbox_sensor(
         cursor = InboxSensorCursor.model_validate_json(context.cursor) if context.cursor else InboxSensorCursor()
         high_water_mark = store.inbox.high_water_mark()
         due = [p for p in store.inbox.due_partitions(limit=MAX_RUNS_PER_TICK) if p.sync in syncs]
+        cursor.high_water_mark = high_water_mark
+        due_keys = {f"{p.sync}|{p.connection_id}" for p in due}
+        cursor.requested = {key: value for key, value in cursor.requested.items() if key in due_keys}
         if not due:
-            cursor.high_water_mark = high_water_mark
             context.update_cursor(cursor.model_dump_json())
             return dg.SkipReason(f"no due inbox events (high-water mark {high_water_mark})")
 
         paused = {(c.provider, c.connection_id) for c in store.connections.list(status="paused")}
         by_provider: dict[str, set[str]] = defaultdict(set)
         requests = []
+        now = time.time()
         for partition in due:
             sync = syncs[partition.sync]
             if (sync.provider, partition.connection_id) in paused:
@@ -62,7 +98,12 @@ def build_inbox_sensor(
                 dg.RunRequest(
                     job_name=jobs[sync.key].name,
                     partition_key=partition.connection_id,
-                    run_key=f"inbox|{sync.key}|{partition.connection_id}|{partition.max_id}|{partition.attempts}",
+                    run_key=cursor.run_key_for(
+                        f"{partition.sync}|{partition.connection_id}",
+                        f"inbox|{sync.key}|{partition.connection_id}|{partition.max_id}|{partition.attempts}",
+                        now,
+                        stall_after_s,
+                    ),
                     run_config=dg.RunConfig(ops={op_name(sync): SyncRunConfig(mode="webhook")}),
                     tags={
                         **concurrency_tag(sync.key, partition.connection_id),
@@ -78,7 +119,6 @@ def build_inbox_sensor(
             missing = sorted(connection_ids - known)
             if missing:
                 additions.append(partitions.build_add_request(missing))
-        cursor.high_water_mark = high_water_mark
         cursor.requested_runs += len(requests)
         return dg.SensorResult(
             run_requests=requests, dynamic_partitions_requests=additions, cursor=cursor.model_dump_json()
