@@ -333,6 +333,8 @@ def machine_description(database_url: str | None = None) -> dict[str, str]:
         "OS": platform.platform(terse=True),
         "Python": platform.python_version(),
         "Postgres": _postgres_version(database_url or postgres_url()),
+        # Other work on a shared machine moves absolute figures (ratios much less): say how busy it was.
+        "load average at start (1/5/15 min)": _load_average(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     return description
@@ -357,6 +359,13 @@ def _memory() -> str:
     except (OSError, ValueError, IndexError):
         pass
     return "?"
+
+
+def _load_average() -> str:
+    try:
+        return " / ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "?"
 
 
 def _postgres_version(url: str) -> str:

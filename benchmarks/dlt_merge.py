@@ -335,8 +335,7 @@ def _label(stage: str | None, at: datetime | str | None) -> str:
     return f"{stage} @{names.get(moment, moment.isoformat())}"
 
 
-def stale_case_store(store: Store) -> dict[str, str]:
-    sync = "bench/stale"
+def stale_case_store(store: Store, sync: str = "bench/stale") -> dict[str, str]:
     with store.writer(sync, CONNECTION, SPEC) as writer:
         writer.save(STALE_INITIAL)
     with store.writer(sync, CONNECTION, SPEC) as writer:

@@ -180,10 +180,11 @@ def report(
     except MissingMarkersError as error:
         print(f"report: {readme}: {error}", file=sys.stderr)
         return 2
+    machine = machine or machine_description()  # before the run: its date and load are the run's
     started = time.perf_counter()
     outcomes = [run_benchmark(b, scripts_dir, results_dir, quick=quick, timeout=timeout) for b in benchmarks]
     total = time.perf_counter() - started
-    section = render_section(outcomes, machine or machine_description(), quick=quick, total_seconds=total)
+    section = render_section(outcomes, machine, quick=quick, total_seconds=total)
     readme.write_text(replace_section(text, section))
     print(f"\nreport: wrote the table to {readme}")
     for outcome in outcomes:

@@ -2,15 +2,24 @@
 
 dlt itself is a benchmark-only extra, so its side runs only in ``make bench``; here we check that
 both sides are handed the same rows and that the store's loads end in the state the checks expect.
+Each test merges under a sync name of its own: the store's batch lock is a Postgres advisory lock,
+which is database-wide, so a benchmark running on the same server with the benchmark's sync name
+would otherwise make these tests wait for it.
 """
 
 from __future__ import annotations
+
+import uuid
 
 import pytest
 import sqlalchemy as sa
 
 import dlt_merge
 from sync_project.store import Store
+
+
+def _sync() -> str:
+    return f"bench/test-{uuid.uuid4().hex[:12]}"
 
 
 def _flatten(load: dlt_merge.Load) -> list[dict]:
@@ -40,21 +49,21 @@ def test_pages_hold_at_most_a_page_of_source_rows() -> None:
 
 
 def test_store_loads_end_in_the_expected_state(store: Store) -> None:
-    workload = dlt_merge.build_workload(1000)
+    workload, sync = dlt_merge.build_workload(1000), _sync()
     for load in workload.loads:
-        dlt_merge.load_with_store(store, load)
-        dlt_merge.check_store(store.engine, load)  # raises on any difference
-    assert store.count(dlt_merge.SYNC, dlt_merge.CONNECTION) == 980
+        dlt_merge.load_with_store(store, load, sync=sync)
+        dlt_merge.check_store(store.engine, load, sync=sync)  # raises on any difference
+    assert store.count(sync, dlt_merge.CONNECTION) == 980
 
 
 def test_the_check_catches_a_wrong_state(store: Store) -> None:
-    initial = dlt_merge.build_workload(1000).loads[0]
-    dlt_merge.load_with_store(store, initial)
+    initial, sync = dlt_merge.build_workload(1000).loads[0], _sync()
+    dlt_merge.load_with_store(store, initial, sync=sync)
     with store.engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM records WHERE external_id = :key"), {"key": initial.dlt_rows[0]["id"]})
     with pytest.raises(RuntimeError, match="1 records missing"):
-        dlt_merge.check_store(store.engine, initial)
+        dlt_merge.check_store(store.engine, initial, sync=sync)
 
 
 def test_store_keeps_the_newest_version_when_a_stale_batch_comes_last(store: Store) -> None:
-    assert dlt_merge.stale_case_store(store) == dlt_merge.STALE_NEWEST
+    assert dlt_merge.stale_case_store(store, sync=_sync()) == dlt_merge.STALE_NEWEST

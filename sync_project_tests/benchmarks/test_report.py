@@ -182,7 +182,7 @@ def test_unknown_only_name_is_refused(capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_machine_description_names_what_the_table_needs() -> None:
     described = _common.machine_description("postgresql+psycopg2://nobody@127.0.0.1:1/none")
-    assert set(described) == {"CPU", "cores", "memory", "OS", "Python", "Postgres", "date"}
+    assert {"CPU", "cores", "memory", "OS", "Python", "Postgres", "date"} <= set(described)
     assert described["Postgres"].startswith("unreachable")
 
 
