@@ -6,7 +6,8 @@ The JSON convention every benchmark script follows, so ``report.py`` can build o
   (``benchmark, case, metric, value, unit, baseline, baseline_value, ratio, target, met``);
 * it prints the same figures as a readable table on stdout;
 * it accepts ``--quick`` (smaller sizes, named in each figure's ``case``) and its own size flags;
-* it exits 0 whenever it ran: a missed target is a figure with ``met: false``, not a crash.
+* it exits 0 whenever it ran: a missed target is a figure with ``met: false``, not a crash;
+* it calls :func:`exit_cleanly_on_sigterm` first, so a timeout drops its private database.
 
 Also here: a private Postgres database or schema per run (dropped afterwards), the fixed-seed
 dataset of ~500-byte JSON records the merge benchmarks share, and a description of the machine.
@@ -19,6 +20,8 @@ import json
 import os
 import platform
 import random
+import signal
+import sys
 import time
 import uuid
 from collections.abc import Collection, Iterator, Sequence
@@ -181,6 +184,12 @@ def benchmark_parser(description: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", type=Path, help="write the figures there as a JSON list")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (named in each figure's case)")
     return parser
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM (``report.py``'s timeout, a CI stop) into SystemExit, so ``finally`` blocks run
+    and the private database or schema is dropped instead of left on the server."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def publish(figures: Sequence[Figure], json_path: Path | None) -> int:

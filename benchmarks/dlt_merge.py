@@ -73,6 +73,7 @@ from _common import (
     Figure,
     Stopwatch,
     benchmark_parser,
+    exit_cleanly_on_sigterm,
     figure,
     make_dataset,
     modified,
@@ -507,6 +508,7 @@ def _count_newest(state: dict[str, str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    exit_cleanly_on_sigterm()
     parser = benchmark_parser(__doc__)
     parser.add_argument(
         "--records", type=int, default=None, help=f"dataset size (default {DATASET_RECORDS:,}; --quick: {QUICK_RECORDS:,})"

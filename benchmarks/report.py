@@ -31,6 +31,7 @@ START_MARKER = "<!-- bench:start -->"
 END_MARKER = "<!-- bench:end -->"
 #: Long enough for the issue's sizes on 2 cores; a hung script must not hang ``make bench``.
 DEFAULT_TIMEOUT_S = 1200.0
+STOP_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,17 @@ def run_benchmark(benchmark: Benchmark, scripts_dir: Path, results_dir: Path, *,
     command = [sys.executable, str(script), "--json", str(json_path), *(benchmark.quick_args if quick else benchmark.args)]
     print(f"== {benchmark.script}: {' '.join(command[2:])}", flush=True)
     started = time.perf_counter()
+    # Output goes straight to ours: a long benchmark shows progress, and `make bench` keeps it.
+    process = subprocess.Popen(command, cwd=scripts_dir.parent)
     try:
-        # Output goes straight to ours: a long benchmark shows progress, and `make bench` keeps it.
-        completed = subprocess.run(command, cwd=scripts_dir.parent, timeout=timeout, check=False)
+        returncode = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        _stop(process)
         seconds = time.perf_counter() - started
         return Outcome(benchmark, "failed", seconds, f"killed after {timeout:.0f} s")
     seconds = time.perf_counter() - started
-    if completed.returncode != 0:
-        return Outcome(benchmark, "failed", seconds, f"exit {completed.returncode}")
+    if returncode != 0:
+        return Outcome(benchmark, "failed", seconds, f"exit {returncode}")
     try:
         figures = read_figures(json_path)
     except FileNotFoundError:
@@ -94,6 +97,16 @@ def run_benchmark(benchmark: Benchmark, scripts_dir: Path, results_dir: Path, *,
     if not figures:
         return Outcome(benchmark, "failed", seconds, "exit 0 but reported no figures")
     return Outcome(benchmark, "ok", seconds, "exit 0", figures)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM first, so the script drops its private database on the way out; SIGKILL if it hangs."""
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _one_line(text: str, limit: int = 200) -> str:

@@ -7,6 +7,10 @@ exactly as report.py runs the real benchmarks; no timing is asserted.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -192,3 +196,33 @@ def test_the_fixed_seed_dataset_is_stable_and_about_500_bytes() -> None:
     assert len({r["id"] for r in first}) == 300
     assert 400 <= _common.record_bytes(first) <= 600
     assert json.dumps(first) != json.dumps(_common.make_dataset(300, seed=1))
+
+
+def test_stopping_a_script_sends_sigterm_first_so_it_can_clean_up(tmp_path: Path) -> None:
+    ready, cleaned = tmp_path / "ready", tmp_path / "dropped-its-database"
+    body = f"""
+import sys, time
+sys.path.insert(0, {str(report.HERE)!r})
+import _common
+_common.exit_cleanly_on_sigterm()
+open({str(ready)!r}, "w").close()
+try:
+    time.sleep(60)
+finally:
+    open({str(cleaned)!r}, "w").close()
+"""
+    (tmp_path / "slow.py").write_text(body)
+    process = subprocess.Popen([sys.executable, str(tmp_path / "slow.py")])
+    try:
+        for _ in range(600):  # the handler is installed once "ready" exists
+            if ready.exists() or process.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert ready.exists()
+        report._stop(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 128 + signal.SIGTERM
+    assert cleaned.exists()
