@@ -20,5 +20,16 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmarks need peers (dlt) that the project itself never imports: the `bench` extra.
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# Runs every benchmark and rewrites the table in benchmarks/README.md. BENCH_ARGS=--quick for small sizes.
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/report.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) data .dagster_home .pytest_cache
