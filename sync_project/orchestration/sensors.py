@@ -60,6 +60,15 @@ class InboxSensorCursor(BaseModel):
         return self.requested[partition].run_key
 
 
+_NOT_STARTED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING]
+
+
+def waiting_partitions(instance: dg.DagsterInstance) -> set[str]:
+    """The ``sync/asset_partition`` tags of webhook runs that are queued but not running yet."""
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=_NOT_STARTED, tags={"sync/mode": "webhook"}))
+    return {run.tags["sync/asset_partition"] for run in runs if "sync/asset_partition" in run.tags}
+
+
 def build_inbox_sensor(
     syncs: Mapping[str, SyncDefinition],
     jobs: Mapping[str, AssetJob],
@@ -86,12 +95,17 @@ def build_inbox_sensor(
             return dg.SkipReason(f"no due inbox events (high-water mark {high_water_mark})")
 
         paused = {(c.provider, c.connection_id) for c in store.connections.list(status="paused")}
+        waiting = waiting_partitions(context.instance)
         by_provider: dict[str, set[str]] = defaultdict(set)
         requests = []
         now = time.time()
         for partition in due:
             sync = syncs[partition.sync]
             if (sync.provider, partition.connection_id) in paused:
+                continue
+            tag = concurrency_tag(sync.key, partition.connection_id)
+            if tag["sync/asset_partition"] in waiting:
+                # A run that has not started yet will claim these events too: another would idle.
                 continue
             by_provider[sync.provider].add(partition.connection_id)
             requests.append(
@@ -106,7 +120,7 @@ def build_inbox_sensor(
                     ),
                     run_config=dg.RunConfig(ops={op_name(sync): SyncRunConfig(mode="webhook")}),
                     tags={
-                        **concurrency_tag(sync.key, partition.connection_id),
+                        **tag,
                         "sync/mode": "webhook",
                         "sync/inbox_high_water_mark": str(partition.max_id),
                     },

@@ -1,0 +1,104 @@
+"""The inbox sensor's decisions, tick by tick, against a real store and a real Dagster instance."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import dagster as dg
+import pytest
+
+from sync_project import registry
+from sync_project.orchestration.factory import build_definitions
+from sync_project.orchestration.partitions import partitions_name
+from sync_project.orchestration.resources import StoreResource
+from sync_project.orchestration.sensors import InboxSensorCursor
+from sync_project.store import Store
+from sync_project.store.inbox import RoutedEvent
+from sync_project_tests.support.realtime import sandbox_syncs
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test() as test_instance:
+        yield test_instance
+
+
+class Ticker:
+    def __init__(self, store: Store, instance: dg.DagsterInstance, stall_after_s: float = 3600.0) -> None:
+        self.store, self.instance, self.cursor = store, instance, None
+        self.defs = build_definitions(
+            sandbox_syncs(), registry.providers(), store=StoreResource(database_url=store.url),
+            inbox_stall_after_s=stall_after_s,
+        )
+
+    def tick(self) -> dg.SensorExecutionData:
+        context = dg.build_sensor_context(
+            instance=self.instance, instance_ref=self.instance.get_ref(), cursor=self.cursor, definitions=self.defs,
+            resources={"sync_store": StoreResource(database_url=self.store.url)},
+        )
+        data = self.defs.resolve_sensor_def("inbox_sensor").evaluate_tick(context)
+        self.cursor = data.cursor if data.cursor is not None else context.cursor
+        return data
+
+
+def deliver(store: Store, key: str, connection_id: str = "c1", sync: str = "sandbox/contacts") -> None:
+    store.inbox.receive("sandbox", [RoutedEvent(event_key=key, event_type="contact.updated", account_id="a1",
+                                                payload={"id": key}, sync=sync, connection_id=connection_id)])
+
+
+def test_no_events_no_runs(store, instance):
+    data = Ticker(store, instance).tick()
+    assert not data.run_requests
+    assert "no due inbox events" in (data.skip_message or "")
+
+
+def test_run_keys_follow_the_inbox_high_water_mark(store, instance):
+    ticker = Ticker(store, instance)
+    store.connections.add("sandbox", "c1", account_id="a1")
+    deliver(store, "e1")
+    deliver(store, "e2")
+    deliver(store, "e3", sync="sandbox/deals")
+    first = ticker.tick()
+    keys = sorted(r.run_key for r in first.run_requests)
+    assert keys == ["inbox|sandbox/contacts|c1|2|0", "inbox|sandbox/deals|c1|3|0"]
+    request = next(r for r in first.run_requests if "contacts" in r.run_key)
+    assert request.partition_key == "c1" and request.job_name == "sandbox__contacts_job"
+    assert request.run_config["ops"]["sandbox__contacts"]["config"]["mode"] == "webhook"
+    assert request.tags["sync/asset_partition"] == "sandbox/contacts:c1"
+    # The partition did not exist in the instance: the same tick adds it.
+    assert [list(r.partition_keys) for r in first.dynamic_partitions_requests] == [["c1"]]
+    # Same pending work, same keys: Dagster will not launch them twice.
+    assert sorted(r.run_key for r in ticker.tick().run_requests) == keys
+    deliver(store, "e4")
+    assert "inbox|sandbox/contacts|c1|4|0" in {r.run_key for r in ticker.tick().run_requests}
+    cursor = InboxSensorCursor.model_validate_json(ticker.cursor)
+    assert cursor.high_water_mark == 4
+
+
+def test_paused_connections_and_waiting_runs_are_skipped(store, instance):
+    ticker = Ticker(store, instance)
+    store.connections.add("sandbox", "c1", account_id="a1")
+    store.connections.add("sandbox", "c2", account_id="a2")
+    instance.add_dynamic_partitions(partitions_name("sandbox"), ["c1", "c2"])
+    deliver(store, "e1", "c1")
+    deliver(store, "e2", "c2")
+    store.connections.set_status("sandbox", "c2", "paused")
+    assert [r.partition_key for r in ticker.tick().run_requests] == ["c1"]
+    # A queued webhook run of c1 will claim whatever arrives before it starts.
+    job = ticker.defs.resolve_job_def("sandbox__contacts_job")
+    instance.create_run_for_job(job, status=dg.DagsterRunStatus.QUEUED,
+                                tags={"sync/mode": "webhook", "sync/asset_partition": "sandbox/contacts:c1"})
+    deliver(store, "e3", "c1")
+    assert ticker.tick().run_requests == []
+
+
+def test_a_stalled_partition_is_requested_again_under_a_new_key(store, instance):
+    ticker = Ticker(store, instance, stall_after_s=0.0)
+    store.connections.add("sandbox", "c1", account_id="a1")
+    deliver(store, "e1")
+    first = ticker.tick().run_requests[0].run_key
+    second = ticker.tick().run_requests[0].run_key
+    assert first == "inbox|sandbox/contacts|c1|1|0" and second == f"{first}|again1"
+    state = json.loads(ticker.cursor)["requested"]["sandbox/contacts|c1"]
+    assert state["retries"] == 1
