@@ -87,7 +87,7 @@ def test_paused_connections_and_waiting_runs_are_skipped(store, instance):
     assert [r.partition_key for r in ticker.tick().run_requests] == ["c1"]
     # A queued webhook run of c1 will claim whatever arrives before it starts.
     job = ticker.defs.resolve_job_def("sandbox__contacts_job")
-    instance.create_run_for_job(job, status=dg.DagsterRunStatus.QUEUED,
+    instance.create_run_for_job(job, status=dg.DagsterRunStatus.NOT_STARTED,
                                 tags={"sync/mode": "webhook", "sync/asset_partition": "sandbox/contacts:c1"})
     deliver(store, "e3", "c1")
     assert ticker.tick().run_requests == []
