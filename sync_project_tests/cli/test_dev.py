@@ -1,0 +1,90 @@
+"""``make run`` (``sync-project dev``) as a person runs it: everything starts, webhook runs happen
+through the real Dagster daemon, and Ctrl-C leaves nothing running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sync_project.store import Store
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, frontier = set(), [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            if child not in found:
+                found.add(child)
+                frontier.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_dev_runs_everything_and_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    data, home = tmp_path / "data", tmp_path / "dagster_home"
+    env = {**os.environ, "SYNC_DATA_DIR": str(data), "DAGSTER_HOME": str(home)}
+    env.pop("SYNC_DATABASE_URL", None)
+    ports = [str(free_port()) for _ in range(3)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sync_project.cli", "dev", "--ui-port", ports[0], "--receiver-port", ports[1],
+         "--sandbox-port", ports[2], "--change-rate", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output: list[str] = []
+    started: set[int] = set()
+    try:
+        deadline = time.monotonic() + 240
+        while not any("Ctrl-C stops everything" in line for line in output):
+            assert time.monotonic() < deadline, "".join(output)
+            line = process.stdout.readline()
+            assert line or process.poll() is None, "".join(output)
+            output.append(line)
+        text = "".join(output)
+        assert f"http://127.0.0.1:{ports[0]}" in text and "demo-1 (acct-1)" in text
+        assert "tok_" not in text and "whsec_" not in text  # secrets are never printed
+
+        # Webhooks from the sandbox reach the store through the sensor and daemon-launched runs.
+        with Store(f"sqlite:///{data / 'sync.db'}") as store:
+            deadline = time.monotonic() + 180
+            while store.inbox.stats().counts["done"] == 0:
+                started |= descendants(process.pid)
+                assert time.monotonic() < deadline, "no webhook run finished in time"
+                time.sleep(2)
+            assert store.count("sandbox/contacts") + store.count("sandbox/deals") > 0
+        started |= descendants(process.pid)
+        assert len(started) >= 4  # receiver, sandbox, dagster dev and its webserver/daemon
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=90)
+    assert process.returncode == 0, rest
+    assert "stopped: receiver, sandbox, dagster" in rest
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in started if alive(pid)]
