@@ -121,7 +121,8 @@ def register_demo_connections(sandbox_url: str, token_envs: dict[str, str]) -> N
 @click.option("--ui-port", default=3000, show_default=True, type=int, help="The Dagster UI.")
 @click.option("--receiver-port", default=8000, show_default=True, type=int)
 @click.option("--sandbox-port", default=8765, show_default=True, type=int)
-@click.option("--change-rate", default=0.5, show_default=True, type=float, help="Sandbox changes per second.")
+@click.option("--change-rate", default=0.5, show_default=True, type=click.FloatRange(0, 1000),
+              help="Sandbox changes per second; 0 leaves the change generator off.")
 def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: float) -> None:
     """Run the sandbox, the receiver and the Dagster UI on the embedded default until Ctrl-C."""
     home = settings.dagster_home()
@@ -178,7 +179,8 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
                 env,
             )
             wait_until(http_ok(f"{ui_url}/server_info"), "the Dagster UI", supervisor, timeout_s=180)
-            admin.set_generator(running=True, rate_per_s=change_rate)
+            if change_rate > 0:
+                admin.set_generator(running=True, rate_per_s=change_rate)
         click.echo(
             "\n".join(
                 [

@@ -6,7 +6,10 @@ asset function's parameters at definition time.
 
 
 import json
+import time
 from typing import Literal
+
+import httpx
 
 import dagster as dg
 
@@ -16,8 +19,15 @@ from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.partitions import connection_partitions
 from sync_project.orchestration.polling import poll
 from sync_project.orchestration.resources import StoreResource, storage_kind
-from sync_project.orchestration.webhook_drain import drain_inbox
-from sync_project.store import MergeResult, Store, StoreError, SyncAlreadyRunningError, UnknownConnectionError
+from sync_project.orchestration.webhook_drain import DrainResult, drain_inbox
+from sync_project.store import (
+    MergeResult,
+    ProviderConnection,
+    Store,
+    StoreError,
+    SyncAlreadyRunningError,
+    UnknownConnectionError,
+)
 from sync_project.store.records import utcnow
 
 SyncMode = Literal["full", "incremental", "webhook"]
@@ -34,6 +44,10 @@ class SyncRunConfig(dg.Config):
     mode: SyncMode = "full"
     #: Webhook mode: stop after this many events (the rest waits for the next run).
     max_events: int | None = None
+    #: Webhook mode: keep claiming for this long after the last event before finishing. A run
+    #: that is already up applies the next webhooks within a second, instead of the next one
+    #: paying a sensor tick and a run start-up (several seconds each).
+    linger_s: float = 0.0
 
 
 def op_name(sync: SyncDefinition) -> str:
@@ -70,6 +84,34 @@ def build_sync_asset(sync: SyncDefinition, provider: Provider) -> dg.AssetsDefin
     return _sync_asset
 
 
+LINGER_POLL_S = 0.25
+
+
+def drain_lingering(
+    store: Store, sync: SyncDefinition, connection: ProviderConnection, client: httpx.Client, log: object, config: SyncRunConfig
+) -> DrainResult:
+    """Drain the partition's inbox, then keep draining until ``config.linger_s`` passes with
+    nothing new (or ``max_events`` is reached)."""
+    total = DrainResult()
+    quiet_since = time.monotonic()
+    while True:
+        remaining = None if config.max_events is None else config.max_events - total.events_claimed
+        if remaining is not None and remaining <= 0:
+            return total
+        drained = drain_inbox(store, sync, connection, client, log, max_events=remaining)
+        total.merge += drained.merge
+        total.events_done += drained.events_done
+        total.events_retrying += drained.events_retrying
+        total.events_dead += drained.events_dead
+        total.batches += drained.batches
+        if drained.events_claimed:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= config.linger_s:
+            return total
+        else:
+            time.sleep(LINGER_POLL_S)
+
+
 def run_sync(
     context: dg.AssetExecutionContext,
     config: SyncRunConfig,
@@ -93,7 +135,7 @@ def run_sync(
     try:
         with store.run_lock(sync.key, connection_id), provider.client(connection) as client:
             if config.mode == "webhook":
-                drained = drain_inbox(store, sync, connection, client, context.log, max_events=config.max_events)
+                drained = drain_lingering(store, sync, connection, client, context.log, config)
                 merged: MergeResult = drained.merge
                 metadata.update(
                     events_drained=drained.events_done,

@@ -12,7 +12,7 @@ from sync_project.orchestration.assets import build_sync_asset, job_name, op_nam
 from sync_project.orchestration.partitions import AssetJob
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.schedules import build_poll_schedule
-from sync_project.orchestration.sensors import DEFAULT_STALL_AFTER_S, build_inbox_sensor
+from sync_project.orchestration.sensors import DEFAULT_STALL_AFTER_S, DEFAULT_WEBHOOK_LINGER_S, build_inbox_sensor
 
 
 def build_definitions(
@@ -22,6 +22,7 @@ def build_definitions(
     store: StoreResource | None = None,
     extra_assets: Iterable[dg.AssetsDefinition] = (),
     inbox_stall_after_s: float = DEFAULT_STALL_AFTER_S,
+    webhook_linger_s: float = DEFAULT_WEBHOOK_LINGER_S,
 ) -> dg.Definitions:
     assets = {sync.key: build_sync_asset(sync, providers[sync.provider]) for sync in syncs}
     jobs = {
@@ -33,7 +34,7 @@ def build_definitions(
         for sync in syncs
     }
     schedules = [build_poll_schedule(sync, jobs[sync.key]) for sync in syncs]
-    sensors = [build_inbox_sensor({s.key: s for s in syncs}, jobs, stall_after_s=inbox_stall_after_s)]
+    sensors = [build_inbox_sensor({s.key: s for s in syncs}, jobs, stall_after_s=inbox_stall_after_s, linger_s=webhook_linger_s)]
     return dg.Definitions(
         assets=[*assets.values(), *extra_assets],
         jobs=list(jobs.values()),

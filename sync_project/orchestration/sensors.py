@@ -60,12 +60,20 @@ class InboxSensorCursor(BaseModel):
         return self.requested[partition].run_key
 
 
-_NOT_STARTED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING]
+#: A webhook run in one of these states will claim whatever is pending when (or while) it drains.
+_WILL_CLAIM = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+#: Webhook runs keep claiming this long after their last event (see SyncRunConfig.linger_s).
+DEFAULT_WEBHOOK_LINGER_S = 20.0
 
 
 def waiting_partitions(instance: dg.DagsterInstance) -> set[str]:
-    """The ``sync/asset_partition`` tags of webhook runs that are queued but not running yet."""
-    runs = instance.get_runs(filters=dg.RunsFilter(statuses=_NOT_STARTED, tags={"sync/mode": "webhook"}))
+    """The ``sync/asset_partition`` tags of webhook runs that are queued or draining."""
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=_WILL_CLAIM, tags={"sync/mode": "webhook"}))
     return {run.tags["sync/asset_partition"] for run in runs if "sync/asset_partition" in run.tags}
 
 
@@ -74,6 +82,7 @@ def build_inbox_sensor(
     jobs: Mapping[str, AssetJob],
     *,
     stall_after_s: float = DEFAULT_STALL_AFTER_S,
+    linger_s: float = DEFAULT_WEBHOOK_LINGER_S,
 ) -> dg.SensorDefinition:
     @dg.sensor(
         name="inbox_sensor",
@@ -105,7 +114,7 @@ def build_inbox_sensor(
                 continue
             tag = concurrency_tag(sync.key, partition.connection_id)
             if tag["sync/asset_partition"] in waiting:
-                # A run that has not started yet will claim these events too: another would idle.
+                # A queued or draining run will claim these events too: another would idle.
                 continue
             by_provider[sync.provider].add(partition.connection_id)
             requests.append(
@@ -118,7 +127,7 @@ def build_inbox_sensor(
                         now,
                         stall_after_s,
                     ),
-                    run_config=dg.RunConfig(ops={op_name(sync): SyncRunConfig(mode="webhook")}),
+                    run_config=dg.RunConfig(ops={op_name(sync): SyncRunConfig(mode="webhook", linger_s=linger_s)}),
                     tags={
                         **tag,
                         "sync/mode": "webhook",

@@ -29,7 +29,7 @@ class Ticker:
         self.store, self.instance, self.cursor = store, instance, None
         self.defs = build_definitions(
             sandbox_syncs(), registry.providers(), store=StoreResource(database_url=store.url),
-            inbox_stall_after_s=stall_after_s,
+            inbox_stall_after_s=stall_after_s, webhook_linger_s=0.0,
         )
 
     def tick(self) -> dg.SensorExecutionData:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import dagster as dg
@@ -165,3 +166,31 @@ def test_a_failing_handler_is_dead_lettered_after_eight_tries_and_replay_recover
         assert store.count("sandbox/contacts", "demo-1") == len(truth["contacts"]) > 0
     finally:
         harness.close()
+
+
+def test_a_lingering_webhook_run_applies_events_that_arrive_while_it_runs(harness: RealtimeHarness) -> None:
+    harness.admin.apply_changes(3, account_id="acct-1", create=1, update=0, delete=0)
+    harness.admin.flush()
+    job = harness.defs.resolve_job_def("sandbox__contacts_job")
+    outcome: dict[str, dg.ExecuteInProcessResult] = {}
+
+    def run() -> None:
+        outcome["result"] = job.execute_in_process(
+            instance=harness.instance, partition_key="demo-1",
+            run_config={"ops": {"sandbox__contacts": {"config": {"mode": "webhook", "linger_s": 3.0}}}},
+        )
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    deadline = time.monotonic() + 30
+    while harness.store.inbox.count(status="pending", sync="sandbox/contacts") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first_wave = harness.store.inbox.high_water_mark()
+    harness.admin.apply_changes(8, account_id="acct-1", create=1, update=0, delete=0)  # while the run lingers
+    harness.admin.flush()
+    runner.join(60)
+    [materialization] = outcome["result"].asset_materializations_for_node("sandbox__contacts")
+    contact_events = harness.store.inbox.events(status="done", sync="sandbox/contacts")
+    assert any(event.id > first_wave for event in contact_events)
+    assert materialization.metadata["events_drained"].value == len(contact_events)
+    assert harness.store.inbox.count(status="pending", sync="sandbox/contacts") == 0

@@ -66,7 +66,7 @@ class RealtimeHarness:
         self.admin = SandboxAdmin(self.sandbox_url, self.sandbox.admin_token)
         self.defs = build_definitions(
             self.syncs, registry.providers(), store=StoreResource(database_url=store.url),
-            inbox_stall_after_s=stall_after_s,
+            inbox_stall_after_s=stall_after_s, webhook_linger_s=0.0,
         )
         self.sensor = self.defs.resolve_sensor_def("inbox_sensor")
         self.cursor: str | None = None
