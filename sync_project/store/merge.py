@@ -202,7 +202,7 @@ def prepare_batch(
             data_json = encode(data)
             data_bytes = data_json.encode()
         except (TypeError, ValueError) as error:  # UnicodeEncodeError is a ValueError
-            raise InvalidBatchError(f"record {key!r} is not JSON: {error}") from None
+            raise InvalidBatchError(f"record {key!r} is not JSON: {_json_problem(error)}") from None
         source_updated_at: datetime | None = None
         if updated_field is not None:
             stamp = data.get(updated_field)
@@ -228,6 +228,14 @@ def prepare_batch(
                 continue
         by_key[key] = Incoming(key, data, data_json, data_bytes, source_updated_at)
     return list(by_key.values())
+
+
+def _json_problem(error: Exception) -> str:
+    if isinstance(error, UnicodeEncodeError):
+        return f"text with an unpaired surrogate ({error.object[error.start:error.end]!r}) is not valid Unicode"
+    if "Out of range float" in str(error):
+        return "NaN and Infinity have no JSON form"
+    return str(error)
 
 
 def _key(value: Any, index: int, primary_key: str) -> str:
