@@ -1,0 +1,110 @@
+"""Writers and runs in separate processes: batches of one (sync, connection) never interleave,
+batches of different connections run side by side (Postgres), and the run lock excludes."""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any
+
+import pytest
+
+from sync_project.store import Store, SyncAlreadyRunningError
+
+from . import workers
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def run_all(processes: list[Any]) -> None:
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+        assert process.exitcode == 0, f"{process.name} exited with {process.exitcode}"
+
+
+def drain(results: Any, count: int) -> list[Any]:
+    return [results.get(timeout=60) for _ in range(count)]
+
+
+def test_writers_of_one_connection_never_interleave(database_url: str) -> None:
+    Store(database_url).close()  # migrate once, so the children only write
+    start, results = SPAWN.Event(), SPAWN.Queue()
+    processes = [
+        SPAWN.Process(
+            target=workers.write_batches, args=(database_url, "acme", label, 3, 0.15, start, results), name=label
+        )
+        for label in ("first", "second")
+    ]
+    for process in processes:
+        process.start()
+    start.set()
+    reports = dict(drain(results, 2))
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+
+    intervals = sorted(interval for label in reports for interval in reports[label])
+    assert len(intervals) == 6
+    for (_, ended), (began, _) in zip(intervals, intervals[1:]):
+        assert began >= ended, f"two batches held the lock at once: {intervals}"
+    with Store(database_url) as store:
+        assert store.count(workers.SYNC, "acme") == 7  # 3 + 3 own rows and the shared one
+
+
+def test_writers_of_different_connections_run_in_parallel(postgres_url: str) -> None:
+    """Both processes must be inside their writer transactions at the same time for the barrier
+    to open: if one connection's lock blocked the other, both would report being alone."""
+    Store(postgres_url).close()
+    barrier, results = SPAWN.Barrier(2), SPAWN.Queue()
+    run_all(
+        [
+            SPAWN.Process(target=workers.meet_inside_writer, args=(postgres_url, connection, barrier, results))
+            for connection in ("acme", "globex")
+        ]
+    )
+    assert sorted(drain(results, 2)) == [("acme", "met"), ("globex", "met")]
+
+
+def test_run_lock_excludes_another_process(database_url: str) -> None:
+    Store(database_url).close()
+    acquired, release, results = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    holder = SPAWN.Process(target=workers.hold_run_lock, args=(database_url, "acme", acquired, release))
+    holder.start()
+    try:
+        assert acquired.wait(60), "the holder never got the lock"
+        run_all([SPAWN.Process(target=workers.try_run_lock, args=(database_url, "acme", results))])
+        run_all([SPAWN.Process(target=workers.try_run_lock, args=(database_url, "other-conn", results))])
+        refused, other = drain(results, 2)
+        assert refused.startswith("refused: another run is syncing crm/contacts for connection 'acme'")
+        assert other == "acquired"
+        with Store(database_url) as store, pytest.raises(SyncAlreadyRunningError):
+            with store.run_lock(workers.SYNC, "acme"):
+                pass
+    finally:
+        release.set()
+        holder.join(60)
+    assert holder.exitcode == 0
+    run_all([SPAWN.Process(target=workers.try_run_lock, args=(database_url, "acme", results))])
+    assert drain(results, 1) == ["acquired"]
+
+
+def test_run_lock_of_a_killed_process_is_released(database_url: str) -> None:
+    Store(database_url).close()
+    acquired, release, results = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    holder = SPAWN.Process(target=workers.hold_run_lock, args=(database_url, "acme", acquired, release))
+    holder.start()
+    assert acquired.wait(60)
+    holder.kill()  # a crashed run: no finally blocks, no unlock
+    holder.join(60)
+    run_all([SPAWN.Process(target=workers.try_run_lock, args=(database_url, "acme", results))])
+    assert drain(results, 1) == ["acquired"]
+
+
+def test_run_lock_is_not_reentrant_within_a_process(store: Store) -> None:
+    with store.run_lock(workers.SYNC, "acme"):
+        with pytest.raises(SyncAlreadyRunningError):
+            with store.run_lock(workers.SYNC, "acme"):
+                pass
+    with store.run_lock(workers.SYNC, "acme"):
+        pass  # released
