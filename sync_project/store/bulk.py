@@ -42,6 +42,8 @@ class BulkWriter(Protocol):
 
     def mark_seen(self, keys: Sequence[str], run_id: str) -> None: ...
 
+    def advance_source(self, stamps: Sequence[tuple[str, datetime]]) -> None: ...
+
 
 def bulk_writer(conn: Connection, sync: str, connection_id: str) -> BulkWriter:
     if conn.dialect.name == "postgresql":
@@ -146,6 +148,21 @@ class PostgresBulk:
                 page_size=len(writes),
             )
 
+    def advance_source(self, stamps: Sequence[tuple[str, datetime]]) -> None:
+        from psycopg2.extras import execute_values
+
+        with self._cursor() as cursor:
+            sync, connection_id = (_literal(cursor, value) for value in (self._sync, self._connection_id))
+            execute_values(
+                cursor,
+                f"UPDATE {_TABLE} SET source_updated_at = v.source FROM (VALUES %s) AS v(external_id, source) "
+                f"WHERE {_TABLE}.sync = {sync} AND {_TABLE}.connection_id = {connection_id} "
+                f"AND {_TABLE}.external_id = v.external_id",
+                [(key, source.isoformat()) for key, source in stamps],
+                template="(%s, %s::timestamptz)",
+                page_size=len(stamps),
+            )
+
     def mark_seen(self, keys: Sequence[str], run_id: str) -> None:
         with self._cursor() as cursor:
             cursor.execute(
@@ -239,6 +256,13 @@ class SqliteBulk:
                 (stamp, stamp, to_sqlite(w.source_updated_at), self._sync, self._connection_id, w.key)
                 for w in writes
             ],
+        )
+
+    def advance_source(self, stamps: Sequence[tuple[str, datetime]]) -> None:
+        assert self._dbapi is not None
+        self._dbapi.executemany(
+            f"UPDATE {_TABLE} SET source_updated_at = ? WHERE sync = ? AND connection_id = ? AND external_id = ?",
+            [(to_sqlite(source), self._sync, self._connection_id, key) for key, source in stamps],
         )
 
     def mark_seen(self, keys: Sequence[str], run_id: str) -> None:

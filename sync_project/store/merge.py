@@ -132,6 +132,10 @@ class Plan:
     writes: list[Write] = field(default_factory=list)
     #: Keys seen but not written (unchanged, stale): a full refresh still marks them as seen.
     untouched: list[str] = field(default_factory=list)
+    #: Unchanged records whose provider timestamp moved forward (a second delete, newer than the
+    #: tombstone): only source_updated_at is written, so later stale copies still lose, while
+    #: last_modified_at and the change feed stay put.
+    advance: list[tuple[str, datetime]] = field(default_factory=list)
     result: MergeResult = field(default_factory=MergeResult)
 
 
@@ -359,6 +363,8 @@ def plan_batch(
             if current.data_hash == data_hash:
                 result.unchanged += 1
                 untouched.append(item.key)
+                if _newer(item.source_updated_at, current.source_updated_at):
+                    plan.advance.append((item.key, item.source_updated_at))  # type: ignore[arg-type]
             else:
                 result.updated += 1
                 writes.append(Write(item.key, item.data_json, data_hash, item.source_updated_at, False, "updated", False))
@@ -366,6 +372,10 @@ def plan_batch(
             if current.deleted_at is not None:
                 result.unchanged += 1
                 untouched.append(item.key)
+                if _newer(item.source_updated_at, current.source_updated_at) or (
+                    current.source_updated_at is None and item.source_updated_at is not None
+                ):
+                    plan.advance.append((item.key, item.source_updated_at))  # type: ignore[arg-type]
                 continue
             result.deleted += 1
             source = _max_time(current.source_updated_at, item.source_updated_at)
@@ -398,6 +408,8 @@ def _plan_update(
     if merged_hash == current.data_hash:
         plan.result.unchanged += 1
         plan.untouched.append(item.key)
+        if source is not None and _newer(source, current.source_updated_at):
+            plan.advance.append((item.key, source))
         return
     plan.result.updated += 1
     plan.writes.append(Write(item.key, merged_json, merged_hash, source, False, "updated", False))

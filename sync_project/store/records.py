@@ -151,6 +151,8 @@ class RecordWriter:
                 self._bulk.upsert(content, now, seen_by_run)
             if tombstones:
                 self._bulk.tombstone(tombstones, now)
+        if plan.advance:
+            self._bulk.advance_source(plan.advance)
         if seen_by_run and plan.untouched:
             self._bulk.mark_seen(plan.untouched, seen_by_run)
 

@@ -152,7 +152,7 @@ def test_delete_tombstones_and_keeps_last_content(store: Store) -> None:
     a = store.get(SYNC, CONN, "a")
     assert a is not None and a.deleted_at is not None and a.last_action == "deleted"
     assert a.data == contact("a", 1)  # what went away
-    assert a.source_updated_at == at(2)
+    assert a.source_updated_at == at(3)  # the newest delete guards it
     assert store.count(SYNC, CONN) == 1
     assert store.count(SYNC, CONN, include_deleted=True) == 2
 
@@ -346,3 +346,21 @@ def test_many_pages_in_one_writer(store: Store) -> None:
     assert counts(first) == {"added": 12_000}
     assert counts(second) == {"updated": 6_000, "unchanged": 6_000}
     assert store.count(SYNC, CONN) == 12_000
+
+
+def test_a_newer_delete_of_a_tombstone_moves_its_guard_but_not_the_feed(store: Store) -> None:
+    """Found by the property test: a second, newer delete used to leave the tombstone at the
+    first delete's time, so a copy between the two could resurrect the record."""
+    store.save(SYNC, CONN, NEWEST, [contact("a", 1)])
+    store.delete(SYNC, CONN, NEWEST, [{"id": "a", "updated_at": stamp(4)}])
+    tombstone = store.get(SYNC, CONN, "a")
+
+    again = store.delete(SYNC, CONN, NEWEST, [{"id": "a", "updated_at": stamp(8)}])
+    stale = store.save(SYNC, CONN, NEWEST, [contact("a", 6)])  # restored at 6, deleted again at 8
+
+    assert counts(again) == {"unchanged": 1}
+    assert counts(stale) == {"skipped_stale": 1}
+    a = store.get(SYNC, CONN, "a")
+    assert tombstone is not None and a is not None
+    assert a.deleted_at is not None and a.source_updated_at == at(8)
+    assert a.last_modified_at == tombstone.last_modified_at  # no new change in the feed
