@@ -108,3 +108,18 @@ def test_run_lock_is_not_reentrant_within_a_process(store: Store) -> None:
                 pass
     with store.run_lock(workers.SYNC, "acme"):
         pass  # released
+
+
+def test_reads_do_not_wait_for_a_writer(store: Store) -> None:
+    """A merge holds its transaction for a whole page; connection lookups (webhook routing),
+    sync state and feed reads must not queue behind it (on SQLite they would wait for the
+    database write lock, up to the busy timeout, and then fail)."""
+    store.connections.add("crm", "acme", account_id="portal-1")
+    with store.writer(workers.SYNC, "acme", workers.NEWEST) as writer:
+        writer.save([workers.contact("a", 1)])
+        assert [c.connection_id for c in store.connections.for_account("crm", "portal-1")] == ["acme"]
+        assert store.connections.get("crm", "acme").account_id == "portal-1"
+        assert [c.connection_id for c in store.connections.list()] == ["acme"]
+        assert store.state.get(workers.SYNC, "acme") is None
+        assert store.count(workers.SYNC) == 0  # the writer has not committed yet
+    assert store.count(workers.SYNC) == 1
