@@ -75,24 +75,24 @@ _ON_CONFLICT = f"""
 
 class PostgresBulk:
     def __init__(self, conn: Connection, sync: str, connection_id: str) -> None:
+        self._conn = conn
         self._dbapi = conn.connection.dbapi_connection
         self._sync = sync
         self._connection_id = connection_id
         #: Whether this transaction already filled the staging table (which empties on commit).
         self._stage_used = False
+        self._statistics_checked = False
 
     def _cursor(self) -> Any:
         assert self._dbapi is not None
         return self._dbapi.cursor()
 
     def read_state(self, keys: Sequence[str], *, with_data: bool) -> dict[str, Stored]:
-        columns = ", ".join(f"r.{name}" for name in _state_columns(with_data).split(", "))
+        if not self._statistics_checked:
+            self._statistics_checked = True
+            ensure_statistics(self._conn)
         with self._cursor() as cursor:
-            cursor.execute(
-                f"SELECT {columns} FROM unnest(%(keys)s::text[]) AS k(id) "
-                f"CROSS JOIN LATERAL ({_ONE_ROW.format(columns='*')}) AS r",
-                self._params(keys=list(keys)),
-            )
+            cursor.execute(read_state_sql(with_data), self._params(keys=list(keys)))
             rows = cursor.fetchall()
         # psycopg2 answers timestamptz as aware datetimes: comparable as they are.
         if with_data:
@@ -172,6 +172,51 @@ class PostgresBulk:
             )
 
 
+def read_state_sql(with_data: bool) -> str:
+    """The page read: parameters ``keys`` (text array), ``sync`` and ``connection_id``."""
+    columns = ", ".join(f"r.{name}" for name in _state_columns(with_data).split(", "))
+    return (
+        f"SELECT {columns} FROM unnest(%(keys)s::text[]) AS k(id) "
+        f"CROSS JOIN LATERAL ({_ONE_ROW.format(columns='*')}) AS r"
+    )
+
+
+_HAS_STATISTICS = "records_has_statistics"
+
+
+def ensure_statistics(conn: Connection) -> None:
+    """Analyze the records table if it holds rows but Postgres has no statistics on it yet.
+
+    Without column statistics (a table never analyzed, e.g. autovacuum off or within its first
+    minute, or analyzed while empty), the planner assumes any (sync, connection) is a sliver of the
+    table, and the per-key lookups below may pick the feed index, whose ``external_id`` is not a
+    boundary column: every key then scans the whole sync, and a first full load turns quadratic
+    (measured: a 200k-record load stalled for minutes). Statistics from even one page fix the
+    choice for good. Checked once per pooled connection until statistics exist.
+    """
+    info = conn.connection.info
+    if info.get(_HAS_STATISTICS):
+        return
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    with dbapi.cursor() as cursor:
+        cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_stats s JOIN pg_class c ON c.relname = s.tablename "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = s.schemaname "
+            f"WHERE c.oid = '{_TABLE}'::regclass AND s.attname = 'sync'), "
+            f"EXISTS (SELECT 1 FROM {_TABLE})"
+        )
+        has_statistics, has_rows = cursor.fetchone()
+    if has_statistics:
+        info[_HAS_STATISTICS] = True
+        return
+    if has_rows:
+        # On a connection of its own, in autocommit: ANALYZE's lock is then held for moments,
+        # not for the rest of this writer's transaction. It sees what earlier writers committed.
+        with conn.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as analyzer:
+            analyzer.exec_driver_sql(f"ANALYZE {_TABLE}")
+
+
 #: One key's row, found through the primary key. Joined LATERAL to the page's keys, it makes every
 #: page statement a nested loop of index lookups: O(page), whatever the size of the sync. A plain
 #: ``external_id = ANY(...)`` lets the planner scan every row of the (sync, connection) instead
@@ -218,14 +263,16 @@ class SqliteBulk:
                 f"WHERE sync = ? AND connection_id = ? AND external_id IN ({marks})",
                 (self._sync, self._connection_id, *chunk),
             ).fetchall()
+            # A page's rows share their last_modified_at (one stamp per write): parse each text once.
+            parsed: dict[str | None, datetime | None] = {None: None}
             for row in rows:
-                state[row[0]] = Stored(
-                    row[1],
-                    _from_sqlite(row[2]),
-                    _from_sqlite(row[3]),  # type: ignore[arg-type]  # NOT NULL column
-                    _from_sqlite(row[4]),
-                    row[5] if with_data else None,
-                )
+                times = []
+                for text in row[2:5]:
+                    value = parsed.get(text, _MISSING)
+                    if value is _MISSING:
+                        value = parsed[text] = datetime.fromisoformat(text + "+00:00")
+                    times.append(value)
+                state[row[0]] = Stored(row[1], times[0], times[1], times[2], row[5] if with_data else None)  # type: ignore[arg-type]
         return state
 
     def upsert(self, writes: Sequence[Write], now: datetime, seen_by_run: str | None) -> None:
@@ -284,15 +331,11 @@ class SqliteBulk:
 
 
 def to_sqlite(value: datetime | None) -> str | None:
-    """The text SQLAlchemy's SQLite ``DateTime`` stores for an aware datetime (as naive UTC)."""
+    """The text SQLAlchemy's SQLite ``DateTime`` stores for an aware datetime: naive UTC,
+    ``YYYY-MM-DD HH:MM:SS.ffffff`` (always six digits, so text order is time order)."""
     if value is None:
         return None
-    utc = value.astimezone(_UTC)
-    return (
-        f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d} "
-        f"{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}.{utc.microsecond:06d}"
-    )
+    return value.astimezone(_UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
-def _from_sqlite(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=_UTC)
+_MISSING: Any = object()
