@@ -287,12 +287,44 @@ def print_table(backend: str, results: list[PhaseResult], targets: bool) -> None
         )
 
 
+BASELINE = "bare INSERT ... ON CONFLICT DO UPDATE ... WHERE"
+#: Targets of issue 2, against the bare statement on Postgres.
+TARGETS = {"fresh": 0.9, "newer": 0.9, "stale": 2.0, "unchanged": 2.0}
+
+
+def figures(backend: str, results: list[PhaseResult], targets: bool, page_size: int) -> list[dict[str, Any]]:
+    """The figures in the JSON shape of benchmarks/report.py (one object per phase)."""
+    out = []
+    for result in results:
+        ratio = result.store_rate / result.bare_rate
+        goal = TARGETS[result.phase] if targets else None
+        out.append(
+            {
+                "benchmark": "merge",
+                "case": f"{result.phase} ({result.records:,} records, pages of {page_size:,})",
+                "metric": f"store merge, {backend}",
+                "value": result.store_rate,
+                "unit": "records/s",
+                "baseline": f"{BASELINE}, {backend}",
+                "baseline_value": result.bare_rate,
+                "ratio": ratio,
+                "target": None if goal is None else f">= {goal:g}x {BASELINE}, {backend}",
+                "met": None if goal is None else ratio >= goal,
+            }
+        )
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--backend", choices=("postgres", "sqlite", "both"), default="both")
     parser.add_argument("--page", type=int, default=5000, help="records per writer transaction")
+    parser.add_argument("--quick", action="store_true", help="20,000 records instead of --records")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures there as JSON")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.records = 20_000
 
     print(f"generating {args.records:,} records x 2 versions", file=sys.stderr)
     versions = make_versions(args.records)
@@ -314,6 +346,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                              run_backend(url, versions, args.page)))
     for backend, results in outcomes:
         print_table(backend, results, targets=backend.startswith("postgres"))
+    if args.json:
+        found = [
+            item
+            for backend, results in outcomes
+            for item in figures(backend.split()[0], results, backend.startswith("postgres"), args.page)
+        ]
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(found, indent=2) + "\n")
 
 
 if __name__ == "__main__":

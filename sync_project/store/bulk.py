@@ -35,7 +35,7 @@ _UTC = timezone.utc
 class BulkWriter(Protocol):
     """What :class:`~sync_project.store.records.RecordWriter` needs from a backend."""
 
-    def read_state(self, keys: Sequence[str], *, with_data: bool) -> dict[str, Stored]: ...
+    def read_state(self, keys: Sequence[str], *, with_data: bool, with_modified: bool) -> dict[str, Stored]: ...
 
     def upsert(self, writes: Sequence[Write], now: datetime, seen_by_run: str | None) -> None: ...
 
@@ -52,9 +52,12 @@ def bulk_writer(conn: Connection, sync: str, connection_id: str) -> BulkWriter:
     return SqliteBulk(conn, sync, connection_id)
 
 
-def _state_columns(with_data: bool) -> str:
-    columns = "external_id, data_hash, source_updated_at, last_modified_at, deleted_at"
-    return columns + ", data" if with_data else columns
+def _state_columns(with_data: bool, with_modified: bool) -> str:
+    """external_id, data_hash, source_updated_at, last_modified_at or NULL, deleted, data or NULL:
+    each timestamp column costs the driver a parse per row, so only what the rules use is read."""
+    modified = "last_modified_at" if with_modified else "NULL"
+    data = "data" if with_data else "NULL"
+    return f"external_id, data_hash, source_updated_at, {modified}, deleted_at IS NOT NULL, {data}"
 
 
 _UPSERT_COLUMNS = (
@@ -87,17 +90,15 @@ class PostgresBulk:
         assert self._dbapi is not None
         return self._dbapi.cursor()
 
-    def read_state(self, keys: Sequence[str], *, with_data: bool) -> dict[str, Stored]:
+    def read_state(self, keys: Sequence[str], *, with_data: bool, with_modified: bool) -> dict[str, Stored]:
         if not self._statistics_checked:
             self._statistics_checked = True
             ensure_statistics(self._conn)
         with self._cursor() as cursor:
-            cursor.execute(read_state_sql(with_data), self._params(keys=list(keys)))
+            cursor.execute(read_state_sql(with_data, with_modified), self._params(keys=list(keys)))
             rows = cursor.fetchall()
         # psycopg2 answers timestamptz as aware datetimes: comparable as they are.
-        if with_data:
-            return {row[0]: Stored(row[1], row[2], row[3], row[4], row[5]) for row in rows}
-        return {row[0]: Stored(row[1], row[2], row[3], row[4]) for row in rows}
+        return {row[0]: Stored(row[1], row[2], row[3], row[4], row[5]) for row in rows}
 
     def _params(self, **values: Any) -> dict[str, Any]:
         return {"sync": self._sync, "connection_id": self._connection_id, **values}
@@ -172,9 +173,11 @@ class PostgresBulk:
             )
 
 
-def read_state_sql(with_data: bool) -> str:
+def read_state_sql(with_data: bool, with_modified: bool) -> str:
     """The page read: parameters ``keys`` (text array), ``sync`` and ``connection_id``."""
-    columns = ", ".join(f"r.{name}" for name in _state_columns(with_data).split(", "))
+    columns = ", ".join(
+        name if name == "NULL" else f"r.{name}" for name in _state_columns(with_data, with_modified).split(", ")
+    )
     return (
         f"SELECT {columns} FROM unnest(%(keys)s::text[]) AS k(id) "
         f"CROSS JOIN LATERAL ({_ONE_ROW.format(columns='*')}) AS r"
@@ -252,27 +255,28 @@ class SqliteBulk:
         self._sync = sync
         self._connection_id = connection_id
 
-    def read_state(self, keys: Sequence[str], *, with_data: bool) -> dict[str, Stored]:
+    def read_state(self, keys: Sequence[str], *, with_data: bool, with_modified: bool) -> dict[str, Stored]:
         assert self._dbapi is not None
         state: dict[str, Stored] = {}
+        columns = _state_columns(with_data, with_modified)
         for start in range(0, len(keys), KEY_CHUNK):
             chunk = list(keys[start : start + KEY_CHUNK])
             marks = ",".join("?" * len(chunk))
             rows = self._dbapi.execute(
-                f"SELECT {_state_columns(with_data)} FROM {_TABLE} "
+                f"SELECT {columns} FROM {_TABLE} "
                 f"WHERE sync = ? AND connection_id = ? AND external_id IN ({marks})",
                 (self._sync, self._connection_id, *chunk),
             ).fetchall()
             # A page's rows share their last_modified_at (one stamp per write): parse each text once.
             parsed: dict[str | None, datetime | None] = {None: None}
-            for row in rows:
+            for key, data_hash, source, modified, deleted, data in rows:
                 times = []
-                for text in row[2:5]:
+                for text in (source, modified):
                     value = parsed.get(text, _MISSING)
                     if value is _MISSING:
                         value = parsed[text] = datetime.fromisoformat(text + "+00:00")
                     times.append(value)
-                state[row[0]] = Stored(row[1], times[0], times[1], times[2], row[5] if with_data else None)  # type: ignore[arg-type]
+                state[key] = Stored(data_hash, times[0], times[1], bool(deleted), data)
         return state
 
     def upsert(self, writes: Sequence[Write], now: datetime, seen_by_run: str | None) -> None:

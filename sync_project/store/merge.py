@@ -110,8 +110,9 @@ class Stored(NamedTuple):
 
     data_hash: str
     source_updated_at: datetime | None
-    last_modified_at: datetime
-    deleted_at: datetime | None
+    #: Read only when the strategy compares it (ignore_if_modified_after).
+    last_modified_at: datetime | None
+    deleted: bool
     data_json: str | None = None  # read only for partial updates
 
 
@@ -309,12 +310,14 @@ def deep_merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, A
 def rejects(
     strategy: MergeStrategy,
     stored_source: datetime | None,
-    stored_modified: datetime,
+    stored_modified: datetime | None,
     incoming_source: datetime | None,
     fetched_at: datetime,
 ) -> bool:
     """Whether the guard of ``strategy`` rejects an incoming copy over the stored one."""
     if strategy is MergeStrategy.IGNORE_IF_MODIFIED_AFTER:
+        if stored_modified is None:
+            raise AssertionError("ignore_if_modified_after needs the stored last_modified_at")
         return stored_modified > fetched_at
     if strategy is MergeStrategy.NEWEST_SOURCE_WINS:
         return _newer(stored_source, incoming_source)
@@ -358,7 +361,7 @@ def plan_batch(
             untouched.append(item.key)
             continue
         if action == "save":
-            if current.deleted_at is not None:
+            if current.deleted:
                 result.added += 1
                 writes.append(Write(item.key, item.data_json, item.data_hash, item.source_updated_at, False, "added", False))
                 continue
@@ -372,7 +375,7 @@ def plan_batch(
                 result.updated += 1
                 writes.append(Write(item.key, item.data_json, data_hash, item.source_updated_at, False, "updated", False))
         else:  # delete: a tombstone keeps the last content, so the feed can show what went away
-            if current.deleted_at is not None:
+            if current.deleted:
                 result.unchanged += 1
                 untouched.append(item.key)
                 if _newer(item.source_updated_at, current.source_updated_at) or (
@@ -390,7 +393,7 @@ def _plan_update(
     item: Incoming, current: Stored | None, strategy: MergeStrategy, fetched_at: datetime, plan: Plan
 ) -> None:
     """Apply each patch of ``item`` that passes the guard against the state so far."""
-    if current is None or current.deleted_at is not None:
+    if current is None or current.deleted:
         plan.result.skipped_missing += 1
         return
     content: dict[str, Any] = json.loads(current.data_json or "{}")

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from sync_project.store.bulk import KEY_CHUNK, bulk_writer
 from sync_project.store.errors import InvalidBatchError
 from sync_project.store.locks import take_batch_lock
-from sync_project.store.merge import Action, MergeResult, Plan, RecordSpec, plan_batch, prepare_batch
+from sync_project.store.merge import Action, MergeResult, MergeStrategy, Plan, RecordSpec, plan_batch, prepare_batch
 from sync_project.store.schema import UtcDateTime, records
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
@@ -78,7 +78,11 @@ class RecordWriter:
         result = MergeResult()
         for start in range(0, len(incoming), KEY_CHUNK):
             chunk = incoming[start : start + KEY_CHUNK]
-            stored = self._bulk.read_state([item.key for item in chunk], with_data=action == "update")
+            stored = self._bulk.read_state(
+                [item.key for item in chunk],
+                with_data=action == "update",
+                with_modified=self.spec.strategy is MergeStrategy.IGNORE_IF_MODIFIED_AFTER,
+            )
             plan = plan_batch(action, chunk, stored, self.spec, fetched_at)
             self._apply(plan, seen_by_run)
             result += plan.result

@@ -17,7 +17,7 @@ def plan_of_page_read(store: Store, keys: list[str]) -> str:
         assert dbapi is not None
         with dbapi.cursor() as cursor:
             cursor.execute(
-                "EXPLAIN " + read_state_sql(False), {"keys": keys, "sync": SYNC, "connection_id": CONN}
+                "EXPLAIN " + read_state_sql(False, False), {"keys": keys, "sync": SYNC, "connection_id": CONN}
             )
             return "\n".join(row[0] for row in cursor.fetchall())
 
