@@ -4,11 +4,17 @@ batches of different connections run side by side (Postgres), and the run lock e
 from __future__ import annotations
 
 import multiprocessing
+import uuid
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+import sqlalchemy as sa
 
 from sync_project.store import Store, SyncAlreadyRunningError
+from sync_project.store.records import RecordWriter
+from sync_project_tests.conftest import POSTGRES_URL
 
 from . import workers
 
@@ -123,3 +129,34 @@ def test_reads_do_not_wait_for_a_writer(store: Store) -> None:
         assert store.state.get(workers.SYNC, "acme") is None
         assert store.count(workers.SYNC) == 0  # the writer has not committed yet
     assert store.count(workers.SYNC) == 1
+
+
+@pytest.fixture
+def other_postgres_url(postgres_url: str) -> Iterator[str]:
+    """A second private schema in the same database as ``postgres_url``."""
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    admin = sa.create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    yield f"{POSTGRES_URL}{separator}options={quote(f'-csearch_path={schema}')}"
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+def test_stores_in_two_schemas_of_one_database_do_not_share_locks(postgres_url: str, other_postgres_url: str) -> None:
+    """Advisory locks are database-wide: keyed by names alone, a staging store would block the
+    production store's writers and refuse its runs."""
+    with Store(postgres_url) as one, Store(other_postgres_url) as other:
+        with one.run_lock(workers.SYNC, "acme"), other.run_lock(workers.SYNC, "acme"):
+            with one.writer(workers.SYNC, "acme", workers.NEWEST) as first:
+                first.save([workers.contact("a", 1)])
+                # Would wait forever for the first writer's batch lock if the keys were shared.
+                with other.engine.connect() as conn:
+                    conn.exec_driver_sql("SET lock_timeout = '5s'")
+                    conn.commit()
+                    with conn.begin():
+                        RecordWriter(conn, workers.SYNC, "acme", workers.NEWEST).save([workers.contact("a", 2)])
+        assert one.get(workers.SYNC, "acme", "a").data["version"] == 1  # type: ignore[union-attr]
+        assert other.get(workers.SYNC, "acme", "a").data["version"] == 2  # type: ignore[union-attr]
