@@ -364,3 +364,32 @@ def test_a_newer_delete_of_a_tombstone_moves_its_guard_but_not_the_feed(store: S
     assert tombstone is not None and a is not None
     assert a.deleted_at is not None and a.source_updated_at == at(8)
     assert a.last_modified_at == tombstone.last_modified_at  # no new change in the feed
+
+
+ODD_KEYS = ["tab\there", "new\nline", "back\\slash", "quote'\"s", "ünïcødé", "emoji 😀", "%s %(x)s", "\\N", "a,b", " "]
+
+
+def test_keys_and_values_with_special_characters_round_trip(store: Store) -> None:
+    """The bulk paths (COPY text, JSON key arrays, executemany) must not mangle any character."""
+    records = [contact(key, 1, note=f"{key} \\ \t \n \u2028 end") for key in ODD_KEYS]
+    assert counts(store.save(SYNC, CONN, NEWEST, records)) == {"added": len(ODD_KEYS)}
+    assert counts(store.save(SYNC, CONN, NEWEST, records)) == {"unchanged": len(ODD_KEYS)}
+    for record in records:
+        stored = store.get(SYNC, CONN, record["id"])
+        assert stored is not None and stored.data == record
+
+    update = store.update(SYNC, CONN, NEWEST, [{"id": key, "updated_at": stamp(2), "seen": True} for key in ODD_KEYS])
+    deleted = store.delete(SYNC, CONN, NEWEST, [{"id": key, "updated_at": stamp(3)} for key in ODD_KEYS[:3]])
+    store.save(SYNC, CONN, NEWEST, [contact(key, 4) for key in ODD_KEYS[3:6]])
+    with store.writer(SYNC, CONN, NEWEST) as writer:
+        started = utcnow()
+        # Unchanged, so only marked as seen (the UPDATE that locates rows by key).
+        marked = writer.save([contact(key, 4) for key in ODD_KEYS[3:6]], seen_by_run="run-odd")
+        unseen = writer.delete_unseen("run-odd", started)
+
+    assert counts(update) == {"updated": len(ODD_KEYS)}
+    assert counts(deleted) == {"deleted": 3}
+    assert counts(marked) == {"unchanged": 3}
+    assert unseen == len(ODD_KEYS) - 6
+    live = {c.id for c in store.changes(SYNC, CONN, limit=100).records if c.deleted_at is None}
+    assert live == set(ODD_KEYS[3:6])

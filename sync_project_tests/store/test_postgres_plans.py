@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from sync_project.store import Store
 from sync_project.store.bulk import read_state_sql
 
@@ -17,7 +19,7 @@ def plan_of_page_read(store: Store, keys: list[str]) -> str:
         assert dbapi is not None
         with dbapi.cursor() as cursor:
             cursor.execute(
-                "EXPLAIN " + read_state_sql(False, False), {"keys": keys, "sync": SYNC, "connection_id": CONN}
+                "EXPLAIN " + read_state_sql(False, False), {"keys": json.dumps(keys), "sync": SYNC, "connection_id": CONN}
             )
             return "\n".join(row[0] for row in cursor.fetchall())
 
