@@ -24,6 +24,12 @@ def seeded(store: Store) -> list[tuple[Any, ...]]:
     return snapshot(store)
 
 
+def _circular() -> dict[str, Any]:
+    record = contact("d", 2)
+    record["self"] = record
+    return record
+
+
 BAD_RECORDS: dict[str, tuple[list[Any], str]] = {
     "missing key": ([contact("c", 2), {"updated_at": stamp(2), "name": "no id"}], "no usable primary key 'id'"),
     "empty key": ([contact("c", 2), {**contact("x", 2), "id": ""}], "primary key 'id'"),
@@ -34,6 +40,7 @@ BAD_RECORDS: dict[str, tuple[list[Any], str]] = {
     "infinity": ([contact("d", 2, score=math.inf)], "'d' is not JSON: NaN and Infinity"),
     "datetime object": ([contact("c", 2), contact("d", 2, seen=datetime(2024, 1, 1))], "'d' is not JSON.*datetime"),
     "lone surrogate": ([contact("c", 2), contact("d", 2, name="\ud800")], "'d' is not JSON: .*surrogate"),
+    "circular": ([contact("c", 2), _circular()], "'d' is not JSON: it refers to itself"),
     "not an object": ([contact("c", 2), ["id", "d"]], "record #2 is a list, not a JSON object"),
     "missing timestamp": ([contact("c", 2), {"id": "d", "name": "x"}], "no 'updated_at'"),
     "bad timestamp": ([contact("c", 2), {**contact("d", 2), "updated_at": "last tuesday"}], "bad 'updated_at'"),

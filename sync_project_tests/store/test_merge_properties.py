@@ -214,3 +214,23 @@ def test_ignore_if_modified_after_lets_a_stale_out_of_order_webhook_win(store: S
         store.save(sync, CONN, spec, [contact("a", 1)])  # then the delayed one for version 1
         record = store.get(sync, CONN, "a")
         assert record is not None and record.data["version"] == survivor, spec.strategy
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(record=st.dictionaries(st.text(), json_values, max_size=6))
+def test_canonical_json_is_exactly_sorted_compact_json(record: dict[str, Any]) -> None:
+    """Stored hashes are over this text: it must stay byte-identical to json.dumps' canonical form,
+    whichever encoder produces it, or every stored record would look changed."""
+    import json
+
+    from sync_project.store.merge import canonical_json
+
+    expected = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    assert canonical_json(record) == expected
