@@ -12,7 +12,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from sync_project.store.engine import unavailable_as_store_error
+from sync_project.store.engine import reading, unavailable_as_store_error
 from sync_project.store.errors import StoreError, UnknownConnectionError
 from sync_project.store.schema import connections
 
@@ -82,7 +82,7 @@ class Connections:
         return self._model(row)
 
     def get(self, provider: str, connection_id: str) -> ProviderConnection:
-        with unavailable_as_store_error(), self._engine.connect() as conn:
+        with unavailable_as_store_error(), reading(self._engine) as conn:
             row = conn.execute(
                 select(connections).where(
                     connections.c.provider == provider, connections.c.connection_id == connection_id
@@ -98,7 +98,7 @@ class Connections:
             query = query.where(connections.c.provider == provider)
         if status is not None:
             query = query.where(connections.c.status == status)
-        with unavailable_as_store_error(), self._engine.connect() as conn:
+        with unavailable_as_store_error(), reading(self._engine) as conn:
             return [self._model(row) for row in conn.execute(query).mappings()]
 
     def for_account(self, provider: str, account_id: str) -> list[ProviderConnection]:
@@ -106,7 +106,7 @@ class Connections:
         query = select(connections).where(
             connections.c.provider == provider, connections.c.account_id == account_id
         )
-        with unavailable_as_store_error(), self._engine.connect() as conn:
+        with unavailable_as_store_error(), reading(self._engine) as conn:
             return [self._model(row) for row in conn.execute(query).mappings()]
 
     def set_status(self, provider: str, connection_id: str, status: ConnectionStatus) -> ProviderConnection:

@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sync_project.store.errors import StoreUnavailableError
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10
 
 
 def make_engine(url: str) -> Engine:
@@ -23,8 +24,11 @@ def make_engine(url: str) -> Engine:
         if parsed.drivername == "postgresql":
             # SQLAlchemy 2.1 defaults to psycopg 3; dagster-postgres already brings psycopg2.
             url = parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
-        # Pages of 5,000 rows per INSERT: fewer round trips than the default 1,000.
-        return create_engine(url, pool_pre_ping=True, insertmanyvalues_page_size=5000)
+        # Pages of 5,000 rows per INSERT: fewer round trips than the default 1,000. A bounded
+        # connect timeout turns an unreachable server into StoreUnavailableError (HTTP 503 at the
+        # receiver) within seconds instead of after the kernel's TCP timeout.
+        connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": CONNECT_TIMEOUT_S}
+        return create_engine(url, pool_pre_ping=True, insertmanyvalues_page_size=5000, connect_args=connect_args)
     raise ValueError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql")
 
 
@@ -65,3 +69,14 @@ def unavailable_as_store_error() -> Iterator[None]:
         if error.connection_invalidated:
             raise StoreUnavailableError(f"records database connection lost: {error.orig}") from error
         raise
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A transaction for reads only. On SQLite it is deferred, so it never queues behind a writer
+    (WAL readers see the last commit); a plain ``engine.connect()`` there would ``BEGIN IMMEDIATE``
+    and wait for the write lock that a long merge holds."""
+    with engine.connect() as conn:
+        conn = conn.execution_options(readonly=True)
+        with conn.begin():
+            yield conn

@@ -102,6 +102,8 @@ def read_changes(
             > tuple_(_stamp_param(stamp), key)
         )
     if modified_after is not None:
+        if modified_after.tzinfo is None or modified_after.utcoffset() is None:
+            raise ValueError(f"modified_after must be timezone-aware (got naive {modified_after.isoformat()})")
         query = query.where(records.c.last_modified_at >= modified_after)
     if actions:
         unknown = set(actions) - {"added", "updated", "deleted"}

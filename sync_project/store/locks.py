@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,10 +24,15 @@ from sqlalchemy.engine import Connection, Engine
 from sync_project.store.errors import SyncAlreadyRunningError
 
 
-def lock_key(kind: str, sync: str, connection_id: str) -> int:
-    """A stable signed 64-bit key for Postgres advisory locks."""
-    digest = hashlib.blake2b(f"{kind}\0{sync}\0{connection_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+def lock_ident(kind: str, sync: str, connection_id: str) -> str:
+    """What names a lock, unambiguously (JSON, so no separator can be forged by a name)."""
+    return json.dumps([kind, sync, connection_id], separators=(",", ":"))
+
+
+#: The advisory lock key of an ident *in this records table*. Advisory locks are database-wide, so
+#: the key includes the table's OID: stores in two schemas of one database (staging and production,
+#: or parallel test runs) must not block each other's writers or refuse each other's runs.
+_KEY_SQL = "hashtextextended(:ident || '@' || CAST(CAST('records' AS regclass) AS oid)::text, 0)"
 
 
 def take_batch_lock(conn: Connection, sync: str, connection_id: str) -> None:
@@ -35,7 +41,7 @@ def take_batch_lock(conn: Connection, sync: str, connection_id: str) -> None:
     On SQLite the transaction already holds the database write lock (BEGIN IMMEDIATE).
     """
     if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key("batch", sync, connection_id)})
+        conn.execute(text(f"SELECT pg_advisory_xact_lock({_KEY_SQL})"), {"ident": lock_ident("batch", sync, connection_id)})
 
 
 @contextmanager
@@ -43,7 +49,7 @@ def run_lock(engine: Engine, sync: str, connection_id: str) -> Iterator[None]:
     """Hold the run lock of (sync, connection) or raise :class:`SyncAlreadyRunningError` at once."""
     if engine.dialect.name == "postgresql":
         with engine.connect() as conn:
-            key = lock_key("run", sync, connection_id)
+            key = conn.execute(text(f"SELECT {_KEY_SQL}"), {"ident": lock_ident("run", sync, connection_id)}).scalar()
             if not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
                 raise SyncAlreadyRunningError(f"another run is syncing {sync} for connection {connection_id!r}")
             conn.commit()

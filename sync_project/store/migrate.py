@@ -18,7 +18,8 @@ from sqlalchemy.engine import Connection, Engine
 from sync_project.store.engine import unavailable_as_store_error
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-_MIGRATION_LOCK_KEY = 7_160_337_715_541_029  # any fixed bigint, distinct from lock_key() hashes' use
+#: Database-wide on purpose: migrations of every schema in the database take turns (they are rare).
+_MIGRATION_LOCK_KEY = 7_160_337_715_541_029
 
 
 def _config(conn: Connection) -> Config:

@@ -13,24 +13,15 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import and_, bindparam, case, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import and_, case, func, literal, or_, select, update
 from sqlalchemy.engine import Connection
 
+from sync_project.store.bulk import KEY_CHUNK, bulk_writer
+from sync_project.store.errors import InvalidBatchError
 from sync_project.store.locks import take_batch_lock
-from sync_project.store.merge import (
-    Action,
-    MergeResult,
-    Plan,
-    RecordSpec,
-    Stored,
-    plan_batch,
-    prepare_batch,
-)
-from sync_project.store.schema import records, sync_state
+from sync_project.store.merge import Action, MergeResult, MergeStrategy, Plan, RecordSpec, plan_batch, prepare_batch
+from sync_project.store.schema import UtcDateTime, records
 
-#: Keys per SELECT/UPDATE ... IN (...): well under SQLite's 32,766 bound-parameter limit.
-KEY_CHUNK = 5000
 _ONE_MICROSECOND = timedelta(microseconds=1)
 
 RecordLike = Mapping[str, Any] | BaseModel
@@ -44,12 +35,16 @@ class RecordWriter:
     """Merges batches into the records of one (sync, connection) inside one locked transaction."""
 
     def __init__(self, conn: Connection, sync: str, connection_id: str, spec: RecordSpec) -> None:
+        _check_scope(sync, connection_id)
+        if not isinstance(spec, RecordSpec):
+            raise InvalidBatchError(f"spec must be a RecordSpec, not {type(spec).__name__}")
         self.conn = conn
         self.sync = sync
         self.connection_id = connection_id
         self.spec = spec
         self._last_stamp: datetime | None = None
         take_batch_lock(conn, sync, connection_id)
+        self._bulk = bulk_writer(conn, sync, connection_id)
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -75,14 +70,19 @@ class RecordWriter:
         fetched_at: datetime | None = None,
         seen_by_run: str | None = None,
     ) -> MergeResult:
-        fetched_at = fetched_at or utcnow()
-        if fetched_at.tzinfo is None:
-            raise ValueError("fetched_at must be timezone-aware")
+        fetched_at = _aware("fetched_at", fetched_at or utcnow())
+        if seen_by_run is not None and (not isinstance(seen_by_run, str) or not 0 < len(seen_by_run) <= 64):
+            raise InvalidBatchError(f"seen_by_run must be a run id of 1 to 64 characters, got {seen_by_run!r}")
+        # The whole batch is validated before the first statement: a bad record writes nothing.
         incoming = prepare_batch(action, batch, self.spec, fetched_at)
         result = MergeResult()
         for start in range(0, len(incoming), KEY_CHUNK):
             chunk = incoming[start : start + KEY_CHUNK]
-            stored = self._read_stored([item.key for item in chunk], with_data=action == "update")
+            stored = self._bulk.read_state(
+                [item.key for item in chunk],
+                with_data=action == "update",
+                with_modified=self.spec.strategy is MergeStrategy.IGNORE_IF_MODIFIED_AFTER,
+            )
             plan = plan_batch(action, chunk, stored, self.spec, fetched_at)
             self._apply(plan, seen_by_run)
             result += plan.result
@@ -93,9 +93,12 @@ class RecordWriter:
 
         Call it only after the whole fetch succeeded: a failed or partial fetch deletes nothing.
         """
+        started_at = _aware("started_at", started_at)
         now = self._stamp()
+        # Typed, so SQLite compares the same naive-UTC text the column holds.
+        started = literal(started_at, UtcDateTime())
         source = case(
-            (or_(records.c.source_updated_at.is_(None), records.c.source_updated_at < started_at), started_at),
+            (or_(records.c.source_updated_at.is_(None), records.c.source_updated_at < started), started),
             else_=records.c.source_updated_at,
         )
         statement = (
@@ -143,96 +146,35 @@ class RecordWriter:
         self._last_stamp = now
         return now
 
-    def _read_stored(self, keys: Sequence[str], *, with_data: bool) -> dict[str, Stored]:
-        columns = [
-            records.c.external_id,
-            records.c.data_hash,
-            records.c.source_updated_at,
-            records.c.last_modified_at,
-            records.c.deleted_at,
-        ]
-        if with_data:
-            columns.append(records.c.data)
-        rows = self.conn.execute(
-            select(*columns).where(
-                records.c.sync == self.sync,
-                records.c.connection_id == self.connection_id,
-                records.c.external_id.in_(keys),
-            )
-        )
-        return {
-            row[0]: Stored(row[1], row[2], row[3], row[4], row[5] if with_data else None) for row in rows
-        }
-
     def _apply(self, plan: Plan, seen_by_run: str | None) -> None:
         if plan.writes:
             now = self._stamp()
             content = [w for w in plan.writes if w.data_json is not None]
             tombstones = [w for w in plan.writes if w.data_json is None]
             if content:
-                self._upsert(content, now, seen_by_run)
+                self._bulk.upsert(content, now, seen_by_run)
             if tombstones:
-                self.conn.execute(
-                    update(records)
-                    .where(
-                        records.c.sync == self.sync,
-                        records.c.connection_id == self.connection_id,
-                        records.c.external_id == bindparam("k"),
-                    )
-                    .values(
-                        deleted_at=now,
-                        last_modified_at=now,
-                        last_action="deleted",
-                        source_updated_at=bindparam("src"),
-                    ),
-                    [{"k": w.key, "src": w.source_updated_at} for w in tombstones],
-                )
+                self._bulk.tombstone(tombstones, now)
+        if plan.advance:
+            self._bulk.advance_source(plan.advance)
         if seen_by_run and plan.untouched:
-            for start in range(0, len(plan.untouched), KEY_CHUNK):
-                self.conn.execute(
-                    update(records)
-                    .where(
-                        records.c.sync == self.sync,
-                        records.c.connection_id == self.connection_id,
-                        records.c.external_id.in_(plan.untouched[start : start + KEY_CHUNK]),
-                    )
-                    .values(seen_by_run=seen_by_run)
-                )
+            self._bulk.mark_seen(plan.untouched, seen_by_run)
 
-    def _upsert(self, writes: Sequence[Any], now: datetime, seen_by_run: str | None) -> None:
-        dialect_insert = postgresql.insert if self.conn.dialect.name == "postgresql" else sqlite.insert
-        statement = dialect_insert(records)
-        statement = statement.on_conflict_do_update(
-            index_elements=[records.c.sync, records.c.connection_id, records.c.external_id],
-            set_={
-                "data": statement.excluded.data,
-                "data_hash": statement.excluded.data_hash,
-                "source_updated_at": statement.excluded.source_updated_at,
-                "last_modified_at": statement.excluded.last_modified_at,
-                "deleted_at": statement.excluded.deleted_at,
-                "last_action": statement.excluded.last_action,
-                "seen_by_run": func.coalesce(statement.excluded.seen_by_run, records.c.seen_by_run),
-            },
-        )
-        self.conn.execute(
-            statement,
-            [
-                {
-                    "sync": self.sync,
-                    "connection_id": self.connection_id,
-                    "external_id": w.key,
-                    "data": w.data_json,
-                    "data_hash": w.data_hash,
-                    "source_updated_at": w.source_updated_at,
-                    "first_seen_at": now,
-                    "last_modified_at": now,
-                    "deleted_at": now if w.deleted else None,
-                    "last_action": w.last_action,
-                    "seen_by_run": seen_by_run,
-                }
-                for w in writes
-            ],
-        )
+
+def _aware(name: str, value: datetime) -> datetime:
+    if not isinstance(value, datetime):
+        raise InvalidBatchError(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidBatchError(f"{name} must be timezone-aware (got naive {value.isoformat()})")
+    return value.astimezone(timezone.utc)
+
+
+def _check_scope(sync: str, connection_id: str) -> None:
+    # The columns are VARCHAR(128)/VARCHAR(255): Postgres would refuse longer values halfway
+    # through a batch, SQLite would silently keep them. Refuse them up front on both.
+    for name, value, limit in (("sync", sync, 128), ("connection_id", connection_id, 255)):
+        if not isinstance(value, str) or not value or len(value) > limit or "\x00" in value:
+            raise InvalidBatchError(f"{name} must be a string of 1 to {limit} characters without NUL, got {value!r}")
 
 
 def live_filter(sync: str, connection_id: str | None) -> Any:

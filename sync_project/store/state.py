@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from sync_project.store.engine import unavailable_as_store_error
+from sync_project.store.engine import reading, unavailable_as_store_error
 from sync_project.store.schema import sync_state
 
 
@@ -43,7 +43,7 @@ class SyncStates:
         self._engine = engine
 
     def get(self, sync: str, connection_id: str) -> SyncState | None:
-        with unavailable_as_store_error(), self._engine.connect() as conn:
+        with unavailable_as_store_error(), reading(self._engine) as conn:
             row = conn.execute(
                 select(sync_state).where(sync_state.c.sync == sync, sync_state.c.connection_id == connection_id)
             ).mappings().first()
@@ -57,7 +57,7 @@ class SyncStates:
         query = select(sync_state.c.sync, sync_state.c.connection_id)
         if sync is not None:
             query = query.where(sync_state.c.sync == sync)
-        with unavailable_as_store_error(), self._engine.connect() as conn:
+        with unavailable_as_store_error(), reading(self._engine) as conn:
             keys = conn.execute(query.order_by(sync_state.c.sync, sync_state.c.connection_id)).all()
         return [state for s, c in keys if (state := self.get(s, c)) is not None]
 

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sync_project import settings
 from sync_project.store import feed, migrate
 from sync_project.store.connections import Connections
-from sync_project.store.engine import make_engine, unavailable_as_store_error
+from sync_project.store.engine import make_engine, reading, unavailable_as_store_error
 from sync_project.store.inbox import Inbox
 from sync_project.store.locks import run_lock
 from sync_project.store.merge import MergeResult, RecordSpec
@@ -144,7 +144,5 @@ class Store:
 
     @contextmanager
     def _read(self) -> Iterator[Any]:
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(readonly=True)
-            with conn.begin():
-                yield conn
+        with reading(self.engine) as conn:
+            yield conn
