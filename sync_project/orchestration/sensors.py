@@ -21,6 +21,7 @@ from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.assets import SyncRunConfig, op_name
 from sync_project.orchestration.partitions import AssetJob, concurrency_tag, connection_partitions
 from sync_project.orchestration.resources import StoreResource
+from sync_project.store.inbox import DuePartition
 
 #: Partitions requested per tick: keeps a tick (and its partition checks) far below the 60 s limit.
 MAX_RUNS_PER_TICK = 200
@@ -77,6 +78,15 @@ def waiting_partitions(instance: dg.DagsterInstance) -> set[str]:
     return {run.tags["sync/asset_partition"] for run in runs if "sync/asset_partition" in run.tags}
 
 
+def base_run_key(partition: DuePartition) -> str:
+    """Names the pending work: new events raise ``max_id``, a failure raises ``attempts`` and a
+    replay moves ``requeued_at``, so each gets a key Dagster has never seen."""
+    key = f"inbox|{partition.sync}|{partition.connection_id}|{partition.max_id}|{partition.attempts}"
+    if partition.requeued_at is not None:
+        key += f"|{int(partition.requeued_at.timestamp() * 1_000_000)}"
+    return key
+
+
 def build_inbox_sensor(
     syncs: Mapping[str, SyncDefinition],
     jobs: Mapping[str, AssetJob],
@@ -123,7 +133,7 @@ def build_inbox_sensor(
                     partition_key=partition.connection_id,
                     run_key=cursor.run_key_for(
                         f"{partition.sync}|{partition.connection_id}",
-                        f"inbox|{sync.key}|{partition.connection_id}|{partition.max_id}|{partition.attempts}",
+                        base_run_key(partition),
                         now,
                         stall_after_s,
                     ),

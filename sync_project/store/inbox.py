@@ -145,6 +145,8 @@ class DuePartition(BaseModel):
     max_id: int
     pending: int
     attempts: int
+    #: The latest retry or replay time among the due events (None if none was ever retried).
+    requeued_at: datetime | None = None
 
 
 class InboxStats(BaseModel):
@@ -187,6 +189,7 @@ class Inbox:
                 func.max(inbox.c.id),
                 func.count(),
                 func.coalesce(func.sum(inbox.c.attempts), 0),
+                func.max(inbox.c.next_attempt_at),
             )
             .where(inbox.c.status == "pending", _due(now))
             .group_by(inbox.c.sync, inbox.c.connection_id)
@@ -195,8 +198,8 @@ class Inbox:
         )
         with self._read() as conn:
             return [
-                DuePartition(sync=s, connection_id=c, max_id=int(m), pending=int(n), attempts=int(a))
-                for s, c, m, n, a in conn.execute(query)
+                DuePartition(sync=s, connection_id=c, max_id=int(m), pending=int(n), attempts=int(a), requeued_at=r)
+                for s, c, m, n, a, r in conn.execute(query)
             ]
 
     def high_water_mark(self) -> int:
@@ -402,7 +405,9 @@ class Inbox:
         statement = (
             update(inbox)
             .where(inbox.c.status == "dead")
-            .values(status="pending", attempts=0, next_attempt_at=None, processed_at=None)
+            # Due now, and a requeue time the sensor has not seen: Dagster run keys are permanent,
+            # and the replayed work must not look like the work whose runs already happened.
+            .values(status="pending", attempts=0, next_attempt_at=utcnow(), processed_at=None)
         )
         if provider is not None:
             statement = statement.where(inbox.c.provider == provider)

@@ -231,7 +231,10 @@ def test_replay_dead_restarts_them_from_zero_attempts(store: Store) -> None:
     assert store.inbox.replay("dead", connections=store.connections, provider="acme") == 2
     revived = store.inbox.events(status="pending")
     assert ids_of(revived) == ["e1", "e2"]
-    assert all(e.attempts == 0 and e.next_attempt_at is None and e.processed_at is None for e in revived)
+    # Due at once, with a requeue time of their own (the sensor's run keys must not repeat).
+    assert all(e.attempts == 0 and e.next_attempt_at is not None and e.processed_at is None for e in revived)
+    [partition] = store.inbox.due_partitions()
+    assert partition.requeued_at == max(e.next_attempt_at for e in revived)
     assert ids_of(store.inbox.events(status="dead")) == ["o1"]
     with store.engine.begin() as conn:
         assert ids_of(store.inbox.claim(conn, "acme/contacts", "c1")) == ["e1", "e2"]
