@@ -146,13 +146,12 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
     os.environ.update(env)  # the connection registration below runs in this process
     cli = [sys.executable, "-m", "sync_project.cli"]
     supervisor = Supervisor(log_dir)
-    stop_requested = False
 
     def request_stop(signum: int, _frame: object) -> None:
-        nonlocal stop_requested
-        stop_requested = True
         raise KeyboardInterrupt
 
+    # Installed explicitly: a shell starting us in the background would leave SIGINT ignored.
+    signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
         click.echo(f"records store: {settings.database_url()}\nDAGSTER_HOME: {home}\nlogs: {log_dir}")
@@ -189,7 +188,7 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
                     f"receiver        {receiver_url}/webhooks/sandbox   (health: {receiver_url}/healthz)",
                     f"sandbox CRM     {sandbox_url}   (changes {change_rate}/s, webhooks to the receiver)",
                     f"connections     {', '.join(f'{c} ({a})' for c, a in DEMO_ACCOUNTS.items())}",
-                    "Webhook runs start within seconds of a change; polling runs every minute.",
+                    "Webhook runs apply changes within seconds; polling reconciles every 5 minutes.",
                     "Ctrl-C stops everything.",
                 ]
             )
@@ -202,5 +201,3 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
     finally:
         supervisor.stop_all()
         click.echo("stopped: " + ", ".join(c.name for c in supervisor.children) if supervisor.children else "stopped")
-    if stop_requested:
-        sys.exit(0)

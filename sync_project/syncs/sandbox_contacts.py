@@ -38,6 +38,6 @@ contacts = SyncDefinition(
     updated_field="updated_at",
     webhook_events=("contact.created", "contact.updated", "contact.deleted"),
     on_webhook=on_webhook,
-    poll_interval=timedelta(minutes=1),
+    poll_interval=timedelta(minutes=5),
     description="Contacts of the sandbox CRM (the demo's stand-in for HubSpot).",
 )

@@ -39,6 +39,6 @@ deals = SyncDefinition(
     updated_field="updated_at",
     webhook_events=("deal.created", "deal.updated", "deal.deleted"),
     on_webhook=on_webhook,
-    poll_interval=timedelta(minutes=1),
+    poll_interval=timedelta(minutes=5),
     description="Deals of the sandbox CRM, each linked to a contact by contact_id.",
 )
