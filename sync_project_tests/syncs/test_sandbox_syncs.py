@@ -57,7 +57,7 @@ def test_the_syncs_are_registered_as_declared() -> None:
     assert get_sync("sandbox/deals") is deals
     assert contacts.webhook_events == ("contact.created", "contact.updated", "contact.deleted")
     assert deals.webhook_events == ("deal.created", "deal.updated", "deal.deleted")
-    assert contacts.cron == deals.cron == "*/1 * * * *"
+    assert contacts.cron == deals.cron == "*/5 * * * *"
     assert contacts.record_spec.strategy.value == "newest_source_wins"
 
 
