@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -145,10 +146,8 @@ def serve(kind: str, database_url: str | None, max_batch: int, log_path: str, re
     sock.bind(("127.0.0.1", 0))
     ready.put(sock.getsockname()[1])
     config = uvicorn.Config(app, access_log=False, log_config=None, loop="uvloop", http="httptools", backlog=2048)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it shut down on
         uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down on
-        pass
     if kind != "bare":
         committer = app.state.committer
         stats.put((committer.commits, committer.committed_items))
@@ -176,10 +175,8 @@ def server(kind: str, database_url: str | None, log_dir: str, max_batch: int = 1
         if process.pid is not None and process.is_alive():
             os.kill(process.pid, signal.SIGINT)  # a graceful uvicorn shutdown, then the stats
         if kind != "bare":
-            try:
+            with contextlib.suppress(Exception):  # the figures print without it
                 report["batches"] = stats.get(timeout=30)
-            except Exception:  # noqa: BLE001 - the figures print without it
-                pass
         process.join(30)
         if process.is_alive():
             process.terminate()
