@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -145,10 +146,8 @@ def serve(kind: str, database_url: str | None, max_batch: int, log_path: str, re
     sock.bind(("127.0.0.1", 0))
     ready.put(sock.getsockname()[1])
     config = uvicorn.Config(app, access_log=False, log_config=None, loop="uvloop", http="httptools", backlog=2048)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it shut down on
         uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down on
-        pass
     if kind != "bare":
         committer = app.state.committer
         stats.put((committer.commits, committer.committed_items))
@@ -176,10 +175,8 @@ def server(kind: str, database_url: str | None, log_dir: str, max_batch: int = 1
         if process.pid is not None and process.is_alive():
             os.kill(process.pid, signal.SIGINT)  # a graceful uvicorn shutdown, then the stats
         if kind != "bare":
-            try:
+            with contextlib.suppress(Exception):  # the figures print without it
                 report["batches"] = stats.get(timeout=30)
-            except Exception:  # noqa: BLE001 - the figures print without it
-                pass
         process.join(30)
         if process.is_alive():
             process.terminate()
@@ -330,14 +327,35 @@ def run_receiver(name: str, url: str, log_dir: str, requests: list[bytes], args:
     return phase
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def figure(
+    case: str, metric: str, value: float, unit: str, *, baseline: str | None = None,
+    baseline_value: float | None = None, at_least: float | None = None,
+) -> dict[str, Any]:
+    """One figure in the JSON shape ``benchmarks/report.py`` reads (see ``_common.Figure``)."""
+    ratio = value / baseline_value if baseline_value else None
+    return {
+        "benchmark": "receiver", "case": case, "metric": metric, "value": value, "unit": unit,
+        "baseline": baseline, "baseline_value": baseline_value, "ratio": ratio,
+        "target": None if at_least is None else f">= {at_least:g} {unit}",
+        "met": None if at_least is None else value >= at_least,
+    }
+
+
+def main() -> int:
+    # report.py stops a script that runs too long with SIGTERM: exit through the finally blocks,
+    # which stop the servers and drop the private schema.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=30_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-seconds", type=float, default=30.0)
     parser.add_argument("--backend", choices=["postgres", "sqlite"], default="postgres")
     parser.add_argument("--naive-requests", type=int, default=2000, help="0 skips the one-commit-per-delivery phase")
+    parser.add_argument("--json", metavar="PATH", type=Path, help="write the figures there as a JSON list")
+    parser.add_argument("--quick", action="store_true", help="5,000 deliveries per phase, 500 without group commit")
     args = parser.parse_args()
+    if args.quick:
+        args.requests, args.naive_requests = min(args.requests, 5000), min(args.naive_requests, 500)
 
     from sync_project.store import Store
 
@@ -358,7 +376,8 @@ def main() -> None:
         warmups = 500 * (1 + bool(args.naive_requests))
         accepted = sum(p.statuses[202] for p in phases[1:])
         if stored != accepted + warmups:
-            raise SystemExit(f"durability check failed: {stored} inbox rows for {accepted + warmups} answers 202")
+            print(f"durability check failed: {stored} inbox rows for {accepted + warmups} answers 202", file=sys.stderr)
+            return 1
 
     bare = phases[0]
     print(
@@ -384,6 +403,25 @@ def main() -> None:
     print(f"inbox rows checked: {stored} (one per 202, warm-ups included); mean latency "
           f"{statistics.fmean(receiver.latencies) * 1000:.1f} ms")
 
+    case = f"{args.backend}, {args.concurrency} connections, {args.requests:,} signed deliveries"
+    figures = [
+        figure(case, "durable deliveries/s", durable, "deliveries/s", baseline="bare Starlette",
+               baseline_value=bare.per_second, at_least=2000),
+        figure(case, "p99 latency", receiver.percentile(0.99), "ms", baseline="bare Starlette",
+               baseline_value=bare.percentile(0.99)),
+    ]
+    if len(phases) > 2:
+        naive_phase = phases[2]
+        figures.append(
+            figure(f"{args.backend}, one commit per delivery, {args.naive_requests:,} deliveries",
+                   "durable deliveries/s", naive_phase.statuses[202] / naive_phase.seconds, "deliveries/s",
+                   baseline="group commit", baseline_value=durable)
+        )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,6 +9,7 @@ and Postgres so a test can take the database away and bring it back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -324,8 +325,6 @@ class TcpProxy:
 
 
 def _close(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):  # already shut down by the other side
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     sock.close()

@@ -8,6 +8,7 @@ event-loop thread to hand over the GIL.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,10 +113,8 @@ class InboxWriter:
 
 
 def _close(conn: Connection) -> None:
-    try:
+    with contextlib.suppress(Exception):  # a dead connection may refuse even to close
         conn.close()
-    except Exception:  # noqa: BLE001 - a dead connection may refuse even to close
-        pass
 
 
 def _routable_account(event: InboundEvent) -> bool:

@@ -550,7 +550,7 @@ def _events(result: Any) -> list[InboxEvent]:
     for row in result:
         values = list(row)
         values[payload_at] = json.loads(values[payload_at])
-        events.append(InboxEvent.model_validate(dict(zip(names, values))))
+        events.append(InboxEvent.model_validate(dict(zip(names, values, strict=True))))
     return events
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import httpx
+import pandas as pd
 import pytest
 
 from sync_project.core import InboundEvent, SyncDefinition
@@ -146,6 +149,44 @@ def test_an_out_of_order_webhook_does_not_overwrite_a_newer_copy(setup: Setup) -
     result = setup.drain(batch_size=1)
     assert result.batches == 2 and result.merge.skipped_stale == 1
     assert setup.record("c1").data["name"] == "newer"
+
+
+def test_the_outcome_does_not_depend_on_how_events_are_batched(setup: Setup) -> None:
+    """One event per merge is the reference; big batches (split, collapsed) must end the same."""
+    rng = random.Random(4)
+    # Provider timestamps mostly before now: a delete (stamped when its handler ran) beats the older
+    # saves and loses to the few newer ones, so records end both deleted and alive.
+    now = datetime.now(timezone.utc)
+    events = []
+    for i in range(300):
+        key = f"c{rng.randrange(10)}"
+        kind = rng.choices(["contact.updated", "contact.patched", "contact.deleted"], weights=[4, 5, 1])[0]
+        if kind == "contact.updated":
+            stamp = (now + timedelta(hours=rng.randrange(-96, 3))).isoformat()
+            data = {"id": key, "name": f"v{i}", "email": {"home": f"{i}@h"}, "updated_at": stamp}
+        elif kind == "contact.patched":
+            data = {"id": key, "email": rng.choice([f"{i}@plain", {"work": f"{i}@w"}]), "tags": [i]}
+        else:
+            data = {"id": key}
+        events.append(event(f"evt-{i}", kind, account=None, **data))  # no account: both connections
+    setup.deliver(*events)
+
+    one_by_one = setup.drain(setup.north, batch_size=1)
+    batched = setup.drain(setup.south, batch_size=500)
+
+    assert (one_by_one.events_done, batched.events_done, batched.batches) == (300, 300, 1)
+    reference = setup.store.dataframe(setup.sync.key, "north", include_deleted=True)
+    result = setup.store.dataframe(setup.sync.key, "south", include_deleted=True)
+
+    def state(frame: pd.DataFrame) -> dict[str, tuple[str, str, str, bool]]:
+        return {
+            row["_id"]: (row["name"], str(row["email"]), str(row.get("tags")), bool(pd.notna(row["_deleted_at"])))
+            for row in frame.to_dict("records")
+        }
+
+    assert state(result) == state(reference)
+    assert len(reference) == 10
+    assert 0 < sum(deleted for *_, deleted in state(reference).values()) < 10
 
 
 def test_a_thin_event_is_completed_through_the_provider_client(setup: Setup) -> None:
