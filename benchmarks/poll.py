@@ -7,7 +7,7 @@ the run's peak RSS. Pages stream, so peak RSS should not grow with the number of
 Each size runs in a fresh child process (so its peak RSS is its own); the API runs in another
 process and synthesises records on the fly, so its memory is not counted either.
 
-    python benchmarks/poll.py [--sizes 100000,1000000] [--backend sqlite|postgres] [--json PATH]
+    python benchmarks/poll.py [--sizes 100000,1000000] [--backend sqlite|postgres] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -141,9 +141,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--backend", choices=["sqlite", "postgres"], default="postgres")
+    parser.add_argument("--quick", action="store_true", help="20k and 100k records")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [20_000, 100_000] if args.quick else [int(s) for s in args.sizes.split(",")]
     context = multiprocessing.get_context("spawn")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
