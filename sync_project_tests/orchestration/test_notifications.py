@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import datetime
 
 import dagster as dg
+import httpx
 import pytest
 
 from sync_project.orchestration.factory import build_definitions
@@ -167,3 +168,20 @@ def test_half_configured_notifications_are_refused_when_the_code_loads():
         NotifierResource.from_env({"SYNC_NOTIFY_URL": "http://127.0.0.1:1/hook"})
     with pytest.raises(NotificationConfigError, match="whsec_"):
         NotifierResource.from_env({"SYNC_NOTIFY_URL": "http://127.0.0.1:1/hook", "SYNC_NOTIFY_SECRET": "not base64!"})
+
+
+def test_the_consumer_reads_what_the_run_changed_through_the_records_api(connected, instance, api, monkeypatch):
+    from sync_project.receiver.app import create_app
+
+    monkeypatch.setenv("SYNC_RECORDS_API_TOKEN", "consumer-token")
+    consumer = Consumer()
+    with serve(consumer) as url, BackgroundServer(create_app(connected, providers={}, syncs=[ITEMS])) as receiver:
+        assert run(connected, instance, notifier(url)).success
+        api.put("item-005", name="changed")
+        api.put("item-200", name="added")
+        assert run(connected, instance, notifier(url)).success
+        notification = consumer.received[-1].json
+        response = httpx.get(receiver.url + notification["records_path"], headers={"authorization": "Bearer consumer-token"})
+    assert response.status_code == 200
+    changed = {record["id"]: record["last_action"] for record in response.json()["records"]}
+    assert changed == {"item-005": "updated", "item-200": "added"}
