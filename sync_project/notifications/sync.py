@@ -14,7 +14,7 @@ a run that failed on page 5 did change records, and ``modified_after`` still fin
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 from urllib.parse import quote, urlencode
@@ -126,7 +126,7 @@ class SyncNotifier:
     """Sends notifications to one URL, signed with one Standard Webhooks secret (``whsec_...``)."""
 
     url: str
-    secret: str
+    secret: str = field(repr=False)
     #: Notify after runs that changed nothing too (default: only runs with changes, and failures).
     every_run: bool = False
     #: The most a run waits for its notification, retries included.

@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 
 import dagster as dg
+from pydantic import Field
 
 from sync_project.notifications.sync import SyncNotifier
 from sync_project.providers.standard_webhooks import WebhookSecretError, decode_secret
@@ -32,7 +33,7 @@ class NotifierResource(dg.ConfigurableResource):
     """Where and how runs notify; ``url`` unset means notifications are off."""
 
     url: str | None = None
-    secret: str | None = None
+    secret: str | None = Field(default=None, repr=False)
     every_run: bool = False
     #: A run waits at most this long for its notification, retries included.
     total_timeout_s: float = 10.0
