@@ -10,6 +10,7 @@ import click
 COMMAND_MODULES = (
     "connections",
     "dev",
+    "forwarder",
     "inbox",
     "receiver",
     "sandbox",

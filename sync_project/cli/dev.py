@@ -158,6 +158,9 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
         click.echo("starting the receiver ...")
         supervisor.start("receiver", [*cli, "receiver", "--port", str(receiver_port)], env)
         wait_until(http_ok(f"{receiver_url}/healthz"), "the receiver", supervisor)
+        if env.get("SYNC_FORWARD_URL"):
+            click.echo("starting the webhook forwarder (SYNC_FORWARD_URL is set) ...")
+            supervisor.start("forwarder", [*cli, "forwarder", "run"], env)
         click.echo("starting the sandbox CRM ...")
         supervisor.start(
             "sandbox",

@@ -7,6 +7,7 @@ asset function's parameters at definition time.
 
 import json
 import time
+from datetime import datetime
 from typing import Literal
 
 import httpx
@@ -16,9 +17,17 @@ import dagster as dg
 from sync_project.core.http import ProviderError
 from sync_project.core.provider import Provider
 from sync_project.core.sync import SyncDefinition
+from sync_project.notifications.sync import NotificationOutcome, SyncNotification, SyncNotifier, SyncResults
+from sync_project.orchestration.checks import (
+    CheckSettings,
+    freshness_policy,
+    partition_check_results,
+    partition_check_specs,
+)
+from sync_project.orchestration.notifications import NOTIFIER_KEY
 from sync_project.orchestration.partitions import connection_partitions
 from sync_project.orchestration.polling import poll
-from sync_project.orchestration.resources import StoreResource, storage_kind
+from sync_project.orchestration.resources import storage_kind
 from sync_project.orchestration.webhook_drain import DrainResult, drain_inbox
 from sync_project.store import (
     MergeResult,
@@ -31,6 +40,7 @@ from sync_project.store import (
 from sync_project.store.records import utcnow
 
 SyncMode = Literal["full", "incremental", "webhook"]
+STORE_KEY = "sync_store"
 
 
 class SyncRunConfig(dg.Config):
@@ -50,6 +60,10 @@ class SyncRunConfig(dg.Config):
     linger_s: float = 0.0
 
 
+class _RunRefused(dg.Failure):
+    """The run did nothing because another run holds the partition; that run will notify."""
+
+
 def op_name(sync: SyncDefinition) -> str:
     """The op behind the asset, as run config addresses it (``provider__object``)."""
     return f"{sync.provider}__{sync.name}"
@@ -60,7 +74,18 @@ def job_name(sync: SyncDefinition) -> str:
     return f"{op_name(sync)}_job"
 
 
-def build_sync_asset(sync: SyncDefinition, provider: Provider) -> dg.AssetsDefinition:
+def build_sync_asset(
+    sync: SyncDefinition,
+    provider: Provider,
+    *,
+    notify: bool = False,
+    check_settings: CheckSettings | None = None,
+) -> dg.AssetsDefinition:
+    """The sync's asset. It needs the ``sync_store`` resource, and ``sync_notifier`` (a
+    :class:`~sync_project.orchestration.notifications.NotifierResource`) when ``notify`` is set,
+    as :func:`~sync_project.orchestration.factory.build_definitions` does."""
+    settings = check_settings or CheckSettings()
+
     @dg.asset(
         key=dg.AssetKey([sync.provider, sync.name]),
         group_name=sync.provider,
@@ -75,11 +100,16 @@ def build_sync_asset(sync: SyncDefinition, provider: Provider) -> dg.AssetsDefin
             "webhook_events": ", ".join(sync.webhook_events) or "none",
             "track_deletes": sync.track_deletes,
         },
+        check_specs=partition_check_specs(sync),
+        freshness_policy=freshness_policy(sync, settings),
+        # Keys rather than typed parameters: the notifier is optional, and Dagster allows only
+        # one of the two ways per asset.
+        required_resource_keys={STORE_KEY, NOTIFIER_KEY} if notify else {STORE_KEY},
     )
-    def _sync_asset(
-        context: dg.AssetExecutionContext, config: SyncRunConfig, sync_store: StoreResource
-    ) -> dg.MaterializeResult:
-        return run_sync(context, config, sync_store.get_store(), sync, provider)
+    def _sync_asset(context: dg.AssetExecutionContext, config: SyncRunConfig) -> dg.MaterializeResult:
+        notifier = getattr(context.resources, NOTIFIER_KEY).get_notifier() if notify else None
+        store = getattr(context.resources, STORE_KEY).get_store()
+        return run_sync(context, config, store, sync, provider, notifier=notifier, check_settings=settings)
 
     return _sync_asset
 
@@ -118,7 +148,57 @@ def run_sync(
     store: Store,
     sync: SyncDefinition,
     provider: Provider,
+    *,
+    notifier: SyncNotifier | None = None,
+    check_settings: CheckSettings | None = None,
 ) -> dg.MaterializeResult:
+    """Sync the run's partition, then report: counts, the partition's checks, the notification.
+
+    The notification goes out after everything is committed, failures included, and never
+    changes the run's outcome: a notification that cannot be delivered within its time budget is
+    a warning in the run's log and ``notification: failed ...`` in its metadata.
+    """
+    started_at = utcnow()
+    connection_id = context.partition_key
+    try:
+        merged, metadata = _sync_partition(context, config, store, sync, provider)
+    except _RunRefused:
+        raise
+    except dg.Failure as failure:
+        outcome = _notify(context, notifier, sync, config, started_at, None, failure.description or "failed")
+        if outcome is None:
+            raise
+        raise dg.Failure(
+            description=failure.description,
+            metadata={**failure.metadata, "notification": str(outcome)},
+        ) from failure
+    except Exception as error:
+        _notify(context, notifier, sync, config, started_at, None, f"{type(error).__name__}: {error}")
+        raise
+    counts = merged.as_dict()
+    context.log.info(f"{sync.key} {connection_id} ({config.mode}): {json.dumps(counts)}")
+    selected = {key.name for key in context.selected_asset_check_keys if key.asset_key == context.asset_key}
+    check_results = partition_check_results(store, sync, connection_id, selected, check_settings or CheckSettings())
+    outcome = _notify(context, notifier, sync, config, started_at, SyncResults.of(merged), None)
+    if outcome is not None:
+        metadata["notification"] = str(outcome)
+    return dg.MaterializeResult(
+        metadata={
+            **counts,
+            **metadata,
+            "dagster/row_count": store.count(sync.key, connection_id),
+        },
+        check_results=check_results,
+    )
+
+
+def _sync_partition(
+    context: dg.AssetExecutionContext,
+    config: SyncRunConfig,
+    store: Store,
+    sync: SyncDefinition,
+    provider: Provider,
+) -> tuple[MergeResult, dict[str, object]]:
     connection_id = context.partition_key
     try:
         connection = store.connections.get(sync.provider, connection_id)
@@ -151,7 +231,7 @@ def run_sync(
                     checkpoint=dg.MetadataValue.json(polled.checkpoint or {}),
                 )
     except SyncAlreadyRunningError as error:
-        raise dg.Failure(description=f"{error}; this run did nothing.") from None
+        raise _RunRefused(description=f"{error}; this run did nothing.") from None
     except (ProviderError, StoreError) as error:
         store.state.record_run(sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, error=str(error))
         raise dg.Failure(description=f"{sync.key} for {connection_id}: {error}") from error
@@ -161,12 +241,39 @@ def run_sync(
         )
         raise
     store.state.record_run(sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, succeeded_at=utcnow())
-    counts = merged.as_dict()
-    context.log.info(f"{sync.key} {connection_id} ({config.mode}): {json.dumps(counts)}")
-    return dg.MaterializeResult(
-        metadata={
-            **counts,
-            **metadata,
-            "dagster/row_count": store.count(sync.key, connection_id),
-        }
-    )
+    return merged, metadata
+
+
+def _notify(
+    context: dg.AssetExecutionContext,
+    notifier: SyncNotifier | None,
+    sync: SyncDefinition,
+    config: SyncRunConfig,
+    started_at: datetime,
+    results: SyncResults | None,
+    error: str | None,
+) -> NotificationOutcome | None:
+    """Send the run's notification (if configured); log a failure as a warning. Never raises."""
+    if notifier is None:
+        return None
+    try:
+        notification = SyncNotification.build(
+            provider=sync.provider,
+            sync=sync.key,
+            model=sync.model.__name__,
+            connection_id=context.partition_key,
+            mode=config.mode,
+            run_id=context.run.run_id,
+            started_at=started_at,
+            finished_at=utcnow(),
+            results=results,
+            error=error,
+        )
+        outcome = notifier.send(notification)
+    except Exception as failure:  # noqa: BLE001 - a notification must never fail the run
+        outcome = NotificationOutcome("failed", f"failed, not sent: {type(failure).__name__}")
+    if outcome.status == "failed":
+        context.log.warning(f"sync notification {outcome}")
+    else:
+        context.log.info(f"sync notification {outcome}")
+    return outcome

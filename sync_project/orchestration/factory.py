@@ -1,4 +1,5 @@
-"""Turns declared syncs into Dagster definitions: assets, jobs, polling schedules, the inbox sensor."""
+"""Turns declared syncs into Dagster definitions: assets, jobs, polling schedules, the inbox sensor,
+the checks of every sync and the schedule that runs them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import dagster as dg
 
 from sync_project.core.provider import Provider
 from sync_project.core.sync import SyncDefinition
-from sync_project.orchestration.assets import build_sync_asset, job_name, op_name
+from sync_project.orchestration.assets import STORE_KEY, build_sync_asset, job_name, op_name
+from sync_project.orchestration.checks import CheckSettings, build_checks_schedule, build_sync_checks, partition_check_specs
+from sync_project.orchestration.notifications import NOTIFIER_KEY, NotifierResource
 from sync_project.orchestration.partitions import AssetJob
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.schedules import build_poll_schedule
@@ -23,24 +26,46 @@ def build_definitions(
     extra_assets: Iterable[dg.AssetsDefinition] = (),
     inbox_stall_after_s: float = DEFAULT_STALL_AFTER_S,
     webhook_linger_s: float = DEFAULT_WEBHOOK_LINGER_S,
+    notifier: NotifierResource | None = None,
+    check_settings: CheckSettings | None = None,
 ) -> dg.Definitions:
-    assets = {sync.key: build_sync_asset(sync, providers[sync.provider]) for sync in syncs}
+    """``notifier`` defaults to :meth:`NotifierResource.from_env` (off unless ``SYNC_NOTIFY_URL``)."""
+    settings = check_settings or CheckSettings()
+    assets = {
+        sync.key: build_sync_asset(sync, providers[sync.provider], notify=True, check_settings=settings)
+        for sync in syncs
+    }
+    checks = [check for sync in syncs for check in build_sync_checks(sync, settings)]
     jobs = {
         sync.key: dg.define_asset_job(
             name=job_name(sync),
-            selection=dg.AssetSelection.assets(assets[sync.key]),
+            # The asset with the checks it reports itself; the all-connections checks run on
+            # their own schedule, not after every webhook run.
+            selection=dg.AssetSelection.assets(assets[sync.key]).without_checks()
+            | dg.AssetSelection.checks(*(spec.key for spec in partition_check_specs(sync))),
             description=f"Sync {sync.key}. Backfill: `dagster job backfill -j {job_name(sync)} --partitions a,b`.",
         )
         for sync in syncs
     }
     schedules = [build_poll_schedule(sync, jobs[sync.key]) for sync in syncs]
-    sensors = [build_inbox_sensor({s.key: s for s in syncs}, jobs, stall_after_s=inbox_stall_after_s, linger_s=webhook_linger_s)]
+    sensors = [
+        build_inbox_sensor({s.key: s for s in syncs}, jobs, stall_after_s=inbox_stall_after_s, linger_s=webhook_linger_s)
+    ]
+    checks_jobs: list[AssetJob] = []
+    if checks:
+        checks_job, checks_schedule = build_checks_schedule(checks)
+        checks_jobs.append(checks_job)
+        schedules.append(checks_schedule)
     return dg.Definitions(
         assets=[*assets.values(), *extra_assets],
-        jobs=list(jobs.values()),
+        asset_checks=checks,
+        jobs=[*jobs.values(), *checks_jobs],
         schedules=[s for s in schedules if isinstance(s, dg.ScheduleDefinition)],
         sensors=[*sensors, *(s for s in schedules if isinstance(s, dg.SensorDefinition))],
-        resources={"sync_store": store or StoreResource()},
+        resources={
+            STORE_KEY: store or StoreResource(),
+            NOTIFIER_KEY: notifier if notifier is not None else NotifierResource.from_env(),
+        },
         # One asset per run: an in-process step saves the ~1 s of a step subprocess per run,
         # which is most of a webhook run's latency.
         executor=dg.in_process_executor,

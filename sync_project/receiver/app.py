@@ -49,6 +49,7 @@ from sync_project.core.provider import (
 )
 from sync_project.core.sync import SyncDefinition
 from sync_project.receiver.batching import CommitterClosedError, GroupCommitter, QueueFullError
+from sync_project.receiver.records_api import records_routes
 from sync_project.receiver.routing import registry_subscribers, subscribers_from
 from sync_project.receiver.writer import Delivery, InboxWriter
 from sync_project.store import Store
@@ -224,6 +225,7 @@ def create_app(
         routes=[
             Route("/webhooks/{provider}", receive_webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
+            *records_routes(store, syncs=syncs),
         ],
         lifespan=lifespan,
     )

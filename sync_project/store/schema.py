@@ -132,4 +132,41 @@ inbox = Table(
     Column("processed_at", UtcDateTime, nullable=True),
     UniqueConstraint("provider", "event_key", "sync", "connection_id", name="uq_inbox_event"),
     Index("ix_inbox_claim", "status", "sync", "connection_id", "id"),
+    # Ids are never reused (SQLite would hand out max(id) + 1 again after a purge): readers keep
+    # cursors on them (the forwarder, the inbox sensor's high-water mark). Revision 0003f.
+    sqlite_autoincrement=True,
+)
+
+forwards = Table(
+    "forwards",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    # The inbox row this forward was made from (informational: the inbox may purge it first).
+    Column("inbox_id", BigInteger, nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("event_key", String(255), nullable=False),
+    # The connection the event routed to; '' when it routes to none (forwarded without one).
+    Column("connection_id", String(255), nullable=False),
+    Column("account_id", String(255), nullable=True),
+    Column("event_type", String(255), nullable=False),
+    # A copy of the event: forwarding outlives an inbox purge of the (long applied) event.
+    Column("payload", Text, nullable=False),
+    Column("received_at", UtcDateTime, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UtcDateTime, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("delivered_at", UtcDateTime, nullable=True),
+    UniqueConstraint("provider", "event_key", "connection_id", name="uq_forwards_event"),
+    Index("ix_forwards_due", "status", "next_attempt_at", "id"),
+)
+
+forwarder_state = Table(
+    "forwarder_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    # Every inbox id up to this one has been turned into forwards (or skipped).
+    Column("inbox_cursor", BigInteger, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
 )
