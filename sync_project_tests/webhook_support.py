@@ -15,7 +15,6 @@ import hmac
 import json
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,7 +22,6 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-import uvicorn
 from pydantic import BaseModel
 
 from sync_project.core import (
@@ -41,6 +39,7 @@ from sync_project.core import (
     WebhookRequest,
 )
 from sync_project.core.http import ProviderError, json_body, make_client
+from sync_project.serving import BackgroundServer
 from sync_project.store import ProviderConnection
 
 SECRET_ENV = "ACME_WEBHOOK_SECRET"
@@ -220,31 +219,9 @@ def at(seconds: int) -> str:
 # -- servers --------------------------------------------------------------------------------------
 
 
-class ServerThread:
-    """Serves an ASGI app with uvicorn on a free loopback port, in a background thread."""
-
-    def __init__(self, app: Any) -> None:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind(("127.0.0.1", 0))
-        self.port = self._socket.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self._thread.start()
-        deadline = time.monotonic() + 15
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the receiver did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(15)
-        self._socket.close()
+def ServerThread(app: Any) -> BackgroundServer:  # noqa: N802 - reads as the server it builds
+    """The receiver app served for real on a free loopback port (with its lifespan: the writer)."""
+    return BackgroundServer(app, lifespan="on")
 
 
 class TcpProxy:

@@ -8,12 +8,12 @@ through the same transaction (:attr:`RecordWriter.conn`), so a crash loses or re
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import and_, case, func, literal, or_, select, update
+from sqlalchemy import case, func, literal, or_, select, update
 from sqlalchemy.engine import Connection
 
 from sync_project.store.bulk import KEY_CHUNK, bulk_writer
@@ -175,13 +175,3 @@ def _check_scope(sync: str, connection_id: str) -> None:
     for name, value, limit in (("sync", sync, 128), ("connection_id", connection_id, 255)):
         if not isinstance(value, str) or not value or len(value) > limit or "\x00" in value:
             raise InvalidBatchError(f"{name} must be a string of 1 to {limit} characters without NUL, got {value!r}")
-
-
-def live_filter(sync: str, connection_id: str | None) -> Any:
-    clauses = [records.c.sync == sync, records.c.deleted_at.is_(None)]
-    if connection_id is not None:
-        clauses.append(records.c.connection_id == connection_id)
-    return and_(*clauses)
-
-
-
