@@ -58,6 +58,9 @@ class SyncRunConfig(dg.Config):
     #: that is already up applies the next webhooks within a second, instead of the next one
     #: paying a sensor tick and a run start-up (several seconds each).
     linger_s: float = 0.0
+    #: Webhook mode: a lingering run ends after this long even while events keep coming, so its
+    #: counts reach the UI and queued polling runs of the partition get their turn.
+    max_linger_run_s: float = 60.0
 
 
 class _RunRefused(dg.Failure):
@@ -121,9 +124,9 @@ def drain_lingering(
     store: Store, sync: SyncDefinition, connection: ProviderConnection, client: httpx.Client, log: object, config: SyncRunConfig
 ) -> DrainResult:
     """Drain the partition's inbox, then keep draining until ``config.linger_s`` passes with
-    nothing new (or ``max_events`` is reached)."""
+    nothing new, ``config.max_linger_run_s`` is up, or ``max_events`` is reached."""
     total = DrainResult()
-    quiet_since = time.monotonic()
+    started = quiet_since = time.monotonic()
     while True:
         remaining = None if config.max_events is None else config.max_events - total.events_claimed
         if remaining is not None and remaining <= 0:
@@ -134,12 +137,12 @@ def drain_lingering(
         total.events_retrying += drained.events_retrying
         total.events_dead += drained.events_dead
         total.batches += drained.batches
+        now = time.monotonic()
         if drained.events_claimed:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since >= config.linger_s:
+            quiet_since = now
+        if now - quiet_since >= config.linger_s or now - started >= config.max_linger_run_s:
             return total
-        else:
-            time.sleep(LINGER_POLL_S)
+        time.sleep(LINGER_POLL_S)
 
 
 def run_sync(

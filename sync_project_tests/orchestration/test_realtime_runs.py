@@ -194,3 +194,30 @@ def test_a_lingering_webhook_run_applies_events_that_arrive_while_it_runs(harnes
     assert any(event.id > first_wave for event in contact_events)
     assert materialization.metadata["events_drained"].value == len(contact_events)
     assert harness.store.inbox.count(status="pending", sync="sandbox/contacts") == 0
+
+
+def test_a_lingering_run_ends_at_its_cap_while_events_keep_coming(harness: RealtimeHarness) -> None:
+    harness.admin.apply_changes(2, account_id="acct-1", create=1, update=0, delete=0)
+    harness.admin.flush()
+    stop = threading.Event()
+
+    def keep_changing() -> None:
+        while not stop.is_set():
+            harness.admin.apply_changes(1, account_id="acct-1", create=1, update=0, delete=0)
+            stop.wait(0.2)
+
+    producer = threading.Thread(target=keep_changing)
+    producer.start()
+    job = harness.defs.resolve_job_def("sandbox__contacts_job")
+    try:
+        result = job.execute_in_process(
+            instance=harness.instance, partition_key="demo-1",
+            run_config={"ops": {"sandbox__contacts": {"config": {"mode": "webhook", "linger_s": 600.0, "max_linger_run_s": 2.0}}}},
+        )
+    finally:
+        stop.set()
+        producer.join()
+    # It ended although events never stopped for its 600 s linger, and reported what it drained.
+    assert result.success
+    [materialization] = result.asset_materializations_for_node("sandbox__contacts")
+    assert materialization.metadata["events_drained"].value > 0
