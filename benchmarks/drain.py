@@ -29,13 +29,11 @@ import signal
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import sqlalchemy as sa
@@ -48,7 +46,8 @@ from sync_project.orchestration.webhook_drain import drain_inbox  # noqa: E402
 from sync_project.store import Store  # noqa: E402
 from sync_project.store.inbox import RoutedEvent  # noqa: E402
 
-DEFAULT_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+from _common import private_postgres_schema  # noqa: E402
+
 EPOCH = datetime(2030, 1, 1, tzinfo=timezone.utc)
 
 
@@ -149,19 +148,8 @@ def backend_store(backend: str) -> Iterator[Store]:
         with tempfile.TemporaryDirectory() as folder, Store(f"sqlite:///{folder}/bench.db") as store:
             yield store
         return
-    base = os.environ.get("SYNC_BENCH_POSTGRES_URL") or os.environ.get("SYNC_TEST_POSTGRES_URL") or DEFAULT_POSTGRES
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    separator = "&" if "?" in base else "?"
-    try:
-        with Store(f"{base}{separator}options={quote(f'-csearch_path={schema}')}") as store:
-            yield store
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with private_postgres_schema() as url, Store(url) as store:
+        yield store
 
 
 def main() -> int:

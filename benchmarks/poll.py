@@ -15,16 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import resource
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import exit_cleanly_on_sigterm, private_postgres_schema  # noqa: E402
 
 PAGE_SIZE = 1000
 EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -117,24 +119,14 @@ def run_full_refresh(base_url: str, database_url: str, result_queue: multiproces
     result_queue.put({"success": result.success, "seconds": elapsed, "records": stored, "peak_rss_mb": peak_kib / 1024})
 
 
-def private_database(backend: str, workdir: Path, label: str) -> tuple[str, callable]:
+@contextmanager
+def private_database(backend: str, workdir: Path, label: str) -> Iterator[str]:
+    """A database of this size's own, dropped afterwards even if the run failed."""
     if backend == "sqlite":
-        return f"sqlite:///{workdir / f'{label}.db'}", lambda: None
-    import sqlalchemy as sa
-
-    base = os.environ.get("SYNC_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
-    schema = f"bench_poll_{label}_{os.getpid()}"
-    admin = sa.create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-
-    def drop() -> None:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
-
-    return f"{base}?options=-csearch_path%3D{schema}", drop
+        yield f"sqlite:///{workdir / f'{label}.db'}"
+        return
+    with private_postgres_schema("bench_poll") as url:
+        yield url
 
 
 def main() -> int:
@@ -144,6 +136,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="20k and 100k records")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
+    exit_cleanly_on_sigterm()  # report.py's timeout must still drop the private schema
     sizes = [20_000, 100_000] if args.quick else [int(s) for s in args.sizes.split(",")]
     context = multiprocessing.get_context("spawn")
     rows = []
@@ -153,16 +146,17 @@ def main() -> int:
             api = context.Process(target=serve_api, args=(size, port_queue), daemon=True)
             api.start()
             base_url = f"http://127.0.0.1:{port_queue.get(timeout=30)}"
-            database_url, drop = private_database(args.backend, Path(tmp), str(size))
             print(f"full refresh of {size:,} records on {args.backend} ...", file=sys.stderr, flush=True)
-            result_queue = context.Queue()
-            run = context.Process(target=run_full_refresh, args=(base_url, database_url, result_queue))
-            run.start()
-            outcome = result_queue.get(timeout=3600)
-            run.join()
-            api.terminate()
-            api.join()
-            drop()
+            try:
+                with private_database(args.backend, Path(tmp), str(size)) as database_url:
+                    result_queue = context.Queue()
+                    run = context.Process(target=run_full_refresh, args=(base_url, database_url, result_queue))
+                    run.start()
+                    outcome = result_queue.get(timeout=3600)
+                    run.join()
+            finally:
+                api.terminate()
+                api.join()
             if not outcome["success"] or outcome["records"] != size:
                 print(f"run failed or incomplete: {outcome}", file=sys.stderr)
                 return 1

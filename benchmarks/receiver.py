@@ -40,20 +40,17 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
-
-import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-DEFAULT_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+from _common import private_postgres_schema  # noqa: E402
+
 SECRET = "bench-secret"
 SECRET_ENV = "BENCH_WEBHOOK_SECRET"
 SIGNATURE_HEADER = "x-bench-signature"
@@ -305,18 +302,8 @@ def database(backend: str) -> Iterator[str]:
         with tempfile.TemporaryDirectory() as folder:
             yield f"sqlite:///{folder}/bench.db"
         return
-    base = os.environ.get("SYNC_BENCH_POSTGRES_URL") or os.environ.get("SYNC_TEST_POSTGRES_URL") or DEFAULT_POSTGRES
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    separator = "&" if "?" in base else "?"
-    try:
-        yield f"{base}{separator}options={quote(f'-csearch_path={schema}')}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with private_postgres_schema() as url:
+        yield url
 
 
 def run_receiver(name: str, url: str, log_dir: str, requests: list[bytes], args: argparse.Namespace, max_batch: int) -> Phase:
