@@ -10,7 +10,7 @@ from sync_project.store.errors import (
 )
 from sync_project.store.feed import Change, ChangePage, InvalidCursorError
 from sync_project.store.merge import MergeResult, MergeStrategy, RecordSpec
-from sync_project.store.records import RecordWriter
+from sync_project.store.records import PreparedBatch, RecordWriter, prepare
 from sync_project.store.store import Store
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "InvalidCursorError",
     "MergeResult",
     "MergeStrategy",
+    "PreparedBatch",
     "ProviderConnection",
     "RecordSpec",
     "RecordWriter",
@@ -28,4 +29,5 @@ __all__ = [
     "StoreUnavailableError",
     "SyncAlreadyRunningError",
     "UnknownConnectionError",
+    "prepare",
 ]

@@ -93,16 +93,12 @@ class Incoming(NamedTuple):
     key: str
     data: dict[str, Any]
     data_json: str
-    #: ``data_json`` encoded once, which also proves it is valid UTF-8 (a lone surrogate is not).
-    data_bytes: bytes
+    #: Computed while preparing, which may run ahead of the transaction (see ``records.prepare``).
+    data_hash: str
     source_updated_at: datetime | None
     #: Partial updates only: every patch for this key as (data, provider timestamp), in the order
     #: they apply (oldest first when all carry a timestamp, else as they came).
     patches: tuple[tuple[dict[str, Any], datetime | None], ...] = ()
-
-    @property
-    def data_hash(self) -> str:
-        return hashlib.md5(self.data_bytes, usedforsecurity=False).hexdigest()
 
 
 class Stored(NamedTuple):
@@ -207,6 +203,7 @@ def prepare_batch(
     primary_key = spec.primary_key
     updated_field = spec.updated_field
     encode = canonical_json
+    md5 = hashlib.md5
     by_key: dict[str, Incoming] = {}
     # The loop runs once per record of every batch: common shapes take the inline fast paths
     # (string key, ISO text timestamp); everything else goes through the careful helpers.
@@ -223,7 +220,8 @@ def prepare_batch(
             key = _key(key, index, primary_key)
         try:
             data_json = encode(data)
-            data_bytes = data_json.encode()
+            # Encoding also proves the text is valid UTF-8 (a lone surrogate is not).
+            data_hash = md5(data_json.encode(), usedforsecurity=False).hexdigest()
         except (TypeError, ValueError, RecursionError) as error:  # UnicodeEncodeError is a ValueError
             raise InvalidBatchError(f"record {key!r} is not JSON: {_json_problem(error)}") from None
         source_updated_at: datetime | None = None
@@ -244,12 +242,12 @@ def prepare_batch(
                 if all(stamp is not None for _, stamp in patches):
                     patches = tuple(sorted(patches, key=lambda patch: patch[1]))  # stable on ties
                 source_updated_at = _max_time(previous.source_updated_at, source_updated_at)
-            by_key[key] = Incoming(key, data, data_json, data_bytes, source_updated_at, patches)
+            by_key[key] = Incoming(key, data, data_json, data_hash, source_updated_at, patches)
             continue
         if previous is not None and (newest_wins or action == "delete"):
             if _newer(previous.source_updated_at, source_updated_at):
                 continue
-        by_key[key] = Incoming(key, data, data_json, data_bytes, source_updated_at)
+        by_key[key] = Incoming(key, data, data_json, data_hash, source_updated_at)
     return list(by_key.values())
 
 

@@ -7,7 +7,7 @@ from datetime import timedelta, timezone
 import pytest
 from pydantic import BaseModel
 
-from sync_project.store import MergeResult, MergeStrategy, RecordSpec, Store
+from sync_project.store import InvalidBatchError, MergeResult, MergeStrategy, RecordSpec, Store, prepare
 from sync_project.store.records import utcnow
 
 from .helpers import CONN, MODIFIED_AFTER, NEWEST, OVERRIDE, at, contact, stamp
@@ -393,3 +393,48 @@ def test_keys_and_values_with_special_characters_round_trip(store: Store) -> Non
     assert unseen == len(ODD_KEYS) - 6
     live = {c.id for c in store.changes(SYNC, CONN, limit=100).records if c.deleted_at is None}
     assert live == set(ODD_KEYS[3:6])
+
+
+# -- prepared batches (validated and encoded before the transaction) ---------------------------
+
+
+def test_a_prepared_batch_merges_exactly_as_its_records_would(store: Store) -> None:
+    fetched_at = utcnow()
+    batch = [contact("a", 2), contact("b", 1), contact("a", 1)]  # "a" twice: the newest copy wins
+    store.save(SYNC, CONN, NEWEST, [contact("b", 1)])
+    prepared = prepare("save", batch, NEWEST, fetched_at=fetched_at)
+    assert [item.key for item in prepared.items] == ["a", "b"]
+
+    with store.writer(SYNC, CONN, NEWEST) as writer:
+        result = writer.save(prepared)
+    assert counts(result) == {"added": 1, "unchanged": 1}
+    assert store.get(SYNC, CONN, "a").data == contact("a", 2)
+
+    deletes = prepare("delete", [{"id": "b"}], NEWEST, fetched_at=fetched_at)
+    with store.writer(SYNC, CONN, NEWEST) as writer:
+        assert counts(writer.delete(deletes)) == {"deleted": 1}
+    gone = store.get(SYNC, CONN, "b")
+    assert gone.deleted_at is not None and gone.source_updated_at == fetched_at  # the batch's fetched_at
+
+
+def test_a_bad_record_fails_when_prepared_before_any_transaction() -> None:
+    with pytest.raises(InvalidBatchError, match="no usable primary key"):
+        prepare("save", [contact("a", 1), {"name": "no id"}], NEWEST)
+
+
+@pytest.mark.parametrize(
+    ("action", "spec", "extra", "problem"),
+    [
+        ("delete", NEWEST, {}, "prepared for 'save' cannot be merged as 'delete'"),
+        ("save", OVERRIDE, {}, "cannot be merged under"),
+        ("save", NEWEST, {"fetched_at": utcnow()}, "carries its fetched_at"),
+    ],
+)
+def test_a_prepared_batch_merges_only_as_what_it_was_prepared_for(
+    store: Store, action: str, spec: RecordSpec, extra: dict, problem: str
+) -> None:
+    prepared = prepare("save", [contact("a", 1)], NEWEST)
+    with pytest.raises(InvalidBatchError, match=problem):
+        with store.writer(SYNC, CONN, spec) as writer:
+            writer.merge(action, prepared, **extra)
+    assert store.count(SYNC, CONN) == 0
