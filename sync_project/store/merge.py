@@ -93,7 +93,8 @@ class Incoming(NamedTuple):
     key: str
     data: dict[str, Any]
     data_json: str
-    #: Computed while preparing, which may run ahead of the transaction (see ``records.prepare``).
+    #: Computed while preparing, which may run ahead of the transaction (see ``records.prepare``);
+    #: empty for a partial update, whose merged result is hashed instead.
     data_hash: str
     source_updated_at: datetime | None
     #: Partial updates only: every patch for this key as (data, provider timestamp), in the order
@@ -204,6 +205,7 @@ def prepare_batch(
     updated_field = spec.updated_field
     encode = canonical_json
     md5 = hashlib.md5
+    is_update = action == "update"
     by_key: dict[str, Incoming] = {}
     # The loop runs once per record of every batch: common shapes take the inline fast paths
     # (string key, ISO text timestamp); everything else goes through the careful helpers.
@@ -220,8 +222,10 @@ def prepare_batch(
             key = _key(key, index, primary_key)
         try:
             data_json = encode(data)
-            # Encoding also proves the text is valid UTF-8 (a lone surrogate is not).
-            data_hash = md5(data_json.encode(), usedforsecurity=False).hexdigest()
+            # Encoding also proves the text is valid UTF-8 (a lone surrogate is not). A patch's
+            # own hash is never used: the merged record gets one.
+            data_bytes = data_json.encode()
+            data_hash = "" if is_update else md5(data_bytes, usedforsecurity=False).hexdigest()
         except (TypeError, ValueError, RecursionError) as error:  # UnicodeEncodeError is a ValueError
             raise InvalidBatchError(f"record {key!r} is not JSON: {_json_problem(error)}") from None
         source_updated_at: datetime | None = None
