@@ -10,8 +10,9 @@ What is measured (issue 8), in one run on one machine, into one private database
 
 Records/s = records the source handed over / wall-clock seconds from Python objects in memory to
 committed rows. The same count divides both sides, so the ratio is the ratio of the two times.
-The workload is frozen out of the cyclic GC (as in merge.py), each timed section starts after ``gc.collect()`` and a Postgres ``CHECKPOINT``, and which side goes
-first alternates from load to load, so neither always pays for the other's dirty pages.
+The workload is frozen out of the cyclic GC (as in merge.py); each timed section starts after
+``gc.collect()`` and a Postgres ``CHECKPOINT``, and which side goes first alternates from load to
+load, so neither always pays for the other's dirty pages.
 
 Why these are the fair equivalents of each other:
 
@@ -228,6 +229,11 @@ def build_workload(count: int) -> Workload:
 # -- the two sides ------------------------------------------------------------------------------
 
 
+#: The poll logs a line per page (Dagster shows them); here they would only cost time.
+_QUIET = logging.getLogger("dlt_merge.poll")
+_QUIET.setLevel(logging.WARNING)
+
+
 class _BenchRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -265,10 +271,6 @@ def load_with_store(store: Store, load: Load, *, sync: str = SYNC, client: httpx
             run_id=uuid.uuid4().hex,
         )
 
-
-#: The poll logs a line per page (Dagster shows them); here they would only cost time.
-_QUIET = logging.getLogger("dlt_merge.poll")
-_QUIET.setLevel(logging.WARNING)
 
 
 def dlt_credentials(database_url: str) -> str:

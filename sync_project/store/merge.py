@@ -362,7 +362,6 @@ def plan_batch(
     untouched = plan.untouched
     strategy = spec.strategy
     guarded = strategy is not MergeStrategy.OVERRIDE
-    newest_wins = strategy is MergeStrategy.NEWEST_SOURCE_WINS
     for item in batch:
         current = stored.get(item.key)
         if action == "update":
@@ -376,17 +375,7 @@ def plan_batch(
                 result.deleted += 1
                 writes.append(Write(item.key, item.data_json, item.data_hash, item.source_updated_at, True, "deleted", True))
             continue
-        if newest_wins:  # the common guard, inline (it is ``rejects`` under newest_source_wins)
-            stale = (
-                current.source_updated_at is not None
-                and item.source_updated_at is not None
-                and current.source_updated_at > item.source_updated_at
-            )
-        else:
-            stale = guarded and rejects(
-                strategy, current.source_updated_at, current.last_modified_at, item.source_updated_at, fetched_at
-            )
-        if stale:
+        if guarded and rejects(strategy, current.source_updated_at, current.last_modified_at, item.source_updated_at, fetched_at):
             result.skipped_stale += 1
             untouched.append(item.key)
             continue

@@ -55,9 +55,6 @@ class PreparedBatch:
     fetched_at: datetime
     items: list[Incoming]
 
-    def __len__(self) -> int:
-        return len(self.items)
-
 
 def prepare(
     action: Action, batch: Iterable[RecordLike], spec: RecordSpec, *, fetched_at: datetime | None = None
@@ -122,11 +119,10 @@ class RecordWriter:
             raise InvalidBatchError(f"seen_by_run must be a run id of 1 to 64 characters, got {seen_by_run!r}")
         if isinstance(batch, PreparedBatch):
             self._check_prepared(action, batch, fetched_at)
-            fetched_at, incoming = batch.fetched_at, batch.items
         else:
-            fetched_at = _aware("fetched_at", fetched_at or utcnow())
             # The whole batch is validated before the first statement: a bad record writes nothing.
-            incoming = prepare_batch(action, batch, self.spec, fetched_at)
+            batch = prepare(action, batch, self.spec, fetched_at=fetched_at)
+        fetched_at, incoming = batch.fetched_at, batch.items
         result = MergeResult()
         for start in range(0, len(incoming), KEY_CHUNK):
             chunk = incoming[start : start + KEY_CHUNK]
