@@ -23,8 +23,8 @@ from sync_project.core.sync import Delete, Save, SyncDefinition, Update, Webhook
 from sync_project.store import Store
 from sync_project.store.connections import ProviderConnection
 from sync_project.store.inbox import DEFAULT_MAX_ATTEMPTS, InboxEvent
-from sync_project.store.merge import Action, MergeResult, RecordSpec, prepare_batch
-from sync_project.store.records import RecordLike, RecordWriter
+from sync_project.store.merge import Action, Incoming, MergeResult, MergeStrategy, RecordSpec, prepare_batch, supersedes
+from sync_project.store.records import PreparedBatch, RecordWriter
 
 _ACTIONS: tuple[Action, ...] = ("save", "update", "delete")
 #: A repeated key in one merge batch is collapsed by the store; for these actions the collapse
@@ -51,8 +51,8 @@ class DrainResult:
 @dataclass(frozen=True)
 class _Change:
     action: Action
-    key: str
-    record: RecordLike
+    #: Validated, encoded and hashed once, by the handler's event; merged as it is.
+    incoming: Incoming
 
 
 def drain_inbox(
@@ -87,7 +87,7 @@ def drain_inbox(
             events = store.inbox.claim(writer.conn, sync.key, connection.connection_id, limit=limit)
             if not events:
                 break
-            buffer = _ChangeBuffer(writer)
+            buffer = _ChangeBuffer(writer, spec)
             done: list[int] = []
             for event in events:
                 handled_at = _utcnow()
@@ -157,7 +157,7 @@ def _handle(
             raise TypeError(f"on_webhook returned a {type(change).__name__}; expected Save, Update or Delete")
         # Raises InvalidBatchError (no primary key, not JSON, bad timestamp) before any SQL runs.
         (incoming,) = prepare_batch(action, [change.record], spec, handled_at)
-        changes.append(_Change(action, incoming.key, change.record))
+        changes.append(_Change(action, incoming))
     return changes
 
 
@@ -171,12 +171,15 @@ class _ChangeBuffer:
     ``fetched_at`` of a merge is the time its newest handler ran, and never earlier than the end
     of this transaction's previous merge: the writer holds the batch lock since before the first
     handler ran, so the only writes after a handler read its data are this batch's own earlier
-    (older) events, which must not make later events look stale.
+    (older) events, which must not make later events look stale. Each change keeps what it was
+    prepared with, by its own event: a delete without a timestamp is dated when its handler ran.
     """
 
-    def __init__(self, writer: RecordWriter) -> None:
+    def __init__(self, writer: RecordWriter, spec: RecordSpec) -> None:
         self._writer = writer
-        self._batches: dict[Action, list[RecordLike]] = {action: [] for action in _ACTIONS}
+        self._spec = spec
+        self._newest_wins = spec.strategy is MergeStrategy.NEWEST_SOURCE_WINS
+        self._batches: dict[Action, dict[str, Incoming]] = {action: {} for action in _ACTIONS}
         self._keys: dict[str, Action] = {}
         self._newest_handled: datetime | None = None
         self._previous_merge_end: datetime | None = None
@@ -184,11 +187,15 @@ class _ChangeBuffer:
 
     def add(self, changes: list[_Change], handled_at: datetime) -> None:
         for change in changes:
-            earlier = self._keys.get(change.key)
-            if earlier is not None and not (earlier == change.action and earlier in _COLLAPSIBLE):
+            action, incoming = change.action, change.incoming
+            earlier = self._keys.get(incoming.key)
+            if earlier is not None and not (earlier == action and earlier in _COLLAPSIBLE):
                 self._merge()
-            self._batches[change.action].append(change.record)
-            self._keys[change.key] = change.action
+            batch = self._batches[action]
+            kept = batch.get(incoming.key)
+            if kept is None or not supersedes(kept, incoming.source_updated_at, action, self._newest_wins):
+                batch[incoming.key] = incoming
+            self._keys[incoming.key] = action
             self._newest_handled = handled_at
 
     def finish(self) -> MergeResult:
@@ -203,8 +210,9 @@ class _ChangeBuffer:
             fetched_at = self._previous_merge_end
         for action in _ACTIONS:
             if self._batches[action]:
-                self.result += self._writer.merge(action, self._batches[action], fetched_at=fetched_at)
-                self._batches[action] = []
+                prepared = PreparedBatch(action, self._spec, fetched_at, list(self._batches[action].values()))
+                self.result += self._writer.merge(action, prepared)
+                self._batches[action] = {}
         self._keys.clear()
         self._previous_merge_end = _utcnow()
 

@@ -83,8 +83,11 @@ class PostgresBulk:
         self._dbapi = conn.connection.dbapi_connection
         self._sync = sync
         self._connection_id = connection_id
-        #: Whether this transaction already filled the staging table (which empties on commit).
-        self._stage_used = False
+        #: Whether this transaction already made sure the staging table exists. It is created in
+        #: the transaction that uses it (so a pooler that hands each transaction another server
+        #: session still finds it), once: on a loopback round trip that is half a millisecond
+        #: per merge, and a webhook batch makes several small merges.
+        self._stage_ready = False
         self._statistics_checked = False
 
     def _cursor(self) -> Any:
@@ -109,10 +112,9 @@ class PostgresBulk:
         # the server parses COPY text far faster than thousands of VALUES literals, and Python
         # builds one string instead of quoting every value through mogrify.
         with self._cursor() as cursor:
-            cursor.execute(_CREATE_STAGE)
-            if self._stage_used:
-                cursor.execute(f"TRUNCATE {_STAGE}")
-            self._stage_used = True
+            if not self._stage_ready:
+                cursor.execute(_CREATE_STAGE)
+                self._stage_ready = True
             deleted = now.isoformat()
             lines = [
                 "\t".join(
@@ -129,10 +131,12 @@ class PostgresBulk:
             ]
             lines.append("")
             cursor.copy_expert(f"COPY {_STAGE} FROM STDIN", io.StringIO("\n".join(lines)))
+            # The INSERT empties the stage as it reads it: the next merge of this transaction
+            # finds it empty without a TRUNCATE (a catalog change and another round trip).
             cursor.execute(
-                f"INSERT INTO {_TABLE} ({_UPSERT_COLUMNS}) "
+                f"WITH staged AS (DELETE FROM {_STAGE} RETURNING *) INSERT INTO {_TABLE} ({_UPSERT_COLUMNS}) "
                 "SELECT %(sync)s, %(connection_id)s, external_id, data, data_hash, source_updated_at, "
-                f"%(now)s, %(now)s, deleted_at, last_action, %(seen)s FROM {_STAGE} {_ON_CONFLICT}",
+                f"%(now)s, %(now)s, deleted_at, last_action, %(seen)s FROM staged {_ON_CONFLICT}",
                 {"sync": self._sync, "connection_id": self._connection_id, "now": now, "seen": seen_by_run},
             )
 

@@ -248,11 +248,15 @@ def prepare_batch(
                 source_updated_at = _max_time(previous.source_updated_at, source_updated_at)
             by_key[key] = Incoming(key, data, data_json, data_hash, source_updated_at, patches)
             continue
-        if previous is not None and (newest_wins or action == "delete"):
-            if _newer(previous.source_updated_at, source_updated_at):
-                continue
-        by_key[key] = Incoming(key, data, data_json, data_hash, source_updated_at)
+        if previous is None or not supersedes(previous, source_updated_at, action, newest_wins):
+            by_key[key] = Incoming(key, data, data_json, data_hash, source_updated_at)
     return list(by_key.values())
+
+
+def supersedes(kept: Incoming, source_updated_at: datetime | None, action: Action, newest_wins: bool) -> bool:
+    """Whether ``kept`` stays when a later full copy or delete of its key, with this provider
+    timestamp, joins the same batch (see :func:`prepare_batch`; partial updates never collapse)."""
+    return (newest_wins or action == "delete") and _newer(kept.source_updated_at, source_updated_at)
 
 
 def _json_problem(error: Exception) -> str:

@@ -348,6 +348,24 @@ def test_many_pages_in_one_writer(store: Store) -> None:
     assert store.count(SYNC, CONN) == 12_000
 
 
+def test_each_merge_of_one_writer_writes_only_its_own_batch(store: Store) -> None:
+    """Merges in one transaction share whatever the backend stages rows in: none may see another's.
+
+    A webhook batch makes several small merges in one transaction; if a later one also wrote what an
+    earlier one staged, the delete below would be undone by the last save.
+    """
+    with store.writer(SYNC, CONN, NEWEST) as writer:
+        assert counts(writer.save([contact("a", 1)])) == {"added": 1}
+        assert counts(writer.save([contact("b", 1)])) == {"added": 1}
+        assert counts(writer.delete([{"id": "a", "updated_at": stamp(2)}])) == {"deleted": 1}
+        assert counts(writer.save([contact("c", 1)])) == {"added": 1}
+    a, b, c = (store.get(SYNC, CONN, key) for key in "abc")
+    assert a is not None and a.deleted_at is not None and a.last_action == "deleted"
+    assert b is not None and b.data == contact("b", 1)
+    assert c is not None and c.data == contact("c", 1)
+    assert store.count(SYNC, CONN) == 2
+
+
 def test_a_newer_delete_of_a_tombstone_moves_its_guard_but_not_the_feed(store: Store) -> None:
     """Found by the property test: a second, newer delete used to leave the tombstone at the
     first delete's time, so a copy between the two could resurrect the record."""
