@@ -95,9 +95,13 @@ def test_the_next_page_is_fetched_while_the_current_one_commits(store, connectio
     result = run_poll(store, source, connection)
 
     assert result.pages == PAGES and result.merge.added == PAGES * PER_PAGE
-    # Page n is requested while page n-1 is in flight, never before page n-2 committed: at most
-    # one page waits in memory beside the one being written.
-    assert source.committed_when_requested == [0, 0, 1, 2, 3]
+    # Page 2 is requested while page 1's transaction is open (held until then). Page n is never
+    # requested before page n-2 committed: at most one page waits in memory beside the one being
+    # written. Whether the fetch thread asks for page n before or after page n-1 commits is up
+    # to the scheduler, so either count is right.
+    requested = source.committed_when_requested
+    assert requested[:2] == [0, 0]
+    assert all(number - 2 <= committed <= number - 1 for number, committed in enumerate(requested, start=1) if number > 2), requested
     assert store.count("memory/items", CONNECTION) == PAGES * PER_PAGE
     assert store.state.get("memory/items", CONNECTION).checkpoint == {"page": PAGES}
 
