@@ -92,7 +92,8 @@ records = Table(
     Column("last_action", String(16), nullable=False),
     # The full-refresh run that last saw this record at the provider (delete detection).
     Column("seen_by_run", String(64), nullable=True),
-    PrimaryKeyConstraint("sync", "connection_id", "external_id", name="pk_records"),
+    # Led by the id, which decides almost every comparison in the index (revision 0004).
+    PrimaryKeyConstraint("external_id", "sync", "connection_id", name="pk_records"),
     Index("ix_records_feed", "sync", "connection_id", "last_modified_at", "external_id"),
 )
 
