@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import string
 import sys
 import tempfile
@@ -188,8 +189,9 @@ def create_bare_table(engine: sa.Engine) -> None:
                 "SELECT sql FROM sqlite_master WHERE tbl_name = 'records' AND sql IS NOT NULL ORDER BY type DESC"
             ).scalars().all()
             for statement in ddl:
-                statement = statement.replace(" ON records ", " ON bare_records ").replace("INDEX ix_", "INDEX bare_ix_")
-                conn.exec_driver_sql(statement.replace("TABLE records", "TABLE bare_records", 1))
+                # A table rebuilt by a migration (alembic batch mode) keeps its name quoted.
+                statement = re.sub(r'\b(TABLE|ON) "?records"?(?=[ (])', r"\1 bare_records", statement, count=1)
+                conn.exec_driver_sql(statement.replace("INDEX ix_", "INDEX bare_ix_"))
 
 
 def tidy(engine: sa.Engine) -> None:
