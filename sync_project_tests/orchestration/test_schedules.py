@@ -31,13 +31,14 @@ def test_schedule_requests_incremental_runs_for_active_registered_connections(in
     tick = datetime(2026, 11, 26, 12, 5, tzinfo=timezone.utc)
 
     def evaluate() -> list[dg.RunRequest]:
-        context = dg.build_schedule_context(
+        # Entered, so the instance the context opens is closed here and not by the garbage collector.
+        with dg.build_schedule_context(
             instance=instance,
             scheduled_execution_time=tick,
             resources={"sync_store": StoreResource(database_url=store.url)},
             repository_def=defs.get_repository_def(),
-        )
-        return list(schedule.evaluate_tick(context).run_requests or [])
+        ) as context:
+            return list(schedule.evaluate_tick(context).run_requests or [])
 
     requests = evaluate()
     assert sorted(r.partition_key for r in requests) == ["a", "b"]
@@ -54,13 +55,13 @@ def test_sub_minute_syncs_poll_through_a_sensor(instance, store):
     sensor = defs.resolve_sensor_def("poll_fakeapi__fast")
     assert sensor.minimum_interval_seconds == 30
     store.connections.add("fakeapi", "a", config={"base_url": "http://127.0.0.1:9"})
-    context = dg.build_sensor_context(
+    with dg.build_sensor_context(
         instance=instance,
         instance_ref=instance.get_ref(),
         resources={"sync_store": StoreResource(database_url=store.url)},
         definitions=defs,
-    )
-    result = sensor.evaluate_tick(context)
+    ) as context:
+        result = sensor.evaluate_tick(context)
     assert [r.partition_key for r in result.run_requests] == ["a"]
 
 
