@@ -47,7 +47,9 @@ class PreparedBatch:
 
     Preparing needs no database and no lock, and it is a fifth of a merge's time (canonical JSON
     and its hash, per record). A poll prepares page k+1 on its fetch thread while page k's
-    transaction runs, so that work overlaps the database's instead of adding to it.
+    transaction runs, so that work overlaps the database's instead of adding to it. The webhook
+    drain builds one from changes its handlers returned, each prepared once, by its own event
+    (a delete without a timestamp is dated by that event's handling, not by ``fetched_at``).
     """
 
     action: Action
