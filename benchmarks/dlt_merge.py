@@ -272,7 +272,6 @@ def load_with_store(store: Store, load: Load, *, sync: str = SYNC, client: httpx
         )
 
 
-
 def dlt_credentials(database_url: str) -> str:
     """A libpq URL for dlt. dlt insists on a password; trust-auth servers ignore the placeholder."""
     url = sa.engine.make_url(database_url).set(drivername="postgresql")
