@@ -55,7 +55,9 @@ def test_pages_resume_from_an_opaque_cursor(store: Store) -> None:
     assert after.records == [] and not after.has_more
     # The last cursor is kept on an empty page, so a consumer can poll for news with it.
     assert after.next_cursor == third.next_cursor
-    assert first.next_cursor is not None and "k1" not in first.next_cursor  # opaque, URL-safe
+    # Opaque and URL-safe: no plain timestamp (its ':' and '+' would show). Not "the id is absent":
+    # a short id like "k1" can turn up by chance inside base64 text (it did, in CI).
+    assert first.next_cursor is not None
     assert all(ch.isalnum() or ch in "-_" for ch in first.next_cursor)
 
     store.save(SYNC, CONN, NEWEST, [contact("k0", 2)])
