@@ -184,6 +184,10 @@ def create_bare_table(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.exec_driver_sql("CREATE TABLE bare_records (LIKE records INCLUDING ALL)")
+            # LIKE copies columns and indexes, not the table's storage parameters (fillfactor).
+            options = conn.exec_driver_sql("SELECT reloptions FROM pg_class WHERE oid = 'records'::regclass").scalar()
+            if options:
+                conn.exec_driver_sql(f"ALTER TABLE bare_records SET ({', '.join(options)})")
         else:  # the table and every index of it, as in Postgres' LIKE ... INCLUDING ALL
             ddl = conn.exec_driver_sql(
                 "SELECT sql FROM sqlite_master WHERE tbl_name = 'records' AND sql IS NOT NULL ORDER BY type DESC"

@@ -1,15 +1,17 @@
 """Reading records: the change feed (keyset pages with an opaque cursor) and pandas DataFrames.
 
 Writers of one (sync, connection) are serialised and stamp ``last_modified_at`` strictly
-increasing in commit order, so paging by ``(last_modified_at, external_id)`` never skips a change
-made while a consumer pages: a record changed after the consumer passed it comes back, later, with
-its new content (a record can therefore appear more than once; consumers upsert by id).
+increasing in commit order, each entering its stamp and ids in ``feed_entries``, so paging by
+``(last_modified_at, external_id)`` never skips a change made while a consumer pages: a record
+changed after the consumer passed it comes back, later, with its new content (a record can therefore
+appear more than once; consumers upsert by id).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import json
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -17,11 +19,11 @@ from typing import Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel
-from sqlalchemy import select, tuple_
+from sqlalchemy import delete, select, text
 from sqlalchemy.engine import Connection
 
 from sync_project.store.errors import StoreError
-from sync_project.store.schema import UtcDateTime, records
+from sync_project.store.schema import UtcDateTime, feed_entries, records
 
 ChangeAction = Literal["added", "updated", "deleted"]
 MAX_PAGE = 10_000
@@ -92,32 +94,119 @@ def read_changes(
     actions: Sequence[ChangeAction] | None = None,
     modified_after: datetime | None = None,
 ) -> ChangePage:
+    """One page of changes after ``cursor``, in (last_modified_at, id) order.
+
+    Walks ``feed_entries`` (one row per write, its ids) in stamp order and looks each id's record up
+    by primary key; an id whose record has moved on to a later stamp is skipped here and shown at
+    that stamp. Ids are ordered in Python (code-point order), so the order and the cursor's
+    comparison do not depend on the database's collation.
+    """
     if not 1 <= limit <= MAX_PAGE:
         raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
-    query = select(*_COLUMNS).where(records.c.sync == sync, records.c.connection_id == connection_id)
-    if cursor:
-        stamp, key = decode_cursor(cursor)
-        query = query.where(
-            tuple_(records.c.last_modified_at, records.c.external_id)
-            > tuple_(_stamp_param(stamp), key)
-        )
-    if modified_after is not None:
-        if modified_after.tzinfo is None or modified_after.utcoffset() is None:
-            raise ValueError(f"modified_after must be timezone-aware (got naive {modified_after.isoformat()})")
-        query = query.where(records.c.last_modified_at >= modified_after)
+    after: tuple[datetime, str] | None = decode_cursor(cursor) if cursor else None
+    if modified_after is not None and (modified_after.tzinfo is None or modified_after.utcoffset() is None):
+        raise ValueError(f"modified_after must be timezone-aware (got naive {modified_after.isoformat()})")
     if actions:
         unknown = set(actions) - {"added", "updated", "deleted"}
         if unknown:
             raise ValueError(f"unknown action filter {sorted(unknown)}; use added, updated or deleted")
-        query = query.where(records.c.last_action.in_(list(actions)))
-    query = query.order_by(records.c.last_modified_at, records.c.external_id).limit(limit + 1)
-    rows = conn.execute(query).all()
-    page = [_change(row) for row in rows[:limit]]
-    if page:
-        next_cursor: str | None = encode_cursor(page[-1].last_modified_at, page[-1].id)
-    else:
-        next_cursor = cursor
-    return ChangePage(records=page, next_cursor=next_cursor, has_more=len(rows) > limit)
+    lookup = select(*_COLUMNS).where(records.c.sync == sync, records.c.connection_id == connection_id)
+    if actions:
+        lookup = lookup.where(records.c.last_action.in_(list(actions)))
+
+    wanted = limit + 1  # one more than the page says whether there is more
+    found: list[Change] = []
+    for stamp, ids in _entries(conn, sync, connection_id, after, modified_after):
+        start, size = 0, min(max(wanted - len(found), _LOOKUP_MIN), _LOOKUP_MAX)
+        while start < len(ids) and len(found) < wanted:
+            chunk = ids[start : start + size]
+            start += size
+            rows = conn.execute(
+                lookup.where(records.c.external_id.in_(chunk), records.c.last_modified_at == stamp)
+            ).all()
+            found.extend(sorted((_change(row) for row in rows), key=lambda change: change.id))
+            if len(rows) < len(chunk):  # ids moved on or filtered out: ask for more at once
+                size = min(size * 2, _LOOKUP_MAX)
+        if len(found) >= wanted:
+            break
+    page = found[:limit]
+    next_cursor = encode_cursor(page[-1].last_modified_at, page[-1].id) if page else cursor
+    return ChangePage(records=page, next_cursor=next_cursor, has_more=len(found) > limit)
+
+
+#: Ids looked up per statement: what the page still needs, at least a few, doubling while ids
+#: turn out to have moved on or to be filtered out; at most enough to keep an IN list modest.
+_LOOKUP_MIN = 64
+_LOOKUP_MAX = 2_000
+#: feed_entries rows read per statement while walking the feed (a page's write lists 5,000 ids).
+_ENTRY_BATCH = 4
+
+
+def _entries(
+    conn: Connection,
+    sync: str,
+    connection_id: str,
+    after: tuple[datetime, str] | None,
+    modified_after: datetime | None,
+) -> Iterator[tuple[datetime, list[str]]]:
+    """The feed's writes from the cursor on, oldest first: (stamp, its ids after the cursor, sorted)."""
+    query = (
+        select(feed_entries.c.modified_at, feed_entries.c.external_ids)
+        .where(feed_entries.c.sync == sync, feed_entries.c.connection_id == connection_id)
+        .order_by(feed_entries.c.modified_at)
+        .limit(_ENTRY_BATCH)
+    )
+    floor: datetime | None = None
+    if modified_after is not None:
+        query = query.where(feed_entries.c.modified_at >= _stamp_param(modified_after))
+    if after is not None:
+        floor = after[0]
+        query = query.where(feed_entries.c.modified_at >= _stamp_param(floor))
+    while True:
+        batch = conn.execute(query).all()
+        for stamp, ids_json in batch:
+            ids = sorted(json.loads(ids_json))
+            if after is not None and stamp == after[0]:
+                ids = ids[bisect.bisect_right(ids, after[1]) :]
+            if ids:
+                yield stamp, ids
+        if len(batch) < _ENTRY_BATCH:
+            return
+        query = query.where(feed_entries.c.modified_at > _stamp_param(batch[-1][0]))
+
+
+#: Writers compact a connection's entries once this many listed ids are superseded...
+COMPACT_MIN_SUPERSEDED = 10_000
+#: ...and at least this share of all its listed ids (so each compaction, a pass over the
+#: connection's records, is paid for by as many changes as the connection has records).
+COMPACT_SUPERSEDED_SHARE = 0.5
+
+
+def should_compact(ids_listed: int, ids_superseded: int) -> bool:
+    return ids_superseded >= COMPACT_MIN_SUPERSEDED and ids_superseded >= COMPACT_SUPERSEDED_SHARE * ids_listed
+
+
+def compact(conn: Connection, sync: str, connection_id: str) -> int:
+    """Rewrite one connection's feed entries as one per stamp still held by a record; returns the
+    ids they list (the connection's records). Call it under the connection's batch lock, so no
+    writer adds an entry meanwhile; readers see the old entries or the new, both correct."""
+    scope = {"sync": sync, "connection_id": connection_id}
+    conn.execute(delete(feed_entries).where(feed_entries.c.sync == sync, feed_entries.c.connection_id == connection_id))
+    ids = "json_agg(external_id)::text" if conn.dialect.name == "postgresql" else "json_group_array(external_id)"
+    conn.execute(
+        text(
+            "INSERT INTO feed_entries (sync, connection_id, modified_at, external_ids, ids_listed, ids_superseded) "
+            f"SELECT sync, connection_id, last_modified_at, {ids}, sum(count(*)) OVER (), 0 FROM records "
+            "WHERE sync = :sync AND connection_id = :connection_id GROUP BY sync, connection_id, last_modified_at"
+        ),
+        scope,
+    )
+    listed = conn.execute(
+        select(feed_entries.c.ids_listed)
+        .where(feed_entries.c.sync == sync, feed_entries.c.connection_id == connection_id)
+        .limit(1)
+    ).scalar()
+    return int(listed or 0)
 
 
 def _stamp_param(stamp: datetime) -> Any:

@@ -14,9 +14,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import case, func, literal, or_, select, update
+from sqlalchemy import case, insert, literal, or_, select, update
 from sqlalchemy.engine import Connection
 
+from sync_project.store import feed
 from sync_project.store.bulk import KEY_CHUNK, bulk_writer
 from sync_project.store.errors import InvalidBatchError
 from sync_project.store.locks import take_batch_lock
@@ -30,7 +31,7 @@ from sync_project.store.merge import (
     plan_batch,
     prepare_batch,
 )
-from sync_project.store.schema import UtcDateTime, records
+from sync_project.store.schema import UtcDateTime, feed_entries, records
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
 
@@ -81,6 +82,9 @@ class RecordWriter:
         self.connection_id = connection_id
         self.spec = spec
         self._last_stamp: datetime | None = None
+        # The connection's feed totals (see feed.compact), read with the last stamp.
+        self._ids_listed = 0
+        self._ids_superseded = 0
         take_batch_lock(conn, sync, connection_id)
         self._bulk = bulk_writer(conn, sync, connection_id)
 
@@ -161,8 +165,11 @@ class RecordWriter:
                 records.c.last_modified_at < started_at,
             )
             .values(deleted_at=now, last_modified_at=now, last_action="deleted", source_updated_at=source)
+            .returning(records.c.external_id)
         )
-        return self.conn.execute(statement).rowcount
+        keys = list(self.conn.execute(statement).scalars())
+        self._record_feed_entry(now, keys, superseded=len(keys))
+        return len(keys)
 
     # -- sync state, in the same transaction as the records it describes ---------------------
 
@@ -195,11 +202,14 @@ class RecordWriter:
         feed reader paging by (last_modified_at, key) can never miss a later commit.
         """
         if self._last_stamp is None:
-            self._last_stamp = self.conn.execute(
-                select(func.max(records.c.last_modified_at)).where(
-                    records.c.sync == self.sync, records.c.connection_id == self.connection_id
-                )
-            ).scalar()
+            newest = self.conn.execute(
+                select(feed_entries.c.modified_at, feed_entries.c.ids_listed, feed_entries.c.ids_superseded)
+                .where(feed_entries.c.sync == self.sync, feed_entries.c.connection_id == self.connection_id)
+                .order_by(feed_entries.c.modified_at.desc())
+                .limit(1)
+            ).first()
+            if newest is not None:
+                self._last_stamp, self._ids_listed, self._ids_superseded = newest
         now = utcnow()
         if self._last_stamp is not None and now <= self._last_stamp:
             now = self._last_stamp + _ONE_MICROSECOND
@@ -215,10 +225,33 @@ class RecordWriter:
                 self._bulk.upsert(content, now, seen_by_run)
             if tombstones:
                 self._bulk.tombstone(tombstones, now)
+            self._record_feed_entry(
+                now, [w.key for w in plan.writes], superseded=sum(1 for w in plan.writes if not w.is_new)
+            )
         if plan.advance:
             self._bulk.advance_source(plan.advance)
         if seen_by_run and plan.untouched:
             self._bulk.mark_seen(plan.untouched, seen_by_run)
+
+    def _record_feed_entry(self, stamp: datetime, keys: list[str], *, superseded: int) -> None:
+        """Enter one write in the change feed: the records stamped ``stamp`` (each once), of which
+        ``superseded`` were listed before under an older stamp; compact the feed when it is due."""
+        if not keys:
+            return
+        self._ids_listed += len(keys)
+        self._ids_superseded += superseded
+        self.conn.execute(
+            insert(feed_entries).values(
+                sync=self.sync,
+                connection_id=self.connection_id,
+                modified_at=stamp,
+                external_ids=json.dumps(keys),
+                ids_listed=self._ids_listed,
+                ids_superseded=self._ids_superseded,
+            )
+        )
+        if feed.should_compact(self._ids_listed, self._ids_superseded):
+            self._ids_listed, self._ids_superseded = feed.compact(self.conn, self.sync, self.connection_id), 0
 
 
 def _aware(name: str, value: datetime) -> datetime:

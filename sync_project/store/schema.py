@@ -92,9 +92,28 @@ records = Table(
     Column("last_action", String(16), nullable=False),
     # The full-refresh run that last saw this record at the provider (delete detection).
     Column("seen_by_run", String(64), nullable=True),
-    # Led by the id, which decides almost every comparison in the index (revision 0004).
-    PrimaryKeyConstraint("external_id", "sync", "connection_id", name="pk_records"),
-    Index("ix_records_feed", "sync", "connection_id", "last_modified_at", "external_id"),
+    # The only index. No index holds a column that a merge changes, so Postgres rewrites a record
+    # within its page without touching the index (a "HOT" update); the change feed is ordered by
+    # feed_entries instead (revision 0005).
+    PrimaryKeyConstraint("sync", "connection_id", "external_id", name="pk_records"),
+)
+
+feed_entries = Table(
+    "feed_entries",
+    metadata,
+    Column("sync", String(128), nullable=False),
+    Column("connection_id", String(255), nullable=False),
+    # One write's stamp: every record it changed has this last_modified_at (until changed again).
+    Column("modified_at", UtcDateTime, nullable=False),
+    # The write's record ids, a JSON array: one row per write, not per record, costs a merge page
+    # one small insert. Ids whose record has moved on to a later stamp are skipped by the reader.
+    Column("external_ids", Text, nullable=False),
+    # Running totals for the (sync, connection) since its entries were last compacted, as of this
+    # entry: the ids its entries list, and how many of those a later write has superseded. The
+    # writers read them off the newest entry to decide when to compact (feed.compact).
+    Column("ids_listed", BigInteger, nullable=False),
+    Column("ids_superseded", BigInteger, nullable=False),
+    PrimaryKeyConstraint("sync", "connection_id", "modified_at", name="pk_feed_entries"),
 )
 
 sync_state = Table(

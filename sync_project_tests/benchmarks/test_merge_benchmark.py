@@ -21,4 +21,13 @@ def test_the_bare_table_copies_the_migrated_records_table(database_url: str) -> 
             return columns, key, indexes
 
         assert shape("bare_records") == shape("records")
-        assert shape("records")[1] == ["external_id", "sync", "connection_id"]
+        assert shape("records")[1] == ["sync", "connection_id", "external_id"]
+        if store.backend == "postgresql":
+            with store.engine.connect() as conn:
+                options = conn.exec_driver_sql(
+                    "SELECT relname, reloptions FROM pg_class WHERE relname IN ('records', 'bare_records')"
+                ).all()
+            assert {name: tuple(opts) for name, opts in options} == {
+                "records": ("fillfactor=80",),
+                "bare_records": ("fillfactor=80",),
+            }

@@ -11,9 +11,11 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
-from sync_project.store import InvalidCursorError, Store
+from sync_project.store import InvalidCursorError, Store, feed
 from sync_project.store.records import utcnow
+from sync_project.store.schema import feed_entries
 
 from .helpers import CONN, NEWEST, contact, stamp
 
@@ -100,7 +102,78 @@ def test_invalid_limit_and_action_filter_are_errors(store: Store) -> None:
         store.changes(SYNC, CONN, actions=["created"])  # type: ignore[list-item]
 
 
-def test_paging_while_a_writer_changes_records_misses_nothing(store: Store) -> None:
+@pytest.fixture(params=["entries kept", "compacting often"])
+def compaction(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Feed guarantees hold whether the writers compact the feed entries meanwhile or not."""
+    if request.param == "compacting often":
+        monkeypatch.setattr(feed, "COMPACT_MIN_SUPERSEDED", 2)
+    return str(request.param)
+
+
+def feed_rows(store: Store) -> list[tuple[Any, list[str], int, int]]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(
+                feed_entries.c.modified_at,
+                feed_entries.c.external_ids,
+                feed_entries.c.ids_listed,
+                feed_entries.c.ids_superseded,
+            )
+            .where(feed_entries.c.sync == SYNC)
+            .order_by(feed_entries.c.modified_at)
+        ).all()
+    return [(at_, sorted(json.loads(ids)), listed, superseded) for at_, ids, listed, superseded in rows]
+
+
+def test_each_write_is_one_feed_entry_and_compaction_keeps_only_current_ids(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(feed, "COMPACT_MIN_SUPERSEDED", 4)
+    store.save(SYNC, CONN, NEWEST, [contact(k, 1) for k in "abcde"])
+    store.save(SYNC, CONN, NEWEST, [contact(k, 2) for k in "ab"] + [contact("f", 1)])
+    before = store.changes(SYNC, CONN, limit=2)  # a cursor handed out before compacting
+    assert [c.id for c in before.records] == ["c", "d"]
+    entries = feed_rows(store)
+    assert [(ids, listed, superseded) for _, ids, listed, superseded in entries] == [
+        (list("abcde"), 5, 0),
+        (list("abf"), 8, 2),
+    ]
+
+    # 3 more superseded: 5 of 11 listed, under half: no compaction yet.
+    store.delete(SYNC, CONN, NEWEST, [{"id": k, "updated_at": stamp(3)} for k in "abc"])
+    assert [(listed, superseded) for *_, listed, superseded in feed_rows(store)][-1] == (11, 5)
+    # 1 more: 6 of 12, half: the entries are rewritten to list each record once, at its stamp.
+    store.save(SYNC, CONN, NEWEST, [contact("d", 2)])
+    after = feed_rows(store)
+    assert [(ids, listed, superseded) for _, ids, listed, superseded in after] == [
+        (["e"], 6, 0),
+        (["f"], 6, 0),
+        (list("abc"), 6, 0),
+        (["d"], 6, 0),
+    ]
+    assert [at_ for at_, *_ in after] == [entries[0][0], entries[1][0], *[at_ for at_, *_ in after[2:]]]
+
+    changes = read_all(store)
+    assert [(c.id, c.last_action) for c in changes] == [
+        ("e", "added"), ("f", "added"), ("a", "deleted"), ("b", "deleted"), ("c", "deleted"), ("d", "updated")
+    ]
+    resumed = store.changes(SYNC, CONN, cursor=before.next_cursor, limit=100)
+    assert [c.id for c in resumed.records] == ["e", "f", "a", "b", "c", "d"]  # d again: it changed since
+
+
+def test_delete_detection_enters_the_feed(store: Store) -> None:
+    store.save(SYNC, CONN, NEWEST, [contact(k, 1) for k in "abc"])
+    page = store.changes(SYNC, CONN)
+    started = utcnow()
+    with store.writer(SYNC, CONN, NEWEST) as writer:
+        writer.save([contact("a", 1)], seen_by_run="run-1")
+        assert writer.delete_unseen("run-1", started) == 2
+
+    news = store.changes(SYNC, CONN, cursor=page.next_cursor)
+    assert [(c.id, c.last_action) for c in news.records] == [("b", "deleted"), ("c", "deleted")]
+
+
+def test_paging_while_a_writer_changes_records_misses_nothing(store: Store, compaction: str) -> None:
     """Writes land between the consumer's page reads: records it already passed, records
     ahead of it, new ones and deletes. Upserting by id, the consumer ends with every final
     version."""
@@ -137,7 +210,7 @@ def test_paging_while_a_writer_changes_records_misses_nothing(store: Store) -> N
     assert len(final) == 42
 
 
-def test_paging_alongside_a_writer_thread_misses_nothing(store: Store) -> None:
+def test_paging_alongside_a_writer_thread_misses_nothing(store: Store, compaction: str) -> None:
     """The same guarantee with a real concurrent writer (another connection, its own thread)."""
     keys = [f"k{i:02d}" for i in range(20)]
     store.save(SYNC, CONN, NEWEST, [contact(k, 1) for k in keys])

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 from alembic import command
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
-from sync_project.store import Store, migrate
+from sync_project.store import migrate
 from sync_project.store.engine import make_engine
+from sync_project.store.schema import records
 
-from .helpers import CONN, NEWEST, contact
+from .helpers import at, insert_old_records
 
 SYNC = "crm/contacts"
 
@@ -18,29 +21,36 @@ def primary_key(engine: Engine) -> list[str]:
     return list(inspect(engine).get_pk_constraint("records")["constrained_columns"])
 
 
+def all_records(engine: Engine) -> list[tuple[str, str, str]]:
+    with engine.connect() as conn:
+        return sorted(conn.execute(select(records.c.sync, records.c.external_id, records.c.data)).all())
+
+
 def test_upgrading_reorders_the_key_and_keeps_every_record(database_url: str) -> None:
     engine = make_engine(database_url)
     try:
         migrate.upgrade(engine, "0003f")
         assert primary_key(engine) == ["sync", "connection_id", "external_id"]
-        old = Store(engine=engine, migrate_schema=False)
-        old.save(SYNC, CONN, NEWEST, [contact("a", 1), contact("b", 1)])
-        old.delete(SYNC, CONN, NEWEST, [{"id": "b", "updated_at": contact("b", 2)["updated_at"]}])
-        old.save("other/sync", CONN, NEWEST, [contact("a", 5)])
-        before = {(sync, key): old.get(sync, CONN, key) for sync, key in [(SYNC, "a"), (SYNC, "b"), ("other/sync", "a")]}
+        insert_old_records(
+            engine,
+            [
+                {"sync": SYNC, "external_id": "a", "last_modified_at": at(1)},
+                {"sync": SYNC, "external_id": "b", "last_modified_at": at(2), "deleted_at": at(2)},
+                {"sync": "other/sync", "external_id": "a", "last_modified_at": at(1)},
+            ],
+        )
+        before = all_records(engine)
 
-        migrate.upgrade(engine)
+        migrate.upgrade(engine, "0004")
         assert primary_key(engine) == ["external_id", "sync", "connection_id"]
-        store = Store(engine=engine, migrate_schema=False)
-        assert {(sync, key): store.get(sync, CONN, key) for sync, key in before} == before
-        # The key still refuses a second row of one record, and merges still find the stored ones.
-        result = store.save(SYNC, CONN, NEWEST, [contact("a", 1), contact("b", 1), contact("c", 1)])
-        assert (result.added, result.unchanged, result.skipped_stale) == (1, 1, 1)
-        assert store.count(SYNC, CONN) == 2 and store.count("other/sync", CONN) == 1
+        assert all_records(engine) == before
+        # The key still refuses a second row of one record.
+        with pytest.raises(IntegrityError):
+            insert_old_records(engine, [{"sync": SYNC, "external_id": "a", "last_modified_at": at(3)}])
 
         with engine.begin() as conn:
             command.downgrade(migrate._config(conn), "0003f")
         assert primary_key(engine) == ["sync", "connection_id", "external_id"]
-        assert Store(engine=engine, migrate_schema=False).count(SYNC, CONN) == 2
+        assert all_records(engine) == before
     finally:
         engine.dispose()
