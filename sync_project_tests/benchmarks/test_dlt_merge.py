@@ -31,15 +31,24 @@ def _flatten(load: dlt_merge.Load) -> list[dict]:
 
 def test_both_sides_get_the_same_rows() -> None:
     workload = dlt_merge.build_workload(1000)
-    initial, changes, refresh = workload.loads
+    initial, *rounds, refresh = workload.loads
     assert _flatten(initial) == initial.dlt_rows and initial.source_records == 1000
-    assert sorted(_flatten(changes), key=lambda r: r["id"]) == sorted(changes.dlt_rows, key=lambda r: r["id"])
-    assert changes.source_records == 200 + 10
-    assert sum(1 for r in changes.dlt_rows if r.get(dlt_merge.DELETED_COLUMN)) == 10
-    assert len(changes.expected) == 990
+    assert [load.round_number for load in rounds] == list(range(1, dlt_merge.CHANGE_ROUNDS + 1))
+    assert len({load.name for load in rounds}) == 1  # rounds of one case, one figure
+    live = 1000
+    for changes in rounds:
+        assert sorted(_flatten(changes), key=lambda r: r["id"]) == sorted(changes.dlt_rows, key=lambda r: r["id"])
+        assert changes.source_records == 200 + 10
+        assert sum(1 for r in changes.dlt_rows if r.get(dlt_merge.DELETED_COLUMN)) == 10
+        live -= 10
+        assert len(changes.expected) == live
+        # Each round changes and deletes only records still live after the previous one.
+        before = initial.expected if changes.round_number == 1 else rounds[changes.round_number - 2].expected
+        assert {r["id"] for r in changes.dlt_rows} <= before.keys()
+        assert sum(1 for key, at in changes.expected.items() if before[key] != at) == 200
     # The full refresh: sync_project sees only the survivors; dlt is also told what vanished.
     assert [r for r in refresh.dlt_rows if not r.get(dlt_merge.DELETED_COLUMN)] == _flatten(refresh)
-    assert refresh.source_records == 990 and len(refresh.expected) == 980
+    assert refresh.source_records == live and len(refresh.expected) == live - 10
     assert refresh.full_refresh and not refresh.has_target
 
 
@@ -53,7 +62,7 @@ def test_store_loads_end_in_the_expected_state(store: Store) -> None:
     for load in workload.loads:
         dlt_merge.load_with_store(store, load, sync=sync)
         dlt_merge.check_store(store.engine, load, sync=sync)  # raises on any difference
-    assert store.count(sync, dlt_merge.CONNECTION) == 980
+    assert store.count(sync, dlt_merge.CONNECTION) == 1000 - 10 * (dlt_merge.CHANGE_ROUNDS + 1)
 
 
 def test_the_check_catches_a_wrong_state(store: Store) -> None:
