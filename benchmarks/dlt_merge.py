@@ -93,6 +93,7 @@ from _common import (
     private_postgres_database,
     publish,
     record_bytes,
+    sample_indexes,
 )
 from sync_project.core.sync import Page, SyncDefinition
 from sync_project.orchestration.polling import poll
@@ -190,10 +191,8 @@ def build_workload(count: int) -> Workload:
     current = list(initial)
     gone: set[int] = set()
     for round_number in range(1, CHANGE_ROUNDS + 1):
-        live_now = [i for i in range(count) if i not in gone]
-        updated = sorted(rng.sample(live_now, round(count * UPDATED_FRACTION)))
-        chosen = set(updated)
-        deleted = sorted(rng.sample([i for i in live_now if i not in chosen], round(count * DELETED_FRACTION)))
+        updated = sample_indexes(count, UPDATED_FRACTION, rng, exclude=gone)
+        deleted = sample_indexes(count, DELETED_FRACTION, rng, exclude=gone.union(updated))
         changed_at = DATASET_EPOCH + timedelta(days=round_number)
         for index in updated:
             current[index] = modified(current[index], rng, changed_at + timedelta(milliseconds=index))
