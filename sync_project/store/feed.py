@@ -156,12 +156,10 @@ def _entries(
         .order_by(feed_entries.c.modified_at)
         .limit(_ENTRY_BATCH)
     )
-    floor: datetime | None = None
     if modified_after is not None:
         query = query.where(feed_entries.c.modified_at >= _stamp_param(modified_after))
     if after is not None:
-        floor = after[0]
-        query = query.where(feed_entries.c.modified_at >= _stamp_param(floor))
+        query = query.where(feed_entries.c.modified_at >= _stamp_param(after[0]))
     while True:
         batch = conn.execute(query).all()
         for stamp, ids_json in batch:
@@ -190,7 +188,6 @@ def compact(conn: Connection, sync: str, connection_id: str) -> int:
     """Rewrite one connection's feed entries as one per stamp still held by a record; returns the
     ids they list (the connection's records). Call it under the connection's batch lock, so no
     writer adds an entry meanwhile; readers see the old entries or the new, both correct."""
-    scope = {"sync": sync, "connection_id": connection_id}
     conn.execute(delete(feed_entries).where(feed_entries.c.sync == sync, feed_entries.c.connection_id == connection_id))
     ids = "json_agg(external_id)::text" if conn.dialect.name == "postgresql" else "json_group_array(external_id)"
     conn.execute(
@@ -199,7 +196,7 @@ def compact(conn: Connection, sync: str, connection_id: str) -> int:
             f"SELECT sync, connection_id, last_modified_at, {ids}, sum(count(*)) OVER (), 0 FROM records "
             "WHERE sync = :sync AND connection_id = :connection_id GROUP BY sync, connection_id, last_modified_at"
         ),
-        scope,
+        {"sync": sync, "connection_id": connection_id},
     )
     listed = conn.execute(
         select(feed_entries.c.ids_listed)
