@@ -3,9 +3,10 @@
 A merge page is thousands of rows. Through SQLAlchemy each row pays for parameter dictionaries and
 type processing, and on psycopg2 an ``INSERT ... ON CONFLICT`` without RETURNING falls back to
 ``cursor.executemany`` (one round trip per row). Here, on Postgres, a page is read with one
-``external_id = ANY(array)`` and written with one ``COPY`` into a session-private staging table plus
-one ``INSERT ... SELECT ... ON CONFLICT``; other updates locate their rows by primary key per key.
-SQLite gets ``executemany`` on the sqlite3 cursor (one prepared statement, in-process). Everything
+statement that looks each key up by primary key, and written with one ``COPY`` into a
+session-private staging table plus one ``INSERT ... SELECT ... ON CONFLICT``; other updates locate
+their rows by primary key per key. A save may also write first (``save_unread``): the guard moves
+into the upsert's ``WHERE`` and only the rows it left are read afterwards. SQLite gets ``executemany`` on the sqlite3 cursor (one prepared statement, in-process). Everything
 runs inside the caller's SQLAlchemy transaction, under its batch lock.
 
 Timestamps on SQLite are written as the exact text SQLAlchemy's ``DateTime`` writes (naive UTC,
@@ -17,13 +18,13 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from sqlalchemy.engine import Connection
 
-from sync_project.store.merge import Stored, Write
+from sync_project.store.merge import Incoming, MergeStrategy, Stored, Write
 from sync_project.store.schema import records
 
 #: Keys per read or marking statement: well under SQLite's 32,766 bound-parameter limit.
@@ -46,6 +47,9 @@ class BulkWriter(Protocol):
 
     def advance_source(self, stamps: Sequence[tuple[str, datetime]]) -> None: ...
 
+    #: Whether this backend is a :class:`PostgresBulk`, whose saves may write first (``save_unread``).
+    can_save_unread: bool
+
 
 def bulk_writer(conn: Connection, sync: str, connection_id: str) -> BulkWriter:
     if conn.dialect.name == "postgresql":
@@ -65,19 +69,38 @@ _UPSERT_COLUMNS = (
     "sync, connection_id, external_id, data, data_hash, source_updated_at, "
     "first_seen_at, last_modified_at, deleted_at, last_action, seen_by_run"
 )
-_ON_CONFLICT = f"""
+_CONFLICT_SET = """
     ON CONFLICT (sync, connection_id, external_id) DO UPDATE SET
         data = excluded.data,
         data_hash = excluded.data_hash,
         source_updated_at = excluded.source_updated_at,
         last_modified_at = excluded.last_modified_at,
-        deleted_at = excluded.deleted_at,
-        last_action = excluded.last_action,
-        seen_by_run = COALESCE(excluded.seen_by_run, {_TABLE}.seen_by_run)
+        deleted_at = {deleted_at},
+        last_action = {last_action},
+        seen_by_run = COALESCE(excluded.seen_by_run, {table}.seen_by_run)
 """
+_ON_CONFLICT = _CONFLICT_SET.format(deleted_at="excluded.deleted_at", last_action="excluded.last_action", table=_TABLE)
+#: A save over a tombstone restores the record: "added" again, as plan_batch counts it.
+_ON_CONFLICT_GUARDED = _CONFLICT_SET.format(
+    deleted_at="NULL",
+    last_action=f"CASE WHEN {_TABLE}.deleted_at IS NULL THEN 'updated' ELSE 'added' END",
+    table=_TABLE,
+)
+#: Each strategy's guard (merge.rejects) as the condition under which a stored row may be
+#: overwritten; ``excluded`` is the incoming copy. Unknown provider time is never newer.
+_GUARDS = {
+    MergeStrategy.OVERRIDE: "TRUE",
+    MergeStrategy.NEWEST_SOURCE_WINS: (
+        f"({_TABLE}.source_updated_at IS NULL OR excluded.source_updated_at IS NULL "
+        f"OR {_TABLE}.source_updated_at <= excluded.source_updated_at)"
+    ),
+    MergeStrategy.IGNORE_IF_MODIFIED_AFTER: f"{_TABLE}.last_modified_at <= %(fetched_at)s",
+}
 
 
 class PostgresBulk:
+    can_save_unread = True
+
     def __init__(self, conn: Connection, sync: str, connection_id: str) -> None:
         self._conn = conn
         self._dbapi = conn.connection.dbapi_connection
@@ -108,37 +131,57 @@ class PostgresBulk:
         return {"sync": self._sync, "connection_id": self._connection_id, **values}
 
     def upsert(self, writes: Sequence[Write], now: datetime, seen_by_run: str | None) -> None:
-        # COPY into a session-private staging table, then one INSERT ... SELECT ... ON CONFLICT:
-        # the server parses COPY text far faster than thousands of VALUES literals, and Python
-        # builds one string instead of quoting every value through mogrify.
         with self._cursor() as cursor:
-            if not self._stage_ready:
-                cursor.execute(_CREATE_STAGE)
-                self._stage_ready = True
-            deleted = now.isoformat()
-            lines = [
-                "\t".join(
-                    (
-                        _copy_text(w.key),
-                        w.data_json.replace("\\", "\\\\") if w.data_json else "\\N",
-                        w.data_hash or "\\N",
-                        "\\N" if w.source_updated_at is None else w.source_updated_at.isoformat(),
-                        deleted if w.deleted else "\\N",
-                        w.last_action,
-                    )
+            self._stage(cursor, ((w.key, w.data_json, w.data_hash, w.source_updated_at, w.deleted, w.last_action) for w in writes), now)
+            cursor.execute(_UPSERT_STAGED, self._params(now=now, seen=seen_by_run))
+
+    def save_unread(
+        self,
+        items: Sequence[Incoming],
+        now: datetime,
+        strategy: MergeStrategy,
+        fetched_at: datetime,
+        seen_by_run: str | None,
+    ) -> list[tuple[str, str, bool]]:
+        """Save full records without reading their stored state first: one guarded upsert.
+
+        Writes exactly the rows :func:`~sync_project.store.merge.plan_batch` would write for a
+        save (new keys; stored rows the strategy's guard lets through whose content differs or
+        that are tombstones) and returns each as (key, last_action, is_new). Rows it leaves are
+        untouched but locked until commit; the caller reads and plans those. When most of a page
+        is written (incremental polls, webhook changes, first loads), this saves the read of the
+        whole page: the upsert looks every key up anyway.
+        """
+        with self._cursor() as cursor:
+            self._stage(cursor, ((i.key, i.data_json, i.data_hash, i.source_updated_at, False, "added") for i in items), now)
+            cursor.execute(_SAVE_UNREAD[strategy], self._params(now=now, seen=seen_by_run, fetched_at=fetched_at))
+            return cursor.fetchall()
+
+    def _stage(
+        self, cursor: Any, rows: Iterable[tuple[str, str | None, str | None, datetime | None, bool, str]], now: datetime
+    ) -> None:
+        """COPY rows of (key, data, hash, source_updated_at, deleted, last_action) into the staging
+        table: the server parses COPY text far faster than thousands of VALUES literals, and Python
+        builds one string instead of quoting every value through mogrify."""
+        if not self._stage_ready:
+            cursor.execute(_CREATE_STAGE)
+            self._stage_ready = True
+        deleted = now.isoformat()
+        lines = [
+            "\t".join(
+                (
+                    _copy_text(key),
+                    data_json.replace("\\", "\\\\") if data_json else "\\N",
+                    data_hash or "\\N",
+                    "\\N" if source is None else source.isoformat(),
+                    deleted if is_deleted else "\\N",
+                    last_action,
                 )
-                for w in writes
-            ]
-            lines.append("")
-            cursor.copy_expert(f"COPY {_STAGE} FROM STDIN", io.StringIO("\n".join(lines)))
-            # The INSERT empties the stage as it reads it: the next merge of this transaction
-            # finds it empty without a TRUNCATE (a catalog change and another round trip).
-            cursor.execute(
-                f"WITH staged AS (DELETE FROM {_STAGE} RETURNING *) INSERT INTO {_TABLE} ({_UPSERT_COLUMNS}) "
-                "SELECT %(sync)s, %(connection_id)s, external_id, data, data_hash, source_updated_at, "
-                f"%(now)s, %(now)s, deleted_at, last_action, %(seen)s FROM staged {_ON_CONFLICT}",
-                {"sync": self._sync, "connection_id": self._connection_id, "now": now, "seen": seen_by_run},
             )
+            for key, data_json, data_hash, source, is_deleted, last_action in rows
+        ]
+        lines.append("")
+        cursor.copy_expert(f"COPY {_STAGE} FROM STDIN", io.StringIO("\n".join(lines)))
 
     def tombstone(self, writes: Sequence[Write], now: datetime) -> None:
         self._update_located(
@@ -245,6 +288,23 @@ _CREATE_STAGE = f"""
         deleted_at timestamptz, last_action text
     ) ON COMMIT DELETE ROWS
 """
+#: The stage's rows into records (the INSERT empties the stage as it reads it, so the next merge of
+#: this transaction finds it empty without a TRUNCATE: a catalog change and another round trip).
+_INSERT_STAGED = (
+    f"WITH staged AS (DELETE FROM {_STAGE} RETURNING *) INSERT INTO {_TABLE} ({_UPSERT_COLUMNS}) "
+    "SELECT %(sync)s, %(connection_id)s, external_id, data, data_hash, source_updated_at, "
+    "%(now)s, %(now)s, {deleted_at}, {last_action}, %(seen)s FROM staged"
+)
+_UPSERT_STAGED = _INSERT_STAGED.format(deleted_at="deleted_at", last_action="last_action") + _ON_CONFLICT
+#: Per strategy: the guarded upsert of save_unread. A row is overwritten when the guard lets it
+#: through and it is a tombstone or its content differs (plan_batch's rules for a save).
+_SAVE_UNREAD = {
+    strategy: _INSERT_STAGED.format(deleted_at="NULL", last_action="'added'")
+    + _ON_CONFLICT_GUARDED
+    + f"WHERE {guard} AND ({_TABLE}.deleted_at IS NOT NULL OR {_TABLE}.data_hash IS DISTINCT FROM excluded.data_hash) "
+    "RETURNING external_id, last_action, first_seen_at = %(now)s"
+    for strategy, guard in _GUARDS.items()
+}
 _COPY_SPECIALS = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -257,6 +317,9 @@ def _copy_text(value: str) -> str:
 
 
 class SqliteBulk:
+    # In-process, a read costs SQLite no round trip and no parse: reading first is as cheap.
+    can_save_unread = False
+
     def __init__(self, conn: Connection, sync: str, connection_id: str) -> None:
         self._dbapi = conn.connection.dbapi_connection
         self._sync = sync

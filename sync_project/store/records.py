@@ -18,7 +18,7 @@ from sqlalchemy import case, insert, literal, or_, select, update
 from sqlalchemy.engine import Connection
 
 from sync_project.store import feed
-from sync_project.store.bulk import KEY_CHUNK, bulk_writer
+from sync_project.store.bulk import KEY_CHUNK, PostgresBulk, bulk_writer
 from sync_project.store.errors import InvalidBatchError
 from sync_project.store.locks import take_batch_lock
 from sync_project.store.merge import (
@@ -70,10 +70,40 @@ def prepare(
     return PreparedBatch(action, spec, fetched_at, prepare_batch(action, batch, spec, fetched_at))
 
 
+class WriteHints:
+    """What the last saved page of each (sync, connection) was like: mostly written, or not.
+
+    A save can read the stored state of its keys and then write what changed, or write first with
+    the guard inside the upsert and read only what it left (``PostgresBulk.save_unread``). The
+    results are identical; the cost is not. Writing first skips a read of the whole page but sends
+    every record's content and locks the rows it leaves, so it pays when most of a page changes
+    (incremental polls, webhooks, first loads) and loses when most is unchanged (full refreshes).
+    Pages of one sync tend to resemble the page before, so each save follows its predecessor's
+    outcome. A store keeps one of these for its writers; it is a hint, never a correctness input.
+    """
+
+    #: The share of a page's keys that must have been written for the next page to write first.
+    WRITE_FIRST_AT = 0.5
+    _LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._mostly_written: dict[tuple[str, str], bool] = {}
+
+    def write_first(self, sync: str, connection_id: str) -> bool:
+        return self._mostly_written.get((sync, connection_id), False)
+
+    def observe(self, sync: str, connection_id: str, keys: int, written: int) -> None:
+        if len(self._mostly_written) >= self._LIMIT:
+            self._mostly_written.clear()  # a bounded cache of hints: forgetting costs one read
+        self._mostly_written[(sync, connection_id)] = written >= keys * self.WRITE_FIRST_AT
+
+
 class RecordWriter:
     """Merges batches into the records of one (sync, connection) inside one locked transaction."""
 
-    def __init__(self, conn: Connection, sync: str, connection_id: str, spec: RecordSpec) -> None:
+    def __init__(
+        self, conn: Connection, sync: str, connection_id: str, spec: RecordSpec, hints: WriteHints | None = None
+    ) -> None:
         _check_scope(sync, connection_id)
         if not isinstance(spec, RecordSpec):
             raise InvalidBatchError(f"spec must be a RecordSpec, not {type(spec).__name__}")
@@ -85,6 +115,7 @@ class RecordWriter:
         # The connection's feed totals (see feed.compact), read with the last stamp.
         self._ids_listed = 0
         self._ids_superseded = 0
+        self._hints = hints if hints is not None else WriteHints()
         take_batch_lock(conn, sync, connection_id)
         self._bulk = bulk_writer(conn, sync, connection_id)
 
@@ -132,14 +163,15 @@ class RecordWriter:
         result = MergeResult()
         for start in range(0, len(incoming), KEY_CHUNK):
             chunk = incoming[start : start + KEY_CHUNK]
-            stored = self._bulk.read_state(
-                [item.key for item in chunk],
-                with_data=action == "update",
-                with_modified=self.spec.strategy is MergeStrategy.IGNORE_IF_MODIFIED_AFTER,
-            )
-            plan = plan_batch(action, chunk, stored, self.spec, fetched_at)
-            self._apply(plan, seen_by_run)
-            result += plan.result
+            if action != "save":
+                result += self._read_plan_apply(action, chunk, fetched_at, seen_by_run)
+                continue
+            if self._bulk.can_save_unread and self._hints.write_first(self.sync, self.connection_id):
+                chunk_result = self._save_unread(chunk, fetched_at, seen_by_run)
+            else:
+                chunk_result = self._read_plan_apply(action, chunk, fetched_at, seen_by_run)
+            self._hints.observe(self.sync, self.connection_id, len(chunk), chunk_result.added + chunk_result.updated)
+            result += chunk_result
         return result
 
     def delete_unseen(self, run_id: str, started_at: datetime) -> int:
@@ -184,6 +216,41 @@ class RecordWriter:
         )
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _read_plan_apply(
+        self, action: Action, chunk: list[Incoming], fetched_at: datetime, seen_by_run: str | None
+    ) -> MergeResult:
+        stored = self._bulk.read_state(
+            [item.key for item in chunk],
+            with_data=action == "update",
+            with_modified=self.spec.strategy is MergeStrategy.IGNORE_IF_MODIFIED_AFTER,
+        )
+        plan = plan_batch(action, chunk, stored, self.spec, fetched_at)
+        self._apply(plan, seen_by_run)
+        return plan.result
+
+    def _save_unread(self, chunk: list[Incoming], fetched_at: datetime, seen_by_run: str | None) -> MergeResult:
+        """A save that writes first (see :class:`WriteHints`), then reads and plans only the keys
+        the guarded upsert left: their counts, source advances and seen marks come from the same
+        rules as ever, on state this transaction has not changed."""
+        assert isinstance(self._bulk, PostgresBulk)
+        now = self._stamp()
+        written = self._bulk.save_unread(chunk, now, self.spec.strategy, fetched_at, seen_by_run)
+        result = MergeResult()
+        keys = []
+        superseded = 0
+        for key, last_action, is_new in written:
+            keys.append(key)
+            if last_action == "added":
+                result.added += 1
+            else:
+                result.updated += 1
+            superseded += not is_new
+        self._record_feed_entry(now, keys, superseded=superseded)
+        if len(keys) < len(chunk):
+            done = set(keys)
+            result += self._read_plan_apply("save", [item for item in chunk if item.key not in done], fetched_at, seen_by_run)
+        return result
 
     def _check_prepared(self, action: Action, batch: PreparedBatch, fetched_at: datetime | None) -> None:
         # A batch prepared for another action or spec was validated (and collapsed) by other

@@ -18,7 +18,7 @@ from sync_project.store.engine import make_engine, reading, unavailable_as_store
 from sync_project.store.inbox import Inbox
 from sync_project.store.locks import run_lock
 from sync_project.store.merge import MergeResult, RecordSpec
-from sync_project.store.records import RecordLike, RecordWriter
+from sync_project.store.records import RecordLike, RecordWriter, WriteHints
 from sync_project.store.schema import records
 from sync_project.store.state import SyncStates
 
@@ -37,6 +37,8 @@ class Store:
         self.connections = Connections(self.engine)
         self.state = SyncStates(self.engine)
         self.inbox = Inbox(self.engine)
+        #: Shared by this store's writers: how each save should start (a cost hint, see WriteHints).
+        self._write_hints = WriteHints()
 
     @property
     def backend(self) -> str:
@@ -57,7 +59,7 @@ class Store:
     def writer(self, sync: str, connection_id: str, spec: RecordSpec) -> Iterator[RecordWriter]:
         """One transaction holding the batch lock of (sync, connection); commits on exit."""
         with unavailable_as_store_error(), self.engine.begin() as conn:
-            yield RecordWriter(conn, sync, connection_id, spec)
+            yield RecordWriter(conn, sync, connection_id, spec, self._write_hints)
 
     def save(
         self,
