@@ -205,3 +205,26 @@ def test_write_hints_follow_the_last_page_and_stay_bounded() -> None:
     for index in range(WriteHints._LIMIT + 1):
         hints.observe("s", f"c{index}", keys=1, written=1)
     assert len(hints._mostly_written) <= WriteHints._LIMIT
+
+
+def _has_statistics(store: Store) -> bool:
+    with store.engine.connect() as conn:
+        return bool(
+            conn.exec_driver_sql(
+                "SELECT EXISTS (SELECT 1 FROM pg_stats WHERE tablename = 'records' AND attname = 'sync')"
+            ).scalar()
+        )
+
+
+def test_a_first_load_that_writes_first_still_gathers_statistics_early(postgres_url: str) -> None:
+    """The page reads need statistics (see ``bulk.ensure_statistics``). A load whose pages write
+    first has no read until its end; it must not leave the table unanalyzed until then."""
+    store = Store(postgres_url)
+    try:
+        sync = "wf/statistics"
+        store.save(sync, CONN, NEWEST, [contact(f"s{i}", 1) for i in range(100)])  # an empty table: nothing to analyze
+        assert not _has_statistics(store)
+        _save(store, sync, [contact(f"s{i}", 1) for i in range(100, 200)], NEWEST, utcnow(), None, write_first=True)
+        assert _has_statistics(store)
+    finally:
+        store.close()
