@@ -6,8 +6,9 @@ type processing, and on psycopg2 an ``INSERT ... ON CONFLICT`` without RETURNING
 statement that looks each key up by primary key, and written with one ``COPY`` into a
 session-private staging table plus one ``INSERT ... SELECT ... ON CONFLICT``; other updates locate
 their rows by primary key per key. A save may also write first (``save_unread``): the guard moves
-into the upsert's ``WHERE`` and only the rows it left are read afterwards. SQLite gets ``executemany`` on the sqlite3 cursor (one prepared statement, in-process). Everything
-runs inside the caller's SQLAlchemy transaction, under its batch lock.
+into the upsert's ``WHERE`` and only the rows it left are read afterwards. SQLite gets
+``executemany`` on the sqlite3 cursor (one prepared statement, in-process). Everything runs inside
+the caller's SQLAlchemy transaction, under its batch lock.
 
 Timestamps on SQLite are written as the exact text SQLAlchemy's ``DateTime`` writes (naive UTC,
 ``YYYY-MM-DD HH:MM:SS.ffffff``), so rows written here and through :mod:`sync_project.store.schema`
@@ -135,7 +136,8 @@ class PostgresBulk:
 
     def upsert(self, writes: Sequence[Write], now: datetime, seen_by_run: str | None) -> None:
         with self._cursor() as cursor:
-            self._stage(cursor, ((w.key, w.data_json, w.data_hash, w.source_updated_at, w.deleted, w.last_action) for w in writes), now)
+            rows = ((w.key, w.data_json, w.data_hash, w.source_updated_at, w.deleted, w.last_action) for w in writes)
+            self._stage(cursor, rows, now)
             cursor.execute(_UPSERT_STAGED, self._params(now=now, seen=seen_by_run))
 
     def save_unread(
@@ -160,7 +162,8 @@ class PostgresBulk:
         # 30,000 rows: ~0.4 s at 200k rows, charged to whichever read came first).
         self._check_statistics()
         with self._cursor() as cursor:
-            self._stage(cursor, ((i.key, i.data_json, i.data_hash, i.source_updated_at, False, "added") for i in items), now)
+            rows = ((i.key, i.data_json, i.data_hash, i.source_updated_at, False, "added") for i in items)
+            self._stage(cursor, rows, now)
             cursor.execute(_SAVE_UNREAD[strategy], self._params(now=now, seen=seen_by_run, fetched_at=fetched_at))
             return cursor.fetchall()
 

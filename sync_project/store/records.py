@@ -249,7 +249,8 @@ class RecordWriter:
         self._record_feed_entry(now, keys, superseded=superseded)
         if len(keys) < len(chunk):
             done = set(keys)
-            result += self._read_plan_apply("save", [item for item in chunk if item.key not in done], fetched_at, seen_by_run)
+            left = [item for item in chunk if item.key not in done]
+            result += self._read_plan_apply("save", left, fetched_at, seen_by_run)
         return result
 
     def _check_prepared(self, action: Action, batch: PreparedBatch, fetched_at: datetime | None) -> None:

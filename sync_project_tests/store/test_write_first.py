@@ -76,7 +76,14 @@ def _seed(store: Store, sync: str, stored: dict[str, Any]) -> None:
 
 
 def _save(
-    store: Store, sync: str, batch: list[dict[str, Any]], spec: RecordSpec, fetched_at: datetime, run: str | None, *, write_first: bool
+    store: Store,
+    sync: str,
+    batch: list[dict[str, Any]],
+    spec: RecordSpec,
+    fetched_at: datetime,
+    run: str | None,
+    *,
+    write_first: bool,
 ) -> MergeResult:
     with store.engine.begin() as conn:
         writer = RecordWriter(conn, sync, CONN, spec, hints=Fixed(write_first))
@@ -150,7 +157,9 @@ def _present(batch: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(key, value) for key, value in batch.items() if value is not None]
 
 
-def test_a_store_writes_first_after_a_page_that_was_mostly_written(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_store_writes_first_after_a_page_that_was_mostly_written(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[int] = []
     real = PostgresBulk.save_unread
 
