@@ -48,9 +48,6 @@ class BulkWriter(Protocol):
 
     def advance_source(self, stamps: Sequence[tuple[str, datetime]]) -> None: ...
 
-    #: Whether this backend is a :class:`PostgresBulk`, whose saves may write first (``save_unread``).
-    can_save_unread: bool
-
 
 def bulk_writer(conn: Connection, sync: str, connection_id: str) -> BulkWriter:
     if conn.dialect.name == "postgresql":
@@ -100,8 +97,6 @@ _GUARDS = {
 
 
 class PostgresBulk:
-    can_save_unread = True
-
     def __init__(self, conn: Connection, sync: str, connection_id: str) -> None:
         self._conn = conn
         self._dbapi = conn.connection.dbapi_connection
@@ -360,9 +355,6 @@ def _copy_text(value: str) -> str:
 
 
 class SqliteBulk:
-    # In-process, a read costs SQLite no round trip and no parse: reading first is as cheap.
-    can_save_unread = False
-
     def __init__(self, conn: Connection, sync: str, connection_id: str) -> None:
         self._dbapi = conn.connection.dbapi_connection
         self._sync = sync

@@ -122,8 +122,12 @@ def _feed_cursor(store: Store, sync: str) -> str | None:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=cases)
 def test_writing_first_does_exactly_what_reading_first_does(postgres_url: str, case: dict[str, Any]) -> None:
-    """Postgres only: SQLite always reads first (see ``SqliteBulk.can_save_unread``)."""
-    store = _store(postgres_url)
+    """Postgres only: SQLite always reads first (see ``WriteHints``)."""
+    with Store(postgres_url) as store:
+        _compare_both_ways(store, case)
+
+
+def _compare_both_ways(store: Store, case: dict[str, Any]) -> None:
     spec: RecordSpec = case["spec"]
     syncs = {way: f"wf/{way}/{uuid.uuid4().hex[:10]}" for way in ("read", "write")}
     early = utcnow()
@@ -142,17 +146,6 @@ def test_writing_first_does_exactly_what_reading_first_does(postgres_url: str, c
     assert _feed_after(store, syncs["write"], cursors["write"]) == _feed_after(store, syncs["read"], cursors["read"])
 
 
-_STORES: dict[str, Store] = {}
-
-
-def _store(url: str) -> Store:
-    # Hypothesis calls the test many times with one fixture value: one store per database.
-    if url not in _STORES:
-        _STORES.clear()
-        _STORES[url] = Store(url)
-    return _STORES[url]
-
-
 def _present(batch: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(key, value) for key, value in batch.items() if value is not None]
 
@@ -168,8 +161,7 @@ def test_a_store_writes_first_after_a_page_that_was_mostly_written(
         return real(self, items, *args)
 
     monkeypatch.setattr(PostgresBulk, "save_unread", counted)
-    store = Store(postgres_url)
-    try:
+    with Store(postgres_url) as store:
         sync = "wf/adaptive"
         first = [contact(f"c{i}", 1) for i in range(10)]
         assert store.save(sync, CONN, NEWEST, first).added == 10
@@ -183,13 +175,10 @@ def test_a_store_writes_first_after_a_page_that_was_mostly_written(
         assert calls == [10, 10]  # the last one wrote nothing: read first again
         assert store.save("wf/other", CONN, NEWEST, first).added == 10
         assert calls == [10, 10]  # hints are per (sync, connection)
-    finally:
-        store.close()
 
 
 def test_a_write_first_save_counts_what_it_left(postgres_url: str) -> None:
-    store = Store(postgres_url)
-    try:
+    with Store(postgres_url) as store:
         sync = "wf/counts"
         store.save(sync, CONN, NEWEST, [contact("same", 1), contact("newer", 3), contact("gone", 1)])
         store.delete(sync, CONN, NEWEST, [contact("gone", 2)])
@@ -200,8 +189,6 @@ def test_a_write_first_save_counts_what_it_left(postgres_url: str) -> None:
         assert restored is not None and restored.deleted_at is None and restored.last_action == "added"
         assert restored.data == contact("gone", 3)
         assert newer is not None and newer.data == contact("newer", 3)
-    finally:
-        store.close()
 
 
 def test_write_hints_follow_the_last_page_and_stay_bounded() -> None:
@@ -228,12 +215,9 @@ def _has_statistics(store: Store) -> bool:
 def test_a_first_load_that_writes_first_still_gathers_statistics_early(postgres_url: str) -> None:
     """The page reads need statistics (see ``bulk.ensure_statistics``). A load whose pages write
     first has no read until its end; it must not leave the table unanalyzed until then."""
-    store = Store(postgres_url)
-    try:
+    with Store(postgres_url) as store:
         sync = "wf/statistics"
         store.save(sync, CONN, NEWEST, [contact(f"s{i}", 1) for i in range(100)])  # an empty table: nothing to analyze
         assert not _has_statistics(store)
         _save(store, sync, [contact(f"s{i}", 1) for i in range(100, 200)], NEWEST, utcnow(), None, write_first=True)
         assert _has_statistics(store)
-    finally:
-        store.close()
