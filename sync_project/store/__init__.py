@@ -3,12 +3,14 @@
 from sync_project.store.connections import ProviderConnection
 from sync_project.store.errors import (
     InvalidBatchError,
+    LeaseHeldError,
+    LeaseLostError,
     StoreError,
     StoreUnavailableError,
-    SyncAlreadyRunningError,
     UnknownConnectionError,
 )
 from sync_project.store.feed import Change, ChangePage, InvalidCursorError
+from sync_project.store.leases import Lease
 from sync_project.store.merge import MergeResult, MergeStrategy, RecordSpec
 from sync_project.store.records import PreparedBatch, RecordWriter, prepare
 from sync_project.store.store import Store
@@ -18,6 +20,9 @@ __all__ = [
     "ChangePage",
     "InvalidBatchError",
     "InvalidCursorError",
+    "Lease",
+    "LeaseHeldError",
+    "LeaseLostError",
     "MergeResult",
     "MergeStrategy",
     "PreparedBatch",
@@ -27,7 +32,6 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailableError",
-    "SyncAlreadyRunningError",
     "UnknownConnectionError",
     "prepare",
 ]

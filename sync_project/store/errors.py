@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 
 class StoreError(Exception):
     """Base class for every error the records store raises on purpose."""
@@ -15,8 +17,17 @@ class StoreUnavailableError(StoreError):
     """The database cannot be reached or is too busy; the caller should retry later (HTTP 503)."""
 
 
-class SyncAlreadyRunningError(StoreError):
-    """Another run holds the run lock of this (sync, connection)."""
+class LeaseHeldError(StoreError):
+    """Another run holds this (sync, connection)'s lease and it has not expired."""
+
+    def __init__(self, message: str, *, holder: str | None = None, expires_at: datetime | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.expires_at = expires_at
+
+
+class LeaseLostError(StoreError):
+    """This run's lease was granted to another run: the transaction that found out wrote nothing."""
 
 
 class UnknownConnectionError(StoreError, LookupError):

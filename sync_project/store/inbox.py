@@ -27,6 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from sync_project.store.engine import unavailable_as_store_error
+from sync_project.store.leases import Lease, check_lease
 from sync_project.store.routing import ConnectionLookup, connections_for
 from sync_project.store.schema import inbox
 
@@ -255,16 +256,20 @@ class Inbox:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         now: datetime | None = None,
         base_delay_s: float = 1.0,
+        lease: Lease | None = None,
     ) -> InboxStatus:
         """Count a failed attempt: retry later with backoff, or dead-letter after ``max_attempts``.
 
-        Its own transaction, after the run's merge transaction committed or rolled back. Returns
-        the event's new status (unchanged if it was no longer pending, e.g. replayed meanwhile).
+        Its own transaction, after the run's merge transaction committed or rolled back, fenced by
+        the draining run's ``lease`` like its merges. Returns the event's new status (unchanged if it
+        was no longer pending, e.g. replayed meanwhile).
         """
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         now = now or utcnow()
         with unavailable_as_store_error(), self._engine.begin() as conn:
+            if lease is not None:
+                check_lease(conn, lease)
             query = select(inbox.c.status, inbox.c.attempts).where(inbox.c.id == event_id)
             if conn.dialect.name == "postgresql":
                 query = query.with_for_update()

@@ -1,8 +1,11 @@
 """Guarded writes of records: one :class:`RecordWriter` is one transaction on one (sync, connection).
 
 The writer takes the batch lock first, so the stored state it reads cannot change before it writes,
-and the counts it returns are what happened. Checkpoints and inbox acknowledgements are written
-through the same transaction (:attr:`RecordWriter.conn`), so a crash loses or repeats nothing.
+and the counts it returns are what happened. A writer on behalf of a run also proves, right after,
+that the run's lease is still current (the fence: :func:`~sync_project.store.leases.check_lease`),
+so a run that lost its partition to another writes nothing. Checkpoints and inbox acknowledgements
+are written through the same transaction (:attr:`RecordWriter.conn`), so a crash loses or repeats
+nothing.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import case, insert, literal, or_, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from sync_project.store import feed
 from sync_project.store.bulk import KEY_CHUNK, PostgresBulk, bulk_writer
 from sync_project.store.errors import InvalidBatchError
+from sync_project.store.leases import Lease, check_lease
 from sync_project.store.locks import take_batch_lock
 from sync_project.store.merge import (
     Action,
@@ -31,7 +35,7 @@ from sync_project.store.merge import (
     plan_batch,
     prepare_batch,
 )
-from sync_project.store.schema import UtcDateTime, feed_entries, records
+from sync_project.store.schema import feed_entries, records
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
 
@@ -103,9 +107,18 @@ class RecordWriter:
     """Merges batches into the records of one (sync, connection) inside one locked transaction."""
 
     def __init__(
-        self, conn: Connection, sync: str, connection_id: str, spec: RecordSpec, hints: WriteHints | None = None
+        self,
+        conn: Connection,
+        sync: str,
+        connection_id: str,
+        spec: RecordSpec,
+        hints: WriteHints | None = None,
+        *,
+        lease: Lease | None = None,
     ) -> None:
         _check_scope(sync, connection_id)
+        if lease is not None and (lease.sync, lease.connection_id) != (sync, connection_id):
+            raise ValueError(f"{lease.describe()} does not cover {sync} for connection {connection_id!r}")
         if not isinstance(spec, RecordSpec):
             raise InvalidBatchError(f"spec must be a RecordSpec, not {type(spec).__name__}")
         self.conn = conn
@@ -118,6 +131,9 @@ class RecordWriter:
         self._ids_superseded = 0
         self._hints = hints if hints is not None else WriteHints()
         take_batch_lock(conn, sync, connection_id)
+        if lease is not None:
+            check_lease(conn, lease)
+        self.lease = lease
         self._bulk = bulk_writer(conn, sync, connection_id)
 
     # -- batches ------------------------------------------------------------------------------
@@ -179,15 +195,16 @@ class RecordWriter:
         """Tombstone live records a full refresh did not see and nobody modified since it started.
 
         Call it only after the whole fetch succeeded: a failed or partial fetch deletes nothing.
+
+        Absence is weak evidence, so these tombstones keep the provider timestamp of the last copy
+        seen alive: any later copy that is not older (the next poll that returns the record) brings
+        it back, while copies older than the last live one still cannot. A delete the provider
+        announced is dated by the provider (or by when we heard of it) and only a newer copy
+        revives it. Dating an inferred tombstone by the run, as this once did, made a wrong
+        tombstone permanent: every later copy of the unchanged record looked stale beside it.
         """
         started_at = _aware("started_at", started_at)
         now = self._stamp()
-        # Typed, so SQLite compares the same naive-UTC text the column holds.
-        started = literal(started_at, UtcDateTime())
-        source = case(
-            (or_(records.c.source_updated_at.is_(None), records.c.source_updated_at < started), started),
-            else_=records.c.source_updated_at,
-        )
         statement = (
             update(records)
             .where(
@@ -197,7 +214,7 @@ class RecordWriter:
                 or_(records.c.seen_by_run.is_(None), records.c.seen_by_run != run_id),
                 records.c.last_modified_at < started_at,
             )
-            .values(deleted_at=now, last_modified_at=now, last_action="deleted", source_updated_at=source)
+            .values(deleted_at=now, last_modified_at=now, last_action="deleted")
             .returning(records.c.external_id)
         )
         keys = list(self.conn.execute(statement).scalars())

@@ -190,3 +190,23 @@ forwarder_state = Table(
     Column("inbox_cursor", BigInteger, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
 )
+
+leases = Table(
+    "leases",
+    metadata,
+    Column("sync", String(128), nullable=False),
+    Column("connection_id", String(255), nullable=False),
+    # 'poll' (schedules, backfills, UI launches) or 'drain' (webhook runs): one holder each, so a
+    # poll and a drain of one partition run side by side, their writes serialised by the batch lock.
+    Column("role", String(16), nullable=False),
+    # The run that holds it; NULL once released.
+    Column("holder", String(64), nullable=True),
+    # The fencing token: grows with every grant, never reused. A writer proves, inside its own
+    # transaction, that the token it was granted is still this one (leases.check_lease).
+    Column("token", BigInteger, nullable=False),
+    # Database time (Postgres clock_timestamp()): hosts' clocks may disagree, the server's is one.
+    Column("expires_at", UtcDateTime, nullable=True),
+    Column("granted_at", UtcDateTime, nullable=True),
+    Column("renewed_at", UtcDateTime, nullable=True),
+    PrimaryKeyConstraint("sync", "connection_id", "role", name="pk_leases"),
+)

@@ -16,7 +16,7 @@ from sync_project.store import feed, migrate
 from sync_project.store.connections import Connections
 from sync_project.store.engine import make_engine, reading, unavailable_as_store_error
 from sync_project.store.inbox import Inbox
-from sync_project.store.locks import run_lock
+from sync_project.store.leases import DEFAULT_TTL_S, Lease, LeaseKeeper, LeaseRole, Leases, holding
 from sync_project.store.merge import MergeResult, RecordSpec
 from sync_project.store.records import RecordLike, RecordWriter, WriteHints
 from sync_project.store.schema import records
@@ -37,6 +37,7 @@ class Store:
         self.connections = Connections(self.engine)
         self.state = SyncStates(self.engine)
         self.inbox = Inbox(self.engine)
+        self.leases = Leases(self.engine)
         #: Shared by this store's writers: how each save should start (a cost hint, see WriteHints).
         self._write_hints = WriteHints()
 
@@ -56,10 +57,16 @@ class Store:
     # -- writes -------------------------------------------------------------------------------
 
     @contextmanager
-    def writer(self, sync: str, connection_id: str, spec: RecordSpec) -> Iterator[RecordWriter]:
-        """One transaction holding the batch lock of (sync, connection); commits on exit."""
+    def writer(
+        self, sync: str, connection_id: str, spec: RecordSpec, *, lease: Lease | None = None
+    ) -> Iterator[RecordWriter]:
+        """One transaction holding the batch lock of (sync, connection); commits on exit.
+
+        With ``lease``, the transaction first proves the lease current, or raises
+        :class:`~sync_project.store.errors.LeaseLostError` having written nothing.
+        """
         with unavailable_as_store_error(), self.engine.begin() as conn:
-            yield RecordWriter(conn, sync, connection_id, spec, self._write_hints)
+            yield RecordWriter(conn, sync, connection_id, spec, self._write_hints, lease=lease)
 
     def save(
         self,
@@ -86,10 +93,27 @@ class Store:
             return writer.delete(batch, fetched_at=fetched_at)
 
     @contextmanager
-    def run_lock(self, sync: str, connection_id: str) -> Iterator[None]:
-        """At most one run per (sync, connection), across processes; raises if already held."""
-        with unavailable_as_store_error(), run_lock(self.engine, sync, connection_id):
-            yield
+    def hold_lease(
+        self,
+        sync: str,
+        connection_id: str,
+        role: LeaseRole,
+        holder: str,
+        *,
+        ttl_s: float = DEFAULT_TTL_S,
+        wait_s: float = 0.0,
+        only_for_a_dead_holder: bool = False,
+        log: Any = None,
+    ) -> Iterator[LeaseKeeper]:
+        """Hold the ``role`` lease of (sync, connection) for ``holder`` (a run id) while the block
+        runs, renewed on a thread; waits up to ``wait_s`` for it, then raises
+        :class:`~sync_project.store.errors.LeaseHeldError`. Pass ``keeper.lease`` to
+        :meth:`writer` so every write is fenced (see :meth:`Leases.acquire` for the wait)."""
+        with holding(
+            self.leases, sync, connection_id, role, holder,
+            ttl_s=ttl_s, wait_s=wait_s, only_for_a_dead_holder=only_for_a_dead_holder, log=log,
+        ) as keeper:
+            yield keeper
 
     # -- reads --------------------------------------------------------------------------------
 

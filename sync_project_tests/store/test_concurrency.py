@@ -1,5 +1,5 @@
-"""Writers and runs in separate processes: batches of one (sync, connection) never interleave,
-batches of different connections run side by side (Postgres), and the run lock excludes."""
+"""Writers in separate processes: batches of one (sync, connection) never interleave, and batches
+of different connections run side by side (Postgres). Leases across processes: test_leases.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from urllib.parse import quote
 import pytest
 import sqlalchemy as sa
 
-from sync_project.store import Store, SyncAlreadyRunningError
+from sync_project.store import Store
 from sync_project.store.records import RecordWriter
 from sync_project_tests.conftest import POSTGRES_URL
 
@@ -72,50 +72,6 @@ def test_writers_of_different_connections_run_in_parallel(postgres_url: str) -> 
     assert sorted(drain(results, 2)) == [("acme", "met"), ("globex", "met")]
 
 
-def test_run_lock_excludes_another_process(database_url: str) -> None:
-    Store(database_url).close()
-    acquired, release, results = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
-    holder = SPAWN.Process(target=workers.hold_run_lock, args=(database_url, "acme", acquired, release))
-    holder.start()
-    try:
-        assert acquired.wait(60), "the holder never got the lock"
-        run_all([SPAWN.Process(target=workers.try_run_lock, args=(database_url, "acme", results))])
-        run_all([SPAWN.Process(target=workers.try_run_lock, args=(database_url, "other-conn", results))])
-        refused, other = drain(results, 2)
-        assert refused.startswith("refused: another run is syncing crm/contacts for connection 'acme'")
-        assert other == "acquired"
-        with Store(database_url) as store, pytest.raises(SyncAlreadyRunningError):
-            with store.run_lock(workers.SYNC, "acme"):
-                pass
-    finally:
-        release.set()
-        holder.join(60)
-    assert holder.exitcode == 0
-    run_all([SPAWN.Process(target=workers.try_run_lock, args=(database_url, "acme", results))])
-    assert drain(results, 1) == ["acquired"]
-
-
-def test_run_lock_of_a_killed_process_is_released(database_url: str) -> None:
-    Store(database_url).close()
-    acquired, release, results = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
-    holder = SPAWN.Process(target=workers.hold_run_lock, args=(database_url, "acme", acquired, release))
-    holder.start()
-    assert acquired.wait(60)
-    holder.kill()  # a crashed run: no finally blocks, no unlock
-    holder.join(60)
-    run_all([SPAWN.Process(target=workers.try_run_lock, args=(database_url, "acme", results))])
-    assert drain(results, 1) == ["acquired"]
-
-
-def test_run_lock_is_not_reentrant_within_a_process(store: Store) -> None:
-    with store.run_lock(workers.SYNC, "acme"):
-        with pytest.raises(SyncAlreadyRunningError):
-            with store.run_lock(workers.SYNC, "acme"):
-                pass
-    with store.run_lock(workers.SYNC, "acme"):
-        pass  # released
-
-
 def test_reads_do_not_wait_for_a_writer(store: Store) -> None:
     """A merge holds its transaction for a whole page; connection lookups (webhook routing),
     sync state and feed reads must not queue behind it (on SQLite they would wait for the
@@ -147,9 +103,9 @@ def other_postgres_url(postgres_url: str) -> Iterator[str]:
 
 def test_stores_in_two_schemas_of_one_database_do_not_share_locks(postgres_url: str, other_postgres_url: str) -> None:
     """Advisory locks are database-wide: keyed by names alone, a staging store would block the
-    production store's writers and refuse its runs."""
+    production store's writers (its leases are rows of its own schema)."""
     with Store(postgres_url) as one, Store(other_postgres_url) as other:
-        with one.run_lock(workers.SYNC, "acme"), other.run_lock(workers.SYNC, "acme"):
+        with one.hold_lease(workers.SYNC, "acme", "poll", "run-1"), other.hold_lease(workers.SYNC, "acme", "poll", "run-1"):
             with one.writer(workers.SYNC, "acme", workers.NEWEST) as first:
                 first.save([workers.contact("a", 1)])
                 # Would wait forever for the first writer's batch lock if the keys were shared.

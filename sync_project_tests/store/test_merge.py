@@ -296,8 +296,57 @@ def test_delete_unseen_removes_only_unseen_records_not_modified_since_start(stor
     assert live == {"kept", "same", "raced", "webhooked"}
     gone = store.get(SYNC, CONN, "gone")
     assert gone is not None and gone.deleted_at is not None and gone.last_action == "deleted"
-    # Its tombstone is dated no earlier than the run's start, so copies fetched before it lose.
-    assert gone.source_updated_at is not None and gone.source_updated_at >= started_at
+    # Absence is weak evidence: the tombstone keeps the provider version last seen alive.
+    assert gone.source_updated_at == at(1)
+
+
+@pytest.mark.parametrize(
+    "spec", [NEWEST, MODIFIED_AFTER, OVERRIDE], ids=["newest_source_wins", "ignore_if_modified_after", "override"]
+)
+def test_a_wrongly_inferred_tombstone_is_restored_by_the_next_full_refresh(store: Store, spec: RecordSpec) -> None:
+    """A full refresh that saw nothing (a lost lease, a provider answering empty pages) tombstones
+    every record; the next full refresh that returns them brings every one back, unchanged."""
+    truth = [contact(f"c{n}", 1 + n % 3) for n in range(40)]
+    store.save(SYNC, CONN, spec, truth)
+    with store.writer(SYNC, CONN, spec) as writer:
+        assert writer.delete_unseen("run-blind", utcnow()) == 40
+    assert store.count(SYNC, CONN) == 0
+
+    started = utcnow()
+    with store.writer(SYNC, CONN, spec) as writer:
+        restored = writer.save(truth, fetched_at=started, seen_by_run="run-next")
+        assert writer.delete_unseen("run-next", started) == 0
+
+    assert counts(restored) == {"added": 40}
+    assert store.count(SYNC, CONN) == 40
+    for record in truth:
+        stored = store.get(SYNC, CONN, record["id"])
+        assert stored is not None and stored.deleted_at is None and stored.data == record
+
+
+def test_an_inferred_tombstone_still_refuses_copies_older_than_the_last_live_one(store: Store) -> None:
+    store.save(SYNC, CONN, NEWEST, [contact("a", 5), contact("b", 5)])
+    with store.writer(SYNC, CONN, NEWEST) as writer:
+        writer.delete_unseen("run-1", utcnow())
+
+    stale = store.save(SYNC, CONN, NEWEST, [contact("a", 4)])  # a late webhook of an older version
+    seen_again = store.save(SYNC, CONN, NEWEST, [contact("b", 5)])  # the next poll returns b as it was
+
+    assert counts(stale) == {"skipped_stale": 1}
+    assert store.get(SYNC, CONN, "a").deleted_at is not None  # type: ignore[union-attr]
+    assert counts(seen_again) == {"added": 1}
+    assert store.get(SYNC, CONN, "b").deleted_at is None  # type: ignore[union-attr]
+
+
+def test_a_provider_dated_delete_is_strong_only_a_newer_copy_revives_it(store: Store) -> None:
+    store.save(SYNC, CONN, NEWEST, [contact("a", 5)])
+    assert counts(store.delete(SYNC, CONN, NEWEST, [{"id": "a", "updated_at": stamp(7)}])) == {"deleted": 1}
+
+    # The record as the last poll saw it, and as a full refresh that raced the delete saw it.
+    assert counts(store.save(SYNC, CONN, NEWEST, [contact("a", 5)])) == {"skipped_stale": 1}
+    assert counts(store.save(SYNC, CONN, NEWEST, [contact("a", 6)])) == {"skipped_stale": 1}
+    assert store.get(SYNC, CONN, "a").deleted_at is not None  # type: ignore[union-attr]
+    assert counts(store.save(SYNC, CONN, NEWEST, [contact("a", 8)])) == {"added": 1}
 
 
 def test_a_failed_full_refresh_deletes_nothing(store: Store) -> None:

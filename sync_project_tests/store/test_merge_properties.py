@@ -3,7 +3,12 @@
 The world: a provider whose records change over time (new versions, deletes, restores). Every
 change is announced by a webhook, which may arrive late, out of order, twice or never. Polls read
 the provider's state at one moment (``fetched_at``) and write it a few steps later, after webhooks
-that arrived in between. Each example reuses the test's store with a sync name of its own.
+that arrived in between. Full refreshes do the same and then detect deletes by absence; some see
+only part of the provider (as one that lost its partition to another run, or got truncated pages,
+would), so they tombstone live records wrongly. Those inferred tombstones are weak: the next copy
+of the record that is not older than the last one seen alive brings it back, while a delete the
+provider announced yields only to a newer copy. Each example reuses the test's store with a sync
+name of its own.
 """
 
 from __future__ import annotations
@@ -41,12 +46,14 @@ class Version:
 
 
 # One step of the world. ("change", key, delete?) | ("webhook", index) | ("webhooks", indexes)
-# | ("poll", keys, delay): indexes pick among the webhooks announced so far.
+# | ("poll", keys, delay) | ("refresh", keys, delay): indexes pick among the webhooks announced so
+# far; a refresh that is not given every key sees only part of the provider.
 step = st.one_of(
     st.tuples(st.just("change"), st.sampled_from(KEYS), st.booleans()),
     st.tuples(st.just("webhook"), st.integers(0, 50)),
     st.tuples(st.just("webhooks"), st.lists(st.integers(0, 50), min_size=2, max_size=4)),
     st.tuples(st.just("poll"), st.sets(st.sampled_from(KEYS), min_size=1), st.integers(0, 3)),
+    st.tuples(st.just("refresh"), st.sets(st.sampled_from(KEYS)), st.integers(0, 3)),
 )
 scenarios = st.lists(step, min_size=1, max_size=25)
 
@@ -56,6 +63,8 @@ class Poll:
     batch: list[dict[str, Any]]
     fetched_at: datetime
     due_in: int
+    #: A full refresh: its records are marked seen by this run, then unseen ones are tombstoned.
+    refresh_run: str | None = None
 
 
 @dataclass
@@ -70,6 +79,8 @@ class World:
     announced: list[Version] = field(default_factory=list)
     #: The newest version of each key that any write has carried to the store so far.
     newest_written: dict[str, Version] = field(default_factory=dict)
+    #: Keys whose stored state is a tombstone inferred by a full refresh (absence, weak).
+    inferred: set[str] = field(default_factory=set)
     pending: list[Poll] = field(default_factory=list)
 
     def run(self, steps: list[tuple[Any, ...]]) -> None:
@@ -102,6 +113,9 @@ class World:
             live = [self.truth[k] for k in sorted(item[1]) if k in self.truth and not self.truth[k].deleted]
             if live:  # read now, written ``item[2]`` steps later
                 self.pending.append(Poll([v.payload() for v in live], utcnow(), item[2]))
+        elif kind == "refresh":
+            live = [self.truth[k] for k in sorted(item[1]) if k in self.truth and not self.truth[k].deleted]
+            self.pending.append(Poll([v.payload() for v in live], utcnow(), item[2], f"run-{uuid.uuid4().hex[:8]}"))
 
     def deliver(self, versions: list[Version]) -> None:
         """A webhook write: fetched when it is written (it carries the state the provider sent)."""
@@ -118,14 +132,42 @@ class World:
 
     def write_poll(self, poll: Poll) -> None:
         before = self.state()
-        self.store.save(self.sync, CONN, self.spec, poll.batch, fetched_at=poll.fetched_at)
+        with self.store.writer(self.sync, CONN, self.spec) as writer:
+            writer.save(poll.batch, fetched_at=poll.fetched_at, seen_by_run=poll.refresh_run)
         versions = [Version(r["id"], r["version"], False) for r in poll.batch]
         self.written(versions)
         self.check(self, "poll", versions, before, poll.fetched_at)
+        if poll.refresh_run is not None:
+            self.detect_deletes(poll.refresh_run, {r["id"] for r in poll.batch}, poll.fetched_at)
+
+    def detect_deletes(self, run_id: str, seen: set[str], started_at: datetime) -> None:
+        """Exactly the live records this refresh did not see, and nobody wrote since it started,
+        become tombstones; nothing else changes."""
+        before = self.state()
+        with self.store.writer(self.sync, CONN, self.spec) as writer:
+            tombstoned = writer.delete_unseen(run_id, started_at)
+        after = self.state()
+        expected = {
+            key
+            for key, record in before.items()
+            if record is not None and record.deleted_at is None and key not in seen and record.last_modified_at < started_at
+        }
+        assert tombstoned == len(expected)
+        for key in KEYS:
+            previous, record = before[key], after[key]
+            if key not in expected:
+                assert record == previous, f"{key}: delete detection changed a record it must not"
+                continue
+            assert previous is not None and record is not None and record.deleted_at is not None
+            # Weak: it keeps the provider version last seen alive.
+            assert record.source_updated_at == previous.source_updated_at and record.data == previous.data
+        self.inferred |= expected
 
     def written(self, versions: list[Version]) -> None:
         for version in versions:
             best = self.newest_written.get(version.key)
+            if version.key in self.inferred and (best is None or version.number >= best.number):
+                self.inferred.discard(version.key)  # a copy as new as the last live one revives it
             if best is None or version.number > best.number:
                 self.newest_written[version.key] = version
 
@@ -133,10 +175,12 @@ class World:
         return {key: self.store.get(self.sync, CONN, key) for key in KEYS}
 
 
-def assert_holds(version: Version, record: Change | None) -> None:
+def assert_holds(version: Version, record: Change | None, *, inferred_tombstone: bool = False) -> None:
     assert record is not None, f"{version.key} missing"
     assert record.source_updated_at == at(version.number), (version, record)
-    if version.deleted:
+    if inferred_tombstone:
+        assert record.deleted_at is not None, (version, record)
+    elif version.deleted:
         assert record.deleted_at is not None, (version, record)
     else:
         assert record.deleted_at is None, (version, record)
@@ -156,7 +200,7 @@ def check_newest_source_wins(
             assert previous.source_updated_at is not None
             assert record.source_updated_at >= previous.source_updated_at, f"{key}: source_updated_at went back"
         if key in world.newest_written:
-            assert_holds(world.newest_written[key], record)
+            assert_holds(world.newest_written[key], record, inferred_tombstone=key in world.inferred)
         else:
             assert record is None
 
@@ -196,13 +240,32 @@ def test_newest_source_wins_keeps_the_newest_version_under_any_interleaving(
     world.run(steps)
     final = world.state()
     for key, best in world.newest_written.items():
-        assert_holds(best, final[key])
+        assert_holds(best, final[key], inferred_tombstone=key in world.inferred)
+    reconcile(world)
 
 
 @_SETTINGS
 @given(steps=scenarios)
 def test_ignore_if_modified_after_keeps_its_guarantee(store: Store, steps: list[tuple[Any, ...]]) -> None:
-    World(store, MODIFIED_AFTER, check_ignore_if_modified_after).run(steps)
+    world = World(store, MODIFIED_AFTER, check_ignore_if_modified_after)
+    world.run(steps)
+    reconcile(world)
+
+
+def reconcile(world: World) -> None:
+    """Polling reconciles: one complete full refresh after everything leaves the store equal to
+    the provider, whatever webhooks were lost and whatever earlier refreshes wrongly tombstoned."""
+    live = [world.truth[k] for k in KEYS if k in world.truth and not world.truth[k].deleted]
+    world.write_poll(Poll([v.payload() for v in live], utcnow(), 0, "run-reconcile"))
+    final = world.state()
+    for key in KEYS:
+        truth, record = world.truth.get(key), final[key]
+        if truth is None:
+            assert record is None
+        elif truth.deleted:
+            assert record is None or record.deleted_at is not None, (truth, record)
+        else:
+            assert record is not None and record.deleted_at is None and record.data == truth.payload(), (truth, record)
 
 
 def test_ignore_if_modified_after_lets_a_stale_out_of_order_webhook_win(store: Store) -> None:

@@ -6,7 +6,7 @@ import time
 from multiprocessing.synchronize import Barrier, Event
 from typing import Any
 
-from sync_project.store import Store, SyncAlreadyRunningError
+from sync_project.store import LeaseLostError, Store
 
 from .helpers import NEWEST, contact
 
@@ -43,19 +43,19 @@ def meet_inside_writer(url: str, connection_id: str, barrier: Barrier, results: 
             results.put((connection_id, f"alone: {type(error).__name__}"))
 
 
-def hold_run_lock(url: str, connection_id: str, acquired: Event, release: Event) -> None:
-    with Store(url) as store, store.run_lock(SYNC, connection_id):
+def hold_lease(url: str, connection_id: str, ttl_s: float, acquired: Event, release: Event, results: Any) -> None:
+    """Hold the poll lease (renewed on its thread) until ``release``, then write once under it and
+    report what the fence said: a frozen holder learns only at its next write that it lost."""
+    with Store(url) as store, store.hold_lease(SYNC, connection_id, "poll", f"child-{connection_id}", ttl_s=ttl_s) as keeper:
+        results.put(("granted", keeper.lease.token))
         acquired.set()
         release.wait(60)
-
-
-def try_run_lock(url: str, connection_id: str, results: Any) -> None:
-    with Store(url) as store:
         try:
-            with store.run_lock(SYNC, connection_id):
-                results.put("acquired")
-        except SyncAlreadyRunningError as error:
-            results.put(f"refused: {error}")
+            with store.writer(SYNC, connection_id, NEWEST, lease=keeper.lease) as writer:
+                writer.save([contact("from-child", 1)])
+            results.put(("wrote", ""))
+        except LeaseLostError as error:
+            results.put(("lost", str(error)))
 
 
 def open_store(url: str, start: Event, results: Any) -> None:
