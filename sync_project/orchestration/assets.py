@@ -6,13 +6,10 @@ asset function's parameters at definition time.
 
 
 import json
-import time
 from datetime import datetime
-from typing import Literal
-
-import httpx
 
 import dagster as dg
+from pydantic import Field
 
 from sync_project.core.http import ProviderError
 from sync_project.core.provider import Provider
@@ -26,20 +23,18 @@ from sync_project.orchestration.checks import (
 )
 from sync_project.orchestration.notifications import NOTIFIER_KEY
 from sync_project.orchestration.partitions import connection_partitions
-from sync_project.orchestration.polling import poll
+from sync_project.orchestration.partition_run import RunMode, RunSettings, run_partition
 from sync_project.orchestration.resources import storage_kind
-from sync_project.orchestration.webhook_drain import DrainResult, drain_inbox
 from sync_project.store import (
+    LeaseHeldError,
     MergeResult,
-    ProviderConnection,
     Store,
     StoreError,
-    SyncAlreadyRunningError,
     UnknownConnectionError,
 )
 from sync_project.store.records import utcnow
 
-SyncMode = Literal["full", "incremental", "webhook"]
+SyncMode = RunMode
 STORE_KEY = "sync_store"
 
 
@@ -61,10 +56,25 @@ class SyncRunConfig(dg.Config):
     #: Webhook mode: a lingering run ends after this long even while events keep coming, so its
     #: counts reach the UI and queued polling runs of the partition get their turn.
     max_linger_run_s: float = 60.0
+    #: The run's lease on its partition lasts this long unless renewed (every third of it): a run
+    #: whose worker died frees its partition within this time.
+    lease_ttl_s: float = Field(default=30.0, gt=0, le=3600)
+    #: Full and incremental runs: how long to wait for another poll of the partition to finish
+    #: (a backfill launched while a scheduled poll runs) before failing.
+    poll_lease_wait_s: float = Field(default=600.0, ge=0, le=86400)
+
+    def settings(self) -> RunSettings:
+        return RunSettings(
+            max_events=self.max_events,
+            linger_s=self.linger_s,
+            max_linger_run_s=self.max_linger_run_s,
+            lease_ttl_s=self.lease_ttl_s,
+            poll_lease_wait_s=self.poll_lease_wait_s,
+        )
 
 
 class _RunRefused(dg.Failure):
-    """The run did nothing because another run holds the partition; that run will notify."""
+    """The run did nothing: another run held the partition's lease all the while it waited."""
 
 
 def op_name(sync: SyncDefinition) -> str:
@@ -115,34 +125,6 @@ def build_sync_asset(
         return run_sync(context, config, store, sync, provider, notifier=notifier, check_settings=settings)
 
     return _sync_asset
-
-
-LINGER_POLL_S = 0.25
-
-
-def drain_lingering(
-    store: Store, sync: SyncDefinition, connection: ProviderConnection, client: httpx.Client, log: object, config: SyncRunConfig
-) -> DrainResult:
-    """Drain the partition's inbox, then keep draining until ``config.linger_s`` passes with
-    nothing new, ``config.max_linger_run_s`` is up, or ``max_events`` is reached."""
-    total = DrainResult()
-    started = quiet_since = time.monotonic()
-    while True:
-        remaining = None if config.max_events is None else config.max_events - total.events_claimed
-        if remaining is not None and remaining <= 0:
-            return total
-        drained = drain_inbox(store, sync, connection, client, log, max_events=remaining)
-        total.merge += drained.merge
-        total.events_done += drained.events_done
-        total.events_retrying += drained.events_retrying
-        total.events_dead += drained.events_dead
-        total.batches += drained.batches
-        now = time.monotonic()
-        if drained.events_claimed:
-            quiet_since = now
-        if now - quiet_since >= config.linger_s or now - started >= config.max_linger_run_s:
-            return total
-        time.sleep(LINGER_POLL_S)
 
 
 def run_sync(
@@ -216,25 +198,12 @@ def _sync_partition(
         )
     metadata: dict[str, object] = {"mode": config.mode}
     try:
-        with store.run_lock(sync.key, connection_id), provider.client(connection) as client:
-            if config.mode == "webhook":
-                drained = drain_lingering(store, sync, connection, client, context.log, config)
-                merged: MergeResult = drained.merge
-                metadata.update(
-                    events_drained=drained.events_done,
-                    events_retrying=drained.events_retrying,
-                    events_dead=drained.events_dead,
-                )
-            else:
-                polled = poll(store, sync, connection, client, context.log, mode=config.mode, run_id=context.run.run_id)
-                merged = polled.merge
-                metadata.update(
-                    pages=polled.pages,
-                    records_fetched=polled.records,
-                    checkpoint=dg.MetadataValue.json(polled.checkpoint or {}),
-                )
-    except SyncAlreadyRunningError as error:
-        raise _RunRefused(description=f"{error}; this run did nothing.") from None
+        ran = run_partition(
+            store, sync, provider, connection, mode=config.mode, run_id=context.run.run_id, log=context.log,
+            settings=config.settings(),
+        )
+    except LeaseHeldError as error:
+        raise _RunRefused(description=f"{error}; this run waited {config.poll_lease_wait_s:.0f} s and did nothing.") from None
     except (ProviderError, StoreError) as error:
         store.state.record_run(sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, error=str(error))
         raise dg.Failure(description=f"{sync.key} for {connection_id}: {error}") from error
@@ -243,8 +212,24 @@ def _sync_partition(
             sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, error=f"{type(error).__name__}: {error}"
         )
         raise
+    if ran.deferred_to is not None:
+        # Another drainer is live on the partition: this run's events are its events.
+        metadata["deferred_to_run"] = ran.deferred_to
+        return ran.merge, metadata
+    if ran.drained is not None:
+        metadata.update(
+            events_drained=ran.drained.events_done,
+            events_retrying=ran.drained.events_retrying,
+            events_dead=ran.drained.events_dead,
+        )
+    if ran.polled is not None:
+        metadata.update(
+            pages=ran.polled.pages,
+            records_fetched=ran.polled.records,
+            checkpoint=dg.MetadataValue.json(ran.polled.checkpoint or {}),
+        )
     store.state.record_run(sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, succeeded_at=utcnow())
-    return merged, metadata
+    return ran.merge, metadata
 
 
 def _notify(

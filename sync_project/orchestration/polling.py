@@ -20,6 +20,7 @@ import httpx
 
 from sync_project.core.sync import FetchContext, FetchMode, Page, SyncDefinition
 from sync_project.store import MergeResult, PreparedBatch, ProviderConnection, Store, prepare
+from sync_project.store.leases import LeaseKeeper
 from sync_project.store.records import utcnow
 
 
@@ -49,8 +50,14 @@ def poll(
     *,
     mode: FetchMode,
     run_id: str,
+    keeper: LeaseKeeper | None = None,
 ) -> PollResult:
-    """Fetch (all, or from the checkpoint), merging every page; then detect deletes if full."""
+    """Fetch (all, or from the checkpoint), merging every page; then detect deletes if full.
+
+    With ``keeper`` (the run's poll lease), every page's transaction and the delete detection are
+    fenced by it: a run that lost its lease raises :class:`~sync_project.store.LeaseLostError`
+    before writing anything more, and a full refresh that lost it never detects deletes.
+    """
     started_at = utcnow()
     state = store.state.get(sync.key, connection.connection_id)
     checkpoint = state.checkpoint if state and mode == "incremental" else None
@@ -74,7 +81,11 @@ def poll(
         while (fetched := upcoming.result()) is not None:
             upcoming = fetcher.submit(fetch_next)
             page = fetched.page
-            with store.writer(sync.key, connection.connection_id, spec) as writer:
+            lease = None
+            if keeper is not None:
+                keeper.check()
+                lease = keeper.lease
+            with store.writer(sync.key, connection.connection_id, spec, lease=lease) as writer:
                 merged = writer.save(fetched.records, seen_by_run=run_id if mode == "full" else None)
                 if fetched.deleted is not None:
                     merged += writer.delete(fetched.deleted)
@@ -91,7 +102,9 @@ def poll(
                 f"stale {merged.skipped_stale}); {result.records} so far"
             )
     if mode == "full" and sync.track_deletes:
-        with store.writer(sync.key, connection.connection_id, spec) as writer:
+        if keeper is not None:
+            keeper.check()
+        with store.writer(sync.key, connection.connection_id, spec, lease=keeper.lease if keeper else None) as writer:
             result.deleted_unseen = writer.delete_unseen(run_id, started_at)
         result.merge.deleted += result.deleted_unseen
         log.info(f"{sync.key} {connection.connection_id}: full refresh tombstoned {result.deleted_unseen} vanished records")

@@ -23,6 +23,7 @@ from sync_project.core.sync import Delete, Save, SyncDefinition, Update, Webhook
 from sync_project.store import Store
 from sync_project.store.connections import ProviderConnection
 from sync_project.store.inbox import DEFAULT_MAX_ATTEMPTS, InboxEvent
+from sync_project.store.leases import LeaseKeeper
 from sync_project.store.merge import Action, Incoming, MergeResult, MergeStrategy, RecordSpec, prepare_batch, supersedes
 from sync_project.store.records import PreparedBatch, RecordWriter
 
@@ -66,8 +67,13 @@ def drain_inbox(
     max_events: int | None = None,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     retry_base_delay_s: float = 1.0,
+    keeper: LeaseKeeper | None = None,
 ) -> DrainResult:
     """Apply the due pending inbox events of (``sync``, ``connection``) until none is due.
+
+    With ``keeper`` (the run's drain lease) every batch, acknowledgements included, is fenced by
+    it: a run that lost its lease raises :class:`~sync_project.store.LeaseLostError` and leaves
+    the events it had not committed pending for the new holder.
 
     ``max_events`` bounds the events claimed by this call (the rest wait for the next run).
     Failed events are due again after ``retry_base_delay_s * 2**attempts`` seconds (capped at 1 h).
@@ -83,7 +89,11 @@ def drain_inbox(
     while max_events is None or claimed < max_events:
         limit = batch_size if max_events is None else min(batch_size, max_events - claimed)
         failures: list[tuple[int, str]] = []
-        with store.writer(sync.key, connection.connection_id, spec) as writer:
+        lease = None
+        if keeper is not None:
+            keeper.check()
+            lease = keeper.lease
+        with store.writer(sync.key, connection.connection_id, spec, lease=lease) as writer:
             events = store.inbox.claim(writer.conn, sync.key, connection.connection_id, limit=limit)
             if not events:
                 break
@@ -107,7 +117,7 @@ def drain_inbox(
         retrying = dead = 0
         for event_id, error in failures:
             status = store.inbox.mark_failed(
-                event_id, error, max_attempts=max_attempts, base_delay_s=retry_base_delay_s
+                event_id, error, max_attempts=max_attempts, base_delay_s=retry_base_delay_s, lease=lease
             )
             if status == "dead":
                 dead += 1

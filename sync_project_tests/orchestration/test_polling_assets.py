@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import dagster as dg
@@ -189,9 +190,37 @@ def test_provider_faults_fail_the_run_and_leave_the_store_unchanged(instance, co
     assert state is not None and state.last_error
 
 
-def test_a_second_run_of_the_same_partition_is_refused(instance, connected_store, api):
-    with connected_store.run_lock(ITEMS.key, CONNECTION):
-        result = materialize(instance, connected_store, "full")
+def test_a_poll_waits_for_the_partitions_poll_lease_then_gives_up_naming_its_holder(instance, connected_store, api):
+    with connected_store.hold_lease(ITEMS.key, CONNECTION, "poll", "other-run", ttl_s=5):
+        run_config = dg.RunConfig(ops={op_name(ITEMS): SyncRunConfig(mode="full", poll_lease_wait_s=1.0)})
+        result = dg.materialize(
+            [build_sync_asset(ITEMS, PROVIDER)],
+            partition_key=CONNECTION,
+            instance=instance,
+            resources={"sync_store": StoreResource(database_url=connected_store.url)},
+            run_config=run_config,
+            raise_on_error=False,
+        )
     assert not result.success
-    assert "another run is syncing" in failure_message(result)
+    assert "another run (other-run) holds the poll lease of fakeapi/items for connection 'acme'" in failure_message(result)
+    assert "waited 1 s and did nothing" in failure_message(result)
     assert connected_store.count(ITEMS.key, CONNECTION) == 0
+
+
+def test_a_poll_proceeds_while_the_drain_lease_is_held(instance, connected_store, api):
+    with connected_store.hold_lease(ITEMS.key, CONNECTION, "drain", "webhook-run", ttl_s=5):
+        result = materialize(instance, connected_store, "full")
+    assert result.success
+    assert connected_store.count(ITEMS.key, CONNECTION) == 35
+
+
+def test_a_backfill_waits_for_a_running_poll_of_its_partition_and_then_runs(instance, connected_store, api):
+    lease = connected_store.leases.acquire(ITEMS.key, CONNECTION, "poll", "scheduled-run", ttl_s=30)
+    releaser = threading.Timer(1.0, connected_store.leases.release, args=(lease,))
+    releaser.start()
+    try:
+        result = materialize(instance, connected_store, "full")
+    finally:
+        releaser.join()
+    assert result.success
+    assert live(connected_store) == truth(api)

@@ -1,0 +1,137 @@
+"""One run's work on its partition, under the partition's lease (no Dagster in here: the asset
+calls this, and so do the fault tests' child processes, which then run exactly what a run runs).
+
+A run takes the lease of its role first: ``poll`` for full and incremental runs (schedules,
+backfills, launches from the UI or ``dagster asset materialize``), ``drain`` for webhook runs. Two
+roles, so a backfill proceeds while webhook runs keep draining; two polls of one partition take
+turns. A poll run that finds its lease held waits for it (a backfill launched while a scheduled
+poll runs should follow it, not fail); a drain run waits only as long as a dead holder's lease
+takes to expire, and no longer once the holder renews: a live drainer drains the events itself.
+Every write is fenced by the lease, so whatever the run's sessions go through, a run that lost its
+partition writes nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+from sync_project.core.provider import Provider
+from sync_project.core.sync import SyncDefinition
+from sync_project.orchestration.polling import PollResult, poll
+from sync_project.orchestration.webhook_drain import DrainResult, drain_inbox
+from sync_project.store import MergeResult, ProviderConnection, Store
+from sync_project.store.errors import LeaseHeldError
+from sync_project.store.leases import LeaseKeeper, LeaseRole
+
+RunMode = Literal["full", "incremental", "webhook"]
+LINGER_POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How long a run lingers and how it treats its lease (the asset's run config feeds this)."""
+
+    max_events: int | None = None
+    linger_s: float = 0.0
+    max_linger_run_s: float = 60.0
+    lease_ttl_s: float = 30.0
+    #: How long a poll run waits for another poll of its partition before it fails.
+    poll_lease_wait_s: float = 600.0
+
+
+@dataclass
+class PartitionRunResult:
+    merge: MergeResult = field(default_factory=MergeResult)
+    polled: PollResult | None = None
+    drained: DrainResult | None = None
+    #: Set when a drain run found a live drainer holding the partition and left it the events.
+    deferred_to: str | None = None
+
+
+def lease_role(mode: RunMode) -> LeaseRole:
+    return "drain" if mode == "webhook" else "poll"
+
+
+def run_partition(
+    store: Store,
+    sync: SyncDefinition,
+    provider: Provider,
+    connection: ProviderConnection,
+    *,
+    mode: RunMode,
+    run_id: str,
+    log: logging.Logger | Any,
+    settings: RunSettings | None = None,
+) -> PartitionRunResult:
+    """Poll or drain ``connection``'s partition of ``sync`` holding the lease of the mode's role.
+
+    Raises :class:`~sync_project.store.LeaseHeldError` when a poll's wait for its lease is over,
+    and :class:`~sync_project.store.LeaseLostError` when the lease was granted to another run
+    meanwhile (the transaction that found out wrote nothing).
+    """
+    settings = settings or RunSettings()
+    role = lease_role(mode)
+    # A dead drainer's lease expires within its TTL; a live one (it renews) drains what this run
+    # came for, so a drain stops waiting as soon as its holder shows it is alive.
+    wait_s = settings.lease_ttl_s + 5.0 if role == "drain" else settings.poll_lease_wait_s
+    result = PartitionRunResult()
+    with ExitStack() as held:
+        try:
+            keeper = held.enter_context(
+                store.hold_lease(
+                    sync.key, connection.connection_id, role, run_id,
+                    ttl_s=settings.lease_ttl_s, wait_s=wait_s, only_for_a_dead_holder=role == "drain", log=log,
+                )
+            )
+        except LeaseHeldError as error:
+            if role == "poll":
+                raise
+            log.info(f"{error}: it drains these events; this run leaves them to it")
+            result.deferred_to = error.holder
+            return result
+        log.info(f"{sync.key} {connection.connection_id}: holding {keeper.lease.describe()}")
+        with provider.client(connection) as client:
+            if mode == "webhook":
+                result.drained = drain_lingering(store, sync, connection, client, log, settings, keeper)
+                result.merge = result.drained.merge
+            else:
+                result.polled = poll(store, sync, connection, client, log, mode=mode, run_id=run_id, keeper=keeper)
+                result.merge = result.polled.merge
+    return result
+
+
+def drain_lingering(
+    store: Store,
+    sync: SyncDefinition,
+    connection: ProviderConnection,
+    client: httpx.Client,
+    log: logging.Logger | Any,
+    settings: RunSettings,
+    keeper: LeaseKeeper | None = None,
+) -> DrainResult:
+    """Drain the partition's inbox, then keep draining until ``settings.linger_s`` passes with
+    nothing new, ``settings.max_linger_run_s`` is up, or ``max_events`` is reached."""
+    total = DrainResult()
+    started = quiet_since = time.monotonic()
+    while True:
+        remaining = None if settings.max_events is None else settings.max_events - total.events_claimed
+        if remaining is not None and remaining <= 0:
+            return total
+        drained = drain_inbox(store, sync, connection, client, log, max_events=remaining, keeper=keeper)
+        total.merge += drained.merge
+        total.events_done += drained.events_done
+        total.events_retrying += drained.events_retrying
+        total.events_dead += drained.events_dead
+        total.batches += drained.batches
+        now = time.monotonic()
+        if drained.events_claimed:
+            quiet_since = now
+        if now - quiet_since >= settings.linger_s or now - started >= settings.max_linger_run_s:
+            return total
+        time.sleep(LINGER_POLL_S)
