@@ -37,7 +37,7 @@ def poll_requests(
                 run_key=f"poll|{sync.key}|{connection.connection_id}|{tick}",
                 partition_key=connection.connection_id,
                 run_config=dg.RunConfig(ops={op_name(sync): SyncRunConfig(mode="incremental")}),
-                tags={**concurrency_tag(sync.key, connection.connection_id), "sync/mode": "incremental"},
+                tags={**concurrency_tag(sync.key, connection.connection_id, "poll"), "sync/mode": "incremental"},
             )
         )
     return requests

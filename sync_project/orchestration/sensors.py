@@ -122,7 +122,7 @@ def build_inbox_sensor(
             sync = syncs[partition.sync]
             if (sync.provider, partition.connection_id) in paused:
                 continue
-            tag = concurrency_tag(sync.key, partition.connection_id)
+            tag = concurrency_tag(sync.key, partition.connection_id, "drain")
             if tag["sync/asset_partition"] in waiting:
                 # A queued or draining run will claim these events too: another would idle.
                 continue

@@ -65,7 +65,7 @@ def test_run_keys_follow_the_inbox_high_water_mark(store, instance):
     request = next(r for r in first.run_requests if "contacts" in r.run_key)
     assert request.partition_key == "c1" and request.job_name == "sandbox__contacts_job"
     assert request.run_config["ops"]["sandbox__contacts"]["config"]["mode"] == "webhook"
-    assert request.tags["sync/asset_partition"] == "sandbox/contacts:c1"
+    assert request.tags["sync/asset_partition"] == "sandbox/contacts:c1:drain"
     # The partition did not exist in the instance: the same tick adds it.
     assert [list(r.partition_keys) for r in first.dynamic_partitions_requests] == [["c1"]]
     # Same pending work, same keys: Dagster will not launch them twice.
@@ -88,7 +88,7 @@ def test_paused_connections_and_waiting_runs_are_skipped(store, instance):
     # A queued webhook run of c1 will claim whatever arrives before it starts.
     job = ticker.defs.resolve_job_def("sandbox__contacts_job")
     instance.create_run_for_job(job, status=dg.DagsterRunStatus.NOT_STARTED,
-                                tags={"sync/mode": "webhook", "sync/asset_partition": "sandbox/contacts:c1"})
+                                tags={"sync/mode": "webhook", "sync/asset_partition": "sandbox/contacts:c1:drain"})
     deliver(store, "e3", "c1")
     assert ticker.tick().run_requests == []
 

@@ -55,7 +55,7 @@ def test_deliveries_become_merged_records_and_done_events(harness: RealtimeHarne
     assert harness.store.inbox.stats().counts["done"] == 65
     assert_store_matches_truth(harness, "demo-1", "acct-1")
     assert_store_matches_truth(harness, "demo-2", "acct-2")
-    [first] = [r for r in harness.results if r.dagster_run.tags["sync/asset_partition"] == "sandbox/contacts:demo-1"]
+    [first] = [r for r in harness.results if r.dagster_run.tags["sync/asset_partition"] == "sandbox/contacts:demo-1:drain"]
     assert first.dagster_run.tags["sync/mode"] == "webhook"
     [materialization] = first.asset_materializations_for_node("sandbox__contacts")
     assert materialization.metadata["events_drained"].value > 0

@@ -44,7 +44,7 @@ def test_schedule_requests_incremental_runs_for_active_registered_connections(in
     assert sorted(r.partition_key for r in requests) == ["a", "b"]
     request = next(r for r in requests if r.partition_key == "a")
     assert request.run_config["ops"]["fakeapi__items"]["config"]["mode"] == "incremental"
-    assert request.tags["sync/asset_partition"] == "fakeapi/items:a"
+    assert request.tags["sync/asset_partition"] == "fakeapi/items:a:poll"
     assert [r.run_key for r in evaluate()] == [r.run_key for r in requests]  # deterministic per tick
 
 

@@ -53,7 +53,7 @@ def test_merges_update_records_without_new_index_entries(postgres_url: str) -> N
             result = writer.save([contact(f"k{i:03d}", 2) for i in range(0, 200, 20)])
             writer.delete([{"id": f"k{i:03d}", "updated_at": contact("x", 3)["updated_at"]} for i in range(10, 200, 20)])
             updated, hot = writer.conn.exec_driver_sql(
-                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relname = 'records'"
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relname = 'records' AND schemaname = current_schema()"
             ).one()
     assert result.updated == 10
     assert updated == 20 and hot == 20
