@@ -141,7 +141,8 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
         "SYNC_DATABASE_URL": settings.database_url(),
         "SYNC_SANDBOX_WEBHOOK_SECRET": os.environ.get("SYNC_SANDBOX_WEBHOOK_SECRET") or generate_secret(),
         "SYNC_SANDBOX_ADMIN_TOKEN": os.environ.get("SYNC_SANDBOX_ADMIN_TOKEN") or "adm_" + secrets.token_urlsafe(24),
-        **{name: "tok_" + secrets.token_urlsafe(18) for name in token_envs.values()},
+        # Set beforehand, they are kept: a shell that also runs `dagster asset materialize` needs them.
+        **{name: os.environ.get(name) or "tok_" + secrets.token_urlsafe(18) for name in token_envs.values()},
     }
     os.environ.update(env)  # the connection registration below runs in this process
     cli = [sys.executable, "-m", "sync_project.cli"]
