@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sync_project.store import MergeResult, MergeStrategy, RecordSpec, Store  # noqa: E402
+from sync_project.store import Lease, MergeResult, MergeStrategy, RecordSpec, Store  # noqa: E402
 
 DEFAULT_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 SYNC = "bench/contacts"
@@ -109,8 +109,9 @@ def pages(items: Sequence[Record], size: int) -> Iterator[Sequence[Record]]:
 # -- the two contenders -----------------------------------------------------------------------
 
 
-def store_page(store: Store, page: Sequence[Record]) -> MergeResult:
-    with store.writer(SYNC, CONNECTION, SPEC) as writer:
+def store_page(store: Store, page: Sequence[Record], lease: Lease) -> MergeResult:
+    """One page as a polling run writes it: under the run's lease, which the writer checks."""
+    with store.writer(SYNC, CONNECTION, SPEC, lease=lease) as writer:
         return writer.save(page, fetched_at=datetime.now(timezone.utc))
 
 
@@ -237,7 +238,7 @@ def run_backend(url: str, versions: tuple[list[Record], list[Record]], page_size
     first, second = versions
     batches = {"fresh": first, "newer": second, "stale": first, "unchanged": second}
     results = []
-    with Store(url) as store:
+    with Store(url) as store, store.hold_lease(SYNC, CONNECTION, "poll", "merge-benchmark") as keeper:
         create_bare_table(store.engine)
         bare = postgres_bare(store.engine) if store.backend == "postgresql" else sqlite_bare(store.engine)
         for phase in PHASES:
@@ -246,7 +247,7 @@ def run_backend(url: str, versions: tuple[list[Record], list[Record]], page_size
             label = f"{store.backend} {phase}"
             for page in tqdm(list(pages(batches[phase], page_size)), desc=label, unit="page", file=sys.stderr):
                 started = time.perf_counter()
-                result.counts += store_page(store, page)
+                result.counts += store_page(store, page, keeper.lease)
                 result.store_s += time.perf_counter() - started
                 started = time.perf_counter()
                 bare(page)
