@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "dev",
     "forwarder",
     "inbox",
+    "leases",
     "receiver",
     "sandbox",
 )
