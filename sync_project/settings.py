@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 DATABASE_URL_ENV = "SYNC_DATABASE_URL"
 DATA_DIR_ENV = "SYNC_DATA_DIR"
 
@@ -47,3 +49,117 @@ def dagster_home() -> Path:
         if template.exists():
             config.write_text(template.read_text())
     return home
+
+
+# -- database faults: every wait has a deadline --------------------------------------------------
+
+STATEMENT_TIMEOUT_ENV = "SYNC_DB_STATEMENT_TIMEOUT_S"
+LOCK_TIMEOUT_ENV = "SYNC_DB_LOCK_TIMEOUT_S"
+SESSION_OPTIONS_ENV = "SYNC_DB_SESSION_OPTIONS"
+CONNECT_TIMEOUT_ENV = "SYNC_DB_CONNECT_TIMEOUT_S"
+KEEPALIVES_IDLE_ENV = "SYNC_DB_KEEPALIVES_IDLE_S"
+KEEPALIVES_INTERVAL_ENV = "SYNC_DB_KEEPALIVES_INTERVAL_S"
+KEEPALIVES_COUNT_ENV = "SYNC_DB_KEEPALIVES_COUNT"
+TCP_USER_TIMEOUT_ENV = "SYNC_DB_TCP_USER_TIMEOUT_S"
+COMMIT_DEADLINE_ENV = "SYNC_RECEIVER_COMMIT_DEADLINE_S"
+
+#: The receiver's default deadline for a delivery's commit (and for ``/healthz``'s probe).
+DEFAULT_COMMIT_DEADLINE_S = 5.0
+
+
+class DatabaseTimeouts(BaseModel):
+    """How long a Postgres store connection may wait, and how it notices a dead peer.
+
+    Waits that end the work they bound, so chosen above the longest legitimate one:
+
+    - ``statement_timeout_s`` (5 min) bounds one statement. The longest legitimate ones are a
+      full refresh's delete detection (one UPDATE over every live record of a connection: tens
+      of seconds for a million rows on modest hardware) and a page of a streamed DataFrame read.
+      Five minutes is ample headroom for those and still ends a runaway plan. Migrations run
+      without it (they rebuild indexes over the whole table).
+    - ``lock_timeout_s`` (2 min) bounds one wait for a lock. Writers of a (sync, connection) queue
+      on its batch lock for as long as the holder's *transaction* lasts, not one statement: a
+      webhook drain batch keeps its transaction open while handlers make HTTP calls to the
+      provider, and a delete detection holds it for its whole UPDATE. Two minutes lets those
+      finish and still ends a wait behind a session that will never commit (a client frozen
+      mid-transaction, a forgotten ``psql``).
+    - ``idle_in_transaction_session_timeout`` is deliberately not set: that same drain batch is
+      "idle in transaction" while its handlers wait on HTTP, and it must not be killed for it.
+
+    Dead peers, detected without ending live work:
+
+    - libpq TCP keepalives (``keepalives_idle_s`` 30, ``keepalives_interval_s`` 10,
+      ``keepalives_count`` 3) end an idle or waiting connection whose server vanished (host down,
+      network cut) in about a minute instead of the kernel's two hours; a long statement is not
+      affected, since the server's kernel answers the probes.
+    - ``tcp_user_timeout_s`` (30) ends a connection whose sent data stays unacknowledged that
+      long (the same faults, caught while writing).
+    - The same four values are sent as the server's own ``tcp_keepalives_*``/``tcp_user_timeout``,
+      so a session whose *client* died (a worker host crash mid-transaction) is ended and its
+      locks released within about a minute too.
+    - ``connect_timeout_s`` (10) bounds opening a connection.
+
+    None of these fires when the server is frozen (a hung disk, SIGSTOP): its kernel still ACKs
+    and the server never gets to run its timers. The receiver bounds that case itself, with its
+    commit deadline.
+
+    ``session_options`` (on) sends the timeouts and server keepalives as the startup parameter
+    ``options``, merged with any ``options`` in the URL (which win for a setting they name). A
+    pooler in transaction mode (pgbouncer) refuses unknown startup parameters: turn it off there
+    (``SYNC_DB_SESSION_OPTIONS=off``) and set the same values on the role or database instead,
+    e.g. ``ALTER ROLE sync SET statement_timeout = '5min'``; the libpq keepalives still apply.
+    Zero turns a timeout off.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    statement_timeout_s: float = Field(default=300.0, ge=0)
+    lock_timeout_s: float = Field(default=120.0, ge=0)
+    session_options: bool = True
+    connect_timeout_s: int = Field(default=10, ge=1)
+    keepalives_idle_s: int = Field(default=30, ge=1)
+    keepalives_interval_s: int = Field(default=10, ge=1)
+    keepalives_count: int = Field(default=3, ge=1)
+    tcp_user_timeout_s: float = Field(default=30.0, ge=0)
+
+
+_TIMEOUT_FIELDS = {
+    STATEMENT_TIMEOUT_ENV: "statement_timeout_s",
+    LOCK_TIMEOUT_ENV: "lock_timeout_s",
+    SESSION_OPTIONS_ENV: "session_options",
+    CONNECT_TIMEOUT_ENV: "connect_timeout_s",
+    KEEPALIVES_IDLE_ENV: "keepalives_idle_s",
+    KEEPALIVES_INTERVAL_ENV: "keepalives_interval_s",
+    KEEPALIVES_COUNT_ENV: "keepalives_count",
+    TCP_USER_TIMEOUT_ENV: "tcp_user_timeout_s",
+}
+
+
+def database_timeouts() -> DatabaseTimeouts:
+    """:class:`DatabaseTimeouts` from the ``SYNC_DB_*`` variables; unset ones keep the defaults."""
+    given = {field: os.environ[env] for env, field in _TIMEOUT_FIELDS.items() if os.environ.get(env, "").strip()}
+    try:
+        return DatabaseTimeouts.model_validate(given)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{_env_of(str(e['loc'][0]))}={given.get(str(e['loc'][0]))!r}: {e['msg']}" for e in error.errors()
+        )
+        raise ValueError(f"invalid database timeout setting: {problems}") from None
+
+
+def _env_of(field: str) -> str:
+    return next(env for env, name in _TIMEOUT_FIELDS.items() if name == field)
+
+
+def commit_deadline_s() -> float:
+    """The receiver's commit deadline: ``SYNC_RECEIVER_COMMIT_DEADLINE_S``, default 5 s."""
+    raw = os.environ.get(COMMIT_DEADLINE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_COMMIT_DEADLINE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{COMMIT_DEADLINE_ENV}={raw!r}: expected a positive number of seconds")
+    return value

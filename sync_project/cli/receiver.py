@@ -8,6 +8,7 @@ import sys
 import click
 
 from sync_project.receiver.app import DEFAULT_MAX_BODY_BYTES
+from sync_project.settings import COMMIT_DEADLINE_ENV, DEFAULT_COMMIT_DEADLINE_S
 
 DEFAULT_PORT = 8787
 SWITCH_INTERVAL_S = 0.0005
@@ -29,9 +30,23 @@ SWITCH_INTERVAL_S = 0.0005
     show_default=True,
     help="Trust X-Forwarded-Proto/For from a reverse proxy on loopback (signatures over the URL need it).",
 )
+@click.option(
+    "--commit-deadline",
+    "commit_deadline_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help=f"Seconds a delivery waits for its commit before a 503 (default: ${COMMIT_DEADLINE_ENV} or "
+    f"{DEFAULT_COMMIT_DEADLINE_S:g}). Also bounds /healthz.",
+)
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning"]))
-def command(host: str, port: int, max_body_bytes: int, proxy_headers: bool, log_level: str) -> None:
-    """Receive webhooks: POST /webhooks/{provider}, GET /healthz. Logs are JSON lines on stderr."""
+def command(
+    host: str, port: int, max_body_bytes: int, proxy_headers: bool, commit_deadline_s: float | None, log_level: str
+) -> None:
+    """Receive webhooks: POST /webhooks/{provider}, GET /healthz. Logs are JSON lines on stderr.
+
+    It starts whether or not the database is up (answering 503 until it is), and migrates the
+    schema once it is reachable.
+    """
     import uvicorn
 
     from sync_project.receiver.app import create_app
@@ -42,8 +57,9 @@ def command(host: str, port: int, max_body_bytes: int, proxy_headers: bool, log_
     # The group commit's thread waits for the GIL after every database round trip; the default
     # 5 ms switch interval would let a saturated event loop hold it that long each time.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    store = Store()
-    app = create_app(store, max_body_bytes=max_body_bytes)
+    # Not migrated here: the app does it once the database answers, so services start in any order.
+    store = Store(migrate_schema=False)
+    app = create_app(store, max_body_bytes=max_body_bytes, commit_deadline_s=commit_deadline_s)
     try:
         uvicorn.run(
             app,

@@ -13,11 +13,19 @@ events are durable; anything else makes a retrying provider send it again, and n
 500   the provider's webhook secret is not configured: the answer and the log name the variable.
       A 5xx, not a 401, because providers that retry (HubSpot does not retry a 401) then keep the
       delivery until an operator sets the secret.
-503   the database is unavailable, the write queue is full, or the receiver is shutting down;
-      with ``Retry-After``
+503   the database is unavailable, does not answer within the commit deadline (default 5 s), has
+      not been reached since the receiver started, the write queue is full, or the receiver is
+      shutting down; with ``Retry-After``
 ====  =========================================================================================
 
-``GET /healthz`` answers 200 ``{"database": "ok"}`` when the inbox table can be read, else 503.
+``GET /healthz`` answers 200 ``{"database": "ok"}`` when the inbox table can be read, else 503
+``{"database": "unavailable", "reason": ...}``; within the commit deadline either way.
+
+Database faults end in a bounded answer. A delivery is answered 2xx only after its own commit; a
+database that does not answer at all (frozen: no error, no timeout fires) gets the delivery a 503
+at the deadline, and the ones after it a 503 at once (see :mod:`~sync_project.receiver.batching`).
+The receiver starts while its database is down and takes deliveries once it is back (see
+:mod:`~sync_project.receiver.database`).
 
 Every delivery logs one JSON line (logger ``sync_project.receiver``): provider, event count and
 keys, status code, outcome, duration. Never the body, never a header, never a secret.
@@ -34,9 +42,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import select
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -47,16 +53,16 @@ from sync_project.core.provider import (
     SignatureError,
     WebhookRequest,
 )
+from sync_project import settings
 from sync_project.core.sync import SyncDefinition
 from sync_project.receiver.batching import CommitterClosedError, GroupCommitter, QueueFullError
+from sync_project.receiver.database import DatabaseGate
 from sync_project.receiver.records_api import records_routes
 from sync_project.receiver.routing import registry_subscribers, subscribers_from
 from sync_project.receiver.writer import Delivery, InboxWriter
 from sync_project.store import Store
-from sync_project.store.engine import unavailable_as_store_error
 from sync_project.store.errors import StoreUnavailableError
 from sync_project.store.inbox import ReceiveResult
-from sync_project.store.schema import inbox
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 #: Event keys written into one log line; a HubSpot batch can hold hundreds.
@@ -95,6 +101,7 @@ def create_app(
     max_queue: int = 10_000,
     writers: int = 1,
     retry_after_s: int = 5,
+    commit_deadline_s: float | None = None,
 ) -> Starlette:
     """The receiver app over ``store``.
 
@@ -103,7 +110,11 @@ def create_app(
     commit, ``max_queue`` the deliveries waiting for one (beyond it: 503). ``writers`` > 1 overlaps
     commits (each writer thread has its own connection); on this 2-core machine it measured no
     faster, and two batches racing over the same events can then deadlock on Postgres, which fails
-    one of them with 503 for the provider to retry.
+    one of them with 503 for the provider to retry. ``commit_deadline_s`` (default
+    ``SYNC_RECEIVER_COMMIT_DEADLINE_S`` or 5 s) bounds the wait for a commit and for ``/healthz``.
+
+    ``store`` need not be reachable yet, nor migrated: open it with ``migrate_schema=False`` and
+    the receiver migrates it once the database answers, answering 503 until then.
     """
     if max_body_bytes < 1:
         raise ValueError("max_body_bytes must be positive")
@@ -114,10 +125,14 @@ def create_app(
     known = dict(providers)
     subscribers = subscribers_from(syncs) if syncs is not None else registry_subscribers
 
+    deadline_s = settings.commit_deadline_s() if commit_deadline_s is None else commit_deadline_s
+    if deadline_s <= 0:
+        raise ValueError("commit_deadline_s must be positive")
     writer = InboxWriter(store, subscribers)
     committer: GroupCommitter[Delivery, ReceiveResult] = GroupCommitter(
-        writer, max_batch=max_batch, max_queue=max_queue, writers=writers
+        writer, max_batch=max_batch, max_queue=max_queue, writers=writers, deadline_s=deadline_s
     )
+    database = DatabaseGate(store, deadline_s=deadline_s, stalled_for=committer.stalled_for)
     unavailable_headers = {"Retry-After": str(retry_after_s)}
 
     async def receive_webhook(request: Request) -> Response:
@@ -179,6 +194,9 @@ def create_app(
             entry["event_keys_truncated"] = True
         if not events:
             return answer(200, "no_events", {"stored": 0, "duplicates": 0})
+        if not database.ready:
+            entry["reason"] = "DatabaseNotReached"
+            return answer(503, "unavailable", {"error": "inbox unavailable, retry later"}, unavailable_headers)
         try:
             result = await committer.submit(Delivery(name, tuple(events)))
         except MalformedWebhookError as error:
@@ -196,30 +214,23 @@ def create_app(
             return answer(202, "stored", body_out)
         return answer(200, "duplicate", body_out)
 
-    def database_ok() -> bool:
-        # A write transaction, like a delivery's: on SQLite it takes the write lock (BEGIN
-        # IMMEDIATE), so a database too busy to accept deliveries is reported as such.
-        try:
-            with unavailable_as_store_error(), store.engine.connect() as conn:
-                conn.execute(select(inbox.c.id).limit(1)).all()
-            return True
-        except Exception as error:  # noqa: BLE001 - any failure means "not healthy"
-            log.warning("health check: database unavailable: %s", type(error).__name__)
-            return False
-
     async def healthz(_request: Request) -> Response:
-        if await run_in_threadpool(database_ok):
+        reason = await database.unavailable()
+        if reason is None:
             return JSONResponse({"database": "ok"})
-        return JSONResponse({"database": "unavailable"}, status_code=503, headers=unavailable_headers)
+        log.warning("health check: database unavailable: %s", reason)
+        return JSONResponse({"database": "unavailable", "reason": reason}, status_code=503, headers=unavailable_headers)
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        await database.start()  # waits for the database at most the deadline
         await committer.start()
         try:
             yield
         finally:
-            await committer.stop()
+            await committer.stop()  # at most the deadline: every waiting request has had its answer by then
             writer.close()
+            await database.stop()
 
     app = Starlette(
         routes=[
@@ -230,6 +241,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.committer = committer
+    app.state.database = database
     return app
 
 

@@ -20,6 +20,7 @@ from sync_project.core.provider import InboundEvent, MalformedWebhookError
 from sync_project.receiver.routing import SubscribersFn, account_of, route
 from sync_project.store import Store
 from sync_project.store.engine import unavailable_as_store_error
+from sync_project.store.errors import StoreUnavailableError
 from sync_project.store.inbox import ReceiveResult, insert_events
 from sync_project.store.routing import ConnectionSnapshot
 
@@ -33,33 +34,45 @@ class Delivery:
 
 
 class InboxWriter:
-    """``writer(batch)``: commits a batch of deliveries; one outcome per delivery, in order."""
+    """``writer(batch)``: commits a batch of deliveries; one outcome per delivery, in order.
+
+    :meth:`close` closes the connections of idle workers; a worker still inside a commit (stuck
+    in a database that does not answer) closes its own when that commit returns. Closing it from
+    here would block until then: the driver serialises calls on one connection.
+    """
 
     def __init__(self, store: Store, subscribers: SubscribersFn) -> None:
         self._store = store
         self._subscribers = subscribers
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._open: set[Connection] = set()
-
-    @property
-    def _conn(self) -> Connection | None:
-        return getattr(self._local, "conn", None)
-
-    @_conn.setter
-    def _conn(self, conn: Connection | None) -> None:
-        with self._lock:
-            previous = self._conn
-            if previous is not None:
-                self._open.discard(previous)
-            if conn is not None:
-                self._open.add(conn)
-        self._local.conn = conn
+        self._idle: set[Connection] = set()
+        self._closed = False
 
     def __call__(self, batch: Sequence[Delivery]) -> list[ReceiveResult | Exception]:
+        conn: Connection | None = getattr(self._local, "conn", None)
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailableError("the receiver is shutting down")
+            if conn is not None:
+                self._idle.discard(conn)
+        try:
+            return self._commit_retrying(batch)
+        finally:
+            self._park()
+
+    def close(self) -> None:
+        """Close every idle worker's connection (after the committer stopped)."""
+        with self._lock:
+            self._closed = True
+            connections, self._idle = list(self._idle), set()
+        for conn in connections:
+            _close(conn)
+
+    def _commit_retrying(self, batch: Sequence[Delivery]) -> list[ReceiveResult | Exception]:
         with unavailable_as_store_error():
             for attempt in (1, 2):
-                reused = self._conn is not None
+                reused = getattr(self._local, "conn", None) is not None
                 try:
                     return self._commit(batch)
                 except DBAPIError as error:
@@ -74,24 +87,28 @@ class InboxWriter:
                     raise
         raise AssertionError("unreachable")
 
-    def close(self) -> None:
-        """Close every worker's connection (after the committer stopped)."""
+    def _park(self) -> None:
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            return
         with self._lock:
-            connections, self._open = list(self._open), set()
-        for conn in connections:
-            _close(conn)
+            if not self._closed:
+                self._idle.add(conn)
+                return
+        self._drop()
 
     def _drop(self) -> None:
-        conn = self._conn
-        self._conn = None
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
         if conn is not None:
             _close(conn)
 
     def _commit(self, batch: Sequence[Delivery]) -> list[ReceiveResult | Exception]:
-        if self._conn is None:
-            self._conn = self._store.engine.connect()
-        with self._conn.begin():
-            return self._route_and_insert(self._conn, batch)
+        if getattr(self._local, "conn", None) is None:
+            self._local.conn = self._store.engine.connect()
+        conn: Connection = self._local.conn
+        with conn.begin():
+            return self._route_and_insert(conn, batch)
 
     def _route_and_insert(self, conn: Connection, batch: Sequence[Delivery]) -> list[ReceiveResult | Exception]:
         wanted = {(d.provider, account_of(e)) for d in batch for e in d.events if _routable_account(e)}

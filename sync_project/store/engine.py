@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import Connection, Engine, make_url
 
+from sync_project import settings
+from sync_project.settings import DatabaseTimeouts
 from sync_project.store.errors import StoreUnavailableError
 
+#: Bounded: a writer queues this long for SQLite's one write lock, then fails with "database is
+#: locked" (StoreUnavailableError: a 503 at the receiver, whose commit deadline answers sooner).
 SQLITE_BUSY_TIMEOUT_S = 30.0
-CONNECT_TIMEOUT_S = 10
+#: libpq parameters the engine sets unless the URL already does.
+_LIBPQ_PARAMETERS = ("connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout")
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url`` (``sqlite:///path`` or ``postgresql://...``)."""
+def make_engine(url: str, *, timeouts: DatabaseTimeouts | None = None) -> Engine:
+    """An engine for ``url`` (``sqlite:///path`` or ``postgresql://...``).
+
+    On Postgres every connection gets the statement and lock timeouts and TCP keepalives of
+    ``timeouts`` (default: :func:`sync_project.settings.database_timeouts`, from the environment);
+    see :class:`~sync_project.settings.DatabaseTimeouts` for the values and why.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
@@ -24,12 +36,58 @@ def make_engine(url: str) -> Engine:
         if parsed.drivername == "postgresql":
             # SQLAlchemy 2.1 defaults to psycopg 3; dagster-postgres already brings psycopg2.
             url = parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
-        # Pages of 5,000 rows per INSERT: fewer round trips than the default 1,000. A bounded
-        # connect timeout turns an unreachable server into StoreUnavailableError (HTTP 503 at the
-        # receiver) within seconds instead of after the kernel's TCP timeout.
-        connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": CONNECT_TIMEOUT_S}
+        # Pages of 5,000 rows per INSERT: fewer round trips than the default 1,000.
+        connect_args = postgres_connect_args(parsed.query, timeouts or settings.database_timeouts())
         return create_engine(url, pool_pre_ping=True, insertmanyvalues_page_size=5000, connect_args=connect_args)
     raise ValueError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql")
+
+
+def postgres_connect_args(query: Mapping[str, str | Sequence[str]], timeouts: DatabaseTimeouts) -> dict[str, Any]:
+    """libpq parameters for ``timeouts``, leaving alone whatever the URL's ``query`` sets itself.
+
+    Passed as ``connect_args``, they take precedence over the URL's query, so the URL's own
+    ``options`` (e.g. ``-csearch_path=...``) is merged in here rather than replaced.
+    """
+    wanted: dict[str, Any] = {
+        "connect_timeout": timeouts.connect_timeout_s,
+        "keepalives": 1,
+        "keepalives_idle": timeouts.keepalives_idle_s,
+        "keepalives_interval": timeouts.keepalives_interval_s,
+        "keepalives_count": timeouts.keepalives_count,
+        "tcp_user_timeout": _ms(timeouts.tcp_user_timeout_s),
+    }
+    connect_args = {name: value for name, value in wanted.items() if name not in query}
+    if timeouts.session_options:
+        given = query.get("options", "")
+        given = " ".join(given) if not isinstance(given, str) else given
+        # libpq reads PGOPTIONS only when no options are passed: keep an operator's.
+        given = " ".join(filter(None, (os.environ.get("PGOPTIONS", "").strip(), given)))
+        connect_args["options"] = session_options(timeouts, given)
+    return connect_args
+
+
+def session_options(timeouts: DatabaseTimeouts, given: str = "") -> str:
+    """The startup ``options``: our ``-c`` settings, then ``given`` (a URL's), whose own win."""
+    values: dict[str, int] = {
+        "statement_timeout": _ms(timeouts.statement_timeout_s),
+        "lock_timeout": _ms(timeouts.lock_timeout_s),
+        # The server's side of the keepalives: it ends a session whose client vanished.
+        "tcp_keepalives_idle": timeouts.keepalives_idle_s,
+        "tcp_keepalives_interval": timeouts.keepalives_interval_s,
+        "tcp_keepalives_count": timeouts.keepalives_count,
+        "tcp_user_timeout": _ms(timeouts.tcp_user_timeout_s),
+    }
+    ours = [f"-c {name}={value}" for name, value in values.items() if not _names(given, name)]
+    return " ".join([*ours, given.strip()]).strip()
+
+
+def _names(options: str, setting: str) -> bool:
+    # "-c name=v", "-cname=v" and "--name=v" all set it.
+    return re.search(rf"(?:^|[\s-]|-c){re.escape(setting)}=", options) is not None
+
+
+def _ms(seconds: float) -> int:
+    return int(round(seconds * 1000))
 
 
 def _sqlite_engine(url: str) -> Engine:

@@ -41,6 +41,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the database to ``revision``; a no-op when it is there already."""
     with unavailable_as_store_error(), engine.begin() as conn:
         if conn.dialect.name == "postgresql":
+            # Rebuilding an index over every record may take minutes: no statement timeout here
+            # (the lock timeout stays, so a migration never queues forever behind a live writer).
+            conn.execute(text("SET LOCAL statement_timeout = 0"))
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
         target = head_revision() if revision == "head" else revision
         if current_revision(conn) != target:

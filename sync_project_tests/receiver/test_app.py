@@ -317,7 +317,7 @@ def test_with_the_database_down_it_answers_503_and_the_providers_retry_is_stored
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "7"
         health = httpx.get(f"{server.url}/healthz", timeout=20)
-        assert (health.status_code, health.json()) == (503, {"database": "unavailable"})
+        assert (health.status_code, health.json()["database"]) == (503, "unavailable")
 
         up()
         assert httpx.post(f"{server.url}/webhooks/acme", content=retried, headers=sign(retried)).status_code == 202
