@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import pytest
 
-from sync_project.receiver.batching import CommitterClosedError, GroupCommitter, QueueFullError
+from sync_project.receiver.batching import CommitDeadlineError, CommitterClosedError, GroupCommitter, QueueFullError
 from sync_project.store.errors import StoreUnavailableError
 
 
@@ -152,3 +153,63 @@ def test_several_writers_commit_batches_concurrently() -> None:
 
     assert asyncio.run(scenario()) == [f"committed d{i}" for i in range(10)]
     assert batches[0] == ["d0"] and sorted(item for batch in batches for item in batch) == sorted(f"d{i}" for i in range(10))
+
+
+# -- the commit deadline: a database that never answers ------------------------------------------
+
+
+def test_past_the_deadline_a_request_gets_503_and_later_ones_are_refused_at_once() -> None:
+    recorder = Recorder()  # its gate is the database: closed, the first commit never returns
+    committer = GroupCommitter(recorder, deadline_s=0.2)
+
+    async def scenario() -> tuple[list, float, list]:
+        await committer.start()
+        try:
+            first = asyncio.create_task(committer.submit("in-flight"))
+            await asyncio.get_running_loop().run_in_executor(None, recorder.entered.wait, 10)
+            queued = asyncio.create_task(committer.submit("queued"))
+            early = await asyncio.gather(first, queued, return_exceptions=True)
+            started = asyncio.get_running_loop().time()
+            try:
+                await committer.submit("while stalled")
+            except CommitDeadlineError as refusal:
+                early.append(refusal)
+            refused_in = asyncio.get_running_loop().time() - started
+            recorder.gate.set()  # the database answers again
+            await asyncio.get_running_loop().run_in_executor(None, _wait_for, lambda: committer.stalled_for() == 0)
+            return early, refused_in, [await committer.submit("after")]
+        finally:
+            await committer.stop()
+
+    early, refused_in, after = asyncio.run(scenario())
+    assert [type(outcome) for outcome in early] == [CommitDeadlineError] * 3
+    assert refused_in < 0.2  # not queued behind the stuck commit
+    assert after == ["committed after"]
+    # The in-flight delivery still committed (its provider's retry is then a duplicate); the
+    # queued one, whose request had its 503, was dropped rather than committed late.
+    assert recorder.batches == [["in-flight"], ["after"]]
+
+
+def test_stop_gives_up_on_a_commit_the_database_never_answers() -> None:
+    recorder = Recorder()
+    committer = GroupCommitter(recorder, deadline_s=0.2)
+
+    async def scenario() -> tuple[bool, list]:
+        await committer.start()
+        submitted = asyncio.create_task(committer.submit("stuck"))
+        await asyncio.get_running_loop().run_in_executor(None, recorder.entered.wait, 10)
+        finished = await committer.stop(timeout_s=0.5)
+        return finished, await asyncio.gather(submitted, return_exceptions=True)
+
+    try:
+        finished, outcomes = asyncio.run(scenario())
+    finally:
+        recorder.gate.set()  # let the abandoned daemon thread end
+    assert finished is False
+    assert [type(outcome) for outcome in outcomes] == [CommitDeadlineError]
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
