@@ -47,13 +47,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sync_project import settings
 from sync_project.core.provider import (
     MalformedWebhookError,
     Provider,
     SignatureError,
     WebhookRequest,
 )
-from sync_project import settings
 from sync_project.core.sync import SyncDefinition
 from sync_project.receiver.batching import CommitterClosedError, GroupCommitter, QueueFullError
 from sync_project.receiver.database import DatabaseGate
@@ -228,7 +228,7 @@ def create_app(
         try:
             yield
         finally:
-            await committer.stop()  # at most the deadline: every waiting request has had its answer by then
+            await committer.stop()  # bounded by the deadline: every waiting request has its answer by then
             writer.close()
             await database.stop()
 

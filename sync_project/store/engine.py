@@ -18,8 +18,6 @@ from sync_project.store.errors import StoreUnavailableError
 #: Bounded: a writer queues this long for SQLite's one write lock, then fails with "database is
 #: locked" (StoreUnavailableError: a 503 at the receiver, whose commit deadline answers sooner).
 SQLITE_BUSY_TIMEOUT_S = 30.0
-#: libpq parameters the engine sets unless the URL already does.
-_LIBPQ_PARAMETERS = ("connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout")
 
 
 def make_engine(url: str, *, timeouts: DatabaseTimeouts | None = None) -> Engine:
@@ -36,8 +34,8 @@ def make_engine(url: str, *, timeouts: DatabaseTimeouts | None = None) -> Engine
         if parsed.drivername == "postgresql":
             # SQLAlchemy 2.1 defaults to psycopg 3; dagster-postgres already brings psycopg2.
             url = parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
-        # Pages of 5,000 rows per INSERT: fewer round trips than the default 1,000.
         connect_args = postgres_connect_args(parsed.query, timeouts or settings.database_timeouts())
+        # Pages of 5,000 rows per INSERT: fewer round trips than the default 1,000.
         return create_engine(url, pool_pre_ping=True, insertmanyvalues_page_size=5000, connect_args=connect_args)
     raise ValueError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -30,6 +31,7 @@ import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 BIN_ENV = "SYNC_TEST_POSTGRES_BIN"
 #: Fast and quiet for throwaway data: no fsync (no OS crash is simulated), a small footprint.
@@ -61,8 +63,6 @@ def unavailable_reason() -> str | None:
         return f"no Postgres server binaries (initdb, pg_ctl) found; set {BIN_ENV}"
     if os.geteuid() == 0:
         try:
-            import pwd
-
             pwd.getpwnam("postgres")
         except KeyError:
             return "running as root without a 'postgres' user to run initdb as"
@@ -88,7 +88,9 @@ class PrivatePostgres:
         problem = unavailable_reason()
         if problem:
             raise RuntimeError(problem)
-        self._bin = postgres_bin_dir()
+        bin_dir = postgres_bin_dir()
+        assert bin_dir is not None
+        self._bin = bin_dir
         self._timeout_s = timeout_s
         self._settings = {**DEFAULT_SERVER_SETTINGS, **(settings or {})}
         self.port = free_port()
@@ -127,13 +129,13 @@ class PrivatePostgres:
         )
         self._run(self._pg_ctl("-l", str(self._log), "-o", options, "-w", "-t", str(int(self._timeout_s)), "start"))
 
-    def stop(self) -> None:
-        """Stop the server at once (as a crash would: ``immediate``); a no-op when it is down."""
+    def stop(self, mode: Literal["immediate", "fast", "smart"] = "immediate") -> None:
+        """Stop the server (by default at once, as a crash would); a no-op when it is down."""
         if not self.running:
             return
         self.thaw()
         try:
-            self._run(self._pg_ctl("-m", "immediate", "-w", "-t", "20", "stop"))
+            self._run(self._pg_ctl("-m", mode, "-w", "-t", "20", "stop"))
         except (RuntimeError, subprocess.TimeoutExpired):
             pid = self.postmaster_pid()
             if pid is not None:
@@ -184,7 +186,9 @@ class PrivatePostgres:
     def __enter__(self) -> PrivatePostgres:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -201,9 +205,8 @@ class PrivatePostgres:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=self._timeout_s + 10, cwd=self._root)
         if done.returncode != 0:
             program = next(Path(a).name for a in argv if a.startswith(str(self._bin)))
-            raise RuntimeError(
-                f"{program} failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}\n{self.log_tail()}"
-            )
+            output = (done.stderr or done.stdout).strip()[-800:]
+            raise RuntimeError(f"{program} failed ({done.returncode}): {output}\n{self.log_tail()}")
 
 
 def _alive(pid: int) -> bool:
