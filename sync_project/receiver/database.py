@@ -83,6 +83,7 @@ class DatabaseGate:
             return f"a commit has been waiting {stalled:.1f} s"
         if self._probe is None or self._probe.done():
             self._probe = self._in_thread(self._answers)
+            self._probe.add_done_callback(_observed)  # its outcome may come after every waiter left
             self._probe_started = time.monotonic()
         remaining = self._deadline_s - (time.monotonic() - self._probe_started)
         try:
@@ -127,3 +128,8 @@ class DatabaseGate:
 
     def _in_thread(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+
+def _observed(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so asyncio does not log it as never retrieved
