@@ -44,6 +44,16 @@ def load_json(body: bytes) -> Any:
         raise MalformedWebhookError(f"body is not JSON: {error}") from None
 
 
+def epoch_time(value: int, where: str, *, millis: bool = False) -> datetime:
+    """A provider's Unix timestamp (seconds, or milliseconds) as a datetime, or
+    :class:`MalformedWebhookError` (HTTP 400) when it is outside what a datetime holds: a verified
+    delivery that can never be stored. Even the division by 1000 overflows for a huge integer."""
+    try:
+        return datetime.fromtimestamp(value / 1000 if millis else value, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise MalformedWebhookError(f"{where} is not a timestamp between the years 1 and 9999") from None
+
+
 def parse_records(model: type[ModelT], items: Iterable[Any], where: str) -> list[ModelT]:
     """Validate provider objects into ``model``; a shape we cannot read fails with its place named."""
     parsed = []

@@ -32,7 +32,7 @@ from sync_project.core.provider import (
     WebhookRequest,
 )
 from sync_project.providers import signing
-from sync_project.providers._common import ListPage, Sleep, load_json, server_time, walk_modified
+from sync_project.providers._common import ListPage, Sleep, epoch_time, load_json, server_time, walk_modified
 from sync_project.store.connections import ProviderConnection
 
 SIGNATURE_HEADER = "x-hubspot-signature-v3"
@@ -113,13 +113,9 @@ class HubSpotProvider(Provider):
         timestamp = request.headers.get(TIMESTAMP_HEADER)
         if not signature:
             raise SignatureError("missing X-HubSpot-Signature-v3 header")
-        if not timestamp or not timestamp.isdigit():
-            raise SignatureError("missing or non-numeric X-HubSpot-Request-Timestamp header")
-        try:
-            signed_at = datetime.fromtimestamp(int(timestamp) / 1000, tz=timezone.utc)
-        except (OverflowError, OSError, ValueError):
-            raise SignatureError("X-HubSpot-Request-Timestamp is out of range") from None
-        signing.check_freshness(signed_at, request.received_at, SIGNATURE_TOLERANCE)
+        # Milliseconds: three digits more than a timestamp in seconds.
+        signed_at_ms = signing.parse_epoch(timestamp, "X-HubSpot-Request-Timestamp", extra_digits=3)
+        signing.check_freshness(signed_at_ms / 1000, request.received_at, SIGNATURE_TOLERANCE)
         uri = signed_uri(os.environ.get(WEBHOOK_URL_ENV) or request.url)
         message = request.method.upper().encode() + uri.encode() + request.body + timestamp.encode()
         expected = [base64.b64encode(signing.hmac_sha256(secret, message)).decode() for secret in secrets]
@@ -157,7 +153,7 @@ class HubSpotProvider(Provider):
                     event_type=event_type,
                     account_id=str(event.portalId),
                     payload=raw,
-                    occurred_at=datetime.fromtimestamp(event.occurredAt / 1000, tz=timezone.utc),
+                    occurred_at=epoch_time(event.occurredAt, f"event #{index} occurredAt", millis=True),
                 )
             )
         return events

@@ -33,7 +33,7 @@ from sync_project.core.provider import (
     WebhookRequest,
 )
 from sync_project.providers import signing
-from sync_project.providers._common import Sleep, load_json, server_time
+from sync_project.providers._common import Sleep, epoch_time, load_json, server_time
 from sync_project.store.connections import ProviderConnection
 
 SIGNATURE_HEADER = "stripe-signature"
@@ -84,9 +84,7 @@ class StripeProvider(Provider):
         if not header:
             raise SignatureError("missing Stripe-Signature header")
         timestamp, signatures = _split_signature_header(header)
-        signing.check_freshness(
-            datetime.fromtimestamp(timestamp, tz=timezone.utc), request.received_at, SIGNATURE_TOLERANCE
-        )
+        signing.check_freshness(timestamp, request.received_at, SIGNATURE_TOLERANCE)
         signed = f"{timestamp}.".encode() + request.body
         expected = [signing.hmac_sha256(secret, signed).hex() for secret in secrets]
         if not any(signing.matches_any(given, expected) for given in signatures):
@@ -108,7 +106,7 @@ class StripeProvider(Provider):
                 event_type=event_type,
                 account_id=account,
                 payload=event,
-                occurred_at=datetime.fromtimestamp(created, tz=timezone.utc),
+                occurred_at=epoch_time(created, "event created"),
             )
         ]
 
@@ -118,8 +116,8 @@ def _split_signature_header(header: str) -> tuple[int, list[str]]:
     signatures: list[str] = []
     for item in header.split(","):
         key, _, value = item.strip().partition("=")
-        if key == "t" and value.isdigit():
-            timestamp = int(value)
+        if key == "t":
+            timestamp = signing.parse_epoch(value, "Stripe-Signature t=")
         elif key == "v1" and value:
             signatures.append(value)
     if timestamp is None:

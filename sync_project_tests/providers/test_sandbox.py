@@ -75,7 +75,7 @@ def test_a_valid_delivery_verifies() -> None:
         (delivery(drop="webhook-signature"), "missing header(s): webhook-signature"),
         (delivery(drop="webhook-id"), "missing header(s): webhook-id"),
         (delivery(drop="webhook-timestamp"), "missing header(s): webhook-timestamp"),
-        (delivery(**{"webhook-timestamp": "noon"}), "not an integer"),
+        (delivery(**{"webhook-timestamp": "noon"}), "not a Unix timestamp"),
         (delivery(**{"webhook-id": "evt_2"}), "no signature matches"),
         (delivery(**{"webhook-signature": "v1a,abc v2,def"}), "no v1 signature"),
         (delivery(**{"webhook-signature": "v1,bm90IGEgc2lnbmF0dXJl"}), "no signature matches"),
