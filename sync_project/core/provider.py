@@ -64,6 +64,10 @@ class Provider(ABC):
         raw = os.environ.get(self.webhook_secret_env, "")
         return [secret.strip() for secret in raw.split(",") if secret.strip()]
 
+    def check_secrets(self, secrets: list[str]) -> None:
+        """Raise ``ValueError`` saying why one of ``secrets`` can never verify a delivery (checked
+        when the receiver starts). Most schemes take any text as a key."""
+
     @abstractmethod
     def client(self, connection: ProviderConnection) -> httpx.Client:
         """An authenticated client for one connection (base URL, auth header, timeouts)."""

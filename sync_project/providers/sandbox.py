@@ -55,6 +55,10 @@ class SandboxProvider(Provider):
             )
         return make_client(str(base_url), headers={"authorization": f"Bearer {token}"})
 
+    def check_secrets(self, secrets: list[str]) -> None:
+        for secret in secrets:
+            standard_webhooks.decode_secret(secret)
+
     def verify(self, request: WebhookRequest, secrets: list[str]) -> None:
         standard_webhooks.verify(request.headers, request.body, secrets, now=request.received_at.timestamp())
 

@@ -40,12 +40,19 @@ def generate_secret(num_bytes: int = 24) -> str:
 
 
 def decode_secret(secret: str) -> bytes:
-    """The HMAC key of ``secret`` (the prefix is optional, as in the reference libraries)."""
+    """The HMAC key of ``secret`` (the prefix is optional, as in the reference libraries).
+
+    Padding is optional too: the reference library pads the secret before decoding, so a secret
+    shown without its ``=`` works there and must work here. Other characters outside base64's
+    alphabet are refused (the reference library skips them silently, which turns a typo into a
+    different key).
+    """
     raw = secret.strip()
     if raw.startswith(SECRET_PREFIX):
         raw = raw[len(SECRET_PREFIX) :]
+    raw = raw.rstrip("=")
     try:
-        key = base64.b64decode(raw, validate=True)
+        key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise WebhookSecretError("webhook secret is not whsec_ followed by base64") from None
     if not key:

@@ -6,17 +6,22 @@ events are durable; anything else makes a retrying provider send it again, and n
 ====  =========================================================================================
 202   stored (at least one new inbox row)
 200   nothing new: every event was already stored (a redelivery), or the delivery held no events
-400   malformed: unreadable body or events (after the signature verified)
+400   malformed (after the signature verified): unreadable body or events, JSON nested deeper
+      than ``max_json_depth``, or a value the inbox cannot store (NUL, a lone surrogate, a key
+      over 255 characters); refused before the group commit, so it never fails a batch
 401   missing or bad signature (or outside the scheme's time tolerance); nothing stored
 404   unknown provider
+408   the body did not arrive within ``body_timeout_s`` of the request (``Connection: close``)
 413   body over ``max_body_bytes`` (default 1 MiB), by Content-Length or while streaming
-500   the provider's webhook secret is not configured: the answer and the log name the variable.
-      A 5xx, not a 401, because providers that retry (HubSpot does not retry a 401) then keep the
-      delivery until an operator sets the secret.
+500   a provider module's bug while parsing a verified delivery (the log says where)
 503   the database is unavailable, does not answer within the commit deadline (default 5 s), has
       not been reached since the receiver started, the write queue is full, or the receiver is
-      shutting down; with ``Retry-After``
+      shutting down; or the provider's webhook secret is not configured (the log names the
+      variable, the answer does not: a 5xx, not a 401, so providers that retry keep the delivery
+      until an operator sets it; HubSpot does not retry a 4xx). With ``Retry-After``.
 ====  =========================================================================================
+
+Every answer's ``error`` is one line. No answer to input, however bad, is a 500 with a traceback.
 
 ``GET /healthz`` answers 200 ``{"database": "ok"}`` when the inbox table can be read, else 503
 ``{"database": "unavailable", "reason": ...}``; within the commit deadline either way.
@@ -33,6 +38,7 @@ keys, status code, outcome, duration. Never the body, never a header, never a se
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -57,6 +63,12 @@ from sync_project.core.provider import (
 from sync_project.core.sync import SyncDefinition
 from sync_project.receiver.batching import CommitterClosedError, GroupCommitter, QueueFullError
 from sync_project.receiver.database import DatabaseGate
+from sync_project.receiver.intake import (
+    DEFAULT_MAX_JSON_DEPTH,
+    MAX_JSON_DEPTH_LIMIT,
+    check_json_depth,
+    check_storable,
+)
 from sync_project.receiver.records_api import records_routes
 from sync_project.receiver.routing import registry_subscribers, subscribers_from
 from sync_project.receiver.writer import Delivery, InboxWriter
@@ -65,6 +77,11 @@ from sync_project.store.errors import StoreUnavailableError
 from sync_project.store.inbox import ReceiveResult
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+#: A provider sends a whole delivery in well under a second; a client that has not finished
+#: its body by then is broken or holding the connection on purpose.
+DEFAULT_BODY_TIMEOUT_S = 10.0
+#: Characters of an ``error`` in an answer and its log line.
+MAX_ERROR_CHARS = 300
 #: Event keys written into one log line; a HubSpot batch can hold hundreds.
 LOGGED_KEYS = 20
 
@@ -73,6 +90,14 @@ log = logging.getLogger("sync_project.receiver")
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _BodyTimeout(Exception):
+    pass
+
+
+class ReceiverConfigError(ValueError):
+    """The receiver's configuration cannot work (an unusable webhook secret): it refuses to start."""
 
 
 class _JsonLine:
@@ -102,6 +127,8 @@ def create_app(
     writers: int = 1,
     retry_after_s: int = 5,
     commit_deadline_s: float | None = None,
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> Starlette:
     """The receiver app over ``store``.
 
@@ -115,14 +142,25 @@ def create_app(
 
     ``store`` need not be reachable yet, nor migrated: open it with ``migrate_schema=False`` and
     the receiver migrates it once the database answers, answering 503 until then.
+
+    ``max_json_depth`` bounds the nesting of a delivery's JSON (400 beyond it); ``body_timeout_s``
+    is how long a request may take to send its body, counted from when its headers arrived (408
+    and the connection closed beyond it). Raises :class:`ReceiverConfigError` when a provider's
+    configured webhook secret is unusable, naming the variable, so that is found at start-up and
+    not as a failure of every delivery.
     """
     if max_body_bytes < 1:
         raise ValueError("max_body_bytes must be positive")
+    if not 1 <= max_json_depth <= MAX_JSON_DEPTH_LIMIT:
+        raise ValueError(f"max_json_depth must be between 1 and {MAX_JSON_DEPTH_LIMIT}")
+    if not body_timeout_s > 0:
+        raise ValueError("body_timeout_s must be positive")
     if providers is None:
         from sync_project import registry
 
         providers = registry.providers()
     known = dict(providers)
+    _check_secrets(known)
     subscribers = subscribers_from(syncs) if syncs is not None else registry_subscribers
 
     deadline_s = settings.commit_deadline_s() if commit_deadline_s is None else commit_deadline_s
@@ -142,19 +180,23 @@ def create_app(
 
         def answer(status: int, outcome: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
             entry.update(status=status, outcome=outcome, duration_ms=round((time.perf_counter() - started) * 1000, 3))
-            if status >= 400 and "error" in body:
-                entry["error"] = body["error"]
+            if "error" in body:
+                body["error"] = entry["error"] = _one_line(str(body["error"]))
             log.log(logging.WARNING if status >= 500 else logging.INFO, "%s", _JsonLine(entry), extra={"fields": entry})
-            return JSONResponse({"outcome": outcome, **body}, status_code=status, headers=headers)
+            return _json_answer({"outcome": outcome, **body}, status, headers)
 
         provider = known.get(name)
         if provider is None:
-            return answer(404, "unknown_provider", {"error": f"unknown provider {name!r}"})
+            return answer(404, "unknown_provider", {"error": f"unknown provider {name[:80]!r}"})
         try:
-            body = await _read_body(request, max_body_bytes)
+            body = await _read_body(request, max_body_bytes, body_timeout_s)
         except _BodyTooLarge:
             return answer(
                 413, "too_large", {"error": f"body over {max_body_bytes} bytes"}, {"Connection": "close"}
+            )
+        except _BodyTimeout:
+            return answer(
+                408, "body_timeout", {"error": f"body not received within {body_timeout_s:g} s"}, {"Connection": "close"}
             )
         except ValueError as error:
             return answer(400, "malformed", {"error": str(error)})
@@ -163,11 +205,13 @@ def create_app(
         entry["bytes"] = len(body)
         secrets = provider.webhook_secrets()
         if not secrets:
-            variable = provider.webhook_secret_env or "(none declared by the provider)"
+            # The operator's fix goes to the log; the caller, unauthenticated, learns nothing of it.
+            entry["fix"] = f"set {provider.webhook_secret_env or 'the secret variable (none declared by the provider)'}"
             return answer(
-                500,
-                "secret_not_configured",
-                {"error": f"webhook secret for {name!r} is not configured: set the environment variable {variable}"},
+                503,
+                "not_configured",
+                {"error": f"deliveries of {name!r} are not accepted yet, retry later"},
+                unavailable_headers,
             )
         webhook = WebhookRequest(
             method=request.method,
@@ -180,8 +224,18 @@ def create_app(
             provider.verify(webhook, secrets)
         except SignatureError as error:
             return answer(401, "bad_signature", {"error": str(error) or "bad signature"})
+        except ValueError as error:  # a secret the scheme cannot use (checked at start-up, too)
+            entry["fix"] = f"{provider.webhook_secret_env}: {error}"
+            return answer(
+                503, "not_configured", {"error": f"deliveries of {name!r} are not accepted yet, retry later"},
+                unavailable_headers,
+            )
         try:
+            check_json_depth(body, max_json_depth)
             events = provider.parse(webhook)
+            check_storable(events)
+        except RecursionError:  # a provider reading its JSON some other way than json.loads
+            return answer(400, "malformed", {"error": "JSON nested too deeply"})
         except (MalformedWebhookError, ValueError) as error:  # ValueError covers bad JSON and UTF-8
             return answer(400, "malformed", {"error": str(error) or type(error).__name__})
         except Exception as error:  # noqa: BLE001 - a provider bug: 5xx so the provider retries
@@ -254,20 +308,56 @@ def _where(error: BaseException) -> str:
     return f"{type(error).__name__} at {last.filename}:{last.lineno} in {last.name}"
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing early (Content-Length) or mid-stream once it exceeds ``limit``."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The raw body, refusing early (Content-Length) or mid-stream once it exceeds ``limit``, and
+    once it has taken longer than ``timeout_s`` to arrive.
+
+    uvicorn bounds the idle time between requests (``timeout_keep_alive``) but not a request whose
+    body stops half-way: without this deadline such a connection is held for ever.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
-        try:
-            length = int(declared)
-        except ValueError:
-            raise ValueError(f"invalid Content-Length {declared[:40]!r}") from None
-        if length > limit:
+        if not (declared.isascii() and declared.isdigit()) or len(declared) > 18:
+            raise ValueError(f"invalid Content-Length {declared[:40]!r}")
+        if int(declared) > limit:
             raise _BodyTooLarge
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _BodyTooLarge
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise _BodyTooLarge
+    except TimeoutError:
+        raise _BodyTimeout from None
     return bytes(body)
+
+
+def _check_secrets(providers: Mapping[str, Provider]) -> None:
+    """Fail at start-up on a configured secret its provider cannot use (say, not base64)."""
+    for name, provider in providers.items():
+        secrets = provider.webhook_secrets()
+        if not secrets:
+            log.warning(
+                "provider %s: no webhook secret configured (set %s); its deliveries answer 503",
+                name,
+                provider.webhook_secret_env,
+            )
+            continue
+        try:
+            provider.check_secrets(secrets)
+        except ValueError as error:
+            raise ReceiverConfigError(f"{provider.webhook_secret_env} (provider {name}): {error}") from None
+
+
+def _one_line(text: str) -> str:
+    """An error as one bounded line: some exceptions (pydantic's) span several."""
+    line = " ".join(text.split())
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _json_answer(content: dict[str, Any], status: int, headers: dict[str, str] | None) -> Response:
+    # ASCII-escaped: an error quoting the input may hold a lone surrogate, which UTF-8 cannot encode.
+    return Response(json.dumps(content, separators=(",", ":")), status_code=status, headers=headers,
+                    media_type="application/json")
 

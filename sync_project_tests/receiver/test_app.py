@@ -49,7 +49,8 @@ class Receiver:
 
 def serve(store: Store, **options: Any) -> ServerThread:
     providers = options.pop("providers", {"acme": AcmeProvider()})
-    app = create_app(store, providers=providers, syncs=[contacts_sync(), audit_sync()], max_body_bytes=MAX_BODY, **options)
+    options.setdefault("max_body_bytes", MAX_BODY)
+    app = create_app(store, providers=providers, syncs=[contacts_sync(), audit_sync()], **options)
     return ServerThread(app)
 
 
@@ -172,7 +173,7 @@ def test_a_bad_or_missing_signature_is_refused_with_401_and_nothing_stored(recei
         pytest.param(b"\xff\xfe\x00", "decode", id="not-utf8"),
         pytest.param(b"[1, 2]", "neither an event", id="not-an-object"),
         pytest.param(json.dumps({"type": "contact.updated"}).encode(), "lacks an id", id="no-event-id"),
-        pytest.param(body_of(event("k" * 300)), "event_key", id="event-key-too-long"),
+        pytest.param(body_of(event("k" * 300)), "event key is longer than 255", id="event-key-too-long"),
         pytest.param(body_of(event("evt-1", account={"id": 7})), "account id is a dict", id="account-not-text"),
     ],
 )
@@ -238,11 +239,17 @@ def test_only_post_is_served_on_the_webhook_route(receiver: Receiver) -> None:
 # -- 5xx ---------------------------------------------------------------------------------------------
 
 
-def test_a_missing_secret_is_a_500_that_names_the_variable(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_missing_secret_is_a_503_that_names_the_variable_in_the_log_only(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sync_project.receiver")
     monkeypatch.delenv(SECRET_ENV)
     response = receiver.post(body_of(event("evt-1")))
-    assert response.status_code == 500
-    assert SECRET_ENV in response.json()["error"]
+    assert (response.status_code, response.json()["outcome"]) == (503, "not_configured")
+    assert response.headers["retry-after"] == "5"
+    assert SECRET_ENV not in response.text and "environment" not in response.text
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "sync_project.receiver"]
+    assert line["fix"] == f"set {SECRET_ENV}"
     assert receiver.store.inbox.count() == 0
 
 
