@@ -7,11 +7,17 @@ import sys
 
 import click
 
-from sync_project.receiver.app import DEFAULT_MAX_BODY_BYTES
+from sync_project.receiver.app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
+from sync_project.receiver.intake import DEFAULT_MAX_JSON_DEPTH, MAX_JSON_DEPTH_LIMIT
 from sync_project.settings import COMMIT_DEADLINE_ENV, DEFAULT_COMMIT_DEADLINE_S
 
 DEFAULT_PORT = 8787
 SWITCH_INTERVAL_S = 0.0005
+#: Connections (and requests in flight) one receiver process serves at once; uvicorn answers
+#: 503 beyond it. Below the common 1024 open-files limit, with room for database connections.
+DEFAULT_MAX_CONNECTIONS = 900
+#: Idle seconds a kept-alive connection waits for its next request (uvicorn's own default).
+DEFAULT_KEEP_ALIVE_S = 5
 
 
 @click.command("receiver")
@@ -38,9 +44,48 @@ SWITCH_INTERVAL_S = 0.0005
     help=f"Seconds a delivery waits for its commit before a 503 (default: ${COMMIT_DEADLINE_ENV} or "
     f"{DEFAULT_COMMIT_DEADLINE_S:g}). Also bounds /healthz.",
 )
+@click.option(
+    "--body-timeout",
+    "body_timeout_s",
+    default=DEFAULT_BODY_TIMEOUT_S,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a request may take to send its body; slower ones get 408 and are closed.",
+)
+@click.option(
+    "--max-json-depth",
+    default=DEFAULT_MAX_JSON_DEPTH,
+    show_default=True,
+    type=click.IntRange(1, MAX_JSON_DEPTH_LIMIT),
+    help="Deliveries whose JSON nests deeper are refused with 400.",
+)
+@click.option(
+    "--max-connections",
+    default=DEFAULT_MAX_CONNECTIONS,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Open connections served at once; requests beyond get 503 (uvicorn's limit_concurrency).",
+)
+@click.option(
+    "--keep-alive",
+    "keep_alive_s",
+    default=DEFAULT_KEEP_ALIVE_S,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Seconds an idle kept-alive connection stays open.",
+)
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning"]))
 def command(
-    host: str, port: int, max_body_bytes: int, proxy_headers: bool, commit_deadline_s: float | None, log_level: str
+    host: str,
+    port: int,
+    max_body_bytes: int,
+    proxy_headers: bool,
+    commit_deadline_s: float | None,
+    body_timeout_s: float,
+    max_json_depth: int,
+    max_connections: int,
+    keep_alive_s: int,
+    log_level: str,
 ) -> None:
     """Receive webhooks: POST /webhooks/{provider}, GET /healthz. Logs are JSON lines on stderr.
 
@@ -49,7 +94,7 @@ def command(
     """
     import uvicorn
 
-    from sync_project.receiver.app import create_app
+    from sync_project.receiver.app import ReceiverConfigError, create_app
     from sync_project.receiver.logs import configure_json_logging
     from sync_project.store import Store
 
@@ -59,8 +104,17 @@ def command(
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     # Not migrated here: the app does it once the database answers, so services start in any order.
     store = Store(migrate_schema=False)
-    app = create_app(store, max_body_bytes=max_body_bytes, commit_deadline_s=commit_deadline_s)
     try:
+        try:
+            app = create_app(
+                store,
+                max_body_bytes=max_body_bytes,
+                commit_deadline_s=commit_deadline_s,
+                body_timeout_s=body_timeout_s,
+                max_json_depth=max_json_depth,
+            )
+        except ReceiverConfigError as error:
+            raise click.ClickException(f"cannot start: {error}") from None
         uvicorn.run(
             app,
             host=host,
@@ -69,6 +123,9 @@ def command(
             log_config=None,  # keep the JSON handler configured above
             proxy_headers=proxy_headers,
             server_header=False,
+            # uvicorn has no deadline for a request's body: the app enforces --body-timeout.
+            limit_concurrency=max_connections,
+            timeout_keep_alive=keep_alive_s,
         )
     finally:
         store.close()

@@ -121,6 +121,18 @@ def test_without_secrets_nothing_verifies_and_a_bad_secret_is_a_configuration_er
         standard_webhooks.decode_secret("whsec_")
 
 
+def test_an_unpadded_secret_verifies_as_the_reference_library_reads_it() -> None:
+    """The spec vector's secret has no padding; one whose base64 needs it, shown without, works
+    too (the reference library pads before decoding). A length no padding can fix does not."""
+    padded = "whsec_" + "c2FuZGJveC1zZWNyZXQ="  # base64 of "sandbox-secret"
+    unpadded = padded.rstrip("=")
+    assert standard_webhooks.decode_secret(unpadded) == standard_webhooks.decode_secret(padded) == b"sandbox-secret"
+    PROVIDER.verify(delivery(secret=padded), [unpadded])
+    PROVIDER.check_secrets([unpadded, padded])
+    with pytest.raises(standard_webhooks.WebhookSecretError, match="not whsec_ followed by base64"):
+        PROVIDER.check_secrets(["whsec_c2FuZ"])
+
+
 def test_secrets_come_from_the_declared_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert get_provider("sandbox") is PROVIDER
     assert PROVIDER.webhook_secret_env == "SYNC_SANDBOX_WEBHOOK_SECRET"
