@@ -71,6 +71,7 @@ from sync_project.receiver.intake import (
 )
 from sync_project.receiver.records_api import records_routes
 from sync_project.receiver.routing import registry_subscribers, subscribers_from
+from sync_project.receiver.tokens import TokenConfigError
 from sync_project.receiver.writer import Delivery, InboxWriter
 from sync_project.store import Store
 from sync_project.store.errors import StoreUnavailableError
@@ -286,11 +287,15 @@ def create_app(
             writer.close()
             await database.stop()
 
+    try:
+        records = records_routes(store, syncs=syncs)
+    except TokenConfigError as error:
+        raise ReceiverConfigError(str(error)) from None
     app = Starlette(
         routes=[
             Route("/webhooks/{provider}", receive_webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
-            *records_routes(store, syncs=syncs),
+            *records,
         ],
         lifespan=lifespan,
     )

@@ -15,19 +15,31 @@ Query parameters: ``connection`` (required), ``cursor`` (the previous page's ``n
 consumer passed it comes back on a later page with its new content, so consumers upsert by id.
 ``next_cursor`` is set on the last page too: keep it and ask again later for what changed since.
 
-Authentication: ``Authorization: Bearer <token>``, compared in constant time with the tokens in
-``SYNC_RECORDS_API_TOKEN`` (several, comma-separated, to rotate one without downtime), read when
-the app is created.
+Authentication: ``Authorization: Bearer <token>``, compared in constant time with the configured
+tokens (:mod:`sync_project.receiver.tokens`): ``SYNC_RECORDS_API_TOKEN`` (read everything; several,
+comma-separated, to rotate one without downtime), ``SYNC_RECORDS_API_TOKENS`` and
+``SYNC_RECORDS_API_TOKENS_FILE`` (each token scoped to providers or connections), read when the app
+is created.
+
+Every parameter is validated before the database is asked, the cursor's contents included (its
+timestamp must lie between the years 1 and 9999 in UTC, its id be storable text), so no input
+reaches the database that it would fail on.
 
 ====  =========================================================================================
 200   a page
 400   a bad or unknown parameter (the answer says which); nothing else is attempted
 401   no bearer token, or a wrong one (``WWW-Authenticate: Bearer``)
-404   no such sync, or no such connection of its provider
+403   the token's scope does not cover this provider or connection. Decided from the request
+      alone, before the database is read, so the answer is the same whether or not the
+      connection exists: a 403 tells the holder nothing it did not send (a 404 would have to
+      be given for connections that exist too, or it would tell them apart)
+404   no such sync, or no such connection of its provider (for a token whose scope covers it)
 503   the database is unavailable (``Retry-After``), or no token is configured: the API is off
       until ``SYNC_RECORDS_API_TOKEN`` is set, and says so (a 5xx because it is the service's
       configuration that is missing, not the client's credentials)
 ====  =========================================================================================
+
+Checks run in this order: token (401), sync (404), parameters (400), scope (403), connection (404).
 
 The database read and the JSON encoding run in a worker thread, so a 10,000-record page never
 holds the event loop that receives webhooks.
@@ -35,36 +47,35 @@ holds the event loop that receives webhooks.
 
 from __future__ import annotations
 
-import os
-import re
+import json
+import logging
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from sync_project.core.sync import SyncDefinition
-from sync_project.providers.signing import matches_any
+from sync_project.receiver.tokens import TOKEN_ENV, ApiToken, authenticate, load_tokens, tokens_from
 from sync_project.store import Store
 from sync_project.store.errors import StoreUnavailableError, UnknownConnectionError
-from sync_project.store.feed import MAX_PAGE, ChangeAction, InvalidCursorError
+from sync_project.store.feed import MAX_PAGE, ChangeAction, InvalidCursorError, decode_cursor
 
-TOKEN_ENV = "SYNC_RECORDS_API_TOKEN"
 DEFAULT_LIMIT = 100
 PARAMETERS = ("connection", "cursor", "limit", "filter", "modified_after")
 ACTIONS: tuple[ChangeAction, ...] = ("added", "updated", "deleted")
+#: A cursor this API hands out is under 100 characters; the bound keeps decoding cheap.
+MAX_CURSOR_CHARS = 1024
+#: Column sizes of connection ids and record ids.
+MAX_ID_CHARS = 255
+
+log = logging.getLogger("sync_project.receiver.records")
 
 
 class _BadRequest(ValueError):
     pass
-
-
-def configured_tokens(environ: dict[str, str] | None = None) -> list[str]:
-    """The accepted tokens: ``SYNC_RECORDS_API_TOKEN`` split on commas and whitespace."""
-    raw = (os.environ if environ is None else environ).get(TOKEN_ENV, "")
-    return [token for token in re.split(r"[,\s]+", raw) if token]
 
 
 def records_routes(
@@ -75,27 +86,33 @@ def records_routes(
     retry_after_s: int = 5,
 ) -> list[Route]:
     """The API's routes, for ``create_app`` to mount. ``syncs`` defaults to the registry's,
-    ``tokens`` to :func:`configured_tokens`."""
+    ``tokens`` (plain tokens that read everything) to the configured ones (:func:`load_tokens`,
+    which raises :class:`~sync_project.receiver.tokens.TokenConfigError` on a bad entry)."""
     if syncs is None:
         from sync_project import registry
 
         syncs = registry.syncs()
     known = {sync.key: sync for sync in syncs}
-    accepted = list(configured_tokens() if tokens is None else tokens)
+    accepted: list[ApiToken] = load_tokens() if tokens is None else tokens_from(tokens)
 
     async def list_records(request: Request) -> Response:
         if not accepted:
             return _error(503, f"the records API is off: set {TOKEN_ENV} on the receiver to enable it")
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip() or not matches_any(given.strip(), accepted):
+        token = authenticate(given.strip(), accepted) if scheme.lower() == "bearer" and given.strip() else None
+        if token is None:
             return _error(401, "a valid bearer token is required", {"WWW-Authenticate": 'Bearer realm="records"'})
-        sync = known.get(f"{request.path_params['provider']}/{request.path_params['object']}")
+        key = f"{request.path_params['provider']}/{request.path_params['object']}"
+        sync = known.get(key)
         if sync is None:
-            return _error(404, f"no sync {request.path_params['provider']}/{request.path_params['object']}")
+            return _error(404, f"no sync {key[:120]!r}")
         try:
             query = _parse(request)
         except _BadRequest as error:
             return _error(400, str(error))
+        if not token.allows(sync.provider, str(query["connection_id"])):
+            log.info("records: token %s refused %s connection %r (out of scope)", token.name, sync.key, query["connection_id"])
+            return _error(403, f"this token may not read {sync.provider} connection {query['connection_id']!r}")
         try:
             return await run_in_threadpool(_page, store, sync, **query)
         except UnknownConnectionError:
@@ -119,11 +136,14 @@ def _parse(request: Request) -> dict[str, object]:
     connection_id = params.get("connection", "")
     if not connection_id:
         raise _BadRequest("the connection parameter is required")
+    _check_id(connection_id, "connection")
     limit_text = params.get("limit")
-    try:
-        limit = DEFAULT_LIMIT if limit_text is None else int(limit_text)
-    except ValueError:
-        raise _BadRequest(f"limit must be an integer, not {limit_text[:40]!r}") from None
+    if limit_text is None:
+        limit = DEFAULT_LIMIT
+    elif limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 6:
+        limit = int(limit_text)
+    else:
+        raise _BadRequest(f"limit must be an integer, not {limit_text[:40]!r}")
     if not 1 <= limit <= MAX_PAGE:
         raise _BadRequest(f"limit must be between 1 and {MAX_PAGE}")
     actions: list[ChangeAction] | None = None
@@ -142,9 +162,13 @@ def _parse(request: Request) -> dict[str, object]:
             raise _BadRequest(f"modified_after is not an ISO 8601 timestamp: {text[:60]!r}") from None
         if modified_after.tzinfo is None:
             raise _BadRequest("modified_after needs a time zone (e.g. 2026-01-02T03:04:05Z)")
+        _check_in_utc_range(modified_after, "modified_after")
+    cursor = params.get("cursor") or None
+    if cursor is not None:
+        _check_cursor(cursor)
     return {
         "connection_id": connection_id,
-        "cursor": params.get("cursor") or None,
+        "cursor": cursor,
         "limit": limit,
         "actions": actions,
         "modified_after": modified_after,
@@ -168,8 +192,41 @@ def _page(
     return Response(page.model_dump_json(), media_type="application/json")
 
 
+def _check_id(value: str, name: str) -> None:
+    # The database refuses NUL (Postgres) and nothing it stores is longer: refuse both here.
+    if len(value) > MAX_ID_CHARS or any(ord(ch) < 32 for ch in value):
+        raise _BadRequest(f"{name} must be at most {MAX_ID_CHARS} characters, without control characters")
+
+
+def _check_in_utc_range(value: datetime, name: str) -> None:
+    # 0001-01-01T00:00:00+14:00 is a valid datetime whose UTC time is in the year 0.
+    try:
+        value.astimezone(timezone.utc)
+    except (OverflowError, ValueError):
+        raise _BadRequest(f"{name} is outside the years 1 to 9999 in UTC") from None
+
+
+def _check_cursor(cursor: str) -> None:
+    """The cursor decoded and its contents checked as a parameter would be: the feed's decoder
+    reads any JSON, and the database would then be asked about what it cannot hold."""
+    if len(cursor) > MAX_CURSOR_CHARS or not cursor.isascii():
+        raise _BadRequest("invalid cursor: not one this API returned")
+    try:
+        stamp, key = decode_cursor(cursor)
+    except (InvalidCursorError, RecursionError):
+        raise _BadRequest("invalid cursor: not one this API returned") from None
+    _check_in_utc_range(stamp, "the cursor's timestamp")
+    if len(key) > MAX_ID_CHARS or "\x00" in key:
+        raise _BadRequest("invalid cursor: its record id is not one the store holds")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _BadRequest("invalid cursor: its record id is not one the store holds") from None
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    # ASCII-escaped JSON: a message quoting the request may hold what UTF-8 cannot encode.
+    return Response(json.dumps({"error": message}), status_code=status, headers=headers, media_type="application/json")
 
 
-__all__ = ["TOKEN_ENV", "configured_tokens", "records_routes"]
+__all__ = ["TOKEN_ENV", "records_routes"]

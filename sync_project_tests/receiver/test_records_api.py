@@ -3,6 +3,9 @@ writes, filters, and every bad input."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -14,7 +17,7 @@ import pytest
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import make_url
 
-from sync_project.receiver.app import create_app
+from sync_project.receiver.app import ReceiverConfigError, create_app
 from sync_project.serving import BackgroundServer
 from sync_project.store import Store
 from sync_project.store.engine import make_engine
@@ -130,6 +133,16 @@ def test_filter_and_modified_after_narrow_the_feed(seeded: Store, monkeypatch: p
         assert [r["id"] for r in south] == ["s1"]
 
 
+def raw_cursor(content: object) -> str:
+    """A cursor encoded as the API encodes one, around any JSON (``"\\u..."`` escapes kept as written)."""
+    text = content if isinstance(content, str) else json.dumps(content)
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [
@@ -144,6 +157,22 @@ def test_filter_and_modified_after_narrow_the_feed(seeded: Store, monkeypatch: p
         ({"connection": "north", "cursor": "not-a-cursor"}, "invalid cursor"),
         ({"connection": "north", "modifiedAfter": "2026-01-02T03:04:05Z"}, "unknown parameter(s) modifiedAfter"),
         ([("connection", "north"), ("limit", "5"), ("limit", "6")], "more than once: limit"),
+        # What the fuzz campaign found answered 500, and their neighbours:
+        ({"connection": "north", "modified_after": "0001-01-01T00:00:00+14:00"}, "outside the years 1 to 9999"),
+        ({"connection": "north", "modified_after": "9999-12-31T23:59:59-14:00"}, "outside the years 1 to 9999"),
+        ({"connection": "north", "cursor": raw_cursor(["0001-01-01T00:00:00+14:00", "c001"])}, "cursor's timestamp"),
+        ({"connection": "north", "cursor": raw_cursor(["9999-12-31T23:59:59-14:00", "c001"])}, "cursor's timestamp"),
+        ({"connection": "north", "cursor": raw_cursor(deep(900))}, "invalid cursor"),
+        ({"connection": "north", "cursor": raw_cursor(["2026-01-01T00:00:00+00:00", "c\u0000"])}, "record id"),
+        ({"connection": "north", "cursor": raw_cursor(["2026-01-01T00:00:00+00:00", "\ud800"])}, "record id"),
+        ({"connection": "north", "cursor": raw_cursor(["2026-01-01T00:00:00", "c001"])}, "invalid cursor"),
+        ({"connection": "north", "cursor": "A" * 5000}, "invalid cursor"),
+        ({"connection": "north", "cursor": "é"}, "invalid cursor"),
+        ({"connection": "nor\x00th"}, "without control characters"),
+        ({"connection": "n" * 256}, "at most 255 characters"),
+        ({"connection": "north", "limit": "٥"}, "limit must be an integer"),
+        ({"connection": "north", "limit": "9" * 5000}, "limit must be an integer"),
+        ({"connection": "north", "limit": "+5"}, "limit must be an integer"),
     ],
 )
 def test_bad_parameters_are_refused_with_400(seeded: Store, monkeypatch: pytest.MonkeyPatch, params, message):
@@ -217,3 +246,89 @@ def _unavailable_store(database_url: str, stack: ExitStack) -> tuple[Store, Any,
         holders.pop().close()
 
     return store, down, up
+
+
+# -- scoped tokens -------------------------------------------------------------------------------
+
+OTHER = contacts_sync(provider="globex", updated_field=None)
+
+
+@contextmanager
+def scoped_api(store: Store, monkeypatch: pytest.MonkeyPatch, **env: str) -> Iterator[str]:
+    monkeypatch.delenv("SYNC_RECORDS_API_TOKEN", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with BackgroundServer(create_app(store, providers={}, syncs=[SYNC, OTHER])) as server:
+        yield server.url
+
+
+def read(url: str, token: str, connection: str, path: str = PATH) -> httpx.Response:
+    return httpx.get(f"{url}{path}", params={"connection": connection}, headers={"authorization": f"Bearer {token}"})
+
+
+@pytest.fixture
+def two_providers(seeded: Store) -> Store:
+    seeded.connections.add("globex", "north", account_id="g-1")
+    seeded.save(OTHER.key, "north", OTHER.record_spec, [{"id": "g1", "name": "other provider"}])
+    return seeded
+
+
+def test_a_token_scoped_to_a_connection_reads_it_and_gets_403_elsewhere(two_providers: Store, monkeypatch: pytest.MonkeyPatch):
+    tokens = "tok_north=acme/north; tok_acme=acme tok_all=*"
+    with scoped_api(two_providers, monkeypatch, SYNC_RECORDS_API_TOKENS=tokens) as url:
+        assert read(url, "tok_north", "north").status_code == 200
+        south, west = read(url, "tok_north", "south"), read(url, "tok_north", "west")
+        # An existing and a missing connection outside the scope get the same answer.
+        assert (south.status_code, west.status_code) == (403, 403)
+        assert south.json()["error"].replace("south", "X") == west.json()["error"].replace("west", "X")
+        assert read(url, "tok_north", "north", "/records/globex/contacts").status_code == 403
+
+        assert [read(url, "tok_acme", c).status_code for c in ("north", "south", "west")] == [200, 200, 404]
+        assert read(url, "tok_acme", "north", "/records/globex/contacts").status_code == 403
+        assert read(url, "tok_all", "north", "/records/globex/contacts").json()["records"][0]["id"] == "g1"
+        assert read(url, "tok_nobody", "north").status_code == 401
+
+
+def test_tokens_from_a_file_are_stored_as_hashes_and_scoped(
+    two_providers: Store, monkeypatch: pytest.MonkeyPatch, tmp_path
+):
+    secret = "tok_from_file_91c2"
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"tokens": [
+        {"name": "crm-app", "sha256": hashlib.sha256(secret.encode()).hexdigest(), "scopes": ["acme/south", "globex"]},
+    ]}))
+    assert secret not in path.read_text()
+    with scoped_api(two_providers, monkeypatch, SYNC_RECORDS_API_TOKENS_FILE=str(path)) as url:
+        assert read(url, secret, "south").json()["records"][0]["id"] == "s1"
+        assert read(url, secret, "north", "/records/globex/contacts").status_code == 200
+        assert read(url, secret, "north").status_code == 403
+        assert read(url, hashlib.sha256(secret.encode()).hexdigest(), "south").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SYNC_RECORDS_API_TOKENS": "tok_secret_x"}, "entry #0 is not TOKEN=SCOPE"),
+        ({"SYNC_RECORDS_API_TOKENS": "tok_secret_x=acme/north/extra"}, "is not *, PROVIDER or PROVIDER/CONNECTION"),
+        ({"SYNC_RECORDS_API_TOKENS": "tok_secret_x=acme/"}, "is not *, PROVIDER or PROVIDER/CONNECTION"),
+        ({"SYNC_RECORDS_API_TOKENS": "tok_secret_x=,"}, "no scope"),
+        ({"SYNC_RECORDS_API_TOKENS_FILE": "/nonexistent/tokens.json"}, "cannot read it"),
+    ],
+)
+def test_unreadable_token_configuration_stops_the_receiver_at_start_up(
+    store: Store, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ReceiverConfigError) as raised:
+        create_app(store, providers={}, syncs=[SYNC])
+    assert message in str(raised.value)
+    assert "tok_secret_x" not in str(raised.value)
+
+
+def test_a_tokens_file_holding_a_token_instead_of_its_hash_is_refused(store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path):
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"tokens": [{"sha256": "rec_plain_token", "scopes": ["*"]}]}))
+    monkeypatch.setenv("SYNC_RECORDS_API_TOKENS_FILE", str(path))
+    with pytest.raises(ReceiverConfigError, match="the token's SHA-256, not the token"):
+        create_app(store, providers={}, syncs=[SYNC])
