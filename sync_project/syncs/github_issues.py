@@ -4,6 +4,13 @@
 Newest-wins on ``updated_at`` orders polled copies and webhook payloads alike. A deletion carries
 no time of its own (the payload's ``updated_at`` is the issue's last edit, which a polled copy can
 equal), so its tombstone is stamped with when we learned of it, after every copy read before.
+
+Every action GitHub documents for the ``issues`` event applies. GitHub's webhook schemas leave some
+fields of the issue out of some actions (``pinned`` and ``unpinned`` may carry no ``state``,
+``labels`` or ``locked``): a payload without all of the model's fields is applied as an
+:class:`Update` of the fields it has, so what it leaves out keeps its stored value instead of being
+reset to a default. An optional field whose value does not fit the model (a shape GitHub adds
+later) is treated as left out, never as a failure that would retry and dead-letter the event.
 """
 
 from __future__ import annotations
@@ -12,9 +19,9 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sync_project.core import Delete, FetchContext, InboundEvent, Page, Save, SyncDefinition, WebhookContext
+from sync_project.core import Delete, FetchContext, InboundEvent, Page, Save, SyncDefinition, Update, WebhookContext
 from sync_project.core.sync import WebhookChange
 from sync_project.providers import github
 from sync_project.providers._common import parse_records
@@ -52,7 +59,8 @@ class GitHubIssue(BaseModel):
     number: int
     node_id: str
     title: str
-    state: str
+    #: Optional in GitHub's schema of some webhook actions (pinned, unpinned), always in the REST API.
+    state: str | None = None
     state_reason: str | None = None
     body: str | None = None
     user: GitHubUser | None = None
@@ -80,6 +88,14 @@ def fetch(ctx: FetchContext) -> Iterator[Page]:
         )
 
 
+#: Fields every documented action's issue carries: without one of them it is no issue we can key.
+REQUIRED_FIELDS = frozenset(name for name, info in GitHubIssue.model_fields.items() if info.is_required())
+#: Fields GitHub's webhook schemas leave optional for some actions (``pinned``, ``unpinned``) whose
+#: absence must not reset the stored value. Other optional fields absent from a payload (say
+#: ``state_reason``, which older payloads lack) mean what the REST API means by their absence.
+OMITTABLE_FIELDS = frozenset({"state", "labels", "locked"})
+
+
 def on_webhook(ctx: WebhookContext, event: InboundEvent) -> list[WebhookChange]:
     issue: Any = event.payload.get("issue")
     if not isinstance(issue, dict) or "pull_request" in issue:
@@ -87,7 +103,37 @@ def on_webhook(ctx: WebhookContext, event: InboundEvent) -> list[WebhookChange]:
     # "transferred" is the old repository's side of a move: the issue is gone from this one.
     if event.payload.get("action") in ("deleted", "transferred"):
         return [Delete({"id": issue["id"], "number": issue.get("number")})]
-    return [Save(GitHubIssue.model_validate(issue))]
+    parsed, complete = parse_webhook_issue(issue)
+    if complete:
+        return [Save(parsed)]
+    # Only the fields the payload has: the stored copy keeps the rest (and if none is stored yet,
+    # the next poll brings the whole issue).
+    present = parsed.model_dump(mode="json", include=set(parsed.model_fields_set))
+    return [Update(present)]
+
+
+def parse_webhook_issue(issue: dict[str, Any]) -> tuple[GitHubIssue, bool]:
+    """The payload's issue, and whether it is complete enough to replace the stored copy (it has
+    every one of :data:`OMITTABLE_FIELDS` and no field was dropped).
+
+    Optional fields that fail validation are dropped (and the result is incomplete); a required
+    field that fails raises, since without it the event names no issue we could store.
+    """
+    raw = dict(issue)
+    dropped = False
+    for _ in range(len(GitHubIssue.model_fields)):
+        try:
+            parsed = GitHubIssue.model_validate(raw)
+        except ValidationError as error:
+            bad = {str(e["loc"][0]) for e in error.errors() if e["loc"]} - REQUIRED_FIELDS
+            if not bad:
+                raise
+            for name in bad:
+                raw.pop(name, None)
+            dropped = True
+            continue
+        return parsed, not dropped and OMITTABLE_FIELDS <= parsed.model_fields_set
+    raise AssertionError("unreachable: every optional field was dropped")
 
 
 issues = SyncDefinition(

@@ -12,8 +12,9 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
-from sync_project.core import Delete, InboundEvent, MalformedWebhookError, Page, Save, SignatureError
+from sync_project.core import Delete, InboundEvent, MalformedWebhookError, Page, Save, SignatureError, Update
 from sync_project.core.http import ProviderAuthError, ProviderError
 from sync_project.providers.github import GitHubProvider, GitHubRateLimited
 from sync_project.syncs import github_issues
@@ -382,3 +383,73 @@ def test_a_stale_polled_copy_does_not_resurrect_a_deleted_issue(store, conn) -> 
     result = merge_pages(store, sync, "c1", [Page(records=[stale])], fetched_at=NOW + timedelta(seconds=30))
     assert result.skipped_stale == 1
     assert store.get(sync.key, "c1", "444500041").deleted_at is not None
+
+
+# -- every documented action of the issues event -------------------------------------------------
+
+#: Every action GitHub documents for the ``issues`` webhook event, each with a fixture shaped as
+#: GitHub's webhook schema for that action describes it.
+ISSUE_ACTIONS = (
+    "opened", "edited", "closed", "reopened", "assigned", "unassigned", "labeled", "unlabeled",
+    "locked", "unlocked", "milestoned", "demilestoned", "pinned", "unpinned", "typed", "untyped",
+    "deleted", "transferred",
+)  # fmt: skip
+#: Actions whose documented issue object may leave fields out (``state`` among them).
+PARTIAL_ACTIONS = ("pinned", "unpinned")
+
+
+@pytest.mark.parametrize("action", ISSUE_ACTIONS)
+def test_every_documented_issues_action_applies(conn, action: str) -> None:
+    event = event_of(f"github/webhook_issues_{action}.json")
+    assert event.payload["action"] == action
+    [change] = github_issues.on_webhook(webhook_context(None, conn), event)  # type: ignore[arg-type]
+    if action in ("deleted", "transferred"):
+        assert isinstance(change, Delete)
+    elif action in PARTIAL_ACTIONS:
+        assert isinstance(change, Update)
+        assert "state" not in change.record and change.record["id"] == 444500041
+    else:
+        assert isinstance(change, Save) and change.record.state in ("open", "closed")
+
+
+def test_the_actions_in_sequence_converge_and_a_pin_keeps_the_stored_state(store, conn) -> None:
+    sync = github_issues.issues
+    ctx = webhook_context(None, conn)  # type: ignore[arg-type]
+
+    def apply(action: str, minutes: int) -> None:
+        changes = github_issues.on_webhook(ctx, event_of(f"github/webhook_issues_{action}.json"))
+        apply_changes(store, sync, "c1", changes, fetched_at=NOW + timedelta(minutes=minutes))
+
+    apply("opened", 0)
+    apply("closed", 1)
+    apply("pinned", 2)  # no state in the payload: the stored "closed" stays
+    stored = store.get(sync.key, "c1", "444500041")
+    assert (stored.data["state"], stored.data["updated_at"]) == ("closed", "2019-05-15T15:31:00Z")
+    for minutes, action in enumerate(("reopened", "unpinned", "labeled", "locked", "typed", "untyped"), start=3):
+        apply(action, minutes)
+    stored = store.get(sync.key, "c1", "444500041")  # as the last (untyped) payload shows it
+    assert (stored.data["state"], stored.data["locked"], stored.data["updated_at"]) == (
+        "open", False, "2019-05-15T15:33:00Z"
+    )
+    apply("deleted", 20)
+    assert store.get(sync.key, "c1", "444500041").deleted_at is not None
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("labels", "not-a-list"), ("milestone", 5), ("locked", {"reason": "x"}), ("user", []), ("state", 7)],
+)
+def test_an_optional_field_of_an_unexpected_shape_is_left_out_not_a_failure(conn, field: str, value: Any) -> None:
+    payload = fixture("github/webhook_issues_edited.json")
+    payload["issue"][field] = value
+    event = InboundEvent("d1", "issues", "Codertocat/Hello-World", payload)
+    [change] = github_issues.on_webhook(webhook_context(None, conn), event)  # type: ignore[arg-type]
+    assert isinstance(change, Update)
+    assert field not in change.record and change.record["title"] == payload["issue"]["title"]
+
+
+def test_an_issue_without_an_id_is_not_guessed_at(conn) -> None:
+    payload = fixture("github/webhook_issues_edited.json")
+    del payload["issue"]["id"]
+    with pytest.raises(ValidationError):
+        github_issues.on_webhook(webhook_context(None, conn), InboundEvent("d1", "issues", None, payload))  # type: ignore[arg-type]
