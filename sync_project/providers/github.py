@@ -9,6 +9,8 @@ events) get no account id; no sync subscribes to them.
 
 Which repository a connection syncs: ``config["owner"]``/``config["repo"]`` when set, else its
 account id. ``config["base_url"]`` points at GitHub Enterprise Server (``https://HOST/api/v3``).
+``config["hook_id"]`` (and ``config["hook_org"]`` for an organization hook) names the webhook whose
+failed deliveries each poll asks GitHub to redeliver (:func:`redeliver_failed`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import httpx
+from pydantic import BaseModel, ConfigDict
 
 from sync_project.core.http import ProviderError, json_body, make_client, parse_retry_after
 from sync_project.core.provider import (
@@ -31,7 +34,7 @@ from sync_project.core.provider import (
     WebhookRequest,
 )
 from sync_project.providers import signing
-from sync_project.providers._common import ListPage, Sleep, load_json, server_time, walk_modified
+from sync_project.providers._common import ListPage, Sleep, load_json, parse_records, server_time, walk_modified
 from sync_project.store.connections import ProviderConnection
 
 API_VERSION = "2022-11-28"
@@ -235,6 +238,105 @@ def list_issues(
         return ListPage(items, next_link, server_time(response))
 
     yield from walk_modified(fetch_page, _updated_at, since, overlap=SINCE_OVERLAP, lag=CHECKPOINT_LAG)
+
+
+# -- redelivery of failed webhook deliveries -------------------------------------------------------
+
+#: GitHub redelivers only deliveries of the past three days.
+REDELIVERY_WINDOW = timedelta(days=3)
+#: Deliveries read per page of the list (GitHub's maximum), and pages read per check at most.
+DELIVERIES_PAGE_SIZE = 100
+MAX_DELIVERY_PAGES = 50
+
+
+class HookDelivery(BaseModel):
+    """One attempt in ``GET .../hooks/{hook_id}/deliveries`` (fields we use; GitHub sends more)."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: int
+    guid: str
+    delivered_at: datetime
+    redelivery: bool
+    #: The receiver's HTTP status; 0 when GitHub got no answer (a timeout, a refused connection).
+    status_code: int
+    event: str
+    action: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return 200 <= self.status_code < 300
+
+
+@dataclass(frozen=True)
+class RedeliveryResult:
+    checked: int
+    #: Delivery ids GitHub was asked to redeliver.
+    redelivered: tuple[int, ...]
+    #: Asks GitHub refused (id, HTTP status): logged, not retried until the next check.
+    refused: tuple[tuple[int, int], ...] = ()
+
+
+def hook_path(connection: ProviderConnection) -> str | None:
+    """The REST path of the connection's webhook: ``config["hook_id"]`` on its repository, or on
+    ``config["hook_org"]`` for an organization hook. None when no hook is configured."""
+    hook_id = connection.config.get("hook_id")
+    if hook_id is None:
+        return None
+    if not str(hook_id).isdigit():
+        raise ProviderError(f"connection github/{connection.connection_id}: config hook_id must be a number")
+    org = connection.config.get("hook_org")
+    if org:
+        return f"/orgs/{org}/hooks/{hook_id}"
+    owner, repo = repository(connection)
+    return f"/repos/{owner}/{repo}/hooks/{hook_id}"
+
+
+def redeliver_failed(client: httpx.Client, hook: str, *, since: datetime) -> RedeliveryResult:
+    """Ask GitHub to redeliver each delivery since ``since`` that no attempt answered with a 2xx,
+    once: GitHub never retries a failed delivery itself, so a 5xx we answered (database down, a
+    deploy) would otherwise lose the event until a poll reads it again.
+
+    ``GET {hook}/deliveries`` lists attempts newest first (``cursor`` pagination through the
+    ``Link`` header); attempts of one event share a ``guid``. An event is redelivered only if none
+    of its attempts succeeded and none is a redelivery already, which makes the check idempotent
+    without state of its own: a second check sees the redelivery (whatever it answered) and leaves
+    the event alone. ``POST {hook}/deliveries/{id}/attempts`` asks for one (202).
+    """
+    attempts: dict[str, list[HookDelivery]] = {}
+    url: str | None = f"{hook}/deliveries"
+    params: dict[str, Any] | None = {"per_page": DELIVERIES_PAGE_SIZE}
+    for _ in range(MAX_DELIVERY_PAGES):
+        if url is None:
+            break
+        response = client.get(url, params=params)
+        page = parse_records(HookDelivery, _list_of_objects(response, "deliveries"), f"GET {hook}/deliveries")
+        for delivery in page:
+            attempts.setdefault(delivery.guid, []).append(delivery)
+        older = not page or page[-1].delivered_at < since
+        url, params = (None if older else response.links.get("next", {}).get("url")), None
+    redelivered: list[int] = []
+    refused: list[tuple[int, int]] = []
+    for guid_attempts in attempts.values():
+        if any(a.succeeded or a.redelivery for a in guid_attempts):
+            continue
+        newest = max(guid_attempts, key=lambda a: (a.delivered_at, a.id))
+        if newest.delivered_at < since:
+            continue
+        answer = client.post(f"{hook}/deliveries/{newest.id}/attempts")
+        if answer.status_code in (401, 403, 404):
+            json_body(answer)  # raises naming the credentials problem: no point asking for the rest
+        if 200 <= answer.status_code < 300:
+            redelivered.append(newest.id)
+        else:
+            refused.append((newest.id, answer.status_code))
+    return RedeliveryResult(sum(len(a) for a in attempts.values()), tuple(redelivered), tuple(refused))
+
+
+def _list_of_objects(response: httpx.Response, what: str) -> list[dict[str, Any]]:
+    items = json_body(response)
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ProviderError(f"GET {response.request.url.path}: expected a JSON array of {what}")
+    return items
 
 
 def _updated_at(item: dict[str, Any]) -> datetime:

@@ -16,12 +16,13 @@ later) is treated as left out, never as a failure that would retry and dead-lett
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sync_project.core import Delete, FetchContext, InboundEvent, Page, Save, SyncDefinition, Update, WebhookContext
+from sync_project.core.http import ProviderError
 from sync_project.core.sync import WebhookChange
 from sync_project.providers import github
 from sync_project.providers._common import parse_records
@@ -76,16 +77,52 @@ class GitHubIssue(BaseModel):
     closed_at: datetime | None = None
 
 
+#: A redelivery asked for just before the last check may not be listed yet: look this far back.
+REDELIVERY_OVERLAP = timedelta(hours=1)
+
+
 def fetch(ctx: FetchContext) -> Iterator[Page]:
     owner, repo = github.repository(ctx.connection)
     since = ctx.checkpoint.get("since") if ctx.checkpoint else None
+    checked_at = redeliver_failed_deliveries(ctx)
     pages = github.list_issues(ctx.client, owner, repo, github.parse_time(since) if since else None)
     for items, resume_at in pages:
         issues = [item for item in items if "pull_request" not in item]
+        checkpoint: dict[str, Any] = {"since": github.format_time(resume_at)} if resume_at else {}
+        if checked_at is not None:
+            checkpoint["deliveries_checked_at"] = checked_at
         yield Page(
             records=parse_records(GitHubIssue, issues, f"github {owner}/{repo} issues"),
-            checkpoint={"since": github.format_time(resume_at)} if resume_at else None,
+            checkpoint=checkpoint or None,
         )
+
+
+def redeliver_failed_deliveries(ctx: FetchContext) -> str | None:
+    """The poll's first step when the connection names its webhook (``config["hook_id"]``): ask
+    GitHub to redeliver what we failed to take since the last check (see
+    :func:`~sync_project.providers.github.redeliver_failed`). Returns the check's time for the
+    checkpoint, or None without a hook. A failure here (say, a token without webhook permission)
+    is a warning: the poll itself still runs, and reads what the lost deliveries carried.
+    """
+    hook = github.hook_path(ctx.connection)
+    if hook is None:
+        return None
+    now = datetime.now(timezone.utc)
+    since = now - github.REDELIVERY_WINDOW
+    previous = (ctx.checkpoint or {}).get("deliveries_checked_at")
+    if previous:
+        since = max(since, github.parse_time(previous) - REDELIVERY_OVERLAP)
+    try:
+        result = github.redeliver_failed(ctx.client, hook, since=since)
+    except ProviderError as error:
+        ctx.log.warning(f"github/{ctx.connection.connection_id}: redelivery of failed webhooks skipped: {error}")
+        return previous
+    if result.redelivered or result.refused:
+        ctx.log.info(
+            f"github/{ctx.connection.connection_id}: asked GitHub to redeliver {len(result.redelivered)} failed "
+            f"webhook deliveries ({len(result.refused)} refused) of {result.checked} listed"
+        )
+    return github.format_time(now)
 
 
 #: Fields every documented action's issue carries: without one of them it is no issue we can key.
