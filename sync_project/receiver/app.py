@@ -197,7 +197,10 @@ def create_app(
             )
         except _BodyTimeout:
             return answer(
-                408, "body_timeout", {"error": f"body not received within {body_timeout_s:g} s"}, {"Connection": "close"}
+                408,
+                "body_timeout",
+                {"error": f"body not received within {body_timeout_s:g} s"},
+                {"Connection": "close"},
             )
         except ValueError as error:
             return answer(400, "malformed", {"error": str(error)})

@@ -71,7 +71,9 @@ def check_storable(events: Sequence[InboundEvent]) -> None:
         _check_text(event.event_type, f"{where}: event type")
         if isinstance(event.account_id, str):
             _check_text(event.account_id, f"{where}: account id")
-        elif event.account_id is not None and (not isinstance(event.account_id, int) or isinstance(event.account_id, bool)):
+        elif event.account_id is not None and (
+            not isinstance(event.account_id, int) or isinstance(event.account_id, bool)
+        ):
             raise UnstorableEventError(f"{where}: account id is a {type(event.account_id).__name__}")
         _check_payload(event.payload, where)
 

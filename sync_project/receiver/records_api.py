@@ -35,8 +35,8 @@ reaches the database that it would fail on.
       be given for connections that exist too, or it would tell them apart)
 404   no such sync, or no such connection of its provider (for a token whose scope covers it)
 503   the database is unavailable (``Retry-After``), or no token is configured: the API is off
-      until ``SYNC_RECORDS_API_TOKEN`` is set, and says so (a 5xx because it is the service's
-      configuration that is missing, not the client's credentials)
+      until one is (a 5xx because it is the service's configuration that is missing, not the
+      client's credentials; the start-up log names the variables, the answer does not)
 ====  =========================================================================================
 
 Checks run in this order: token (401), sync (404), parameters (400), scope (403), connection (404).
@@ -58,7 +58,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sync_project.core.sync import SyncDefinition
-from sync_project.receiver.tokens import TOKEN_ENV, ApiToken, authenticate, load_tokens, tokens_from
+from sync_project.receiver.tokens import (
+    SCOPED_TOKENS_ENV,
+    TOKEN_ENV,
+    ApiToken,
+    authenticate,
+    load_tokens,
+    tokens_from,
+)
 from sync_project.store import Store
 from sync_project.store.errors import StoreUnavailableError, UnknownConnectionError
 from sync_project.store.feed import MAX_PAGE, ChangeAction, InvalidCursorError, decode_cursor
@@ -94,10 +101,13 @@ def records_routes(
         syncs = registry.syncs()
     known = {sync.key: sync for sync in syncs}
     accepted: list[ApiToken] = load_tokens() if tokens is None else tokens_from(tokens)
+    if not accepted:
+        log.warning("records API off: no token configured (set %s or %s)", TOKEN_ENV, SCOPED_TOKENS_ENV)
 
     async def list_records(request: Request) -> Response:
         if not accepted:
-            return _error(503, f"the records API is off: set {TOKEN_ENV} on the receiver to enable it")
+            # The operator's fix is in the start-up log; an unauthenticated caller learns none of it.
+            return _error(503, "the records API is not enabled on this receiver")
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         token = authenticate(given.strip(), accepted) if scheme.lower() == "bearer" and given.strip() else None
         if token is None:
@@ -111,7 +121,10 @@ def records_routes(
         except _BadRequest as error:
             return _error(400, str(error))
         if not token.allows(sync.provider, str(query["connection_id"])):
-            log.info("records: token %s refused %s connection %r (out of scope)", token.name, sync.key, query["connection_id"])
+            log.info(
+                "records: token %s refused %s connection %r (out of scope)",
+                token.name, sync.key, query["connection_id"],
+            )
             return _error(403, f"this token may not read {sync.provider} connection {query['connection_id']!r}")
         try:
             return await run_in_threadpool(_page, store, sync, **query)

@@ -64,7 +64,8 @@ def load_tokens(environ: Mapping[str, str] | None = None) -> list[ApiToken]:
         token, sep, scopes = entry.rpartition("=")
         if not sep or not token:
             raise TokenConfigError(f"{SCOPED_TOKENS_ENV} entry #{n} is not TOKEN=SCOPE[,SCOPE...]")
-        tokens.append(ApiToken(f"{SCOPED_TOKENS_ENV}#{n}", digest(token), _scopes(scopes.split(","), f"{SCOPED_TOKENS_ENV} entry #{n}")))
+        label = f"{SCOPED_TOKENS_ENV} entry #{n}"
+        tokens.append(ApiToken(f"{SCOPED_TOKENS_ENV}#{n}", digest(token), _scopes(scopes.split(","), label)))
     path = env.get(TOKENS_FILE_ENV)
     if path:
         tokens.extend(_from_file(Path(path)))

@@ -67,11 +67,14 @@ def test_several_tokens_can_be_valid_during_a_rotation(seeded: Store, monkeypatc
         assert old.status_code == 200
 
 
-def test_without_a_configured_token_the_api_is_off_and_says_how_to_turn_it_on(seeded: Store, monkeypatch: pytest.MonkeyPatch):
+def test_without_a_configured_token_the_api_is_off_and_the_log_says_how_to_turn_it_on(
+    seeded: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
     with api(seeded, monkeypatch, token=None) as client:
         response = client.get(PATH, params={"connection": "north"})
     assert response.status_code == 503
-    assert "SYNC_RECORDS_API_TOKEN" in response.json()["error"]
+    assert "SYNC_RECORDS_API" not in response.text
+    assert any("set SYNC_RECORDS_API_TOKEN" in r.getMessage() for r in caplog.records)
 
 
 def test_pages_of_one_connection_with_cursor_and_limit(seeded: Store, monkeypatch: pytest.MonkeyPatch):
