@@ -33,12 +33,13 @@ class Ticker:
         )
 
     def tick(self) -> dg.SensorExecutionData:
-        context = dg.build_sensor_context(
+        # Entered: the store resource is set up for the tick and closed after it.
+        with dg.build_sensor_context(
             instance=self.instance, instance_ref=self.instance.get_ref(), cursor=self.cursor, definitions=self.defs,
             resources={"sync_store": StoreResource(database_url=self.store.url)},
-        )
-        data = self.defs.resolve_sensor_def("inbox_sensor").evaluate_tick(context)
-        self.cursor = data.cursor if data.cursor is not None else context.cursor
+        ) as context:
+            data = self.defs.resolve_sensor_def("inbox_sensor").evaluate_tick(context)
+            self.cursor = data.cursor if data.cursor is not None else context.cursor
         return data
 
 

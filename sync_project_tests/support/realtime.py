@@ -89,12 +89,13 @@ class RealtimeHarness:
         self.instance.add_dynamic_partitions(partitions_name("sandbox"), [connection_id])
 
     def tick(self) -> list[dg.RunRequest]:
-        context = dg.build_sensor_context(
+        # Entered: the store resource is set up for the tick and closed after it.
+        with dg.build_sensor_context(
             instance=self.instance, instance_ref=self.instance.get_ref(), cursor=self.cursor,
             definitions=self.defs, resources={"sync_store": StoreResource(database_url=self.store.url)},
-        )
-        data = self.sensor.evaluate_tick(context)
-        self.cursor = data.cursor if data.cursor is not None else context.cursor
+        ) as context:
+            data = self.sensor.evaluate_tick(context)
+            self.cursor = data.cursor if data.cursor is not None else context.cursor
         for request in data.dynamic_partitions_requests or []:
             self.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
         return list(data.run_requests or [])
