@@ -14,6 +14,7 @@ from sync_project.orchestration.checks import CheckSettings, build_checks_schedu
 from sync_project.orchestration.notifications import NOTIFIER_KEY, NotifierResource
 from sync_project.orchestration.partitions import AssetJob
 from sync_project.orchestration.resources import StoreResource
+from sync_project.orchestration.run_limits import RunLimits
 from sync_project.orchestration.schedules import build_poll_schedule
 from sync_project.orchestration.sensors import DEFAULT_STALL_AFTER_S, DEFAULT_WEBHOOK_LINGER_S, build_inbox_sensor
 
@@ -28,8 +29,10 @@ def build_definitions(
     webhook_linger_s: float = DEFAULT_WEBHOOK_LINGER_S,
     notifier: NotifierResource | None = None,
     check_settings: CheckSettings | None = None,
+    run_limits: RunLimits | None = None,
 ) -> dg.Definitions:
-    """``notifier`` defaults to :meth:`NotifierResource.from_env` (off unless ``SYNC_NOTIFY_URL``)."""
+    """``notifier`` defaults to :meth:`NotifierResource.from_env` (off unless ``SYNC_NOTIFY_URL``);
+    ``run_limits`` are the ``dagster/max_runtime`` of the runs the sensor and schedules request."""
     settings = check_settings or CheckSettings()
     assets = {
         sync.key: build_sync_asset(sync, providers[sync.provider], notify=True, check_settings=settings)
@@ -47,9 +50,12 @@ def build_definitions(
         )
         for sync in syncs
     }
-    schedules = [build_poll_schedule(sync, jobs[sync.key]) for sync in syncs]
+    schedules = [build_poll_schedule(sync, jobs[sync.key], run_limits) for sync in syncs]
     sensors = [
-        build_inbox_sensor({s.key: s for s in syncs}, jobs, stall_after_s=inbox_stall_after_s, linger_s=webhook_linger_s)
+        build_inbox_sensor(
+            {s.key: s for s in syncs}, jobs, stall_after_s=inbox_stall_after_s, linger_s=webhook_linger_s,
+            run_limits=run_limits,
+        )
     ]
     checks_jobs: list[AssetJob] = []
     if checks:

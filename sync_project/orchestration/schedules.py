@@ -1,7 +1,10 @@
 """Polling: one schedule per sync (a sensor for sub-minute intervals, which cron cannot express).
 
 Each tick requests one incremental run for every active connection of the sync's provider. Run
-keys are deterministic per tick, so a tick evaluated twice never launches twice.
+keys are deterministic per tick, so a tick evaluated twice never launches twice. Each run carries
+``dagster/max_runtime`` (see :mod:`~sync_project.orchestration.run_limits`): a poll whose worker
+died is failed by run monitoring after that long, and the next tick's run of its partition, queued
+behind it by the one-run-per-partition limit, starts then.
 """
 
 
@@ -13,6 +16,7 @@ from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.assets import SyncRunConfig, op_name
 from sync_project.orchestration.partitions import AssetJob, concurrency_tag, partitions_name
 from sync_project.orchestration.resources import StoreResource
+from sync_project.orchestration.run_limits import RunLimits
 
 
 def poll_requests(
@@ -20,10 +24,12 @@ def poll_requests(
     sync: SyncDefinition,
     store_resource: StoreResource,
     tick: str,
+    run_limits: RunLimits | None = None,
 ) -> list[dg.RunRequest]:
     """Incremental runs for the active connections that exist as partitions."""
     store = store_resource.get_store()
     registered = set(context.instance.get_dynamic_partitions(partitions_name(sync.provider)))
+    tags = {"sync/mode": "incremental", **(run_limits or RunLimits()).poll_tags(sync)}
     requests = []
     for connection in store.connections.list(sync.provider, status="active"):
         if connection.connection_id not in registered:
@@ -37,13 +43,15 @@ def poll_requests(
                 run_key=f"poll|{sync.key}|{connection.connection_id}|{tick}",
                 partition_key=connection.connection_id,
                 run_config=dg.RunConfig(ops={op_name(sync): SyncRunConfig(mode="incremental")}),
-                tags={**concurrency_tag(sync.key, connection.connection_id, "poll"), "sync/mode": "incremental"},
+                tags={**concurrency_tag(sync.key, connection.connection_id, "poll"), **tags},
             )
         )
     return requests
 
 
-def build_poll_schedule(sync: SyncDefinition, job: AssetJob) -> dg.ScheduleDefinition | dg.SensorDefinition:
+def build_poll_schedule(
+    sync: SyncDefinition, job: AssetJob, run_limits: RunLimits | None = None
+) -> dg.ScheduleDefinition | dg.SensorDefinition:
     name = f"poll_{op_name(sync)}"
     cron = sync.cron
     if cron is None:
@@ -58,7 +66,7 @@ def build_poll_schedule(sync: SyncDefinition, job: AssetJob) -> dg.ScheduleDefin
         )
         def _poll_sensor(context: dg.SensorEvaluationContext, sync_store: StoreResource) -> dg.SensorResult:
             tick = str(int(datetime.now().timestamp()) // interval)
-            return dg.SensorResult(run_requests=poll_requests(context, sync, sync_store, tick))
+            return dg.SensorResult(run_requests=poll_requests(context, sync, sync_store, tick, run_limits))
 
         return _poll_sensor
 
@@ -70,6 +78,6 @@ def build_poll_schedule(sync: SyncDefinition, job: AssetJob) -> dg.ScheduleDefin
         description=f"Polls {sync.key} incrementally ({cron}) for every active connection.",
     )
     def _poll_schedule(context: dg.ScheduleEvaluationContext, sync_store: StoreResource) -> list[dg.RunRequest]:
-        return poll_requests(context, sync, sync_store, context.scheduled_execution_time.isoformat())
+        return poll_requests(context, sync, sync_store, context.scheduled_execution_time.isoformat(), run_limits)
 
     return _poll_schedule

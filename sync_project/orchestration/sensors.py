@@ -3,10 +3,14 @@
 Dagster keeps sensor run keys forever, so a key must name the work, not the tick: it is derived
 from the partition's inbox high-water mark and its attempts so far. Pending events that a running
 or queued run will drain produce the same key (no duplicate run); new events or a retry that has
-come due produce a new one. One case keeps the same key although its run is over: a run that died
-(killed, crashed) before committing leaves its events pending and untouched. The cursor remembers
-when each key was first requested, and a key still due ``stall_after_s`` later is requested again
-under a new suffix: at worst a redundant run that finds nothing to claim.
+come due produce a new one. One case keeps the same key although its run is over: a run that ended
+before committing (its worker killed, failed by run monitoring, or done without claiming because
+another run held the partition) leaves its events pending and untouched, and Dagster would skip
+its key for good. So a partition with due events and no queued or draining webhook run, whose key
+was requested before, is requested again under a new suffix (``|again<n>``) as soon as 5 s have
+passed since that request, a wait that doubles with each retry up to ``stall_after_s``: the next
+tick after a dead run is failed drains its partition, and a partition whose runs keep failing
+costs one run every two minutes, not one per tick.
 """
 
 
@@ -21,14 +25,17 @@ from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.assets import SyncRunConfig, op_name
 from sync_project.orchestration.partitions import AssetJob, concurrency_tag, connection_partitions
 from sync_project.orchestration.resources import StoreResource
+from sync_project.orchestration.run_limits import RunLimits
 from sync_project.store.inbox import DuePartition
 
 #: Partitions requested per tick: keeps a tick (and its partition checks) far below the 60 s limit.
 MAX_RUNS_PER_TICK = 200
 
 
-#: A requested key whose events are still due this long afterwards is requested again.
+#: The longest a partition with due events waits between two requests under the same events.
 DEFAULT_STALL_AFTER_S = 120.0
+#: The first wait before a key whose run is over is requested again: one tick. Doubles with each retry.
+RETRY_BASE_S = 5.0
 
 
 class RequestedRun(BaseModel):
@@ -50,15 +57,28 @@ class InboxSensorCursor(BaseModel):
     requested: dict[str, RequestedRun] = {}
 
     def run_key_for(self, partition: str, base_key: str, now: float, stall_after_s: float) -> str:
+        """The key to request for ``partition``, which has due events and no queued or draining
+        webhook run.
+
+        Called only for such partitions, so a key requested before names a run that is over (or
+        one its tick never created). Within the back-off after that request the same key is
+        requested again, which Dagster skips if its run exists and creates if not; after it, a
+        new key, since Dagster skips a key it has seen whatever became of its run.
+        """
         previous = self.requested.get(partition)
         if previous is None or previous.base_key != base_key:
             self.requested[partition] = RequestedRun(base_key=base_key, run_key=base_key, requested_at=now)
-        elif now - previous.requested_at >= stall_after_s:
+        elif now - previous.requested_at >= retry_delay_s(previous.retries, stall_after_s):
             retries = previous.retries + 1
             self.requested[partition] = RequestedRun(
                 base_key=base_key, run_key=f"{base_key}|again{retries}", requested_at=now, retries=retries
             )
         return self.requested[partition].run_key
+
+
+def retry_delay_s(retries: int, stall_after_s: float) -> float:
+    """How long after its last request a partition whose run ended with its events due waits."""
+    return min(stall_after_s, RETRY_BASE_S * 2**retries)
 
 
 #: A webhook run in one of these states will claim whatever is pending when (or while) it drains.
@@ -93,7 +113,21 @@ def build_inbox_sensor(
     *,
     stall_after_s: float = DEFAULT_STALL_AFTER_S,
     linger_s: float = DEFAULT_WEBHOOK_LINGER_S,
+    run_limits: RunLimits | None = None,
 ) -> dg.SensorDefinition:
+    """``run_limits`` sets each webhook run's linger cap and its ``dagster/max_runtime``."""
+    limits = run_limits or RunLimits()
+    run_config_by_sync = {
+        key: dg.RunConfig(
+            ops={
+                op_name(sync): SyncRunConfig(
+                    mode="webhook", linger_s=linger_s, max_linger_run_s=limits.webhook_linger_cap.total_seconds()
+                )
+            }
+        )
+        for key, sync in syncs.items()
+    }
+
     @dg.sensor(
         name="inbox_sensor",
         jobs=list(jobs.values()),
@@ -126,20 +160,19 @@ def build_inbox_sensor(
             if tag["sync/asset_partition"] in waiting:
                 # A queued or draining run will claim these events too: another would idle.
                 continue
+            run_key = cursor.run_key_for(
+                f"{partition.sync}|{partition.connection_id}", base_run_key(partition), now, stall_after_s
+            )
             by_provider[sync.provider].add(partition.connection_id)
             requests.append(
                 dg.RunRequest(
                     job_name=jobs[sync.key].name,
                     partition_key=partition.connection_id,
-                    run_key=cursor.run_key_for(
-                        f"{partition.sync}|{partition.connection_id}",
-                        base_run_key(partition),
-                        now,
-                        stall_after_s,
-                    ),
-                    run_config=dg.RunConfig(ops={op_name(sync): SyncRunConfig(mode="webhook", linger_s=linger_s)}),
+                    run_key=run_key,
+                    run_config=run_config_by_sync[sync.key],
                     tags={
                         **tag,
+                        **limits.webhook_tags(),
                         "sync/mode": "webhook",
                         "sync/inbox_high_water_mark": str(partition.max_id),
                     },

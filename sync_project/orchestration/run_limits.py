@@ -1,0 +1,58 @@
+"""How long a run may take before Dagster's run monitoring fails it: the ``dagster/max_runtime`` tag.
+
+The default run launcher cannot check whether a run's worker is alive (it does not implement
+``check_run_worker_health``), so a run whose worker and code server died together stays STARTED
+until its maximum run time is up; the monitoring daemon then fails it. That time is the bound on
+how long a dead run keeps its partition's next runs queued, so it is set per kind of run, as
+short as a healthy run of that kind allows. Runs without the tag (launches from the UI, backfills,
+``dagster asset materialize``, the checks job) get ``run_monitoring.max_runtime_seconds`` from
+dagster.yaml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sync_project.core.sync import SyncDefinition
+
+MAX_RUNTIME_TAG = "dagster/max_runtime"
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """Time limits of the runs the inbox sensor and the polling schedules request."""
+
+    #: A webhook run stops claiming after this long even while events keep coming
+    #: (``SyncRunConfig.max_linger_run_s``, which the inbox sensor sets from it).
+    webhook_linger_cap: timedelta = timedelta(seconds=60)
+    #: What a webhook run may need beyond its linger cap: start-up, waiting for the partition's
+    #: drain lease, its last batch, the checks and the notification (10 s budget).
+    webhook_margin: timedelta = timedelta(seconds=60)
+    #: A poll may run for two poll intervals, and never less than this. Ending a slow poll costs
+    #: nothing: every page committed its checkpoint, and the next poll resumes there.
+    poll_floor: timedelta = timedelta(minutes=15)
+
+    def __post_init__(self) -> None:
+        if self.webhook_linger_cap <= timedelta(0) or self.webhook_margin <= timedelta(0):
+            raise ValueError("webhook_linger_cap and webhook_margin must be positive")
+        if self.poll_floor <= timedelta(0):
+            raise ValueError("poll_floor must be positive")
+
+    @property
+    def webhook_max_runtime(self) -> timedelta:
+        return self.webhook_linger_cap + self.webhook_margin
+
+    def poll_max_runtime(self, sync: SyncDefinition) -> timedelta:
+        return max(self.poll_floor, 2 * sync.poll_interval)
+
+    def webhook_tags(self) -> dict[str, str]:
+        return {MAX_RUNTIME_TAG: _seconds(self.webhook_max_runtime)}
+
+    def poll_tags(self, sync: SyncDefinition) -> dict[str, str]:
+        return {MAX_RUNTIME_TAG: _seconds(self.poll_max_runtime(sync))}
+
+
+def _seconds(value: timedelta) -> str:
+    # Dagster reads the tag with float(); whole seconds read best in the UI.
+    return str(int(value.total_seconds()))
