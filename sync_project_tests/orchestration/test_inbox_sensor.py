@@ -12,7 +12,9 @@ from sync_project import registry
 from sync_project.orchestration.factory import build_definitions
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.orchestration.resources import StoreResource
-from sync_project.orchestration.sensors import InboxSensorCursor
+from sync_project.orchestration.assets import SyncRunConfig
+from sync_project.orchestration.run_limits import MAX_RUNTIME_TAG, RunLimits
+from sync_project.orchestration.sensors import DEFAULT_STALL_AFTER_S, InboxSensorCursor, retry_delay_s
 from sync_project.store import Store
 from sync_project.store.inbox import RoutedEvent
 from sync_project_tests.support.realtime import sandbox_syncs
@@ -103,3 +105,54 @@ def test_a_stalled_partition_is_requested_again_under_a_new_key(store, instance)
     assert first == "inbox|sandbox/contacts|c1|1|0" and second == f"{first}|again1"
     state = json.loads(ticker.cursor)["requested"]["sandbox/contacts|c1"]
     assert state["retries"] == 1
+
+
+def pass_time(ticker: Ticker, partition: str, seconds: float) -> None:
+    """As if ``seconds`` had passed since the partition's last request (the cursor is the sensor's
+    only clock)."""
+    cursor = InboxSensorCursor.model_validate_json(ticker.cursor)
+    cursor.requested[partition].requested_at -= seconds
+    ticker.cursor = cursor.model_dump_json()
+
+
+def test_a_partition_whose_run_ended_with_its_events_due_is_requested_again(store, instance):
+    ticker = Ticker(store, instance, stall_after_s=DEFAULT_STALL_AFTER_S)
+    store.connections.add("sandbox", "c1", account_id="a1")
+    instance.add_dynamic_partitions(partitions_name("sandbox"), ["c1"])
+    deliver(store, "e1")
+    [request] = ticker.tick().run_requests
+    job = ticker.defs.resolve_job_def("sandbox__contacts_job")
+    run = instance.create_run_for_job(job, status=dg.DagsterRunStatus.STARTED,
+                                      tags={**request.tags, "dagster/run_key": request.run_key})
+    assert ticker.tick().run_requests == []  # draining (or so Dagster says): left to it
+    # Run monitoring fails it (its worker died before committing): the events are due, unchanged.
+    instance.report_run_failed(run)
+    pass_time(ticker, "sandbox/contacts|c1", 30)
+    [again] = ticker.tick().run_requests
+    assert again.run_key == f"{request.run_key}|again1"  # a key Dagster has not used yet
+    # Its run ends at once with the events still due (say, another run held the partition):
+    # the same key during the back-off (Dagster skips it), a new one after it, waits doubling.
+    waits = []
+    for retry in range(2, 9):
+        assert [r.run_key for r in ticker.tick().run_requests] == [f"{request.run_key}|again{retry - 1}"]
+        wait = retry_delay_s(retry - 1, DEFAULT_STALL_AFTER_S)
+        pass_time(ticker, "sandbox/contacts|c1", wait)
+        assert [r.run_key for r in ticker.tick().run_requests] == [f"{request.run_key}|again{retry}"]
+        waits.append(wait)
+    assert waits == [10.0, 20.0, 40.0, 80.0, 120.0, 120.0, 120.0]  # capped at stall_after_s
+    # New events: a new key, and the back-off starts over.
+    deliver(store, "e2")
+    assert [r.run_key for r in ticker.tick().run_requests] == ["inbox|sandbox/contacts|c1|2|0"]
+
+
+def test_webhook_runs_carry_their_time_limit_and_linger_cap(store, instance):
+    ticker = Ticker(store, instance)
+    store.connections.add("sandbox", "c1", account_id="a1")
+    deliver(store, "e1")
+    [request] = ticker.tick().run_requests
+    limits = RunLimits()
+    assert request.tags[MAX_RUNTIME_TAG] == "120" == str(int(limits.webhook_max_runtime.total_seconds()))
+    config = request.run_config["ops"]["sandbox__contacts"]["config"]
+    # The run stops claiming after its linger cap, well before run monitoring would end it.
+    assert config["max_linger_run_s"] == limits.webhook_linger_cap.total_seconds() == 60.0
+    assert config["max_linger_run_s"] == SyncRunConfig().max_linger_run_s

@@ -43,6 +43,7 @@ def test_materialize_a_partition_on_a_postgres_backed_instance(postgres_url, mon
     try:
         with BackgroundServer(api.app()) as server, dg.instance_for_test(overrides=overrides) as instance, Store(postgres_url) as store:
             assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+            assert instance.run_monitoring_enabled and "MONITORING" in instance.get_required_daemon_types()
             store.connections.add("fakeapi", "prod", config={"base_url": server.url})
             instance.add_dynamic_partitions(partitions_name("fakeapi"), ["prod"])
             result = dg.materialize(

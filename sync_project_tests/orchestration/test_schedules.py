@@ -11,6 +11,7 @@ from sync_project.core import SyncDefinition
 from sync_project.orchestration.factory import build_definitions
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.orchestration.resources import StoreResource
+from sync_project.orchestration.run_limits import MAX_RUNTIME_TAG, RunLimits
 from sync_project_tests.orchestration.fake_api import ITEMS, PROVIDER, fetch_items, Item
 
 
@@ -45,6 +46,8 @@ def test_schedule_requests_incremental_runs_for_active_registered_connections(in
     request = next(r for r in requests if r.partition_key == "a")
     assert request.run_config["ops"]["fakeapi__items"]["config"]["mode"] == "incremental"
     assert request.tags["sync/asset_partition"] == "fakeapi/items:a:poll"
+    # A dead poll keeps the partition's next polls queued for at most this (run monitoring).
+    assert request.tags[MAX_RUNTIME_TAG] == "900"  # 15 min: more than two 5-minute intervals
     assert [r.run_key for r in evaluate()] == [r.run_key for r in requests]  # deterministic per tick
 
 
@@ -63,6 +66,13 @@ def test_sub_minute_syncs_poll_through_a_sensor(instance, store):
     ) as context:
         result = sensor.evaluate_tick(context)
     assert [r.partition_key for r in result.run_requests] == ["a"]
+    assert result.run_requests[0].tags[MAX_RUNTIME_TAG] == "900"
+
+
+def test_a_poll_may_run_for_two_intervals_of_a_slow_sync():
+    hourly = SyncDefinition(provider="fakeapi", name="hourly", model=Item, fetch=fetch_items, poll_interval=timedelta(hours=1))
+    assert RunLimits().poll_tags(hourly) == {MAX_RUNTIME_TAG: "7200"}
+    assert RunLimits(poll_floor=timedelta(hours=3)).poll_max_runtime(hourly) == timedelta(hours=3)
 
 
 def test_poll_interval_below_thirty_seconds_is_refused():

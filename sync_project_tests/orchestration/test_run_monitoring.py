@@ -1,0 +1,56 @@
+"""Run monitoring as dagster.yaml and deploy/dagster.yaml configure it, and the bound it puts on a
+dead run. What the daemon does with it, for real, is test_killed_run.py."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+import yaml
+
+from sync_project import settings
+from sync_project.orchestration.run_limits import RunLimits
+
+ROOT = settings.project_root()
+CONFIGS = {"dagster.yaml": ROOT / "dagster.yaml", "deploy/dagster.yaml": ROOT / "deploy" / "dagster.yaml"}
+
+
+def monitoring(name: str) -> dict[str, Any]:
+    return yaml.safe_load(CONFIGS[name].read_text())["run_monitoring"]
+
+
+def test_both_instance_configs_monitor_runs_alike():
+    assert monitoring("dagster.yaml") == monitoring("deploy/dagster.yaml")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_webhook_run_whose_worker_died_is_failed_within_three_minutes(name):
+    # The default launcher cannot check a worker's health: only the run's own time limit ends a
+    # dead run, enforced within one monitoring interval of expiring.
+    config = monitoring(name)
+    assert config["enabled"] is True and config["max_resume_run_attempts"] == 0
+    bound_s = RunLimits().webhook_max_runtime.total_seconds() + config["poll_interval_seconds"]
+    assert bound_s < 180
+    # A run whose process never came up is failed too, and one that will not stop is marked canceled.
+    assert 0 < config["start_timeout_seconds"] <= 180 and 0 < config["cancel_timeout_seconds"] <= 180
+
+
+def test_the_embedded_instance_runs_the_monitoring_daemon_with_these_settings():
+    overrides = yaml.safe_load(CONFIGS["dagster.yaml"].read_text())
+    overrides.pop("telemetry", None)
+    with dg.instance_for_test(overrides=overrides) as instance:
+        assert instance.run_monitoring_enabled
+        assert "MONITORING" in instance.get_required_daemon_types()
+        config = monitoring("dagster.yaml")
+        assert instance.run_monitoring_poll_interval_seconds == config["poll_interval_seconds"]
+        # Runs without dagster/max_runtime (UI launches, backfills, full refreshes) get a day.
+        assert instance.run_monitoring_max_runtime_seconds == config["max_runtime_seconds"] == 86400
+
+
+@pytest.mark.parametrize("field", ["webhook_linger_cap", "webhook_margin", "poll_floor"])
+def test_limits_must_be_positive(field):
+    with pytest.raises(ValueError, match="positive"):
+        RunLimits(**{field: timedelta(0)})
