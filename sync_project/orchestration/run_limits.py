@@ -26,12 +26,14 @@ class RunLimits:
     #: A webhook run stops claiming after this long even while events keep coming
     #: (``SyncRunConfig.max_linger_run_s``, which the inbox sensor sets from it).
     webhook_linger_cap: timedelta = timedelta(seconds=60)
-    #: What a webhook run may need beyond its linger cap: start-up, waiting for the partition's
-    #: drain lease, its last batch, the checks and the notification (10 s budget).
-    webhook_margin: timedelta = timedelta(seconds=60)
-    #: A poll may run for two poll intervals, and never less than this. Ending a slow poll costs
-    #: nothing: every page committed its checkpoint, and the next poll resumes there.
-    poll_floor: timedelta = timedelta(minutes=15)
+    #: What a webhook run may need beyond its linger cap: waiting out a dead drainer's lease
+    #: (its TTL, 30 s, plus 5 s), start-up, its last batch, the checks and the notification
+    #: (10 s budget).
+    webhook_margin: timedelta = timedelta(seconds=75)
+    #: A poll may run for two poll intervals, and never less than this: the 10 minutes it may wait
+    #: for the partition's poll lease (``poll_lease_wait_s``) and as long again to poll. Ending a
+    #: slow poll costs nothing: every page committed its checkpoint, and the next poll resumes there.
+    poll_floor: timedelta = timedelta(minutes=20)
 
     def __post_init__(self) -> None:
         if self.webhook_linger_cap <= timedelta(0) or self.webhook_margin <= timedelta(0):

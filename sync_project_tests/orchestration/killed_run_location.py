@@ -18,8 +18,9 @@ from sync_project.orchestration.factory import build_definitions
 from sync_project.orchestration.run_limits import RunLimits
 
 HANDLER_DELAY_S = 0.25
-#: Webhook runs stop claiming after 5 s; run monitoring fails one after 20 s.
-RUN_LIMITS = RunLimits(webhook_linger_cap=timedelta(seconds=5), webhook_margin=timedelta(seconds=15))
+#: Webhook runs stop claiming after 5 s; run monitoring fails one after 45 s, which leaves a run
+#: the 35 s it may wait for a dead drainer's lease to expire.
+RUN_LIMITS = RunLimits(webhook_linger_cap=timedelta(seconds=5), webhook_margin=timedelta(seconds=40))
 
 _contacts = next(sync for sync in registry.syncs() if sync.key == "sandbox/contacts")
 assert _contacts.on_webhook is not None

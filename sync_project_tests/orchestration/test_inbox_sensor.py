@@ -151,7 +151,7 @@ def test_webhook_runs_carry_their_time_limit_and_linger_cap(store, instance):
     deliver(store, "e1")
     [request] = ticker.tick().run_requests
     limits = RunLimits()
-    assert request.tags[MAX_RUNTIME_TAG] == "120" == str(int(limits.webhook_max_runtime.total_seconds()))
+    assert request.tags[MAX_RUNTIME_TAG] == "135" == str(int(limits.webhook_max_runtime.total_seconds()))
     config = request.run_config["ops"]["sandbox__contacts"]["config"]
     # The run stops claiming after its linger cap, well before run monitoring would end it.
     assert config["max_linger_run_s"] == limits.webhook_linger_cap.total_seconds() == 60.0

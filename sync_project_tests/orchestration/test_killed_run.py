@@ -23,6 +23,7 @@ import sqlalchemy as sa
 import yaml
 
 from sync_project import settings
+from sync_project.orchestration.partitions import concurrency_tag
 from sync_project.orchestration.run_limits import MAX_RUNTIME_TAG
 from sync_project.store import Store
 from sync_project_tests.orchestration import killed_run_location
@@ -30,7 +31,7 @@ from sync_project_tests.support.realtime import RealtimeHarness, stored_state
 
 ROOT = settings.project_root()
 BIN = Path(sys.executable).parent
-PARTITION_TAG = {"sync/asset_partition": "sandbox/contacts:demo-1"}
+PARTITION_TAG = concurrency_tag("sandbox/contacts", "demo-1", "drain")
 #: Beyond max_runtime + the monitoring interval: the daemon's failed gRPC call to the dead code
 #: server and the writes of the failure, on a busy 2-core machine.
 FAILURE_SLACK_S = 20.0

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from sync_project import settings
+from sync_project.orchestration.partition_run import RunSettings
 from sync_project.orchestration.run_limits import RunLimits
 
 ROOT = settings.project_root()
@@ -54,3 +55,13 @@ def test_the_embedded_instance_runs_the_monitoring_daemon_with_these_settings():
 def test_limits_must_be_positive(field):
     with pytest.raises(ValueError, match="positive"):
         RunLimits(**{field: timedelta(0)})
+
+
+def test_healthy_runs_end_well_before_their_limits():
+    # A webhook run may wait out a dead drainer's lease (TTL + 5 s) and then linger up to its cap;
+    # a poll may wait for the poll lease: run monitoring must not end either of them while it waits.
+    limits, run = RunLimits(), RunSettings()
+    drain_wait = timedelta(seconds=run.lease_ttl_s + 5)
+    assert limits.webhook_linger_cap == timedelta(seconds=run.max_linger_run_s)
+    assert limits.webhook_max_runtime - limits.webhook_linger_cap - drain_wait >= timedelta(seconds=30)
+    assert limits.poll_floor >= 2 * timedelta(seconds=run.poll_lease_wait_s)

@@ -47,7 +47,7 @@ def test_schedule_requests_incremental_runs_for_active_registered_connections(in
     assert request.run_config["ops"]["fakeapi__items"]["config"]["mode"] == "incremental"
     assert request.tags["sync/asset_partition"] == "fakeapi/items:a:poll"
     # A dead poll keeps the partition's next polls queued for at most this (run monitoring).
-    assert request.tags[MAX_RUNTIME_TAG] == "900"  # 15 min: more than two 5-minute intervals
+    assert request.tags[MAX_RUNTIME_TAG] == "1200"  # 20 min: more than two 5-minute intervals
     assert [r.run_key for r in evaluate()] == [r.run_key for r in requests]  # deterministic per tick
 
 
@@ -66,7 +66,7 @@ def test_sub_minute_syncs_poll_through_a_sensor(instance, store):
     ) as context:
         result = sensor.evaluate_tick(context)
     assert [r.partition_key for r in result.run_requests] == ["a"]
-    assert result.run_requests[0].tags[MAX_RUNTIME_TAG] == "900"
+    assert result.run_requests[0].tags[MAX_RUNTIME_TAG] == "1200"
 
 
 def test_a_poll_may_run_for_two_intervals_of_a_slow_sync():
