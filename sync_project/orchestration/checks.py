@@ -24,7 +24,11 @@ Severities, and why none of them blocks:
   person (``sync-project inbox replay --status dead``); until the next full refresh the records
   may miss that change.
 - ``inbox_backlog`` fails with WARN when a claimable event has waited longer than
-  ``backlog_max_wait`` (5 min): runs are not keeping up or not starting. Events waiting for a
+  ``backlog_max_wait`` (5 min), naming each such connection and why it is not draining, from its
+  newest webhook run in Dagster: none was requested (daemon or sensor not running), one is queued
+  (the queue is not starting it), one has been running past its ``dagster/max_runtime`` (its worker
+  died and run monitoring has not failed it), the last one failed, or the last one ended long ago.
+  A connection whose webhook run started recently is draining, only behind. Events waiting for a
   retry are reported but do not fail it: they wait on purpose.
 - ``connections_fresh`` fails with WARN when an active connection's last successful run is older
   than ``poll_interval * freshness_warn_factor`` (2x), with ERROR beyond
@@ -41,15 +45,16 @@ Every query is an indexed read of one sync's pending or dead inbox rows or state
 
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 
 from sync_project.core.sync import SyncDefinition
-from sync_project.orchestration.partitions import AssetJob, connection_partitions
+from sync_project.orchestration.partitions import AssetJob, concurrency_tag, connection_partitions
 from sync_project.orchestration.resources import StoreResource
+from sync_project.orchestration.run_limits import MAX_RUNTIME_TAG
 from sync_project.store import Store
 from sync_project.store.connections import ProviderConnection
 from sync_project.store.health import (
@@ -124,18 +129,117 @@ def utcnow() -> datetime:
 # -- evaluation (pure) ---------------------------------------------------------------------------
 
 
-def evaluate_backlog(backlogs: Sequence[PartitionBacklog], *, max_wait: timedelta, now: datetime) -> CheckOutcome:
-    """WARN when a claimable event has waited longer than ``max_wait``."""
+@dataclass(frozen=True)
+class DrainRun:
+    """The newest webhook run of one partition, as Dagster's run storage has it."""
+
+    run_id: str
+    status: dg.DagsterRunStatus
+    #: When it entered its current state: created (queued), started (running), ended (finished).
+    since: datetime
+    max_runtime_s: float | None = None
+
+    @classmethod
+    def of(cls, record: dg.RunRecord) -> "DrainRun":
+        run = record.dagster_run
+        if run.is_finished and record.end_time is not None:
+            since = datetime.fromtimestamp(record.end_time, timezone.utc)
+        elif record.start_time is not None:
+            since = datetime.fromtimestamp(record.start_time, timezone.utc)
+        else:
+            since = record.create_timestamp.astimezone(timezone.utc)
+        limit = run.tags.get(MAX_RUNTIME_TAG)
+        return cls(run.run_id, run.status, since, float(limit) if limit else None)
+
+
+_QUEUED = {dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED}
+_RUNNING = {dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING}
+
+
+def last_drain_runs(
+    instance: dg.DagsterInstance, sync: SyncDefinition, connection_ids: Sequence[str]
+) -> dict[str, DrainRun | None]:
+    """The newest webhook run (inbox sensor, drain tag) of each connection: one indexed query each."""
+    runs: dict[str, DrainRun | None] = {}
+    for connection_id in connection_ids:
+        tags = concurrency_tag(sync.key, connection_id, "drain")
+        records = instance.get_run_records(filters=dg.RunsFilter(tags=tags), limit=1)
+        runs[connection_id] = DrainRun.of(records[0]) if records else None
+    return runs
+
+
+def why_not_draining(run: DrainRun | None, *, max_wait: timedelta, now: datetime) -> str | None:
+    """Why a connection's claimable events wait longer than ``max_wait``, from its newest webhook
+    run; None when runs are draining it (the newest started, or succeeded, within ``max_wait``)."""
+    if run is None:
+        return "no webhook run was ever requested for it: is dagster-daemon running, with inbox_sensor on?"
+    age = (now - run.since).total_seconds()
+    name = run.run_id[:8]
+    recent = age <= max_wait.total_seconds()
+    if recent and run.status in _RUNNING | {dg.DagsterRunStatus.SUCCESS}:
+        return None
+    if run.status in _QUEUED:
+        return (
+            f"its webhook run {name} has been queued for {age:.0f} s: is dagster-daemon running? "
+            "(a run of the partition still holding its sync/asset_partition slot also keeps it queued)"
+        )
+    if run.status in _RUNNING:
+        if run.max_runtime_s is not None and age < run.max_runtime_s:
+            return (
+                f"its webhook run {name} has been {run.status.value} for {age:.0f} s without draining them: its "
+                f"worker may have died; run monitoring fails it at its dagster/max_runtime ({run.max_runtime_s:.0f} s), "
+                "or terminate it in the UI"
+            )
+        limit = f"its dagster/max_runtime of {run.max_runtime_s:.0f} s" if run.max_runtime_s else "any limit"
+        return (
+            f"its webhook run {name} has been {run.status.value} for {age:.0f} s, beyond {limit}: its worker "
+            "died or hangs and run monitoring has not failed it (run_monitoring in dagster.yaml, dagster-daemon "
+            "running?); terminate it in the UI to release the partition"
+        )
+    if run.status == dg.DagsterRunStatus.SUCCESS:
+        return (
+            f"its last webhook run {name} ended {age:.0f} s ago and none was requested since: "
+            "is dagster-daemon running, with inbox_sensor on?"
+        )
+    return (
+        f"its last webhook run {name} ended {run.status.value} {age:.0f} s ago and none has drained since: "
+        "see that run's logs; inbox_sensor requests another (is it running?)"
+    )
+
+
+#: Without run information (the per-run check): the causes to look for.
+_UNKNOWN_CAUSE = (
+    "likely a webhook run of it stuck or failing, or dagster-daemon or inbox_sensor not running "
+    "(inbox_healthy, run by sync_checks_schedule, says which)"
+)
+
+
+def evaluate_backlog(
+    backlogs: Sequence[PartitionBacklog],
+    *,
+    max_wait: timedelta,
+    now: datetime,
+    drain_runs: Mapping[str, DrainRun | None] | None = None,
+) -> CheckOutcome:
+    """WARN when a claimable event has waited longer than ``max_wait``, naming each connection that
+    is not draining and why (from ``drain_runs``, its newest webhook run, when known)."""
     pending = sum(b.pending for b in backlogs)
     due = sum(b.due for b in backlogs)
     retrying = sum(b.retrying for b in backlogs)
     due_ages = [age for b in backlogs if (age := b.oldest_due_age_s(now)) is not None]
     pending_ages = [age for b in backlogs if (age := b.oldest_pending_age_s(now)) is not None]
     oldest_due = max(due_ages, default=0.0)
-    stuck = sorted(
+    late = sorted(
         (b for b in backlogs if (b.oldest_due_age_s(now) or 0.0) > max_wait.total_seconds()),
         key=lambda b: -(b.oldest_due_age_s(now) or 0.0),
     )
+    causes: dict[str, str | None] = {
+        b.connection_id: _UNKNOWN_CAUSE if drain_runs is None
+        else why_not_draining(drain_runs.get(b.connection_id), max_wait=max_wait, now=now)
+        for b in late
+    }
+    stuck = [b for b in late if causes[b.connection_id] is not None]
+    behind = [b for b in late if causes[b.connection_id] is None]
     metadata: dict[str, object] = {
         "pending": pending,
         "due": due,
@@ -144,18 +248,30 @@ def evaluate_backlog(backlogs: Sequence[PartitionBacklog], *, max_wait: timedelt
         "oldest_pending_age_s": round(max(pending_ages, default=0.0), 3),
         "max_wait_s": max_wait.total_seconds(),
         "connections_with_backlog": len(backlogs),
+        "connections_not_draining": len(stuck),
+        "connections_behind": len(behind),
     }
-    if len(backlogs) > 1 or stuck:
-        metadata["by_connection"] = dg.MetadataValue.md(_backlog_table(backlogs, now))
-    if stuck:
-        names = ", ".join(b.connection_id for b in stuck[:5]) + (" ..." if len(stuck) > 5 else "")
-        return CheckOutcome(
-            False,
-            dg.AssetCheckSeverity.WARN,
-            f"{len(stuck)} connection(s) have inbox events waiting over {max_wait.total_seconds():.0f} s "
-            f"(oldest {oldest_due:.0f} s): {names}. Are the inbox sensor and the daemon running?",
-            metadata,
-        )
+    if len(backlogs) > 1 or late:
+        metadata["by_connection"] = dg.MetadataValue.md(_backlog_table(backlogs, now, causes))
+    if late:
+        wait_s = max_wait.total_seconds()
+        parts = []
+        if stuck:
+            named = "; ".join(
+                f"{b.connection_id} ({b.due} due, oldest {b.oldest_due_age_s(now) or 0:.0f} s): {causes[b.connection_id]}"
+                for b in stuck[:5]
+            )
+            parts.append(
+                f"{len(stuck)} connection(s) not draining, with claimable events waiting over {wait_s:.0f} s: "
+                + named + (" ..." if len(stuck) > 5 else "")
+            )
+        if behind:
+            names = ", ".join(b.connection_id for b in behind[:5]) + (" ..." if len(behind) > 5 else "")
+            parts.append(
+                f"{len(behind)} connection(s) draining but behind, with claimable events waiting over "
+                f"{wait_s:.0f} s (oldest {oldest_due:.0f} s): {names}; webhook runs are not keeping up"
+            )
+        return CheckOutcome(False, dg.AssetCheckSeverity.WARN, ". ".join(parts), metadata)
     return CheckOutcome(
         True,
         dg.AssetCheckSeverity.WARN,
@@ -296,13 +412,19 @@ def partition_check_results(
     settings: CheckSettings,
     *,
     now: datetime | None = None,
+    instance: dg.DagsterInstance | None = None,
 ) -> list[dg.AssetCheckResult]:
-    """Results of the selected per-partition checks, for the run's ``MaterializeResult``."""
+    """Results of the selected per-partition checks, for the run's ``MaterializeResult``.
+
+    With ``instance``, a backlog that is too old names why it is not draining (the partition's
+    newest webhook run); without, it lists what to look for."""
     now = now or utcnow()
     results = []
     if INBOX_BACKLOG in selected:
         backlogs = inbox_backlog(store.engine, sync.key, connection_id, now=now)
-        outcome = evaluate_backlog(backlogs, max_wait=settings.backlog_max_wait, now=now)
+        late = [b.connection_id for b in backlogs if (b.oldest_due_age_s(now) or 0.0) > settings.backlog_max_wait.total_seconds()]
+        runs = last_drain_runs(instance, sync, late) if instance is not None else None
+        outcome = evaluate_backlog(backlogs, max_wait=settings.backlog_max_wait, now=now, drain_runs=runs)
         results.append(outcome.result(INBOX_BACKLOG))
     if DEAD_LETTERS in selected:
         results.append(evaluate_dead_letters(dead_letters(store.engine, sync.key, connection_id)).result(DEAD_LETTERS))
@@ -340,10 +462,15 @@ def build_sync_checks(sync: SyncDefinition, settings: CheckSettings) -> list[dg.
         description="Over all connections: no dead-lettered events (ERROR) and no claimable event "
         f"waiting over {settings.backlog_max_wait.total_seconds():.0f} s (WARN).",
     )
-    def _inbox_healthy(sync_store: StoreResource) -> dg.AssetCheckResult:
+    def _inbox_healthy(context: dg.AssetCheckExecutionContext, sync_store: StoreResource) -> dg.AssetCheckResult:
         store = sync_store.get_store()
         now = utcnow()
-        backlog = evaluate_backlog(inbox_backlog(store.engine, sync.key, now=now), max_wait=settings.backlog_max_wait, now=now)
+        backlogs = inbox_backlog(store.engine, sync.key, now=now)
+        max_wait_s = settings.backlog_max_wait.total_seconds()
+        late = sorted((b for b in backlogs if (b.oldest_due_age_s(now) or 0.0) > max_wait_s),
+                      key=lambda b: -(b.oldest_due_age_s(now) or 0.0))
+        runs = last_drain_runs(context.instance, sync, [b.connection_id for b in late[:TABLE_ROWS]])
+        backlog = evaluate_backlog(backlogs, max_wait=settings.backlog_max_wait, now=now, drain_runs=runs)
         dead = evaluate_dead_letters(dead_letters(store.engine, sync.key))
         return evaluate_inbox(backlog, dead).result(INBOX_HEALTHY, key)
 
@@ -380,12 +507,23 @@ def asset_key(sync: SyncDefinition) -> dg.AssetKey:
 # -- metadata tables -----------------------------------------------------------------------------
 
 
-def _backlog_table(backlogs: Sequence[PartitionBacklog], now: datetime) -> str:
+def _backlog_table(backlogs: Sequence[PartitionBacklog], now: datetime, causes: Mapping[str, str | None]) -> str:
     ordered = sorted(backlogs, key=lambda b: -(b.oldest_due_age_s(now) or 0.0))[:TABLE_ROWS]
-    lines = ["| connection | pending | due | retrying | oldest claimable (s) |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| connection | pending | due | retrying | oldest claimable (s) | state |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for b in ordered:
         age = b.oldest_due_age_s(now)
-        lines.append(f"| {_cell(b.connection_id)} | {b.pending} | {b.due} | {b.retrying} | {'' if age is None else f'{age:.0f}'} |")
+        if b.connection_id not in causes:
+            state = "ok"
+        else:
+            cause = causes[b.connection_id]
+            state = "behind" if cause is None else f"not draining: {_clip(cause, 160)}"
+        lines.append(
+            f"| {_cell(b.connection_id)} | {b.pending} | {b.due} | {b.retrying} | "
+            f"{'' if age is None else f'{age:.0f}'} | {_cell(state)} |"
+        )
     return "\n".join(lines)
 
 

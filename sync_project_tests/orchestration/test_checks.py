@@ -12,11 +12,12 @@ import pytest
 from sqlalchemy import update
 
 from sync_project.core import Save
-from sync_project.orchestration.checks import CHECKS_JOB, CheckSettings
+from sync_project.orchestration.checks import CHECKS_JOB, CheckSettings, DrainRun, why_not_draining
 from sync_project.orchestration.factory import build_definitions
 from sync_project.orchestration.notifications import NotifierResource
-from sync_project.orchestration.partitions import partitions_name
+from sync_project.orchestration.partitions import concurrency_tag, partitions_name
 from sync_project.orchestration.resources import StoreResource
+from sync_project.orchestration.run_limits import MAX_RUNTIME_TAG
 from sync_project.serving import BackgroundServer
 from sync_project.store import Store
 from sync_project.store.inbox import RoutedEvent
@@ -196,3 +197,60 @@ def test_the_asset_carries_a_freshness_policy_of_its_poll_interval():
 def test_nonsense_thresholds_are_refused(settings):
     with pytest.raises(ValueError):
         CheckSettings(**settings)
+
+
+def drain_run(store: Store, instance: dg.DagsterInstance, connection_id: str, *, started_ago: timedelta | None) -> dg.DagsterRun:
+    """A webhook run of the partition as the inbox sensor requests it; started ``started_ago``."""
+    job = definitions(store).resolve_job_def("fakeapi__items_job")
+    run = instance.create_run_for_job(
+        job, status=dg.DagsterRunStatus.NOT_STARTED,
+        tags={**concurrency_tag("fakeapi/items", connection_id, "drain"), "sync/mode": "webhook", MAX_RUNTIME_TAG: "135"},
+    )
+    if started_ago is not None:
+        started = dg.DagsterEvent(dg.DagsterEventType.RUN_START.value, job_name=run.job_name)
+        instance.report_dagster_event(started, run.run_id, timestamp=(datetime.now(timezone.utc) - started_ago).timestamp())
+    return instance.get_run_by_id(run.run_id)
+
+
+def test_the_scheduled_check_names_a_connection_that_is_not_draining_and_why(connected, instance):
+    receive(connected, "stuck", "globex", received_ago=timedelta(minutes=10))
+
+    def description() -> str:
+        check = scheduled_checks(connected, instance)["inbox_healthy"]
+        assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+        assert values(check)["connections_not_draining"] + values(check)["connections_behind"] == 1
+        return check.description or ""
+
+    assert "globex" in description() and "no webhook run was ever requested" in description()
+
+    queued = drain_run(connected, instance, "globex", started_ago=None)
+    assert f"its webhook run {queued.run_id[:8]} has been queued" in description()
+
+    # Its worker and code server died 9 minutes ago; run monitoring should have failed it at 135 s.
+    dead = drain_run(connected, instance, "globex", started_ago=timedelta(minutes=9))
+    text = description()
+    assert f"{dead.run_id[:8]} has been STARTED for 54" in text  # 540 s
+    assert "beyond its dagster/max_runtime of 135 s" in text and "run monitoring has not failed it" in text
+
+    instance.report_run_failed(dead)
+    assert f"its last webhook run {dead.run_id[:8]} ended FAILURE" in description()
+
+    # A run that started a minute ago drains it: the partition is behind, not stuck.
+    drain_run(connected, instance, "globex", started_ago=timedelta(minutes=1))
+    check = scheduled_checks(connected, instance)["inbox_healthy"]
+    assert values(check)["connections_behind"] == 1 and "draining but behind" in (check.description or "")
+
+
+def test_a_run_s_own_backlog_check_says_what_to_look_for(connected, instance):
+    receive(connected, "late", "acme", received_ago=timedelta(minutes=12))
+    check = sync_run(connected, instance, mode="incremental")["inbox_backlog"]
+    text = check.description or ""
+    assert "acme" in text and "not draining" in text
+    assert "stuck or failing" in text and "inbox_sensor" in text and "dagster-daemon" in text
+
+
+def test_a_stuck_run_within_its_time_limit_is_named_as_possibly_dead():
+    now = datetime.now(timezone.utc)
+    run = DrainRun("0123456789", dg.DagsterRunStatus.STARTED, now - timedelta(minutes=6), max_runtime_s=3600.0)
+    cause = why_not_draining(run, max_wait=timedelta(minutes=5), now=now) or ""
+    assert "01234567 has been STARTED for 360 s" in cause and "may have died" in cause and "3600 s" in cause
