@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 import httpx
+import yaml
 
 from sync_project import settings
 from sync_project.cli.connections import dagster_instance
@@ -103,6 +104,25 @@ def http_ok(url: str) -> Callable[[], bool]:
     return probe
 
 
+def missing_run_monitoring(home: Path) -> str | None:
+    """A warning when the instance config lacks run monitoring.
+
+    ``DAGSTER_HOME/dagster.yaml`` is copied from the project's once and never overwritten, so a
+    home made before run monitoring was configured keeps runs whose worker died STARTED forever.
+    """
+    config_path = home / "dagster.yaml"
+    try:
+        config = yaml.safe_load(config_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    if (config.get("run_monitoring") or {}).get("enabled"):
+        return None
+    return (
+        f"warning: {config_path} does not enable run_monitoring, so a run whose worker died stays STARTED "
+        f"and holds its partition; copy the project's: cp {settings.project_root() / 'dagster.yaml'} {config_path}"
+    )
+
+
 def register_demo_connections(sandbox_url: str, token_envs: dict[str, str]) -> None:
     with Store() as store:
         existing = {c.connection_id for c in store.connections.list("sandbox")}
@@ -156,6 +176,8 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
     signal.signal(signal.SIGTERM, request_stop)
     try:
         click.echo(f"records store: {settings.database_url()}\nDAGSTER_HOME: {home}\nlogs: {log_dir}")
+        if warning := missing_run_monitoring(home):
+            click.echo(warning, err=True)
         click.echo("starting the receiver ...")
         supervisor.start("receiver", [*cli, "receiver", "--port", str(receiver_port)], env)
         wait_until(http_ok(f"{receiver_url}/healthz"), "the receiver", supervisor)

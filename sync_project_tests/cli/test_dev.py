@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from sync_project import settings
+from sync_project.cli.dev import missing_run_monitoring
 from sync_project.store import Store
 
 
@@ -88,3 +90,11 @@ def test_dev_runs_everything_and_ctrl_c_stops_every_process(tmp_path: Path) -> N
     while any(alive(pid) for pid in started) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in started if alive(pid)]
+
+
+def test_dev_warns_when_dagster_home_predates_run_monitoring(tmp_path: Path) -> None:
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")  # a home made before
+    warning = missing_run_monitoring(tmp_path) or ""
+    assert "run_monitoring" in warning and f"cp {settings.project_root() / 'dagster.yaml'}" in warning
+    (tmp_path / "dagster.yaml").write_text((settings.project_root() / "dagster.yaml").read_text())
+    assert missing_run_monitoring(tmp_path) is None
