@@ -186,9 +186,9 @@ def why_not_draining(run: DrainRun | None, *, max_wait: timedelta, now: datetime
     if run.status in _RUNNING:
         if run.max_runtime_s is not None and age < run.max_runtime_s:
             return (
-                f"its webhook run {name} has been {run.status.value} for {age:.0f} s without draining them: its "
-                f"worker may have died; run monitoring fails it at its dagster/max_runtime ({run.max_runtime_s:.0f} s), "
-                "or terminate it in the UI"
+                f"its webhook run {name} has been {run.status.value} for {age:.0f} s without draining them: "
+                "its worker may have died; run monitoring fails it at its dagster/max_runtime "
+                f"({run.max_runtime_s:.0f} s), or terminate it in the UI"
             )
         limit = f"its dagster/max_runtime of {run.max_runtime_s:.0f} s" if run.max_runtime_s else "any limit"
         return (
@@ -214,6 +214,16 @@ _UNKNOWN_CAUSE = (
 )
 
 
+def late_backlogs(
+    backlogs: Sequence[PartitionBacklog], *, max_wait: timedelta, now: datetime
+) -> list[PartitionBacklog]:
+    """The connections whose oldest claimable event waited over ``max_wait``, longest first."""
+    return sorted(
+        (b for b in backlogs if (b.oldest_due_age_s(now) or 0.0) > max_wait.total_seconds()),
+        key=lambda b: -(b.oldest_due_age_s(now) or 0.0),
+    )
+
+
 def evaluate_backlog(
     backlogs: Sequence[PartitionBacklog],
     *,
@@ -229,10 +239,7 @@ def evaluate_backlog(
     due_ages = [age for b in backlogs if (age := b.oldest_due_age_s(now)) is not None]
     pending_ages = [age for b in backlogs if (age := b.oldest_pending_age_s(now)) is not None]
     oldest_due = max(due_ages, default=0.0)
-    late = sorted(
-        (b for b in backlogs if (b.oldest_due_age_s(now) or 0.0) > max_wait.total_seconds()),
-        key=lambda b: -(b.oldest_due_age_s(now) or 0.0),
-    )
+    late = late_backlogs(backlogs, max_wait=max_wait, now=now)
     causes: dict[str, str | None] = {
         b.connection_id: _UNKNOWN_CAUSE if drain_runs is None
         else why_not_draining(drain_runs.get(b.connection_id), max_wait=max_wait, now=now)
@@ -258,7 +265,8 @@ def evaluate_backlog(
         parts = []
         if stuck:
             named = "; ".join(
-                f"{b.connection_id} ({b.due} due, oldest {b.oldest_due_age_s(now) or 0:.0f} s): {causes[b.connection_id]}"
+                f"{b.connection_id} ({b.due} due, oldest {b.oldest_due_age_s(now) or 0:.0f} s): "
+                f"{causes[b.connection_id]}"
                 for b in stuck[:5]
             )
             parts.append(
@@ -422,7 +430,7 @@ def partition_check_results(
     results = []
     if INBOX_BACKLOG in selected:
         backlogs = inbox_backlog(store.engine, sync.key, connection_id, now=now)
-        late = [b.connection_id for b in backlogs if (b.oldest_due_age_s(now) or 0.0) > settings.backlog_max_wait.total_seconds()]
+        late = [b.connection_id for b in late_backlogs(backlogs, max_wait=settings.backlog_max_wait, now=now)]
         runs = last_drain_runs(instance, sync, late) if instance is not None else None
         outcome = evaluate_backlog(backlogs, max_wait=settings.backlog_max_wait, now=now, drain_runs=runs)
         results.append(outcome.result(INBOX_BACKLOG))
@@ -466,10 +474,8 @@ def build_sync_checks(sync: SyncDefinition, settings: CheckSettings) -> list[dg.
         store = sync_store.get_store()
         now = utcnow()
         backlogs = inbox_backlog(store.engine, sync.key, now=now)
-        max_wait_s = settings.backlog_max_wait.total_seconds()
-        late = sorted((b for b in backlogs if (b.oldest_due_age_s(now) or 0.0) > max_wait_s),
-                      key=lambda b: -(b.oldest_due_age_s(now) or 0.0))
-        runs = last_drain_runs(context.instance, sync, [b.connection_id for b in late[:TABLE_ROWS]])
+        late = late_backlogs(backlogs, max_wait=settings.backlog_max_wait, now=now)[:TABLE_ROWS]
+        runs = last_drain_runs(context.instance, sync, [b.connection_id for b in late])
         backlog = evaluate_backlog(backlogs, max_wait=settings.backlog_max_wait, now=now, drain_runs=runs)
         dead = evaluate_dead_letters(dead_letters(store.engine, sync.key))
         return evaluate_inbox(backlog, dead).result(INBOX_HEALTHY, key)

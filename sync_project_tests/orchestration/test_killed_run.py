@@ -1,8 +1,9 @@
 """A webhook run's worker and its code server killed with SIGKILL under a real ``dagster-daemon``,
 as a host crash would, in the middle of a batch: run monitoring fails the run within its bound,
 the inbox sensor requests the partition again (under a new run key: the events are the same), and
-a new run applies every event the dead run had claimed. Nothing is stubbed: the daemon launches runs through the project's dagster.yaml, the
-sandbox sends signed webhooks to the receiver, the records are on Postgres.
+a new run applies every event the dead run had claimed. Nothing is stubbed: the daemon launches
+runs with the project's dagster.yaml, the sandbox sends signed webhooks to the receiver, the
+records are on Postgres.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ DRAIN_AGAIN_S = 75.0
 T = TypeVar("T")
 
 
-def wait_for(what: str, probe: Callable[[], T | None], deadline: float, daemon: subprocess.Popen[bytes], log: Path) -> T:
+def wait_for(
+    what: str, probe: Callable[[], T | None], deadline: float, daemon: subprocess.Popen[bytes], log: Path
+) -> T:
+    """``probe()`` once it is truthy; fails at ``deadline`` (monotonic) or if the daemon exits."""
     while True:
         value = probe()
         if value:
@@ -77,13 +81,15 @@ def worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
 
 
 def writing_transactions(engine: sa.Engine, application_name: str) -> int:
-    """Sessions of this test's processes inside a transaction that has written (a claimed batch)."""
+    """Sessions of this test's processes inside a transaction that has written and lasts (a claimed
+    batch whose handlers run; a lease renewal commits within milliseconds)."""
     with engine.connect() as conn:
         return int(
             conn.execute(
                 sa.text(
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name "
-                    "AND state = 'idle in transaction' AND backend_xid IS NOT NULL"
+                    "AND state = 'idle in transaction' AND backend_xid IS NOT NULL "
+                    "AND now() - xact_start > interval '0.5 seconds'"
                 ),
                 {"name": application_name},
             ).scalar_one()

@@ -49,7 +49,8 @@ class Executions:
 
     def sensor_tick(self) -> dg.SensorExecutionData:
         with dg.build_sensor_context(
-            instance=self.instance, instance_ref=self.instance.get_ref(), definitions=self.defs, resources=self.resources()
+            instance=self.instance, instance_ref=self.instance.get_ref(), definitions=self.defs,
+            resources=self.resources(),
         ) as context:
             return self.defs.resolve_sensor_def("inbox_sensor").evaluate_tick(context)
 
