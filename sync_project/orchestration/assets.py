@@ -163,7 +163,9 @@ def run_sync(
     counts = merged.as_dict()
     context.log.info(f"{sync.key} {connection_id} ({config.mode}): {json.dumps(counts)}")
     selected = {key.name for key in context.selected_asset_check_keys if key.asset_key == context.asset_key}
-    check_results = partition_check_results(store, sync, connection_id, selected, check_settings or CheckSettings())
+    check_results = partition_check_results(
+        store, sync, connection_id, selected, check_settings or CheckSettings(), instance=context.instance
+    )
     outcome = _notify(context, notifier, sync, config, started_at, SyncResults.of(merged), None)
     if outcome is not None:
         metadata["notification"] = str(outcome)
