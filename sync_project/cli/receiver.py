@@ -18,6 +18,10 @@ SWITCH_INTERVAL_S = 0.0005
 DEFAULT_MAX_CONNECTIONS = 900
 #: Idle seconds a kept-alive connection waits for its next request (uvicorn's own default).
 DEFAULT_KEEP_ALIVE_S = 5
+#: How long a worker process (--workers N) may take to answer uvicorn's health ping before it is
+#: killed and replaced. A new worker answers only once it has imported the project (seconds on a
+#: busy host); uvicorn's 5 s default kills it mid-import over and over.
+WORKER_HEALTHCHECK_S = 30
 
 
 @click.command("receiver")
@@ -74,6 +78,13 @@ DEFAULT_KEEP_ALIVE_S = 5
     type=click.IntRange(min=1),
     help="Seconds an idle kept-alive connection stays open.",
 )
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Receiver processes sharing the port (each with its own store); they hold no state.",
+)
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning"]))
 def command(
     host: str,
@@ -85,6 +96,7 @@ def command(
     max_json_depth: int,
     max_connections: int,
     keep_alive_s: int,
+    workers: int,
     log_level: str,
 ) -> None:
     """Receive webhooks: POST /webhooks/{provider}, GET /healthz. Logs are JSON lines on stderr.
@@ -94,6 +106,7 @@ def command(
     """
     import uvicorn
 
+    from sync_project.receiver import factory
     from sync_project.receiver.app import ReceiverConfigError, create_app
     from sync_project.receiver.logs import configure_json_logging
     from sync_project.store import Store
@@ -104,29 +117,41 @@ def command(
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     # Not migrated here: the app does it once the database answers, so services start in any order.
     store = Store(migrate_schema=False)
+    app_options = {
+        "max_body_bytes": max_body_bytes,
+        "commit_deadline_s": commit_deadline_s,
+        "body_timeout_s": body_timeout_s,
+        "max_json_depth": max_json_depth,
+    }
+    server_options = {
+        "host": host,
+        "port": port,
+        "access_log": False,  # the receiver writes its own line per delivery
+        "log_config": None,  # keep the JSON handler configured above (in each worker: the factory's)
+        "proxy_headers": proxy_headers,
+        "server_header": False,
+        # uvicorn has no deadline for a request's body: the app enforces --body-timeout.
+        "limit_concurrency": max_connections,  # per worker process
+        "timeout_keep_alive": keep_alive_s,
+    }
     try:
         try:
-            app = create_app(
-                store,
-                max_body_bytes=max_body_bytes,
-                commit_deadline_s=commit_deadline_s,
-                body_timeout_s=body_timeout_s,
-                max_json_depth=max_json_depth,
-            )
+            # Built here even with --workers: a configuration that cannot work fails this command.
+            app = create_app(store, **app_options)
         except ReceiverConfigError as error:
             raise click.ClickException(f"cannot start: {error}") from None
-        uvicorn.run(
-            app,
-            host=host,
-            port=port,
-            access_log=False,  # the receiver writes its own line per delivery
-            log_config=None,  # keep the JSON handler configured above
-            proxy_headers=proxy_headers,
-            server_header=False,
-            # uvicorn has no deadline for a request's body: the app enforces --body-timeout.
-            limit_concurrency=max_connections,
-            timeout_keep_alive=keep_alive_s,
-        )
+        if workers > 1:
+            # uvicorn's workers are new processes: each builds its own app and store (factory.py).
+            factory.export_options(app_options, log_level)
+            uvicorn.run(
+                "sync_project.receiver.factory:factory",
+                factory=True,
+                workers=workers,
+                timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
+                **server_options,
+            )
+        else:
+            uvicorn.run(app, **server_options)
     finally:
         store.close()
         listener.stop()
