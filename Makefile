@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,celery]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,7 +24,7 @@ test: $(STAMP)
 BENCH_STAMP := $(VENV)/.bench-stamp
 
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -e '.[test,celery,bench]'
 	touch $(BENCH_STAMP)
 
 # Runs every benchmark and rewrites the table in benchmarks/README.md. BENCH_ARGS=--quick for small sizes.
