@@ -10,14 +10,14 @@ behind a round-robin balancer) run on this host. What must hold:
 - a run whose host died is failed by run monitoring within its dagster/max_runtime (the Celery
   task state of a host that died whole stays STARTED, so the health check cannot see it: the
   runtime limit is the bound), and run retries re-run it on the surviving worker;
-- one run per partition throughout: lease tokens only grow and no token has two holders, and a
-  retried partition's new run holds a newer token than the run that died;
+- one run per partition throughout (the lease table sampled every 0.25 s): tokens only grow, no
+  token has two holders, and a retried partition's new run holds a newer token than any that
+  partition's poll lease had when the host died;
 - the store equals the sandbox's truth, with no tombstone the sandbox did not delete.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections import defaultdict
@@ -35,7 +35,6 @@ from sync_project_tests.support.scale_out import ScaleOutDeployment, unavailable
 #: A killed run is failed once this is up (its dagster/max_runtime tag); runs here take seconds.
 MAX_RUNTIME_S = 60
 POLL_INTERVAL_S = 5
-HOLDING = re.compile(r"holding the (poll|drain) lease of (\S+) for connection '([^']+)' \(token (\d+)\)")
 MONITORING_FAILURES = ("Exceeded maximum runtime", "Detected run worker status")
 
 
@@ -80,6 +79,11 @@ class LeaseWatch:
                     self.holders[(*key, lease.token)].add(lease.holder)
             self.samples += 1
 
+    def token_of(self, key: tuple[str, str, str], holder: str) -> int | None:
+        """The token ``holder`` was seen holding ``key`` with (None: never seen holding it)."""
+        tokens = [k[3] for k, holders in self.holders.items() if k[:3] == key and holder in holders]
+        return max(tokens) if tokens else None
+
     def __enter__(self) -> LeaseWatch:
         self._thread.start()
         return self
@@ -92,14 +96,6 @@ class LeaseWatch:
 def failure_message(instance: dg.DagsterInstance, run_id: str) -> str:
     events = instance.all_logs(run_id, of_type=DagsterEventType.RUN_FAILURE)
     return " | ".join(event.message for event in events)
-
-
-def held_token(instance: dg.DagsterInstance, run_id: str) -> int | None:
-    for event in instance.all_logs(run_id):
-        found = HOLDING.search(event.user_message or "")
-        if found:
-            return int(found.group(4))
-    return None
 
 
 def test_a_backfill_spreads_over_two_worker_hosts_and_survives_one_dying(deployment: ScaleOutDeployment) -> None:
@@ -183,10 +179,10 @@ def test_a_backfill_spreads_over_two_worker_hosts_and_survives_one_dying(deploym
             assert retry.start_time is not None and retry.start_time >= record.end_time
             # The victim may have died before it took its lease; whatever it held, the retry's
             # grant is newer than every token of that partition's poll lease at the kill.
-            after = held_token(instance, retry.dagster_run.run_id)
             key = ("sandbox/contacts", victim.tags["dagster/partition"], "poll")
-            assert after is not None and after > tokens_at_kill.get(key, 0)
-            before = held_token(instance, victim.run_id)
+            after = watch.token_of(key, retry.dagster_run.run_id)
+            assert after is not None and after > tokens_at_kill.get(key, 0), (key, watch.holders)
+            before = watch.token_of(key, victim.run_id)
             assert before is None or before < after
         # Nothing ran on the dead host after it died.
         for run in runs:

@@ -56,12 +56,12 @@ def unavailable_reason() -> str | None:
 
 
 def free_subnet() -> ipaddress.IPv4Network:
-    """A 10.231.x.0/29 (two /30s) no interface or route here uses yet."""
+    """A 10.231.x.0/24 (64 links of /30) no interface or route here uses yet."""
     used = _ip("-4", "addr").stdout + _ip("-4", "route").stdout
     for third in itertools.chain(range(os.getpid() % 200 + 20, 250), range(20, 250)):
         if f"10.231.{third}." not in used:
-            return ipaddress.IPv4Network(f"10.231.{third}.0/29")
-    raise RuntimeError("no free 10.231.x.0/29 subnet")
+            return ipaddress.IPv4Network(f"10.231.{third}.0/24")
+    raise RuntimeError("no free 10.231.x.0/24 subnet")
 
 
 class NetnsHost:

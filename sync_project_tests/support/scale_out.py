@@ -9,7 +9,6 @@ server go in :meth:`ScaleOutDeployment.close`, whatever happened.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import signal
@@ -133,9 +132,6 @@ class ScaleOutDeployment:
         self.root.mkdir(parents=True, exist_ok=True)
         subnet = hosts.free_subnet()
         links = list(subnet.subnets(new_prefix=30))
-        if self.workers > len(links):
-            subnet = ipaddress.IPv4Network(f"{subnet.network_address}/{30 - (self.workers - 1).bit_length()}")
-            links = list(subnet.subnets(new_prefix=30))
         for n in range(self.workers):
             host = hosts.NetnsHost(f"w{n + 1}", links[n])
             self._closers.append(host.close)
