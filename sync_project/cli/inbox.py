@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
 import click
+
+if TYPE_CHECKING:
+    from sync_project.store.inbox import ConnectionInboxStats
 
 
 @click.group("inbox")
@@ -11,12 +18,33 @@ def command() -> None:
 
 
 @command.command("stats")
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
-def stats(as_json: bool) -> None:
-    """Events by status, and how long the oldest pending one has waited."""
+@click.option("--by-connection", is_flag=True, help="One row per provider and connection instead of totals.")
+@click.option("--provider", default=None, help="With --by-connection: only this provider's connections.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def stats(by_connection: bool, provider: str | None, as_json: bool) -> None:
+    """Events by status, and how long the oldest pending one has waited.
+
+    \b
+    pending:    waiting for a webhook run of its sync and connection (after a handler
+                failure, until its retry time: backoff doubles per attempt)
+    done:       applied, in the same transaction as the merge it caused
+    dead:       the handler failed 8 times; the error is kept (`inbox replay --status dead`)
+    unroutable: no connection has the account id it names yet; `inbox replay --status
+                unroutable` routes it once `connections add ... --account-id` exists
+    routed:     an unroutable event that a replay routed: its pending copies, one per
+                connection, carry on; the routed row stays as the record of the delivery
+    ignored:    no sync subscribes to its event type; kept, so nothing is silently lost
+
+    Finished events (done, routed, ignored) are deleted by `inbox purge`.
+    """
     from sync_project.store import Store
 
+    if provider is not None and not by_connection:
+        raise click.UsageError("--provider goes with --by-connection")
     with Store() as store:
+        if by_connection:
+            _by_connection(store.inbox.stats_by_connection(provider=provider), as_json)
+            return
         figures = store.inbox.stats()
     if as_json:
         click.echo(figures.model_dump_json())
@@ -29,6 +57,32 @@ def stats(as_json: bool) -> None:
     else:
         received = figures.oldest_pending_received_at.isoformat() if figures.oldest_pending_received_at else "?"
         click.echo(f"oldest pending: {figures.oldest_pending_age_s:.1f} s ago (received {received})")
+
+
+def _by_connection(rows: list[ConnectionInboxStats], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([row.model_dump(mode="json") for row in rows], indent=2))
+        return
+    if not rows:
+        click.echo("the inbox is empty")
+        return
+    now = datetime.now(timezone.utc)
+    statuses = list(rows[0].counts)
+    table = [("PROVIDER", "CONNECTION", *statuses, "OLDEST PENDING")]
+    for row in rows:
+        oldest = row.oldest_pending_received_at
+        table.append((
+            row.provider,
+            row.connection_id or "(none)",
+            *(str(row.counts[status]) for status in statuses),
+            "-" if oldest is None else f"{max(0.0, (now - oldest).total_seconds()):.0f} s ago",
+        ))
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        click.echo("  ".join(value.ljust(width) for value, width in zip(line, widths)).rstrip())
+    if any(not row.connection_id for row in rows):
+        click.echo("\n(none): events that route to no connection: unroutable (no connection has their account id) "
+                   "or ignored (no sync subscribes to their type)")
 
 
 @command.command("replay")
