@@ -67,3 +67,29 @@ def test_add_list_pause_resume_remove(env: dict[str, str], database_url: str) ->
     assert missing.returncode != 0 and "no connection 'acme'" in missing.stderr
     with dg.DagsterInstance.from_ref(InstanceRef.from_dir(env["DAGSTER_HOME"])) as instance:
         assert instance.get_dynamic_partitions(partitions_name(provider)) == []
+
+
+def test_add_refuses_a_bad_id_without_noting_the_variable_first(env: dict[str, str]) -> None:
+    """The note about an unset variable used to come first, then the refusal: only the refusal is true."""
+    refused = cli("connections", "add", "sandbox", "a,b", "--credentials-env", "NOT_SET_ANYWHERE", env=env)
+    assert refused.returncode != 0 and "may not contain ','" in refused.stderr
+    assert "NOT_SET_ANYWHERE" not in refused.stderr
+    accepted = cli("connections", "add", "sandbox", "ok", "--credentials-env", "NOT_SET_ANYWHERE", env=env)
+    assert accepted.returncode == 0, accepted.stderr
+    assert "note: NOT_SET_ANYWHERE is not set in this shell" in accepted.stderr
+    duplicate = cli("connections", "add", "sandbox", "ok", "--credentials-env", "NOT_SET_ANYWHERE", env=env)
+    assert duplicate.returncode != 0 and "already exists" in duplicate.stderr and "note:" not in duplicate.stderr
+
+
+def test_every_connections_command_has_help_text() -> None:
+    from click.testing import CliRunner
+
+    from sync_project.cli import main
+
+    for name in ("add", "list", "pause", "resume", "remove", "status"):
+        shown = CliRunner().invoke(main, ["connections", name, "--help"])
+        assert shown.exit_code == 0
+        description = shown.output.split("\n\n")[1].strip()  # the paragraph after "Usage: ..."
+        assert description and not description.startswith("Options:"), (name, shown.output)
+    resume = " ".join(CliRunner().invoke(main, ["connections", "resume", "--help"]).output.split())
+    assert "the inbox sensor drains the webhooks that queued while it was paused" in resume
