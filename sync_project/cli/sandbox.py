@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from pydantic import ValidationError
@@ -44,6 +46,11 @@ ADMIN_TOKEN_ENV = "SYNC_SANDBOX_ADMIN_TOKEN"
 @click.option("--duplicate-pct", default=0.0, show_default=True, type=click.FloatRange(0, 100), help="Webhooks delivered twice.")
 @click.option("--delay-s", default=0.0, show_default=True, type=click.FloatRange(0, 3600),
               help="Hold each webhook up to this long, so they arrive reordered.")
+@click.option(
+    "--data", "data_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+    help="Keep accounts and records in this SQLite file across restarts (default: in memory). "
+    "Accounts it already holds keep their data and get a new API token.",
+)
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 def command(
     host: str,
@@ -62,6 +69,7 @@ def command(
     drop_pct: float,
     duplicate_pct: float,
     delay_s: float,
+    data_path: Path | None,
     log_level: str,
 ) -> None:
     """Serve the sandbox CRM (contacts, deals, signed webhooks, chaos knobs) over HTTP."""
@@ -75,6 +83,7 @@ def command(
             rate_limit=RateLimitSettings(enabled=rate_limit > 0, rate_per_s=rate_limit or 1.0, burst=burst),
             chaos=ChaosSettings(drop_pct=drop_pct, duplicate_pct=duplicate_pct, delay_s=delay_s),
             generator=GeneratorSettings(running=generator_rate > 0, rate_per_s=generator_rate or 1.0, mix=mix),
+            data_path=data_path,
         )
 
         def ready(sandbox: Sandbox, base_url: str) -> None:
@@ -102,6 +111,12 @@ def _banner(sandbox: Sandbox, base_url: str, *, secret_given: bool, admin_given:
     secret = f"(from --secret/{SECRET_ENV})" if secret_given else sandbox.webhook_secret
     admin = f"(from --admin-token/{ADMIN_TOKEN_ENV})" if admin_given else sandbox.admin_token
     lines = [f"sandbox listening on {base_url}"]
+    if sandbox.journal is None:
+        lines.append("  data: in memory (gone when it stops; --data FILE keeps it)")
+    elif sandbox.restored_accounts:
+        lines.append(f"  data: {sandbox.journal.path}, kept from the last run: {', '.join(sandbox.restored_accounts)}")
+    else:
+        lines.append(f"  data: {sandbox.journal.path} (new)")
     lines += [f"  account {account_id}: API token {token}" for account_id, token in sandbox.accounts.items()]
     lines += [
         f"  webhooks -> {sandbox.deliveries.url or '(none: pass --webhook-url or POST /admin/webhook)'}",

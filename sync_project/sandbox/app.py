@@ -223,6 +223,23 @@ async def create_account(request: Request) -> Response:
     return JSONResponse({"account_id": account.account_id, "token": account.token}, status_code=201)
 
 
+class TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str | None = Field(default=None, repr=False)
+
+
+async def set_account_token(request: Request) -> Response:
+    """POST {token?} -> 200 {account_id, token}: the account's new API token (the old one stops
+    working). A sandbox restarted from its data file keeps only digests of tokens: this is how an
+    account it kept gets a token somebody knows."""
+    sandbox = _admin(request)
+    ask = await _body(request, TokenRequest)
+    account_id = request.path_params["account_id"]
+    token = await run_in_threadpool(sandbox.state.set_token, account_id, ask.token)
+    return JSONResponse({"account_id": account_id, "token": token})
+
+
 async def list_accounts(request: Request) -> Response:
     state = _admin(request).state
     return JSONResponse({"accounts": [{"account_id": a, **state.counts(a)} for a in state.account_ids()]})
@@ -336,6 +353,7 @@ def create_app(sandbox: Sandbox) -> Starlette:
             Route("/v1/{kind}/{object_id}", get_object),
             Route("/admin/accounts", create_account, methods=["POST"]),
             Route("/admin/accounts", list_accounts, methods=["GET"]),
+            Route("/admin/accounts/{account_id}/token", set_account_token, methods=["POST"]),
             Route("/admin/changes", apply_changes, methods=["POST"]),
             Route("/admin/generator", generator, methods=["GET", "POST"]),
             Route("/admin/chaos", chaos, methods=["GET", "POST"]),

@@ -42,6 +42,16 @@ class SandboxAdmin:
         created = json_body(self._http.post("/admin/accounts", json=body))
         return created["account_id"], created["token"]
 
+    def set_token(self, account_id: str, token: str | None = None) -> str:
+        """Give an existing account a new API token (generated when not given); returns it."""
+        body = {} if token is None else {"token": token}
+        return str(json_body(self._http.post(f"/admin/accounts/{account_id}/token", json=body))["token"])
+
+    def accounts(self) -> dict[str, dict[str, int]]:
+        """account id -> live counts (``{"contacts": n, "deals": m}``)."""
+        listed = json_body(self._http.get("/admin/accounts"))["accounts"]
+        return {row.pop("account_id"): row for row in listed}
+
     def apply_changes(self, count: int, *, account_id: str | None = None, **mix: float) -> list[dict[str, Any]]:
         """Apply ``count`` random changes now; returns one summary per event (id, type, object_id...)."""
         body: dict[str, Any] = {"count": count, "mix": mix}

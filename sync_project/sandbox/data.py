@@ -1,9 +1,13 @@
-"""The sandbox's in-memory CRM: accounts with their contacts and deals, behind one lock.
+"""The sandbox's CRM: accounts with their contacts and deals, in memory behind one lock, and
+optionally written through to a :class:`~sync_project.sandbox.persistence.SandboxJournal`.
 
 Every change takes a timestamp from one :class:`MonotonicClock` while holding the lock, so
 ``updated_at`` strictly increases in the order changes become visible. That is what lets a poller
 page by ``(updated_at, id)`` with ``updated_after`` and never miss a change: a record that changes
 while someone pages moves to the end of the order, where the pager will still find it.
+
+With a journal, each call's changes are committed before their webhooks are queued: a webhook
+never announces a change that a restarted sandbox would not have.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ import re
 import secrets
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
 from sync_project.sandbox import fake
 from sync_project.sandbox.fake import ChangeMix, Operation
+from sync_project.sandbox.persistence import ObjectRow, SandboxJournal, token_digest
 
 ObjectKind = Literal["contacts", "deals"]
 KINDS: tuple[ObjectKind, ...] = ("contacts", "deals")
@@ -31,6 +37,7 @@ ID_PREFIX: dict[ObjectKind, str] = {"contacts": "con_", "deals": "deal_"}
 ID_MAX = "\U0010ffff"
 _ACCOUNT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ONE_US = timedelta(microseconds=1)
+_NEVER = datetime.min.replace(tzinfo=timezone.utc)
 
 
 class SandboxError(ValueError):
@@ -69,7 +76,15 @@ class MonotonicClock:
 
     def __init__(self, now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
         self._now = now
-        self._last = datetime.min.replace(tzinfo=timezone.utc)
+        self._last = _NEVER
+
+    def resume_after(self, value: datetime) -> None:
+        """Hand out only timestamps after ``value`` (the newest one a previous run issued)."""
+        self._last = max(self._last, value)
+
+    @property
+    def last(self) -> datetime:
+        return self._last
 
     def next(self) -> datetime:
         candidate = max(self._now(), self._last + _ONE_US)
@@ -133,7 +148,8 @@ class _Collection:
 @dataclass
 class Account:
     account_id: str
-    token: str
+    #: Known only in the process that created or last set it: the journal keeps a digest.
+    token: str | None
     collections: dict[ObjectKind, _Collection] = field(default_factory=lambda: {k: _Collection() for k in KINDS})
 
 
@@ -148,7 +164,7 @@ class SandboxState:
     """All accounts and their data; every public method is atomic under one lock.
 
     ``on_change`` is called with every :class:`ChangeEvent`, still under the lock, so webhooks are
-    queued in the order the changes happened.
+    queued in the order the changes happened (after the journal committed them, with one).
     """
 
     def __init__(
@@ -157,13 +173,83 @@ class SandboxState:
         seed: int = 0,
         clock: MonotonicClock | None = None,
         on_change: Callable[[ChangeEvent], None] | None = None,
+        journal: SandboxJournal | None = None,
     ) -> None:
         self.lock = threading.RLock()
         self._rng = random.Random(seed)
         self._clock = clock or MonotonicClock()
         self._accounts: dict[str, Account] = {}
+        #: SHA-256 digest of a token -> its account.
         self._by_token: dict[str, str] = {}
         self.on_change = on_change
+        self._journal = journal
+        # What the call in progress changed (nested calls join the outermost one).
+        self._depth = 0
+        self._dirty_objects: set[tuple[str, ObjectKind, str]] = set()
+        self._dirty_accounts: set[str] = set()
+        self._queued: list[ChangeEvent] = []
+        self._digests: dict[str, str] = {}
+        if journal is not None:
+            self._restore(journal)
+
+    @property
+    def persistent(self) -> bool:
+        return self._journal is not None
+
+    def _restore(self, journal: SandboxJournal) -> None:
+        snapshot = journal.load()
+        for stored in snapshot.accounts:
+            account = Account(stored.account_id, None)
+            for kind in KINDS:
+                saved = stored.collections.get(kind)
+                if saved is None:
+                    continue
+                collection = account.collections[kind]
+                for obj in saved.live.values():
+                    collection.put(obj)
+                collection.deleted.update(saved.deleted)
+                collection.issued = saved.issued
+            self._accounts[account.account_id] = account
+            self._by_token[stored.token_sha256] = account.account_id
+            self._digests[account.account_id] = stored.token_sha256
+        if snapshot.clock_last is not None:
+            self._clock.resume_after(parse_timestamp(snapshot.clock_last))
+
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """One call's changes: journalled together, then announced, all under the lock."""
+        with self.lock:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._flush()
+
+    def _flush(self) -> None:
+        events, self._queued = self._queued, []
+        objects, self._dirty_objects = self._dirty_objects, set()
+        accounts, self._dirty_accounts = self._dirty_accounts, set()
+        if self._journal is not None and (objects or accounts):
+            rows = []
+            for account_id, kind, object_id in sorted(objects):
+                collection = self._accounts[account_id].collections[kind]
+                live = collection.live.get(object_id)
+                data = live if live is not None else collection.deleted[object_id]
+                rows.append(ObjectRow(account_id, kind, object_id, data, live is None))
+            self._journal.commit(
+                accounts=[(a, self._digests[a]) for a in sorted(accounts)],
+                objects=rows,
+                counters=sorted({(a, k, self._accounts[a].collections[k].issued) for a, k, _ in objects}),
+                clock_last=format_timestamp(self._clock.last) if self._clock.last > _NEVER else None,
+            )
+        if self.on_change is not None:
+            for event in events:
+                self.on_change(event)
+
+    def _touch(self, account: Account, kind: ObjectKind, object_id: str) -> None:
+        self._dirty_objects.add((account.account_id, kind, object_id))
 
     # -- accounts -------------------------------------------------------------------------------
 
@@ -173,9 +259,8 @@ class SandboxState:
         """A new account, seeded with existing data (no webhooks: it predates the subscription)."""
         if contacts < 0 or deals < 0:
             raise SandboxError("contacts and deals must be >= 0")
-        if token is not None and (len(token) < 8 or any(ch.isspace() for ch in token)):
-            raise SandboxError("token must be at least 8 characters without whitespace")
-        with self.lock:
+        _check_token(token)
+        with self._changing():
             if account_id is None:
                 number = len(self._accounts) + 1
                 while f"acct-{number}" in self._accounts:
@@ -186,20 +271,41 @@ class SandboxState:
             if account_id in self._accounts:
                 raise ConflictError(f"account {account_id!r} already exists")
             token = token or "sbx_" + secrets.token_urlsafe(24)
-            if token in self._by_token:
+            digest = token_digest(token)
+            if digest in self._by_token:
                 raise ConflictError("that token is already in use by another account")
             account = Account(account_id, token)
             self._accounts[account_id] = account
-            self._by_token[token] = account_id
+            self._by_token[digest] = account_id
+            self._digests[account_id] = digest
+            self._dirty_accounts.add(account_id)
             for _ in range(contacts):
                 self._insert(account, "contacts")
             for _ in range(deals):
                 self._insert(account, "deals")
             return account
 
+    def set_token(self, account_id: str, token: str | None = None) -> str:
+        """Give ``account_id`` a new API token (generated when not given); the old one stops working."""
+        _check_token(token)
+        with self._changing():
+            account = self._account(account_id)
+            token = token or "sbx_" + secrets.token_urlsafe(24)
+            digest = token_digest(token)
+            holder = self._by_token.get(digest)
+            if holder is not None and holder != account_id:
+                raise ConflictError("that token is already in use by another account")
+            self._by_token.pop(self._digests[account_id], None)
+            self._by_token[digest] = account_id
+            self._digests[account_id] = digest
+            account.token = token
+            self._dirty_accounts.add(account_id)
+            return token
+
     def account_for_token(self, token: str) -> str | None:
+        digest = token_digest(token)
         with self.lock:
-            return self._by_token.get(token)
+            return self._by_token.get(digest)
 
     def account_ids(self) -> list[str]:
         with self.lock:
@@ -253,11 +359,11 @@ class SandboxState:
     # -- changes --------------------------------------------------------------------------------
 
     def create(self, account_id: str, kind: ObjectKind) -> ChangeEvent:
-        with self.lock:
+        with self._changing():
             return self._create(self._account(account_id), kind)
 
     def update(self, account_id: str, kind: ObjectKind, object_id: str) -> ChangeEvent:
-        with self.lock:
+        with self._changing():
             account = self._account(account_id)
             obj = account.collections[kind].live.get(object_id)
             if obj is None:
@@ -265,14 +371,16 @@ class SandboxState:
             changes = fake.contact_changes(self._rng, obj) if kind == "contacts" else fake.deal_changes(self._rng, obj)
             updated = {**obj, **changes, "updated_at": format_timestamp(self._clock.next())}
             account.collections[kind].put(updated)
+            self._touch(account, kind, object_id)
             return self._emit(account, kind, "updated", updated, updated["updated_at"])
 
     def delete(self, account_id: str, kind: ObjectKind, object_id: str) -> ChangeEvent:
-        with self.lock:
+        with self._changing():
             account = self._account(account_id)
             if object_id not in account.collections[kind].live:
                 raise SandboxError(f"no live {SINGULAR[kind]} {object_id!r} in {account_id!r}")
             last = account.collections[kind].remove(object_id)
+            self._touch(account, kind, object_id)
             # The deletion happens after the last update, so its time orders after it too.
             occurred_at = format_timestamp(self._clock.next())
             return self._emit(account, kind, "deleted", {**last, "deleted": True}, occurred_at)
@@ -282,7 +390,7 @@ class SandboxState:
     ) -> list[ChangeEvent]:
         """``count`` random creates, updates and deletes, spread over ``account_ids`` (default: all)."""
         mix = mix or ChangeMix()
-        with self.lock:
+        with self._changing():
             targets = sorted(set(account_ids)) if account_ids is not None else sorted(self._accounts)
             for account_id in targets:
                 self._account(account_id)
@@ -321,6 +429,7 @@ class SandboxState:
         stamp = format_timestamp(self._clock.next())
         obj = {"id": object_id, **fields, "updated_at": stamp, "created_at": stamp}
         collection.put(obj)
+        self._touch(account, kind, object_id)
         return obj
 
     def _emit(
@@ -334,8 +443,7 @@ class SandboxState:
             occurred_at=occurred_at,
             data=dict(data),
         )
-        if self.on_change is not None:
-            self.on_change(event)
+        self._queued.append(event)  # announced once the call's changes are journalled
         return event
 
     def _account(self, account_id: str) -> Account:
@@ -343,3 +451,8 @@ class SandboxState:
             return self._accounts[account_id]
         except KeyError:
             raise UnknownAccountError(f"unknown account {account_id!r}") from None
+
+
+def _check_token(token: str | None) -> None:
+    if token is not None and (len(token) < 8 or any(ch.isspace() for ch in token)):
+        raise SandboxError("token must be at least 8 characters without whitespace")

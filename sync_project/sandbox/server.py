@@ -58,6 +58,7 @@ class SandboxServer:
         self.sandbox.stop()
         if self._server is not None:
             self._server.stop(timeout_s)
+            self.sandbox.close()
         self._server = None
 
     def __enter__(self) -> SandboxServer:
@@ -93,3 +94,4 @@ def serve(
     finally:
         sandbox.stop()
         sock.close()
+        sandbox.close()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,6 +15,7 @@ from sync_project.providers import standard_webhooks
 from sync_project.sandbox.chaos import Chaos, ChaosSettings
 from sync_project.sandbox.data import SandboxState
 from sync_project.sandbox.generator import ChangeGenerator, GeneratorSettings
+from sync_project.sandbox.persistence import SandboxJournal
 from sync_project.sandbox.ratelimit import RateLimiter, RateLimitSettings
 from sync_project.sandbox.webhooks import DeliveryWorker, RetryPolicy
 
@@ -45,6 +47,8 @@ class SandboxConfig(BaseModel):
     chaos: ChaosSettings = Field(default_factory=ChaosSettings)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     generator: GeneratorSettings = Field(default_factory=GeneratorSettings)
+    #: A SQLite file that keeps accounts and records across restarts; None keeps them in memory.
+    data_path: Path | None = None
 
 
 class Sandbox:
@@ -60,15 +64,23 @@ class Sandbox:
             retry=self.config.retry,
             chaos=Chaos(self.config.chaos, seed=self.config.seed + 1),
         )
-        self.state = SandboxState(seed=self.config.seed, on_change=self.deliveries.submit)
+        self.journal = SandboxJournal(self.config.data_path) if self.config.data_path is not None else None
+        self.state = SandboxState(seed=self.config.seed, on_change=self.deliveries.submit, journal=self.journal)
+        #: Accounts the data file already held when this sandbox started.
+        self.restored_accounts: list[str] = self.state.account_ids()
         self.rate_limiter = RateLimiter(self.config.rate_limit)
-        #: account id -> API token of the accounts created from ``config.accounts``.
+        #: account id -> API token of the accounts of ``config.accounts``.
         self.accounts: dict[str, str] = {}
         for spec in self.config.accounts:
+            if spec.account_id is not None and spec.account_id in self.restored_accounts:
+                # Kept from the last run, data and all; only its token is new (the file keeps
+                # none, so nobody could use the account otherwise).
+                self.accounts[spec.account_id] = self.state.set_token(spec.account_id, spec.token)
+                continue
             account = self.state.create_account(
                 spec.account_id, spec.token, contacts=spec.contacts, deals=spec.deals
             )
-            self.accounts[account.account_id] = account.token
+            self.accounts[account.account_id] = account.token or ""
         self.generator = ChangeGenerator(self.state, self.config.generator)
 
     def start(self) -> None:
@@ -78,3 +90,8 @@ class Sandbox:
     def stop(self) -> None:
         self.generator.stop()
         self.deliveries.stop()
+
+    def close(self) -> None:
+        """Release the data file, once nothing serves requests any more."""
+        if self.journal is not None:
+            self.journal.close()
