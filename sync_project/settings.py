@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DATABASE_URL_ENV = "SYNC_DATABASE_URL"
 DATA_DIR_ENV = "SYNC_DATA_DIR"
+#: The embedded default's Dagster instance config, copied into DAGSTER_HOME as dagster.yaml.
+INSTANCE_TEMPLATE = Path(__file__).resolve().parent / "dagster_instance.yaml"
 
 
 def project_root() -> Path:
@@ -38,14 +40,16 @@ def database_url() -> str:
 def dagster_home() -> Path:
     """``DAGSTER_HOME``, defaulting to the project-local, git-ignored ``.dagster_home``.
 
-    The instance config lives in the project's ``dagster.yaml`` and is copied there when missing, so
-    the UI, the daemon, runs and the CLI all use one instance.
+    The instance config is copied there as ``dagster.yaml`` when missing, from
+    ``sync_project/dagster_instance.yaml``, so the UI, the daemon, runs and the CLI all use one
+    instance. The template is not called ``dagster.yaml``: ``dagster dev`` warns about a file of
+    that name in its working directory (the project root) whenever DAGSTER_HOME is elsewhere.
     """
     home = Path(os.environ.get("DAGSTER_HOME") or project_root() / ".dagster_home")
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
-        template = project_root() / "dagster.yaml"
+        template = INSTANCE_TEMPLATE
         if template.exists():
             config.write_text(template.read_text())
     return home

@@ -119,7 +119,7 @@ def missing_run_monitoring(home: Path) -> str | None:
         return None
     return (
         f"warning: {config_path} does not enable run_monitoring, so a run whose worker died stays STARTED "
-        f"and holds its partition; copy the project's: cp {settings.project_root() / 'dagster.yaml'} {config_path}"
+        f"and holds its partition; copy the project's: cp {settings.INSTANCE_TEMPLATE} {config_path}"
     )
 
 

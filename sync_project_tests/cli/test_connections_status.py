@@ -45,7 +45,7 @@ def sandbox() -> Iterator[SandboxServer]:
 def instance(tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dg.DagsterInstance]:
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text((settings.project_root() / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text(settings.INSTANCE_TEMPLATE.read_text())
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("SYNC_DATABASE_URL", database_url)
     monkeypatch.setenv(TOKEN_ENV, TOKEN)

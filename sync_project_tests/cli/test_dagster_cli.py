@@ -37,7 +37,7 @@ def sandbox() -> Iterator[SandboxServer]:
 def env(tmp_path: Path, sandbox: SandboxServer) -> dict[str, str]:
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text(settings.INSTANCE_TEMPLATE.read_text())
     values = {**os.environ, "DAGSTER_HOME": str(home), "SYNC_DATABASE_URL": f"sqlite:///{tmp_path / 'sync.db'}"}
     for n in (1, 2, 3):
         values[f"ACME_{n}_TOKEN"] = f"token-acct-{n}"

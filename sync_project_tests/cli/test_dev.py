@@ -95,6 +95,6 @@ def test_dev_runs_everything_and_ctrl_c_stops_every_process(tmp_path: Path) -> N
 def test_dev_warns_when_dagster_home_predates_run_monitoring(tmp_path: Path) -> None:
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")  # a home made before
     warning = missing_run_monitoring(tmp_path) or ""
-    assert "run_monitoring" in warning and f"cp {settings.project_root() / 'dagster.yaml'}" in warning
-    (tmp_path / "dagster.yaml").write_text((settings.project_root() / "dagster.yaml").read_text())
+    assert "run_monitoring" in warning and f"cp {settings.INSTANCE_TEMPLATE}" in warning
+    (tmp_path / "dagster.yaml").write_text(settings.INSTANCE_TEMPLATE.read_text())
     assert missing_run_monitoring(tmp_path) is None

@@ -102,7 +102,7 @@ def daemon_env(tmp_path: Path, postgres_url: str) -> Iterator[tuple[dict[str, st
     url = f"{postgres_url}&application_name={application_name}"
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text(settings.INSTANCE_TEMPLATE.read_text())
     workspace = tmp_path / "workspace.yaml"
     workspace.write_text(
         yaml.safe_dump(
@@ -128,7 +128,7 @@ def daemon_env(tmp_path: Path, postgres_url: str) -> Iterator[tuple[dict[str, st
 def test_a_killed_webhook_run_is_failed_and_its_partition_drains_again(daemon_env, monkeypatch) -> None:
     env, application_name, workspace = daemon_env
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
-    monitoring = yaml.safe_load((ROOT / "dagster.yaml").read_text())["run_monitoring"]
+    monitoring = yaml.safe_load(settings.INSTANCE_TEMPLATE.read_text())["run_monitoring"]
     assert monitoring["enabled"] is True
     log = Path(env["DAGSTER_HOME"]) / "daemon.log"
     with Store(env["SYNC_DATABASE_URL"]) as store, dg.DagsterInstance.get() as instance:

@@ -16,7 +16,7 @@ from sync_project.orchestration.partition_run import RunSettings
 from sync_project.orchestration.run_limits import RunLimits
 
 ROOT = settings.project_root()
-CONFIGS = {"dagster.yaml": ROOT / "dagster.yaml", "deploy/dagster.yaml": ROOT / "deploy" / "dagster.yaml"}
+CONFIGS = {"dagster.yaml": settings.INSTANCE_TEMPLATE, "deploy/dagster.yaml": ROOT / "deploy" / "dagster.yaml"}
 
 
 def monitoring(name: str) -> dict[str, Any]:
