@@ -139,7 +139,9 @@ def partition_statuses(
 # -- runs ---------------------------------------------------------------------------------------
 
 
-def _last_runs(instance: dg.DagsterInstance, sync: SyncDefinition, connection_id: str) -> tuple[RunSummary | None, RunSummary | None]:
+def _last_runs(
+    instance: dg.DagsterInstance, sync: SyncDefinition, connection_id: str
+) -> tuple[RunSummary | None, RunSummary | None]:
     """The newest successful run of the partition, and its newest poll (full or incremental)."""
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey([sync.provider, sync.name]), asset_partitions=[connection_id]),
@@ -256,16 +258,16 @@ def _next_poll(
         sensor = defs.resolve_sensor_def(name)
         if _stopped(stored, sensor.default_status.value):
             return NextPoll(schedule=name, note="sensor stopped")
-        return NextPoll(schedule=name, note=f"every {sensor.minimum_interval_seconds} s" + ("" if daemon_up else "; no daemon"))
+        every = f"every {sensor.minimum_interval_seconds} s"
+        return NextPoll(schedule=name, note=every if daemon_up else f"{every}; no daemon")
     schedule = defs.resolve_schedule_def(name)
     if _stopped(stored, schedule.default_status.value):
         return NextPoll(schedule=name, note="schedule stopped")
     from dagster._utils.schedules import cron_string_iterator  # the daemon's own cron arithmetic
 
-    upcoming = next(cron_string_iterator(now.timestamp(), schedule.cron_schedule, schedule.execution_timezone))
-    at = upcoming.astimezone(timezone.utc)
-    if at <= now:  # the iterator yields times >= start: the tick of this very instant is under way
-        at = next(cron_string_iterator(now.timestamp() + 1, schedule.cron_schedule, schedule.execution_timezone)).astimezone(timezone.utc)
+    # Times >= the start: one second on, so a tick of this very instant (under way) is not "next".
+    upcoming = cron_string_iterator(now.timestamp() + 1, schedule.cron_schedule, schedule.execution_timezone)
+    at = next(upcoming).astimezone(timezone.utc)
     return NextPoll(schedule=name, at=at, note=None if daemon_up else "no daemon")
 
 
@@ -315,7 +317,9 @@ def next_poll_text(poll: NextPoll, now: datetime) -> str:
 def pending_text(status: PartitionStatus, now: datetime) -> str:
     if not status.pending:
         return "0"
-    text = f"{status.pending}, oldest {duration(max(0.0, (now - status.oldest_pending_received_at).total_seconds()))}" if status.oldest_pending_received_at else str(status.pending)
+    text = str(status.pending)
+    if status.oldest_pending_received_at is not None:
+        text += f", oldest {duration(max(0.0, (now - status.oldest_pending_received_at).total_seconds()))}"
     return text + (f" ({status.retrying} retrying)" if status.retrying else "")
 
 
@@ -331,7 +335,9 @@ def failure_text(failure: RunFailure | None, prefix: str = "", limit: int | None
 
 
 def table(statuses: Sequence[PartitionStatus], now: datetime) -> list[str]:
-    header = ("SYNC", "CONNECTION", "STATUS", "LAST SUCCESS", "COUNTS +~-=", "PENDING", "DEAD", "NEXT POLL", "LAST ERROR")
+    header = (
+        "SYNC", "CONNECTION", "STATUS", "LAST SUCCESS", "COUNTS +~-=", "PENDING", "DEAD", "NEXT POLL", "LAST ERROR"
+    )
     rows = [header]
     for s in statuses:
         last = s.last_success
@@ -354,8 +360,8 @@ def table(statuses: Sequence[PartitionStatus], now: datetime) -> list[str]:
 
 def detail(statuses: Sequence[PartitionStatus], connection: ProviderConnection, now: datetime) -> list[str]:
     lines = [
-        f"{connection.provider}/{connection.connection_id}: {connection.status}, account {connection.account_id or '-'}, "
-        f"credentials ${connection.credentials_env or '-'}"
+        f"{connection.provider}/{connection.connection_id}: {connection.status}, "
+        f"account {connection.account_id or '-'}, credentials ${connection.credentials_env or '-'}"
     ]
     for s in statuses:
         lines.append(f"  {s.sync}")
@@ -366,7 +372,8 @@ def detail(statuses: Sequence[PartitionStatus], connection: ProviderConnection, 
         else:
             f = s.last_failure
             when = f"{f.at:%Y-%m-%d %H:%M:%S}Z ({ago(f.at, now)})" if f.at else "?"
-            lines.append(f"    last error     {when}, run {f.run_id}{' (a later run succeeded)' if f.superseded else ''}:")
+            later = " (a later run succeeded)" if f.superseded else ""
+            lines.append(f"    last error     {when}, run {f.run_id}{later}:")
             lines.extend(f"                     {line}" for line in f.error.strip().splitlines()[:20])
         backlog = f"{s.pending} pending"
         if s.oldest_pending_received_at is not None:
@@ -374,8 +381,11 @@ def detail(statuses: Sequence[PartitionStatus], connection: ProviderConnection, 
         if s.retrying:
             backlog += f", {s.retrying} waiting to retry after a handler error"
         lines.append(f"    backlog        {backlog}")
-        dead = f"{s.dead}" + (f", newest: {s.newest_dead_error.strip().splitlines()[0][:200]}" if s.dead and s.newest_dead_error else "")
-        lines.append(f"    dead letters   {dead}" + ("  (sync-project inbox replay --status dead)" if s.dead else ""))
+        dead = str(s.dead)
+        if s.dead:
+            newest = (s.newest_dead_error or "").strip().splitlines()
+            dead += (f", newest: {newest[0][:200]}" if newest else "") + "  (sync-project inbox replay --status dead)"
+        lines.append(f"    dead letters   {dead}")
         poll = s.next_poll
         when = f"{poll.at:%Y-%m-%d %H:%M:%S}Z, {next_poll_text(poll, now)}" if poll.at else next_poll_text(poll, now)
         lines.append(f"    next poll      {when}, by {poll.schedule}")

@@ -5,6 +5,13 @@ embedded default (SQLite under the project), registers two demo connections, tur
 change generator on and prints where to look. Ctrl-C stops every process it started: each runs in
 a process group of its own, gets SIGINT (``dagster dev`` needs it to stop its webserver, daemon and
 code servers) and whatever is left of a group afterwards is killed.
+
+The demo survives restarts: the records store and the sandbox's own data both live in the data
+folder (``sync.db``, ``sandbox.db``), so after a restart they still describe the same records.
+Before stopping, the sandbox's change generator is turned off and its queued webhooks are sent,
+so the inbox holds every change the sandbox made. If the sandbox's data is new while the store
+already holds demo records (an older checkout kept the sandbox in memory; ``sandbox.db`` was
+deleted), dev says so and runs a full refresh of the demo connections before anything else.
 """
 
 from __future__ import annotations
@@ -25,13 +32,22 @@ import yaml
 
 from sync_project import settings
 from sync_project.cli.connections import dagster_instance
+from sync_project.receiver.records_api import TOKEN_ENV as RECORDS_TOKEN_ENV
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.providers.standard_webhooks import generate_secret
 from sync_project.sandbox.client import SandboxAdmin
 from sync_project.store import Store
 
 DEMO_ACCOUNTS = {"demo-1": "acct-1", "demo-2": "acct-2"}
+DEMO_SYNCS = ("sandbox/contacts", "sandbox/deals")
 SHUTDOWN_GRACE_S = 30.0
+#: How long a stop waits for the sandbox to send the webhooks it has queued.
+WEBHOOK_FLUSH_S = 10
+ADMIN_TOKEN_ENV = "SYNC_SANDBOX_ADMIN_TOKEN"
+#: `dagster dev` warns on every start that it is superseded by `dg dev`, a command of a package
+#: (dagster-dg-cli) the project does not use: nothing a person could act on, so it is filtered by
+#: its exact text, and every other warning still shows.
+DAGSTER_DEV_WARNINGS = "ignore:Function `dev_command` is superseded"
 
 
 @dataclass
@@ -124,17 +140,79 @@ def missing_run_monitoring(home: Path) -> str | None:
 
 
 def register_demo_connections(sandbox_url: str, token_envs: dict[str, str]) -> None:
+    """Add the demo connections, or keep them as they are when they already point at this sandbox
+    (re-adding a connection would drop nothing, but a connection is not something to churn)."""
     with Store() as store:
-        existing = {c.connection_id for c in store.connections.list("sandbox")}
+        existing = {c.connection_id: c for c in store.connections.list("sandbox")}
         for connection_id, account_id in DEMO_ACCOUNTS.items():
-            if connection_id in existing:
-                # The sandbox is new on every start (its data lives in memory): follow its URL.
+            wanted = (account_id, token_envs[connection_id], {"base_url": sandbox_url})
+            current = existing.get(connection_id)
+            if current is not None and (current.account_id, current.credentials_env, current.config) == wanted:
+                continue
+            if current is not None:  # another --sandbox-port than last time: follow it
                 store.connections.remove("sandbox", connection_id)
             store.connections.add(
                 "sandbox", connection_id, account_id=account_id,
                 credentials_env=token_envs[connection_id], config={"base_url": sandbox_url},
             )
     dagster_instance().add_dynamic_partitions(partitions_name("sandbox"), list(DEMO_ACCOUNTS))
+
+
+def prepare_demo_accounts(admin: SandboxAdmin, env: dict[str, str], token_envs: dict[str, str]) -> list[str]:
+    """Create the demo accounts, or give the ones the sandbox kept from its last run this start's
+    tokens (its data file keeps digests only). Returns the accounts that were kept."""
+    existing = admin.accounts()
+    kept = []
+    for connection_id, account_id in DEMO_ACCOUNTS.items():
+        token = env[token_envs[connection_id]]
+        if account_id in existing:
+            admin.set_token(account_id, token)
+            kept.append(account_id)
+        else:
+            admin.create_account(account_id, token=token, contacts=25, deals=15)
+    return kept
+
+
+def demo_records_held() -> int:
+    """Records (live or tombstoned) the store holds for the demo connections."""
+    with Store() as store:
+        return sum(
+            store.count(sync, connection_id, include_deleted=True)
+            for sync in DEMO_SYNCS
+            for connection_id in DEMO_ACCOUNTS
+        )
+
+
+def refresh_demo_connections() -> None:
+    """A full refresh of every demo partition, in this process, recorded in the Dagster instance
+    like any launch: the sandbox's records replace those of the sandbox that is gone, and the
+    ones it does not have are tombstoned."""
+    from sync_project.definitions import defs
+    from sync_project.orchestration.assets import job_name
+    from sync_project.registry import get_sync
+
+    instance = dagster_instance()
+    for sync_key in DEMO_SYNCS:
+        job = defs.resolve_job_def(job_name(get_sync(sync_key)))
+        for connection_id in DEMO_ACCOUNTS:
+            result = job.execute_in_process(instance=instance, partition_key=connection_id, raise_on_error=False)
+            if not result.success:
+                raise click.ClickException(
+                    f"the full refresh of {sync_key} for {connection_id} failed (run {result.run_id}); "
+                    "see it in the UI, or `make clean` to start the demo afresh"
+                )
+
+
+def stop_the_changes(sandbox_url: str, admin_token: str) -> None:
+    """Turn the generator off and wait (bounded) until the sandbox has sent its queued webhooks,
+    while the receiver still takes them: the inbox then holds every change the sandbox made, and
+    the restarted demo starts from a store that agrees with the sandbox."""
+    try:
+        with SandboxAdmin(sandbox_url, admin_token, timeout_s=WEBHOOK_FLUSH_S + 5) as admin:
+            admin.set_generator(running=False)
+            admin.flush(timeout_s=WEBHOOK_FLUSH_S)
+    except Exception as error:  # noqa: BLE001 - a stop must go on whatever the sandbox says
+        click.echo(f"the sandbox's last webhooks may be unsent ({error}); polling reconciles them", err=True)
 
 
 @click.command("dev")
@@ -153,14 +231,22 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
     receiver_url = f"http://127.0.0.1:{receiver_port}"
     ui_url = f"http://127.0.0.1:{ui_port}"
 
+    sandbox_data = data / "sandbox.db"
+
     # Secrets live in this process tree's environment only: nothing is written to disk.
     token_envs = {cid: f"SYNC_DEMO_{cid.upper().replace('-', '_')}_TOKEN" for cid in DEMO_ACCOUNTS}
+    # Credentials dev makes up are printed once below, as the sandbox prints what it generates:
+    # nothing else could tell them. Those set beforehand are kept, and never echoed.
+    generated: dict[str, str] = {}
+    for name, prefix in ((RECORDS_TOKEN_ENV, "rec_"), (ADMIN_TOKEN_ENV, "adm_")):
+        if not os.environ.get(name):
+            generated[name] = prefix + secrets.token_urlsafe(24)
     env = {
         **os.environ,
+        **generated,
         "DAGSTER_HOME": str(home),
         "SYNC_DATABASE_URL": settings.database_url(),
         "SYNC_SANDBOX_WEBHOOK_SECRET": os.environ.get("SYNC_SANDBOX_WEBHOOK_SECRET") or generate_secret(),
-        "SYNC_SANDBOX_ADMIN_TOKEN": os.environ.get("SYNC_SANDBOX_ADMIN_TOKEN") or "adm_" + secrets.token_urlsafe(24),
         # Set beforehand, they are kept: a shell that also runs `dagster asset materialize` needs them.
         **{name: os.environ.get(name) or "tok_" + secrets.token_urlsafe(18) for name in token_envs.values()},
     }
@@ -174,8 +260,12 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
     # Installed explicitly: a shell starting us in the background would leave SIGINT ignored.
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    sandbox_up = False
     try:
-        click.echo(f"records store: {settings.database_url()}\nDAGSTER_HOME: {home}\nlogs: {log_dir}")
+        click.echo(
+            f"records store: {settings.database_url()}\nsandbox data: {sandbox_data}\n"
+            f"DAGSTER_HOME: {home}\nlogs: {log_dir}"
+        )
         if warning := missing_run_monitoring(home):
             click.echo(warning, err=True)
         click.echo("starting the receiver ...")
@@ -188,42 +278,74 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
         supervisor.start(
             "sandbox",
             [*cli, "sandbox", "--port", str(sandbox_port), "--accounts", "0", "--rate-limit", "50", "--burst", "100",
-             "--webhook-url", f"{receiver_url}/webhooks/sandbox"],
+             "--webhook-url", f"{receiver_url}/webhooks/sandbox", "--data", str(sandbox_data)],
             env,
         )
         wait_until(http_ok(f"{sandbox_url}/health"), "the sandbox", supervisor)
-        with SandboxAdmin(sandbox_url, env["SYNC_SANDBOX_ADMIN_TOKEN"]) as admin:
-            for connection_id, account_id in DEMO_ACCOUNTS.items():
-                admin.create_account(account_id, token=env[token_envs[connection_id]], contacts=25, deals=15)
+        sandbox_up = True
+        with SandboxAdmin(sandbox_url, env[ADMIN_TOKEN_ENV]) as admin:
+            kept = prepare_demo_accounts(admin, env, token_envs)
             register_demo_connections(sandbox_url, token_envs)
+            if kept:
+                click.echo(f"the sandbox kept its data from the last run ({', '.join(kept)}): the store agrees with it")
+            elif held := demo_records_held():
+                click.echo(
+                    f"the sandbox's data is new ({sandbox_data} was not there), but the store holds {held} records "
+                    "of demo-1 and demo-2 from an earlier sandbox: a full refresh of both connections replaces "
+                    "them with the new sandbox's records (what it does not have is tombstoned) ..."
+                )
+                refresh_demo_connections()
             click.echo("starting dagster dev (webserver + daemon) ...")
             supervisor.start(
                 "dagster",
-                [str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(settings.project_root() / "workspace.yaml"),
-                 "-h", "127.0.0.1", "-p", str(ui_port)],
-                env,
+                [str(Path(sys.executable).with_name("dagster")), "dev", "-w",
+                 str(settings.project_root() / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(ui_port)],
+                {**env, "PYTHONWARNINGS": ",".join(filter(None, (env.get("PYTHONWARNINGS"), DAGSTER_DEV_WARNINGS)))},
             )
             wait_until(http_ok(f"{ui_url}/server_info"), "the Dagster UI", supervisor, timeout_s=180)
             if change_rate > 0:
                 admin.set_generator(running=True, rate_per_s=change_rate)
-        click.echo(
-            "\n".join(
-                [
-                    "",
-                    f"Dagster UI      {ui_url}   (assets sandbox/contacts, sandbox/deals; schedules; inbox_sensor)",
-                    f"receiver        {receiver_url}/webhooks/sandbox   (health: {receiver_url}/healthz)",
-                    f"sandbox CRM     {sandbox_url}   (changes {change_rate}/s, webhooks to the receiver)",
-                    f"connections     {', '.join(f'{c} ({a})' for c, a in DEMO_ACCOUNTS.items())}",
-                    "Webhook runs apply changes within seconds; polling reconciles every 5 minutes.",
-                    "Ctrl-C stops everything.",
-                ]
-            )
-        )
+        click.echo("\n".join(banner(ui_url, receiver_url, sandbox_url, change_rate, generated)))
         while True:
             supervisor.check_alive()
             time.sleep(1.0)
     except KeyboardInterrupt:
         click.echo("\nstopping ...")
     finally:
+        if sandbox_up:
+            stop_the_changes(sandbox_url, env[ADMIN_TOKEN_ENV])
         supervisor.stop_all()
         click.echo("stopped: " + ", ".join(c.name for c in supervisor.children) if supervisor.children else "stopped")
+
+
+def banner(
+    ui_url: str, receiver_url: str, sandbox_url: str, change_rate: float, generated: dict[str, str]
+) -> list[str]:
+    """Where to look, and the two credentials a person needs to look there (never a webhook
+    secret or an account's API token: those stay between the processes)."""
+
+    def token(name: str) -> str:
+        return generated.get(name) or f"${name}"  # yours, set before the start: not echoed
+
+    def note(name: str) -> str:
+        return "" if name in generated else " (set before the start, so not echoed)"
+
+    records = f"{receiver_url}/records/sandbox/contacts?connection=demo-1&limit=100"
+    return [
+        "",
+        f"Dagster UI      {ui_url}   (assets sandbox/contacts, sandbox/deals; schedules; inbox_sensor)",
+        f"receiver        {receiver_url}/webhooks/sandbox   (health: {receiver_url}/healthz)",
+        f"records API     {receiver_url}/records/PROVIDER/OBJECT?connection=ID   "
+        f"token {token(RECORDS_TOKEN_ENV)}{note(RECORDS_TOKEN_ENV)}",
+        f"sandbox CRM     {sandbox_url}   (changes {change_rate}/s, webhooks to the receiver)",
+        f"sandbox admin   {sandbox_url}/admin/...   token {token(ADMIN_TOKEN_ENV)}{note(ADMIN_TOKEN_ENV)}",
+        f"connections     {', '.join(f'{c} ({a})' for c, a in DEMO_ACCOUNTS.items())}",
+        "",
+        "Try, in another shell:",
+        f"  curl -H \"Authorization: Bearer {token(RECORDS_TOKEN_ENV)}\" '{records}'",
+        f"  curl -H \"Authorization: Bearer {token(ADMIN_TOKEN_ENV)}\" '{sandbox_url}/admin/truth?account_id=acct-1'",
+        "  .venv/bin/sync-project connections status",
+        "",
+        "Webhook runs apply changes within seconds; polling reconciles every 5 minutes.",
+        "Ctrl-C stops everything.",
+    ]

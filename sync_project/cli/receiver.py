@@ -11,7 +11,7 @@ from sync_project.receiver.app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_B
 from sync_project.receiver.intake import DEFAULT_MAX_JSON_DEPTH, MAX_JSON_DEPTH_LIMIT
 from sync_project.settings import COMMIT_DEADLINE_ENV, DEFAULT_COMMIT_DEADLINE_S
 
-DEFAULT_PORT = 8787
+DEFAULT_PORT = 8000  # what `make run` serves it on too: one address in every example
 SWITCH_INTERVAL_S = 0.0005
 #: Connections (and requests in flight) one receiver process serves at once; uvicorn answers
 #: 503 beyond it. Below the common 1024 open-files limit, with room for database connections.

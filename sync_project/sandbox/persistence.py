@@ -49,6 +49,10 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
+def _json(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -137,9 +141,10 @@ class SandboxJournal:
                 )
                 self._conn.executemany(
                     "INSERT INTO objects (account_id, kind, object_id, data, deleted) VALUES (?, ?, ?, ?, ?) "
-                    "ON CONFLICT (account_id, kind, object_id) DO UPDATE SET data = excluded.data, deleted = excluded.deleted",
+                    "ON CONFLICT (account_id, kind, object_id) "
+                    "DO UPDATE SET data = excluded.data, deleted = excluded.deleted",
                     [
-                        (row.account_id, row.kind, row.object_id, json.dumps(row.data, separators=(",", ":")), int(row.deleted))
+                        (row.account_id, row.kind, row.object_id, _json(row.data), int(row.deleted))
                         for row in objects
                     ],
                 )
