@@ -82,3 +82,31 @@ def test_a_restart_leaves_the_store_and_the_sandbox_in_agreement(tmp_path: Path,
     log = (second.data / "logs" / "dagster.log").read_text()
     assert "Found a dagster instance configuration" not in log and "is superseded" not in log
     assert "Launching Dagster services" in log
+
+
+def test_a_new_sandbox_beside_an_old_store_is_announced_and_the_store_follows_it(tmp_path: Path) -> None:
+    """The store holds demo records from a sandbox whose data is gone (a checkout from before the
+    sandbox kept its data, or a deleted sandbox.db): dev says so, and a full refresh makes the
+    store equal to the new sandbox before the demo starts."""
+    from sync_project.syncs.sandbox_contacts import contacts
+
+    ports = DevPorts()
+    dev_data = tmp_path / "data"
+    dev_data.mkdir()
+    stale = [
+        {"id": f"con_{n:06d}", "email": f"old-{n}@example.com", "first_name": "Old", "last_name": "Sandbox",
+         "company": None, "updated_at": "2020-01-01T00:00:00.000001Z", "created_at": "2020-01-01T00:00:00.000001Z"}
+        for n in range(1, 41)  # ids the new sandbox issues again (it seeds 25), and some it does not
+    ]
+    with Store(f"sqlite:///{dev_data / 'sync.db'}") as store:
+        store.save(contacts.key, "demo-1", contacts.record_spec, stale)
+    dev = Dev(tmp_path, ports, change_rate=0)
+    try:
+        dev.wait_for_banner()
+        assert "the sandbox's data is new" in dev.output and "the store holds 40 records" in dev.output
+        with Store(dev.store_url) as store, dev.admin() as admin:
+            assert differences(store, admin) == []
+            assert store.count(contacts.key, "demo-1") == 25
+    finally:
+        stopped = dev.stop()
+    assert dev.process.returncode == 0, stopped
