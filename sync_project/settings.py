@@ -167,3 +167,24 @@ def commit_deadline_s() -> float:
     if not value > 0:
         raise ValueError(f"{COMMIT_DEADLINE_ENV}={raw!r}: expected a positive number of seconds")
     return value
+
+
+INBOX_RETENTION_ENV = "SYNC_INBOX_RETENTION_DAYS"
+#: Done events are kept this long by default: longer than providers redeliver (Stripe retries for
+#: 3 days), so a late redelivery is still recognised as a duplicate.
+DEFAULT_INBOX_RETENTION_DAYS = 7.0
+
+
+def inbox_retention_days() -> float | None:
+    """How long done events stay in the inbox: ``SYNC_INBOX_RETENTION_DAYS``, default 7; 0 keeps
+    them for ever (None)."""
+    raw = os.environ.get(INBOX_RETENTION_ENV, "").strip()
+    if not raw:
+        return DEFAULT_INBOX_RETENTION_DAYS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0 or value != value or value == float("inf"):
+        raise ValueError(f"{INBOX_RETENTION_ENV}={raw!r}: expected a number of days (0 keeps done events)")
+    return value or None

@@ -6,6 +6,11 @@ anywhere in it rolls everything back and leaves the events pending for the next 
 that raises (or returns a record the store would refuse) fails only its own event: the rest of
 the batch is applied, and that event is retried with backoff after the commit, until it is
 dead-lettered after ``max_attempts``.
+
+Retention: after draining, a run deletes done events older than ``SYNC_INBOX_RETENTION_DAYS``
+(default 7; 0 keeps them), as ``sync-project inbox purge`` does. The purge walks the oldest
+acknowledgements first and stops at the first young one, so with nothing to purge it is one index
+probe; a failed purge is logged, never a failed run (the next run tries again).
 """
 
 from __future__ import annotations
@@ -13,16 +18,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import httpx
 
+from sync_project import settings
 from sync_project.core.provider import InboundEvent
 from sync_project.core.sync import Delete, Save, SyncDefinition, Update, WebhookContext
 from sync_project.store import Store
+from sync_project.store.errors import StoreError
+from sqlalchemy.exc import SQLAlchemyError
 from sync_project.store.connections import ProviderConnection
-from sync_project.store.inbox import DEFAULT_MAX_ATTEMPTS, InboxEvent
+from sync_project.store.inbox import DEFAULT_MAX_ATTEMPTS, ClaimedEvent, InboxEvent
 from sync_project.store.leases import LeaseKeeper
 from sync_project.store.merge import Action, Incoming, MergeResult, MergeStrategy, RecordSpec, prepare_batch, supersedes
 from sync_project.store.records import PreparedBatch, RecordWriter
@@ -68,6 +76,7 @@ def drain_inbox(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     retry_base_delay_s: float = 1.0,
     keeper: LeaseKeeper | None = None,
+    apply_retention: bool = True,
 ) -> DrainResult:
     """Apply the due pending inbox events of (``sync``, ``connection``) until none is due.
 
@@ -77,6 +86,7 @@ def drain_inbox(
 
     ``max_events`` bounds the events claimed by this call (the rest wait for the next run).
     Failed events are due again after ``retry_base_delay_s * 2**attempts`` seconds (capped at 1 h).
+    With ``apply_retention`` (default) it ends with :func:`purge_expired`.
     """
     if sync.on_webhook is None:
         raise ValueError(f"sync {sync.key} declares no on_webhook handler")
@@ -99,16 +109,19 @@ def drain_inbox(
                 break
             buffer = _ChangeBuffer(writer, spec)
             done: list[int] = []
-            for event in events:
-                handled_at = _utcnow()
-                try:
-                    changes = _handle(sync, context, event, spec, handled_at)
-                except Exception as error:  # noqa: BLE001 - the event fails, not the batch
-                    failures.append((event.id, f"{type(error).__name__}: {error}"))
-                    continue
-                buffer.add(changes, handled_at)
-                done.append(event.id)
-            merged = buffer.finish()
+            # One stamp and one change-feed row for the whole batch, however many merges its
+            # event order splits it into.
+            with writer.one_feed_entry():
+                for event in events:
+                    handled_at = _utcnow()
+                    try:
+                        changes = _handle(sync, context, event, spec, handled_at)
+                    except Exception as error:  # noqa: BLE001 - the event fails, not the batch
+                        failures.append((event.id, f"{type(error).__name__}: {error}"))
+                        continue
+                    buffer.add(changes, handled_at)
+                    done.append(event.id)
+                merged = buffer.finish()
             store.inbox.mark_done(writer.conn, done)
         claimed += len(events)
         result.batches += 1
@@ -136,10 +149,27 @@ def drain_inbox(
                 + ", ".join(f"{event_id} ({error[:200]})" for event_id, error in failures[:5])
                 + (" ..." if len(failures) > 5 else "")
             )
+    if apply_retention:
+        purge_expired(store, log)
     return result
 
 
-def inbound_event(event: InboxEvent) -> InboundEvent:
+def purge_expired(store: Store, log: logging.Logger | Any) -> int:
+    """Delete done (and ignored, routed) events past the retention; 0 if none or disabled."""
+    days = settings.inbox_retention_days()
+    if days is None:
+        return 0
+    try:
+        purged = store.inbox.purge(timedelta(days=days))
+    except (StoreError, SQLAlchemyError) as error:  # retention is housekeeping: the drained events are committed
+        log.warning(f"inbox retention: purge of events older than {days:g} days failed: {type(error).__name__}")
+        return 0
+    if purged:
+        log.info(f"inbox retention: purged {purged} finished event(s) older than {days:g} days")
+    return purged
+
+
+def inbound_event(event: ClaimedEvent | InboxEvent) -> InboundEvent:
     """The event as the receiver parsed it, rebuilt from its inbox row."""
     return InboundEvent(
         event_key=event.event_key,
@@ -150,7 +180,7 @@ def inbound_event(event: InboxEvent) -> InboundEvent:
 
 
 def _handle(
-    sync: SyncDefinition, context: WebhookContext, event: InboxEvent, spec: RecordSpec, handled_at: datetime
+    sync: SyncDefinition, context: WebhookContext, event: ClaimedEvent, spec: RecordSpec, handled_at: datetime
 ) -> list[_Change]:
     """Run the handler and validate every change it returns, so a bad one fails only this event."""
     assert sync.on_webhook is not None

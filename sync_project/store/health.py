@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 
 from sync_project.store.engine import unavailable_as_store_error
 from sync_project.store.inbox import MAX_ERROR_CHARS
-from sync_project.store.schema import inbox, sync_state
+from sync_project.store.schema import inbox, inbox_pending, sync_state
 
 
 class PartitionBacklog(BaseModel):
@@ -84,12 +84,14 @@ def inbox_backlog(
             func.min(inbox.c.received_at),
             func.min(case((is_due, func.coalesce(inbox.c.next_attempt_at, inbox.c.received_at)), else_=None)),
         )
-        .where(inbox.c.status == "pending", inbox.c.sync == sync)
+        # Pending events are the work queue's rows (revision 0007), whatever the inbox holds besides.
+        .select_from(inbox_pending.join(inbox, inbox.c.id == inbox_pending.c.id))
+        .where(inbox_pending.c.sync == sync)
         .group_by(inbox.c.connection_id)
         .order_by(inbox.c.connection_id)
     )
     if connection_id is not None:
-        query = query.where(inbox.c.connection_id == connection_id)
+        query = query.where(inbox_pending.c.connection_id == connection_id)
     with unavailable_as_store_error(), engine.connect() as conn:
         rows = conn.execute(query).all()
     return [

@@ -11,6 +11,21 @@ same event hits the unique key and is stored once. Statuses:
 - ``unroutable``: no connection has its account id yet (``connection_id`` ''); replayable.
 - ``routed``: an unroutable row that a replay routed (its pending copies carry on).
 - ``ignored``: no sync subscribes to its event type (``sync`` ''); kept so nothing is silently lost.
+
+Layout (revision 0007). The receiver writes an inbox row once; the hot path never changes it. The
+work queue and the acknowledgements are two narrow tables beside it:
+
+- ``inbox_pending`` (id, sync, connection_id): one row per pending event. Claims (``FOR UPDATE
+  SKIP LOCKED`` on Postgres) and the sensor read its index, which holds only work not done, so
+  they cost the same with ten million done events as with none.
+- ``inbox_done`` (id, processed_at): one row per applied event. The merge's transaction deletes
+  the event's ``inbox_pending`` row and inserts this one: the acknowledgement writes two small
+  rows instead of a new copy of a ~1 kB row and an entry in each of its indexes.
+
+The status a reader sees is derived: ``done`` if the id is in ``inbox_done``, else the stored
+status (``pending`` rows are exactly those in ``inbox_pending``). Retries, dead letters and
+replays change the stored row as before: they are rare. Failure, dead-lettering and replay keep
+both tables in step in one transaction.
 """
 
 from __future__ import annotations
@@ -22,14 +37,14 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, case, delete, func, insert, literal, null, select, text, type_coerce, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from sync_project.store.engine import unavailable_as_store_error
 from sync_project.store.leases import Lease, check_lease
 from sync_project.store.routing import ConnectionLookup, connections_for
-from sync_project.store.schema import inbox
+from sync_project.store.schema import UtcDateTime, inbox, inbox_done, inbox_pending
 
 InboxStatus = Literal["pending", "done", "dead", "unroutable", "ignored", "routed"]
 INBOX_STATUSES: tuple[str, ...] = get_args(InboxStatus)
@@ -134,6 +149,42 @@ class InboxEvent(BaseModel):
     processed_at: datetime | None = None
 
 
+class ClaimedEvent:
+    """One claimed inbox row, as a webhook run needs it.
+
+    A plain slotted object, not a model: a run claims thousands of rows a second, and validating
+    each again would cost more than the rest of the claim (the receiver validated them on the way
+    in, as :class:`RoutedEvent`).
+    """
+
+    __slots__ = ("id", "provider", "event_key", "sync", "connection_id", "account_id", "event_type", "payload", "attempts")
+
+    def __init__(
+        self,
+        id: int,  # noqa: A002 - the column's name
+        provider: str,
+        event_key: str,
+        sync: str,
+        connection_id: str,
+        account_id: str | None,
+        event_type: str,
+        payload: dict[str, Any],
+        attempts: int,
+    ) -> None:
+        self.id = id
+        self.provider = provider
+        self.event_key = event_key
+        self.sync = sync
+        self.connection_id = connection_id
+        self.account_id = account_id
+        self.event_type = event_type
+        self.payload = payload
+        self.attempts = attempts
+
+    def __repr__(self) -> str:
+        return f"ClaimedEvent(id={self.id}, event_key={self.event_key!r}, event_type={self.event_type!r})"
+
+
 class DuePartition(BaseModel):
     """A (sync, connection) with pending events that are due now.
 
@@ -195,16 +246,17 @@ class Inbox:
         now = now or utcnow()
         query = (
             select(
-                inbox.c.sync,
-                inbox.c.connection_id,
-                func.max(inbox.c.id),
+                inbox_pending.c.sync,
+                inbox_pending.c.connection_id,
+                func.max(inbox_pending.c.id),
                 func.count(),
                 func.coalesce(func.sum(inbox.c.attempts), 0),
                 func.max(inbox.c.next_attempt_at),
             )
-            .where(inbox.c.status == "pending", _due(now))
-            .group_by(inbox.c.sync, inbox.c.connection_id)
-            .order_by(func.min(inbox.c.id))
+            .select_from(inbox_pending.join(inbox, inbox.c.id == inbox_pending.c.id))
+            .where(_due(now))
+            .group_by(inbox_pending.c.sync, inbox_pending.c.connection_id)
+            .order_by(func.min(inbox_pending.c.id))
             .limit(limit)
         )
         with self._read() as conn:
@@ -222,41 +274,54 @@ class Inbox:
 
     def claim(
         self, conn: Connection, sync: str, connection_id: str, *, limit: int = 1000, now: datetime | None = None
-    ) -> list[InboxEvent]:
+    ) -> list[ClaimedEvent]:
         """The due pending events of (sync, connection), oldest first, locked in ``conn``'s transaction.
 
         Call it inside the records writer's transaction and mark the events done there too: the
         merge and the acknowledgement commit together, and a crash rolls both back. On Postgres the
-        rows are locked ``FOR UPDATE SKIP LOCKED``; on SQLite the writer already holds the database
-        write lock (``BEGIN IMMEDIATE``).
+        events' ``inbox_pending`` rows are locked ``FOR UPDATE SKIP LOCKED`` (narrow rows: the wide
+        inbox rows are not written, not even by the lock); on SQLite the writer already holds the
+        database write lock (``BEGIN IMMEDIATE``).
         """
         query = (
-            select(inbox)
+            select(*_CLAIMED)
+            .select_from(inbox_pending.join(inbox, inbox.c.id == inbox_pending.c.id))
             .where(
-                inbox.c.status == "pending",
-                inbox.c.sync == sync,
-                inbox.c.connection_id == connection_id,
+                inbox_pending.c.sync == sync,
+                inbox_pending.c.connection_id == connection_id,
                 _due(now or utcnow()),
             )
-            .order_by(inbox.c.id)
+            .order_by(inbox_pending.c.id)
             .limit(limit)
         )
         if conn.dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
-        return _events(conn.execute(query))
+            query = query.with_for_update(skip_locked=True, of=inbox_pending)
+        loads = json.loads
+        return [
+            ClaimedEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6], loads(row[7]), row[8])
+            for row in conn.execute(query)
+        ]
 
     def mark_done(self, conn: Connection, ids: Sequence[int], *, now: datetime | None = None) -> None:
-        """Acknowledge applied events inside the caller's (the merge's) transaction."""
+        """Acknowledge applied events inside the caller's (the merge's) transaction.
+
+        Their ``inbox_pending`` rows go, an ``inbox_done`` row each comes; the inbox rows are not
+        touched. Only events still pending are acknowledged (the caller claimed them, so all are).
+        """
         now = now or utcnow()
         unique = sorted(set(ids))
         for start in range(0, len(unique), _ID_CHUNK):
-            # By id alone: the rows are claimed (locked) by this transaction, and a status predicate
-            # lures the planner onto the status index when statistics lag behind a burst.
-            conn.execute(
-                update(inbox)
-                .where(inbox.c.id.in_(unique[start : start + _ID_CHUNK]))
-                .values(status="done", processed_at=now, next_attempt_at=None)
-            )
+            chunk = unique[start : start + _ID_CHUNK]
+            if conn.dialect.name == "postgresql":
+                # One statement, one array parameter: no per-id placeholders to render or plan.
+                conn.execute(_ACK_POSTGRES, {"ids": chunk, "now": now})
+                continue
+            else:
+                # SQLite: the writer holds the database write lock, so what is pending now stays so.
+                removed = list(conn.execute(select(inbox_pending.c.id).where(inbox_pending.c.id.in_(chunk))).scalars())
+                conn.execute(delete(inbox_pending).where(inbox_pending.c.id.in_(chunk)))
+            if removed:
+                conn.execute(insert(inbox_done), [{"id": row_id, "processed_at": now} for row_id in removed])
 
     def mark_failed(
         self,
@@ -280,18 +345,24 @@ class Inbox:
         with unavailable_as_store_error(), self._engine.begin() as conn:
             if lease is not None:
                 check_lease(conn, lease)
-            query = select(inbox.c.status, inbox.c.attempts).where(inbox.c.id == event_id)
+            # The queue row first: it is what a claim locks, so a batch still holding the event
+            # finishes before its failure is counted.
+            queued = select(inbox_pending.c.id).where(inbox_pending.c.id == event_id)
             if conn.dialect.name == "postgresql":
-                query = query.with_for_update()
-            row = conn.execute(query).first()
+                queued = queued.with_for_update()
+            is_pending = conn.execute(queued).first() is not None
+            row = conn.execute(
+                select(_STATUS, inbox.c.attempts).select_from(_WITH_DONE).where(inbox.c.id == event_id)
+            ).first()
             if row is None:
                 raise LookupError(f"no inbox event with id {event_id}")
-            if row.status != "pending":
-                return row.status
+            if not is_pending:
+                return row[0]
             attempts = row.attempts + 1
             values: dict[str, Any] = {"attempts": attempts, "last_error": error[:MAX_ERROR_CHARS]}
             if attempts >= max_attempts:
                 values.update(status="dead", next_attempt_at=None, processed_at=now)
+                conn.execute(delete(inbox_pending).where(inbox_pending.c.id == event_id))
             else:
                 values.update(next_attempt_at=now + retry_delay(attempts, base_delay_s=base_delay_s))
             conn.execute(update(inbox).where(inbox.c.id == event_id).values(**values))
@@ -304,10 +375,16 @@ class Inbox:
         now = now or utcnow()
         with self._read() as conn:
             counts = dict.fromkeys(INBOX_STATUSES, 0)
-            for status, count in conn.execute(select(inbox.c.status, func.count()).group_by(inbox.c.status)):
+            # The parked statuses through their partial index; pending and done by their tables.
+            parked = select(inbox.c.status, func.count()).where(_PARKED).group_by(inbox.c.status)
+            for status, count in conn.execute(parked):
                 counts[status] = int(count)
+            counts["pending"] = int(conn.execute(select(func.count()).select_from(inbox_pending)).scalar_one())
+            counts["done"] = int(conn.execute(select(func.count()).select_from(inbox_done)).scalar_one())
             oldest = conn.execute(
-                select(func.min(inbox.c.received_at)).where(inbox.c.status == "pending")
+                select(func.min(inbox.c.received_at)).select_from(
+                    inbox_pending.join(inbox, inbox.c.id == inbox_pending.c.id)
+                )
             ).scalar()
         return InboxStats(
             counts=counts,
@@ -376,15 +453,81 @@ class Inbox:
             raise ValueError(f"unknown status(es) {sorted(unknown)}; expected some of {list(INBOX_STATUSES)}")
         cutoff = (now or utcnow()) - older_than
         purged = 0
-        while True:
+        if "done" in statuses:
+            purged += self._purge_done(cutoff)
+        parked = [status for status in statuses if status not in ("done", "pending")]
+        if "pending" in statuses:
+            purged += self._purge_pending(cutoff)
+        while parked:
             # Bounded deletes: short transactions, so receivers and runs never wait long.
             with unavailable_as_store_error(), self._engine.begin() as conn:
-                ids = select(inbox.c.id).where(inbox.c.status.in_(list(statuses)), inbox.c.received_at < cutoff)
+                ids = select(inbox.c.id).where(
+                    _PARKED, inbox.c.status.in_(parked), inbox.c.received_at < cutoff
+                )
                 removed = conn.execute(
                     delete(inbox).where(inbox.c.id.in_(ids.limit(_ID_CHUNK).scalar_subquery()))
                 ).rowcount
             purged += removed
             if removed < _ID_CHUNK:
+                break
+        return purged
+
+    def _purge_pending(self, cutoff: datetime) -> int:
+        """Only when asked for by name: pending events are work not done."""
+        purged = 0
+        while True:
+            with unavailable_as_store_error(), self._engine.begin() as conn:
+                ids = list(
+                    conn.execute(
+                        select(inbox_pending.c.id)
+                        .select_from(inbox_pending.join(inbox, inbox.c.id == inbox_pending.c.id))
+                        .where(inbox.c.received_at < cutoff)
+                        .limit(_ID_CHUNK)
+                    ).scalars()
+                )
+                conn.execute(delete(inbox_pending).where(inbox_pending.c.id.in_(ids)))
+                purged += conn.execute(delete(inbox).where(inbox.c.id.in_(ids))).rowcount
+            if len(ids) < _ID_CHUNK:
+                return purged
+
+    def _purge_done(self, cutoff: datetime) -> int:
+        """Delete done events received before ``cutoff`` with their acknowledgements, in chunks
+        taken in id order off ``inbox_done``.
+
+        Ids follow receipt, so the walk stops at the first chunk that ends with a younger event:
+        a purge costs what it removes, not the size of the inbox. (A replayed unroutable event's
+        copies have new ids and the original's receipt time; they go once their neighbours do.)
+        """
+        purged = 0
+        after_id = 0
+        with self._read() as conn:
+            oldest = conn.execute(
+                select(inbox.c.received_at)
+                .select_from(inbox_done.join(inbox, inbox.c.id == inbox_done.c.id))
+                .order_by(inbox_done.c.id)
+                .limit(1)
+            ).scalar()
+        if oldest is not None and oldest >= cutoff:
+            return 0  # the common case of the automatic retention: one index probe
+        while True:
+            with unavailable_as_store_error(), self._engine.begin() as conn:
+                chunk = conn.execute(
+                    select(inbox_done.c.id, inbox.c.received_at)
+                    .select_from(inbox_done.outerjoin(inbox, inbox.c.id == inbox_done.c.id))
+                    .where(inbox_done.c.id > after_id)
+                    .order_by(inbox_done.c.id)
+                    .limit(_ID_CHUNK)
+                ).all()
+                if not chunk:
+                    return purged
+                after_id = chunk[-1][0]
+                # An acknowledgement whose row is gone (deleted by hand) goes too.
+                old = [row_id for row_id, received_at in chunk if received_at is None or received_at < cutoff]
+                if old:
+                    purged += conn.execute(delete(inbox).where(inbox.c.id.in_(old))).rowcount
+                    conn.execute(delete(inbox_done).where(inbox_done.c.id.in_(old)))
+            newest = chunk[-1][1]
+            if len(chunk) < _ID_CHUNK or (newest is not None and newest >= cutoff):
                 return purged
 
     def events(
@@ -399,9 +542,9 @@ class Inbox:
         limit: int = 1000,
     ) -> list[InboxEvent]:
         """Inbox rows in id order, filtered (for the CLI, tests and debugging)."""
-        query = select(inbox).where(inbox.c.id > after_id).order_by(inbox.c.id).limit(limit)
+        query = _with_status(select(*_VIEW).select_from(_WITH_DONE), status)
+        query = query.where(inbox.c.id > after_id).order_by(inbox.c.id).limit(limit)
         for column, value in (
-            (inbox.c.status, status),
             (inbox.c.provider, provider),
             (inbox.c.sync, sync),
             (inbox.c.connection_id, connection_id),
@@ -420,9 +563,15 @@ class Inbox:
         sync: str | None = None,
         connection_id: str | None = None,
     ) -> int:
-        query = select(func.count()).select_from(inbox)
+        if status == "pending" and provider is None:
+            base = select(func.count()).select_from(inbox_pending)
+            for column, value in ((inbox_pending.c.sync, sync), (inbox_pending.c.connection_id, connection_id)):
+                if value is not None:
+                    base = base.where(column == value)
+            with self._read() as conn:
+                return int(conn.execute(base).scalar_one())
+        query = _with_status(select(func.count()).select_from(_WITH_DONE), status)
         for column, value in (
-            (inbox.c.status, status),
             (inbox.c.provider, provider),
             (inbox.c.sync, sync),
             (inbox.c.connection_id, connection_id),
@@ -434,7 +583,7 @@ class Inbox:
 
     def get(self, event_id: int) -> InboxEvent:
         with self._read() as conn:
-            found = _events(conn.execute(select(inbox).where(inbox.c.id == event_id)))
+            found = _events(conn.execute(select(*_VIEW).select_from(_WITH_DONE).where(inbox.c.id == event_id)))
         if not found:
             raise LookupError(f"no inbox event with id {event_id}")
         return found[0]
@@ -448,11 +597,15 @@ class Inbox:
             # Due now, and a requeue time the sensor has not seen: Dagster run keys are permanent,
             # and the replayed work must not look like the work whose runs already happened.
             .values(status="pending", attempts=0, next_attempt_at=utcnow(), processed_at=None)
+            .returning(inbox.c.id, inbox.c.sync, inbox.c.connection_id)
         )
         if provider is not None:
             statement = statement.where(inbox.c.provider == provider)
         with unavailable_as_store_error(), self._engine.begin() as conn:
-            return conn.execute(statement).rowcount
+            queued = [{"id": i, "sync": s, "connection_id": c} for i, s, c in conn.execute(statement)]
+            if queued:
+                conn.execute(insert(inbox_pending), queued)
+            return len(queued)
 
     def _replay_unroutable(self, connections: ConnectionLookup, provider: str | None) -> int:
         became_pending = 0
@@ -546,16 +699,55 @@ def _insert_rows(conn: Connection, rows: Sequence[tuple[str, RoutedEvent, dateti
     return len(_insert_returning(conn, rows))
 
 
+#: Rows per INSERT statement on Postgres (the receiver's batches are rarely bigger).
+_INSERT_CHUNK = 1000
+#: The Postgres insert as SQL text, per row count: rendered once, then reused with no compilation
+#: (SQLAlchemy re-rendered a multi-row VALUES for every batch: 15 % of the commit thread). One
+#: statement inserts the rows and queues the pending ones: one round trip per batch.
+_POSTGRES_INSERTS: dict[int, str] = {}
+_POSTGRES_INSERT = (
+    "WITH ins AS (INSERT INTO inbox (provider, event_key, sync, connection_id, account_id, event_type, payload, "
+    "status, attempts, received_at) VALUES {values} "
+    "ON CONFLICT (provider, event_key, sync, connection_id) DO NOTHING "
+    "RETURNING id, provider, event_key, sync, connection_id, status), "
+    "queued AS (INSERT INTO inbox_pending (id, sync, connection_id) "
+    "SELECT id, sync, connection_id FROM ins WHERE status = 'pending') "
+    "SELECT provider, event_key, sync, connection_id FROM ins"
+)
+
+
+def _postgres_insert(count: int) -> str:
+    statement = _POSTGRES_INSERTS.get(count)
+    if statement is None:
+        statement = _POSTGRES_INSERT.format(values=",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,0,%s)"] * count))
+        _POSTGRES_INSERTS[count] = statement
+    return statement
+
+
 def _insert_returning(
     conn: Connection, rows: Sequence[tuple[str, RoutedEvent, datetime]]
 ) -> set[tuple[str, str, str, str]]:
     if not rows:
         return set()
+    # In arrival order: ids are the order a webhook run applies events in.
+    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg2":
+        inserted: set[tuple[str, str, str, str]] = set()
+        for start in range(0, len(rows), _INSERT_CHUNK):
+            chunk = rows[start : start + _INSERT_CHUNK]
+            parameters: list[Any] = []
+            for provider, event, received_at in chunk:
+                parameters += (
+                    provider, event.event_key, event.sync, event.connection_id, event.account_id,
+                    event.event_type, event.payload_json, event.status, received_at,
+                )  # fmt: skip
+            result = conn.exec_driver_sql(_postgres_insert(len(chunk)), tuple(parameters))
+            inserted.update(tuple(row) for row in result)  # type: ignore[misc]
+        return inserted
     dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     statement = (
         dialect_insert(inbox)
         .on_conflict_do_nothing(index_elements=[inbox.c.provider, inbox.c.event_key, inbox.c.sync, inbox.c.connection_id])
-        .returning(inbox.c.provider, inbox.c.event_key, inbox.c.sync, inbox.c.connection_id)
+        .returning(inbox.c.id, inbox.c.provider, inbox.c.event_key, inbox.c.sync, inbox.c.connection_id, inbox.c.status)
     )
     parameters = [
         {
@@ -575,7 +767,15 @@ def _insert_returning(
         }
         for provider, event, received_at in rows
     ]
-    return {tuple(row) for row in conn.execute(statement, parameters)}  # type: ignore[misc]
+    inserted = set()
+    queued: list[dict[str, Any]] = []
+    for row_id, provider, event_key, sync, connection_id, status in conn.execute(statement, parameters):
+        inserted.add((provider, event_key, sync, connection_id))
+        if status == "pending":
+            queued.append({"id": row_id, "sync": sync, "connection_id": connection_id})
+    if queued:
+        conn.execute(insert(inbox_pending), queued)
+    return inserted
 
 
 def _aware(value: datetime | str | None) -> datetime | None:
@@ -589,6 +789,48 @@ def _aware(value: datetime | str | None) -> datetime | None:
 
 def _due(now: datetime) -> Any:
     return inbox.c.next_attempt_at.is_(None) | (inbox.c.next_attempt_at <= now)
+
+
+_ACK_POSTGRES = text(
+    "WITH acked AS (DELETE FROM inbox_pending WHERE id = ANY(:ids) RETURNING id) "
+    "INSERT INTO inbox_done (id, processed_at) SELECT id, :now FROM acked"
+).bindparams(bindparam("now", type_=UtcDateTime))
+
+#: The rows of the partial status index: what is neither queued nor done (see schema.inbox).
+_PARKED = inbox.c.status.not_in(["pending", "done"])
+#: An inbox row beside its acknowledgement, if any: what the derived status reads.
+_WITH_DONE = inbox.outerjoin(inbox_done, inbox_done.c.id == inbox.c.id)
+_IS_DONE = inbox_done.c.id.is_not(None)
+_STATUS = case((_IS_DONE, literal("done")), else_=inbox.c.status).label("status")
+#: Every inbox column, with the status, processed_at and next_attempt_at a done event has.
+_VIEW = [
+    *(column for column in inbox.c if column.name not in ("status", "processed_at", "next_attempt_at")),
+    _STATUS,
+    type_coerce(case((_IS_DONE, null()), else_=inbox.c.next_attempt_at), UtcDateTime).label("next_attempt_at"),
+    type_coerce(func.coalesce(inbox_done.c.processed_at, inbox.c.processed_at), UtcDateTime).label("processed_at"),
+]
+_CLAIMED = [
+    inbox.c.id,
+    inbox.c.provider,
+    inbox.c.event_key,
+    inbox.c.sync,
+    inbox.c.connection_id,
+    inbox.c.account_id,
+    inbox.c.event_type,
+    inbox.c.payload,
+    inbox.c.attempts,
+]
+
+
+def _with_status(query: Any, status: InboxStatus | None) -> Any:
+    """``query`` (over ``_WITH_DONE``) narrowed to rows that read as ``status``."""
+    if status is None:
+        return query
+    if status == "done":
+        return query.where(_IS_DONE)
+    if status == "pending":
+        return query.where(inbox.c.id.in_(select(inbox_pending.c.id)))
+    return query.where(inbox.c.status == status, ~_IS_DONE)
 
 
 def _events(result: Any) -> list[InboxEvent]:
@@ -611,6 +853,7 @@ __all__ = [
     "InboxEvent",
     "InboxStats",
     "InboxStatus",
+    "ClaimedEvent",
     "ReceiveResult",
     "RoutedEvent",
     "insert_events",

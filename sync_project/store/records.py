@@ -11,7 +11,8 @@ nothing.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -130,6 +131,10 @@ class RecordWriter:
         self._ids_listed = 0
         self._ids_superseded = 0
         self._hints = hints if hints is not None else WriteHints()
+        #: Inside :meth:`one_feed_entry`: its stamp, and the keys (in order) its entry will list.
+        self._held_stamp: datetime | None = None
+        self._held_keys: dict[str, None] | None = None
+        self._held_superseded = 0
         take_batch_lock(conn, sync, connection_id)
         if lease is not None:
             check_lease(conn, lease)
@@ -190,6 +195,28 @@ class RecordWriter:
             self._hints.observe(self.sync, self.connection_id, len(chunk), chunk_result.added + chunk_result.updated)
             result += chunk_result
         return result
+
+    @contextmanager
+    def one_feed_entry(self) -> Iterator[None]:
+        """Merges inside share one stamp and one change-feed entry, written when the block ends.
+
+        For a caller that splits one transaction into several merges to keep their order (a
+        webhook run's batch: a save, then a delete of the same record): every record they change
+        gets the same ``last_modified_at``, which is still after every earlier write, and the
+        feed gets one row for the batch instead of one per merge. A record changed twice is
+        listed once, with its final state. Nothing is written if the block raises (the
+        transaction rolls back anyway).
+        """
+        if self._held_keys is not None:
+            raise RuntimeError("one_feed_entry is already active")
+        self._held_keys, self._held_stamp, self._held_superseded = {}, None, 0
+        try:
+            yield
+            keys, stamp, superseded = list(self._held_keys), self._held_stamp, self._held_superseded
+        finally:
+            self._held_keys, self._held_stamp = None, None
+        if stamp is not None and keys:
+            self._record_feed_entry(stamp, keys, superseded=superseded)
 
     def delete_unseen(self, run_id: str, started_at: datetime) -> int:
         """Tombstone live records a full refresh did not see and nobody modified since it started.
@@ -287,7 +314,10 @@ class RecordWriter:
 
         Writers are serialised by the batch lock, so stamps increase in commit order and a change
         feed reader paging by (last_modified_at, key) can never miss a later commit.
+        Inside :meth:`one_feed_entry` every write gets that block's one stamp.
         """
+        if self._held_keys is not None and self._held_stamp is not None:
+            return self._held_stamp
         if self._last_stamp is None:
             newest = self.conn.execute(
                 select(feed_entries.c.modified_at, feed_entries.c.ids_listed, feed_entries.c.ids_superseded)
@@ -301,6 +331,8 @@ class RecordWriter:
         if self._last_stamp is not None and now <= self._last_stamp:
             now = self._last_stamp + _ONE_MICROSECOND
         self._last_stamp = now
+        if self._held_keys is not None:
+            self._held_stamp = now
         return now
 
     def _apply(self, plan: Plan, seen_by_run: str | None) -> None:
@@ -324,6 +356,17 @@ class RecordWriter:
         """Enter one write in the change feed: the records stamped ``stamp`` (each once), of which
         ``superseded`` were listed before under an older stamp; compact the feed when it is due."""
         if not keys:
+            return
+        if self._held_keys is not None:
+            # A key this entry lists already was counted as superseded by its second write (the
+            # record existed by then); listed once, it supersedes nothing more.
+            repeats = 0
+            for key in keys:
+                if key in self._held_keys:
+                    repeats += 1
+                else:
+                    self._held_keys[key] = None
+            self._held_superseded += superseded - repeats
             return
         self._ids_listed += len(keys)
         self._ids_superseded += superseded

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
@@ -151,10 +152,43 @@ inbox = Table(
     Column("received_at", UtcDateTime, nullable=False),
     Column("processed_at", UtcDateTime, nullable=True),
     UniqueConstraint("provider", "event_key", "sync", "connection_id", name="uq_inbox_event"),
-    Index("ix_inbox_claim", "status", "sync", "connection_id", "id"),
+    # Rows parked outside the work queue (dead, unroutable, ignored, routed): few, looked up by
+    # status. Queued and done rows (the bulk; stored 'pending', or 'done' from before 0007) are in
+    # no such index, and nothing on the hot path changes an inbox row: acknowledging an event only
+    # moves its id from inbox_pending to inbox_done (revision 0007).
+    Index(
+        "ix_inbox_parked",
+        "status",
+        "sync",
+        "connection_id",
+        "id",
+        postgresql_where=text("status NOT IN ('pending', 'done')"),
+        sqlite_where=text("status NOT IN ('pending', 'done')"),
+    ),
     # Ids are never reused (SQLite would hand out max(id) + 1 again after a purge): readers keep
     # cursors on them (the forwarder, the inbox sensor's high-water mark). Revision 0003f.
     sqlite_autoincrement=True,
+)
+
+# The work queue: one narrow row per pending event (an inbox row whose stored status is 'pending'),
+# deleted by the transaction that applies it. Claims and the sensor read this table's small index
+# however many events were ever done.
+inbox_pending = Table(
+    "inbox_pending",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=False),
+    Column("sync", String(128), nullable=False),
+    Column("connection_id", String(255), nullable=False),
+    Index("ix_inbox_pending_claim", "sync", "connection_id", "id"),
+)
+
+# Acknowledgements: the id of every applied event and when. Insert-only and narrow; an inbox row
+# whose id is here reads as status 'done'. Purged together with its inbox row.
+inbox_done = Table(
+    "inbox_done",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=False),
+    Column("processed_at", UtcDateTime, nullable=False),
 )
 
 forwards = Table(

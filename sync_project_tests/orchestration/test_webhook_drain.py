@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from sync_project.core import InboundEvent, SyncDefinition
 from sync_project.orchestration.webhook_drain import DrainResult, drain_inbox
@@ -18,6 +20,7 @@ from sync_project.receiver import create_app
 from sync_project.receiver.routing import route, subscribers_from
 from sync_project.store import MergeStrategy, Store
 from sync_project.store.connections import ProviderConnection
+from sync_project.store.schema import feed_entries, inbox
 from sync_project_tests.webhook_support import (
     SECRET,
     SECRET_ENV,
@@ -111,6 +114,50 @@ def test_a_save_then_a_delete_of_one_record_in_one_batch_ends_deleted(setup: Set
     assert setup.record("c1").data["name"] == "Ada"  # a tombstone keeps the last content
     assert setup.record("c2").deleted_at is None
     assert (result.merge.added, result.merge.deleted) == (2, 1)
+
+
+def test_a_batch_split_into_several_merges_writes_one_feed_entry_and_the_feed_reads_its_final_state(
+    setup: Setup,
+) -> None:
+    setup.deliver(
+        event("evt-1", "contact.created", id="c1", name="Ada", updated_at=at(1)),
+        event("evt-2", "contact.deleted", id="c1"),  # same key, other action: a second merge
+        event("evt-3", "contact.created", id="c2", name="Grace", updated_at=at(1)),
+        event("evt-4", "contact.patched", id="c2", name="Grace H."),  # a third merge
+    )
+    result = setup.drain()
+    assert result.batches == 1 and result.events_done == 4
+    with setup.store.engine.connect() as conn:
+        entries = conn.execute(sa.select(feed_entries.c.external_ids, feed_entries.c.ids_listed)).all()
+    assert [(json.loads(ids), listed) for ids, listed in entries] == [(["c1", "c2"], 2)]
+    page = setup.store.changes(setup.sync.key, "north", limit=10)
+    assert [(c.id, c.deleted_at is not None) for c in page.records] == [("c1", True), ("c2", False)]
+    assert setup.record("c2").data["name"] == "Grace H."
+    assert setup.record("c1").last_modified_at == setup.record("c2").last_modified_at  # one stamp
+
+    # The next batch is stamped after it, and a feed cursor taken now sees only the next batch.
+    setup.deliver(event("evt-5", "contact.updated", id="c2", name="Grace Hopper", updated_at=at(9)))
+    setup.drain()
+    later = setup.store.changes(setup.sync.key, "north", cursor=page.next_cursor, limit=10)
+    assert [c.id for c in later.records] == ["c2"]
+    assert setup.record("c2").last_modified_at > setup.record("c1").last_modified_at
+
+
+def test_a_drain_applies_the_default_retention_to_done_events(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup.deliver(event("evt-old", id="c1", name="Ada", updated_at=at(1)))
+    setup.drain()
+    with setup.store.engine.begin() as conn:
+        conn.execute(sa.update(inbox).values(received_at=datetime.now(timezone.utc) - timedelta(days=8)))
+    setup.deliver(event("evt-new", id="c2", name="Grace", updated_at=at(1)))
+    monkeypatch.setenv("SYNC_INBOX_RETENTION_DAYS", "0")  # 0 keeps every done event
+    setup.drain()
+    assert sorted(setup.statuses()) == ["evt-new@north", "evt-old@north"]
+    monkeypatch.delenv("SYNC_INBOX_RETENTION_DAYS")  # the default: 7 days
+    setup.drain()
+    assert setup.statuses() == {"evt-new@north": "done"}
+    assert setup.record("c1") is not None  # retention removes events, never records
 
 
 def test_partial_updates_in_one_batch_apply_in_event_order(setup: Setup) -> None:
