@@ -75,6 +75,16 @@ class ConnectionSnapshot:
         rows = conn.execute(select(connections_table).where(or_(false(), *clauses))).mappings()
         return cls(Connections._model(row) for row in rows)
 
+    @classmethod
+    def load_all(cls, conn: Connection) -> ConnectionSnapshot:
+        """Every connection: what a receiver keeps between batches (see receiver.writer)."""
+        return cls(Connections._model(row) for row in conn.execute(select(connections_table)).mappings())
+
+    def knows(self, provider: str, account_id: str | None) -> bool:
+        """Whether routing an event naming ``account_id`` can be decided from this snapshot alone:
+        a known account, or a whole provider (no account named)."""
+        return account_id is None or (provider, account_id) in self._by_account
+
     def for_account(self, provider: str, account_id: str) -> list[ProviderConnection]:
         return list(self._by_account.get((provider, account_id), ()))
 

@@ -92,3 +92,32 @@ def test_a_snapshot_routes_exactly_like_the_live_connections(store: Store) -> No
     live = route("acme", events, store.connections, subscribers=SUBSCRIBERS)
     assert rows(route("acme", events, snapshot, subscribers=SUBSCRIBERS)) == rows(live)
     assert len(live) == 6  # north; north, south, east; east; unroutable
+
+
+def test_the_receivers_writer_routes_from_a_kept_snapshot_and_sees_new_connections_at_once(store: Store) -> None:
+    from sync_project.receiver.writer import Delivery, InboxWriter, RoutingCache
+
+    store.connections.add("acme", "north", account_id="acct-1")
+    writer = InboxWriter(store, SUBSCRIBERS)
+    try:
+        for n in range(20):  # twenty batches, one read of the connections table
+            [result] = writer([Delivery("acme", (inbound(f"e{n}"),))])
+            assert result.stored == 1  # contact.updated: the contacts sync only
+        assert writer.routing.loads == 1
+
+        store.connections.add("acme", "east", account_id="acct-2")  # added a moment before its first event
+        writer([Delivery("acme", (inbound("new", account="acct-2"),))])
+        assert {(e.connection_id, e.status) for e in store.inbox.events(event_key="new")} == {("east", "pending")}
+        writer([Delivery("acme", (inbound("lost", account="acct-404"),))])  # no connection: looked up, not reloaded
+        assert {e.status for e in store.inbox.events(event_key="lost")} == {"unroutable"}
+        assert writer.routing.loads == 2
+
+        # A removal is seen at the next check (here: every batch).
+        writer.routing = RoutingCache(check_interval_s=0.0)
+        writer([Delivery("acme", (inbound("before"),))])
+        store.connections.remove("acme", "north")
+        writer([Delivery("acme", (inbound("after"),))])
+        assert {e.status for e in store.inbox.events(event_key="before")} == {"pending"}
+        assert {e.status for e in store.inbox.events(event_key="after")} == {"unroutable"}
+    finally:
+        writer.close()
