@@ -387,3 +387,37 @@ def _postgres_version(url: str) -> str:
             engine.dispose()
     except Exception as error:  # noqa: BLE001 - the table says why instead of failing the report
         return f"unreachable ({type(error).__name__})"
+
+
+# -- child processes ----------------------------------------------------------------------------
+
+
+class ChildDiedError(RuntimeError):
+    """A benchmark's child process exited before it answered: the benchmark stops, saying so."""
+
+
+def get_from_child(results: Any, children: Sequence[Any], timeout_s: float, what: str) -> Any:
+    """``results.get()``, but give up within about a second of any of ``children`` exiting.
+
+    A child that dies (an exception, the OOM killer, "too many clients") puts nothing on the
+    queue; waiting the whole timeout for it made a benchmark hang for an hour. Its traceback is on
+    the inherited stderr; the error here names the child and its exit code.
+    """
+    import queue as queue_module
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return results.get(timeout=0.5)
+        except queue_module.Empty:
+            pass
+        for child in children:
+            if not child.is_alive():
+                try:  # it may have put its answer just before exiting
+                    return results.get(timeout=0.5)
+                except queue_module.Empty:
+                    raise ChildDiedError(
+                        f"{what}: child process {child.name} exited with code {child.exitcode} before answering"
+                    ) from None
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: no answer within {timeout_s:g} s")

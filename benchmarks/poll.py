@@ -5,7 +5,9 @@ per-page checkpoint, delete detection) through the real sync asset on a real Dag
 the run's peak RSS. Pages stream, so peak RSS should not grow with the number of records.
 
 Each size runs in a fresh child process (so its peak RSS is its own); the API runs in another
-process and synthesises records on the fly, so its memory is not counted either.
+process and synthesises records on the fly, so its memory is not counted either. If either child
+dies, the benchmark ends within a second or two with its exit code (its traceback is on stderr).
+Database connections: the run's store (at most 15, SQLAlchemy's pool) and one for the schema.
 
     python benchmarks/poll.py [--sizes 100000,1000000] [--backend sqlite|postgres] [--quick] [--json PATH]
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import exit_cleanly_on_sigterm, private_postgres_schema  # noqa: E402
+from _common import exit_cleanly_on_sigterm, get_from_child, private_postgres_schema  # noqa: E402
 
 PAGE_SIZE = 1000
 EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -145,15 +147,20 @@ def main() -> int:
             port_queue = context.Queue()
             api = context.Process(target=serve_api, args=(size, port_queue), daemon=True)
             api.start()
-            base_url = f"http://127.0.0.1:{port_queue.get(timeout=30)}"
+            base_url = f"http://127.0.0.1:{get_from_child(port_queue, [api], 30, 'the API server')}"
             print(f"full refresh of {size:,} records on {args.backend} ...", file=sys.stderr, flush=True)
             try:
                 with private_database(args.backend, Path(tmp), str(size)) as database_url:
                     result_queue = context.Queue()
                     run = context.Process(target=run_full_refresh, args=(base_url, database_url, result_queue))
                     run.start()
-                    outcome = result_queue.get(timeout=3600)
-                    run.join()
+                    try:
+                        # Within a second of the run's (or the API's) death, with its exit code.
+                        outcome = get_from_child(result_queue, [run, api], 3600, f"full refresh of {size:,}")
+                    finally:
+                        if run.is_alive():
+                            run.terminate()
+                        run.join(30)
             finally:
                 api.terminate()
                 api.join()

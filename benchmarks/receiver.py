@@ -18,6 +18,11 @@ per request than the server under test and would measure itself. Every request i
 signed delivery of about 500 bytes, prepared before the clock starts. A phase stops after its
 request count or ``--max-seconds``, whichever comes first.
 
+The limit is measured in the same run, on the same server (Postgres only): pgbench (Debian's
+``postgresql-contrib``; ``--limit-clients`` connections, 32) inserting durable one-row
+transactions, then 100-row ones (8 connections), into a table shaped like the inbox. The
+receiver's durable deliveries/s are printed as a ratio to both.
+
 Durability is checked, not assumed: after the run, the inbox must hold exactly one row per 202.
 Postgres runs in a fresh private schema (dropped afterwards): ``SYNC_BENCH_POSTGRES_URL``, else
 ``SYNC_TEST_POSTGRES_URL``, else the local server's ``test`` database.
@@ -49,7 +54,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import private_postgres_schema  # noqa: E402
+from _common import get_from_child, private_postgres_schema  # noqa: E402
 
 SECRET = "bench-secret"
 SECRET_ENV = "BENCH_WEBHOOK_SECRET"
@@ -165,7 +170,7 @@ def server(kind: str, database_url: str | None, log_dir: str, max_batch: int = 1
     process.start()
     report: dict[str, Any] = {}
     try:
-        port = ready.get(timeout=60)
+        port = get_from_child(ready, [process], 60, f"the {kind} server")
         _wait_listening(port)
         yield port, report
     finally:
@@ -293,6 +298,68 @@ def drive(port: int, requests: list[bytes], concurrency: int, max_seconds: float
     return phase
 
 
+# -- the limit: the database alone ----------------------------------------------------------------------
+
+#: pgbench scripts over a table shaped like the inbox (its columns, unique key and indexes):
+#: durable one-row transactions, and 100-row ones. Every row is distinct, ~500 bytes of payload.
+_ONE_ROW = (
+    "INSERT INTO limit_inbox (provider, event_key, sync, connection_id, account_id, event_type, payload, status, "
+    "attempts, received_at) VALUES ('bench', gen_random_uuid()::text, 'bench/contacts', 'bench-conn', 'acct-1', "
+    "'contact.updated', '{\"id\": \"c1\", \"notes\": \"' || repeat('n', 450) || '\"}', 'pending', 0, now());\n"
+)
+_HUNDRED_ROWS = (
+    "INSERT INTO limit_inbox (provider, event_key, sync, connection_id, account_id, event_type, payload, status, "
+    "attempts, received_at) SELECT 'bench', gen_random_uuid()::text, 'bench/contacts', 'bench-conn', 'acct-1', "
+    "'contact.updated', '{\"id\": \"c1\", \"notes\": \"' || repeat('n', 450) || '\"}', 'pending', 0, now() "
+    "FROM generate_series(1, 100);\n"
+)
+
+
+def pgbench_limit(url: str, script: str, clients: int, seconds: float, work_dir: str) -> float:
+    """Transactions/s pgbench reaches with ``clients`` connections running ``script`` for ``seconds``."""
+    import re
+    import shutil
+    import subprocess
+    from urllib.parse import unquote
+
+    import sqlalchemy as sa
+
+    binary = shutil.which("pgbench") or "/usr/lib/postgresql/15/bin/pgbench"
+    if not os.path.exists(binary):
+        raise SystemExit("pgbench not found: install Debian's postgresql-contrib (or postgresql-client) package")
+    parsed = sa.engine.make_url(url)
+    path = Path(work_dir) / "script.sql"
+    path.write_text(script)
+    env = dict(os.environ, PGOPTIONS=unquote(str(parsed.query.get("options", ""))))
+    command = [
+        binary, "-n", "-M", "prepared", "-c", str(clients), "-j", "2", "-T", str(max(1, round(seconds))),
+        "-f", str(path), "-h", parsed.host or "127.0.0.1", "-p", str(parsed.port or 5432),
+        "-U", parsed.username or "postgres", parsed.database or "postgres",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    found = re.search(r"tps = ([0-9.]+)", done.stdout)
+    if done.returncode != 0 or found is None:
+        raise SystemExit(f"pgbench failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    return float(found.group(1))
+
+
+def measure_limit(url: str, clients: int, seconds: float, log_dir: str) -> tuple[float, float]:
+    """(one-row commits/s, rows/s in 100-row transactions) of the database, on an inbox-shaped table."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE limit_inbox (LIKE inbox INCLUDING ALL)"))
+        one_row = pgbench_limit(url, _ONE_ROW, clients, seconds, log_dir)
+        batched = pgbench_limit(url, _HUNDRED_ROWS, min(clients, 8), seconds, log_dir) * 100
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE limit_inbox"))
+    finally:
+        engine.dispose()
+    return one_row, batched
+
+
 # -- the run -----------------------------------------------------------------------------------------
 
 
@@ -338,6 +405,8 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=30.0)
     parser.add_argument("--backend", choices=["postgres", "sqlite"], default="postgres")
     parser.add_argument("--naive-requests", type=int, default=2000, help="0 skips the one-commit-per-delivery phase")
+    parser.add_argument("--limit-clients", type=int, default=32, help="pgbench connections for the one-row limit")
+    parser.add_argument("--limit-seconds", type=float, default=10.0, help="each pgbench phase; 0 skips the limit")
     parser.add_argument("--json", metavar="PATH", type=Path, help="write the figures there as a JSON list")
     parser.add_argument("--quick", action="store_true", help="5,000 deliveries per phase, 500 without group commit")
     args = parser.parse_args()
@@ -353,6 +422,10 @@ def main() -> int:
         with server("bare", None, log_dir) as (port, _):
             drive(port, deliveries(2000, "warmup-bare"), args.concurrency, 30, "warmup")
             phases.append(drive(port, deliveries(args.requests, "bare"), args.concurrency, args.max_seconds, "bare Starlette"))
+        limit_one, limit_batched = (0.0, 0.0)
+        if args.backend == "postgres" and args.limit_seconds > 0:
+            # The limit, in the same run: the database alone, same server, same moment.
+            limit_one, limit_batched = measure_limit(url, args.limit_clients, args.limit_seconds, log_dir)
         receiver = run_receiver("receiver", url, log_dir, deliveries(args.requests, "durable"), args, max_batch=1000)
         phases.append(receiver)
         if args.naive_requests:
@@ -383,8 +456,14 @@ def main() -> int:
             f"{phase.percentile(0.99):>8.1f}  {dict(phase.statuses)}{extra}"
         )
     durable = receiver.statuses[202] / receiver.seconds
-    print(f"durable deliveries/s: {durable:,.0f} (target >= 2,000); p99 {receiver.percentile(0.99):.1f} ms")
+    print(f"durable deliveries/s: {durable:,.0f} (target >= 4,000); p99 {receiver.percentile(0.99):.1f} ms")
     print(f"receiver / bare Starlette: {receiver.per_second / bare.per_second:.2f}")
+    if limit_one:
+        print(
+            f"limit (pgbench, {args.limit_clients} clients, inbox-shaped rows): {limit_one:,.0f} one-row commits/s, "
+            f"{limit_batched:,.0f} rows/s in 100-row transactions; receiver / one-row limit "
+            f"{durable / limit_one:.2f}x, / batched limit {durable / limit_batched:.3f}x (target >= 1.0x one-row)"
+        )
     if len(phases) > 2:
         print(f"group commit / one commit per delivery: {receiver.per_second / phases[2].per_second:.1f}x")
     print(f"inbox rows checked: {stored} (one per 202, warm-ups included); mean latency "
@@ -393,10 +472,16 @@ def main() -> int:
     case = f"{args.backend}, {args.concurrency} connections, {args.requests:,} signed deliveries"
     figures = [
         figure(case, "durable deliveries/s", durable, "deliveries/s", baseline="bare Starlette",
-               baseline_value=bare.per_second, at_least=2000),
+               baseline_value=bare.per_second, at_least=4000),
         figure(case, "p99 latency", receiver.percentile(0.99), "ms", baseline="bare Starlette",
                baseline_value=bare.percentile(0.99)),
     ]
+    if limit_one:
+        figures.append(figure(case, "durable deliveries/s", durable, "deliveries/s",
+                              baseline="one-row commit limit (pgbench)", baseline_value=limit_one))
+        figures[-1]["target"], figures[-1]["met"] = ">= 1x one-row commit limit", durable >= limit_one
+        figures.append(figure(case, "durable deliveries/s", durable, "deliveries/s",
+                              baseline="100-row transaction limit (pgbench, rows/s)", baseline_value=limit_batched))
     if len(phases) > 2:
         naive_phase = phases[2]
         figures.append(
