@@ -207,7 +207,7 @@ def _has_statistics(store: Store) -> bool:
     with store.engine.connect() as conn:
         return bool(
             conn.exec_driver_sql(
-                "SELECT EXISTS (SELECT 1 FROM pg_stats WHERE tablename = 'records' AND attname = 'sync')"
+                "SELECT EXISTS (SELECT 1 FROM pg_stats WHERE schemaname = current_schema() AND tablename = 'records' AND attname = 'sync')"
             ).scalar()
         )
 
