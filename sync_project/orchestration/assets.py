@@ -6,6 +6,7 @@ asset function's parameters at definition time.
 
 
 import json
+import time
 from datetime import datetime
 
 import dagster as dg
@@ -24,6 +25,7 @@ from sync_project.orchestration.checks import (
 from sync_project.orchestration.notifications import NOTIFIER_KEY
 from sync_project.orchestration.partitions import connection_partitions
 from sync_project.orchestration.partition_run import RunMode, RunSettings, run_partition
+from sync_project.orchestration.webhook_drain import DrainResult
 from sync_project.orchestration.resources import storage_kind
 from sync_project.store import (
     LeaseHeldError,
@@ -62,6 +64,9 @@ class SyncRunConfig(dg.Config):
     #: Full and incremental runs: how long to wait for another poll of the partition to finish
     #: (a backfill launched while a scheduled poll runs) before failing.
     poll_lease_wait_s: float = Field(default=600.0, ge=0, le=86400)
+    #: Webhook mode: a successor of the partition's standing drainer (the inbox sensor sets it)
+    #: waits this long for that drainer to release the drain lease, instead of deferring to it.
+    handoff_wait_s: float = Field(default=0.0, ge=0, le=3600)
 
     def settings(self) -> RunSettings:
         return RunSettings(
@@ -70,6 +75,7 @@ class SyncRunConfig(dg.Config):
             max_linger_run_s=self.max_linger_run_s,
             lease_ttl_s=self.lease_ttl_s,
             poll_lease_wait_s=self.poll_lease_wait_s,
+            handoff_wait_s=self.handoff_wait_s,
         )
 
 
@@ -199,10 +205,11 @@ def _sync_partition(
             f"`sync-project connections resume {sync.provider} {connection_id}` to sync it again."
         )
     metadata: dict[str, object] = {"mode": config.mode}
+    batches = BatchMaterializations(context, store, sync)
     try:
         ran = run_partition(
             store, sync, provider, connection, mode=config.mode, run_id=context.run.run_id, log=context.log,
-            settings=config.settings(),
+            settings=config.settings(), on_batch=batches.record,
         )
     except LeaseHeldError as error:
         raise _RunRefused(description=f"{error}; this run waited {config.poll_lease_wait_s:.0f} s and did nothing.") from None
@@ -219,6 +226,7 @@ def _sync_partition(
         metadata["deferred_to_run"] = ran.deferred_to
         return ran.merge, metadata
     if ran.drained is not None:
+        metadata["materializations_during_run"] = batches.recorded
         metadata.update(
             events_drained=ran.drained.events_done,
             events_retrying=ran.drained.events_retrying,
@@ -232,6 +240,60 @@ def _sync_partition(
         )
     store.state.record_run(sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, succeeded_at=utcnow())
     return ran.merge, metadata
+
+
+#: Batches committed within this long of the last recorded materialization are recorded with the
+#: next one: a standing drainer under a steady stream commits a batch per event, and one event-log
+#: write per event would make Dagster's own storage the bottleneck and the asset's history unreadable.
+MATERIALIZE_EVERY_S = 1.0
+
+
+class BatchMaterializations:
+    """Records the partition as materialized while a webhook run drains, as its batches commit.
+
+    A standing drainer runs for minutes; without this the partition would show its last
+    materialization from before the run and "Materializing" until the run ends. Each recorded
+    materialization carries the counts of the batches it covers; the run's MaterializeResult then
+    records the batches since the last one and the run's totals.
+    """
+
+    def __init__(self, context: dg.AssetExecutionContext, store: Store, sync: SyncDefinition) -> None:
+        self._context = context
+        self._store = store
+        self._sync = sync
+        self._pending = DrainResult()
+        self._last = float("-inf")  # the run's first batch is recorded at once
+        self.recorded = 0
+
+    def record(self, batch: DrainResult) -> None:
+        pending = self._pending
+        pending.merge += batch.merge
+        pending.events_done += batch.events_done
+        pending.events_retrying += batch.events_retrying
+        pending.events_dead += batch.events_dead
+        pending.batches += batch.batches
+        now = time.monotonic()
+        if now - self._last < MATERIALIZE_EVERY_S:
+            return
+        self._context.log_event(
+            dg.AssetMaterialization(
+                asset_key=self._context.asset_key,
+                partition=self._context.partition_key,
+                description=f"{pending.batches} webhook batch(es) applied",
+                metadata={
+                    **pending.merge.as_dict(),
+                    "mode": "webhook",
+                    "batches": pending.batches,
+                    "events_drained": pending.events_done,
+                    "events_retrying": pending.events_retrying,
+                    "events_dead": pending.events_dead,
+                    "dagster/row_count": self._store.count(self._sync.key, self._context.partition_key),
+                },
+            )
+        )
+        self.recorded += 1
+        self._pending = DrainResult()
+        self._last = now
 
 
 def _notify(

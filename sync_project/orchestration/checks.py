@@ -52,7 +52,7 @@ from datetime import datetime, timedelta, timezone
 import dagster as dg
 
 from sync_project.core.sync import SyncDefinition
-from sync_project.orchestration.partitions import AssetJob, concurrency_tag, connection_partitions
+from sync_project.orchestration.partitions import DRAIN_PARTITION_TAG, AssetJob, connection_partitions
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import MAX_RUNTIME_TAG
 from sync_project.store import Store
@@ -162,7 +162,8 @@ def last_drain_runs(
     """The newest webhook run (inbox sensor, drain tag) of each connection: one indexed query each."""
     runs: dict[str, DrainRun | None] = {}
     for connection_id in connection_ids:
-        tags = concurrency_tag(sync.key, connection_id, "drain")
+        # Any drain slot's: a standing drainer's successor queues in another slot than it.
+        tags = {DRAIN_PARTITION_TAG: f"{sync.key}:{connection_id}"}
         records = instance.get_run_records(filters=dg.RunsFilter(tags=tags), limit=1)
         runs[connection_id] = DrainRun.of(records[0]) if records else None
     return runs

@@ -7,6 +7,9 @@ roles, so a backfill proceeds while webhook runs keep draining; two polls of one
 turns. A poll run that finds its lease held waits for it (a backfill launched while a scheduled
 poll runs should follow it, not fail); a drain run waits only as long as a dead holder's lease
 takes to expire, and no longer once the holder renews: a live drainer drains the events itself.
+A successor drain (``handoff_wait_s``, requested by the inbox sensor shortly before the standing
+drainer reaches its cap) is the exception: it waits for the live holder to release, and takes
+over within one lease poll of it, so the partition always has a drainer.
 Every write is fenced by the lease, so whatever the run's sessions go through, a run that lost its
 partition writes nothing more.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,9 +32,9 @@ from sync_project.orchestration.webhook_drain import DrainResult, drain_inbox
 from sync_project.store import MergeResult, ProviderConnection, Store
 from sync_project.store.errors import LeaseHeldError
 from sync_project.store.leases import LeaseKeeper, LeaseRole
+from sync_project.store.wakeup import DEFAULT_FALLBACK_S, InboxWakeup
 
 RunMode = Literal["full", "incremental", "webhook"]
-LINGER_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,11 @@ class RunSettings:
     lease_ttl_s: float = 30.0
     #: How long a poll run waits for another poll of its partition before it fails.
     poll_lease_wait_s: float = 600.0
+    #: A successor drain waits this long for its live predecessor to release the drain lease
+    #: (0: an ordinary drain, which defers to a live drainer at once).
+    handoff_wait_s: float = 0.0
+    #: Postgres: an idle drainer claims at least this often without a notification.
+    wake_fallback_s: float = DEFAULT_FALLBACK_S
 
 
 @dataclass
@@ -68,6 +77,7 @@ def run_partition(
     run_id: str,
     log: logging.Logger | Any,
     settings: RunSettings | None = None,
+    on_batch: Callable[[DrainResult], None] | None = None,
 ) -> PartitionRunResult:
     """Poll or drain ``connection``'s partition of ``sync`` holding the lease of the mode's role.
 
@@ -80,13 +90,17 @@ def run_partition(
     # A dead drainer's lease expires within its TTL; a live one (it renews) drains what this run
     # came for, so a drain stops waiting as soon as its holder shows it is alive.
     wait_s = settings.lease_ttl_s + 5.0 if role == "drain" else settings.poll_lease_wait_s
+    successor = role == "drain" and settings.handoff_wait_s > 0
+    if successor:
+        wait_s = max(wait_s, settings.handoff_wait_s)
     result = PartitionRunResult()
     with ExitStack() as held:
         try:
             keeper = held.enter_context(
                 store.hold_lease(
                     sync.key, connection.connection_id, role, run_id,
-                    ttl_s=settings.lease_ttl_s, wait_s=wait_s, only_for_a_dead_holder=role == "drain", log=log,
+                    ttl_s=settings.lease_ttl_s, wait_s=wait_s,
+                    only_for_a_dead_holder=role == "drain" and not successor, log=log,
                 )
             )
         except LeaseHeldError as error:
@@ -98,7 +112,7 @@ def run_partition(
         log.info(f"{sync.key} {connection.connection_id}: holding {keeper.lease.describe()}")
         with provider.client(connection) as client:
             if mode == "webhook":
-                result.drained = drain_lingering(store, sync, connection, client, log, settings, keeper)
+                result.drained = drain_lingering(store, sync, connection, client, log, settings, keeper, on_batch)
                 result.merge = result.drained.merge
             else:
                 result.polled = poll(store, sync, connection, client, log, mode=mode, run_id=run_id, keeper=keeper)
@@ -114,24 +128,36 @@ def drain_lingering(
     log: logging.Logger | Any,
     settings: RunSettings,
     keeper: LeaseKeeper | None = None,
+    on_batch: Callable[[DrainResult], None] | None = None,
 ) -> DrainResult:
     """Drain the partition's inbox, then keep draining until ``settings.linger_s`` passes with
-    nothing new, ``settings.max_linger_run_s`` is up, or ``max_events`` is reached."""
+    nothing new, ``settings.max_linger_run_s`` is up, or ``max_events`` is reached.
+
+    Between claims the run sleeps on the partition's wake-up (Postgres ``LISTEN``, see
+    :mod:`sync_project.store.wakeup`), so a new event is claimed as soon as it commits and an
+    idle drainer costs one claim per fallback interval. It listens before the first claim: an
+    event committed between a claim that found nothing and the wait still wakes it.
+    """
     total = DrainResult()
     started = quiet_since = time.monotonic()
-    while True:
-        remaining = None if settings.max_events is None else settings.max_events - total.events_claimed
-        if remaining is not None and remaining <= 0:
-            return total
-        drained = drain_inbox(store, sync, connection, client, log, max_events=remaining, keeper=keeper)
-        total.merge += drained.merge
-        total.events_done += drained.events_done
-        total.events_retrying += drained.events_retrying
-        total.events_dead += drained.events_dead
-        total.batches += drained.batches
-        now = time.monotonic()
-        if drained.events_claimed:
-            quiet_since = now
-        if now - quiet_since >= settings.linger_s or now - started >= settings.max_linger_run_s:
-            return total
-        time.sleep(LINGER_POLL_S)
+    deadline = started + settings.max_linger_run_s
+    with InboxWakeup(store.engine, sync.key, connection.connection_id, fallback_s=settings.wake_fallback_s) as wakeup:
+        while True:
+            remaining = None if settings.max_events is None else settings.max_events - total.events_claimed
+            if remaining is not None and remaining <= 0:
+                return total
+            drained = drain_inbox(
+                store, sync, connection, client, log,
+                max_events=remaining, keeper=keeper, deadline=deadline, on_batch=on_batch,
+            )
+            total.merge += drained.merge
+            total.events_done += drained.events_done
+            total.events_retrying += drained.events_retrying
+            total.events_dead += drained.events_dead
+            total.batches += drained.batches
+            now = time.monotonic()
+            if drained.events_claimed:
+                quiet_since = now
+            if now - quiet_since >= settings.linger_s or now >= deadline:
+                return total
+            wakeup.wait(min(quiet_since + settings.linger_s, deadline) - now)

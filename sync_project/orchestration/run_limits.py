@@ -24,12 +24,16 @@ class RunLimits:
     """Time limits of the runs the inbox sensor and the polling schedules request."""
 
     #: A webhook run stops claiming after this long even while events keep coming
-    #: (``SyncRunConfig.max_linger_run_s``, which the inbox sensor sets from it).
-    webhook_linger_cap: timedelta = timedelta(seconds=60)
-    #: What a webhook run may need beyond its linger cap: waiting out a dead drainer's lease
-    #: (its TTL, 30 s, plus 5 s), start-up, its last batch, the checks and the notification
-    #: (10 s budget).
+    #: (``SyncRunConfig.max_linger_run_s``, which the inbox sensor sets from it). A standing
+    #: drainer under steady traffic is one run per partition per this long: six an hour.
+    webhook_linger_cap: timedelta = timedelta(minutes=10)
+    #: What a webhook run may need beyond its linger cap and its handoff wait: waiting out a dead
+    #: drainer's lease (its TTL, 30 s, plus 5 s), start-up, its last batch, the checks and the
+    #: notification (10 s budget).
     webhook_margin: timedelta = timedelta(seconds=75)
+    #: The inbox sensor requests a drainer's successor this long before the drainer's cap: room
+    #: for a sensor tick, the run queue and a run process's start on a busy machine.
+    handoff_lead: timedelta = timedelta(seconds=45)
     #: A poll may run for two poll intervals, and never less than this: the 10 minutes it may wait
     #: for the partition's poll lease (``poll_lease_wait_s``) and as long again to poll. Ending a
     #: slow poll costs nothing: every page committed its checkpoint, and the next poll resumes there.
@@ -38,12 +42,20 @@ class RunLimits:
     def __post_init__(self) -> None:
         if self.webhook_linger_cap <= timedelta(0) or self.webhook_margin <= timedelta(0):
             raise ValueError("webhook_linger_cap and webhook_margin must be positive")
+        if not timedelta(0) < self.handoff_lead < self.webhook_linger_cap:
+            raise ValueError("handoff_lead must be positive and shorter than webhook_linger_cap")
         if self.poll_floor <= timedelta(0):
             raise ValueError("poll_floor must be positive")
 
     @property
+    def handoff_wait(self) -> timedelta:
+        """How long a successor waits for its predecessor's release: the lead, then the
+        predecessor's last batch and a dead predecessor's lease expiry (TTL 30 s) with room."""
+        return self.handoff_lead + timedelta(seconds=60)
+
+    @property
     def webhook_max_runtime(self) -> timedelta:
-        return self.webhook_linger_cap + self.webhook_margin
+        return self.handoff_wait + self.webhook_linger_cap + self.webhook_margin
 
     def poll_max_runtime(self, sync: SyncDefinition) -> timedelta:
         return max(self.poll_floor, 2 * sync.poll_interval)

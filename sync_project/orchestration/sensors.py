@@ -11,21 +11,42 @@ was requested before, is requested again under a new suffix (``|again<n>``) as s
 passed since that request, a wait that doubles with each retry up to ``stall_after_s``: the next
 tick after a dead run is failed drains its partition, and a partition whose runs keep failing
 costs one run every two minutes, not one per tick.
+
+Standing drainers: a webhook run keeps claiming while its partition has traffic (``linger_s``
+without an event ends it) up to its cap (``RunLimits.webhook_linger_cap``). So that a partition
+with steady traffic is never without a drainer, the sensor requests a successor once the drainer
+holding the partition's drain lease has run for its cap less ``handoff_lead``: the successor
+starts while the drainer still drains, waits for its lease (``handoff_wait_s``), and claims
+within one lease poll of its release. A drainer whose lease expired while Dagster still counts
+its run as started died with its worker: the sensor requests a replacement at once, which takes
+the expired lease, instead of leaving the partition undrained until run monitoring fails the
+dead run at its ``dagster/max_runtime``. Each partition has ``DRAIN_SLOTS`` concurrency slots
+(drainer, successor, replacement), so these never queue behind the run they take over from.
 """
 
 
 import time
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import dagster as dg
 from pydantic import BaseModel
 
 from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.assets import SyncRunConfig, op_name
-from sync_project.orchestration.partitions import AssetJob, concurrency_tag, connection_partitions
+from sync_project.orchestration.partitions import (
+    DRAIN_SLOTS,
+    AssetJob,
+    connection_partitions,
+    drain_partition_of,
+    drain_slot,
+    drain_tags,
+)
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import RunLimits
+from sync_project.store import Store
 from sync_project.store.inbox import DuePartition
 
 #: Partitions requested per tick: keeps a tick (and its partition checks) far below the 60 s limit.
@@ -88,8 +109,71 @@ _WILL_CLAIM = [
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
-#: Webhook runs keep claiming this long after their last event (see SyncRunConfig.linger_s).
-DEFAULT_WEBHOOK_LINGER_S = 20.0
+#: Webhook runs keep claiming this long after their last event (see SyncRunConfig.linger_s): a
+#: partition with an event in the last five minutes has a standing drainer, and its next event is
+#: applied as it commits; a partition quiet for longer pays one run start (the cold case).
+DEFAULT_WEBHOOK_LINGER_S = 300.0
+#: A drain lease past its expiry by this much, still held by a started run, means that run's
+#: worker is dead (a live one renews every third of the TTL).
+DEAD_LEASE_GRACE_S = 2.0
+
+
+@dataclass
+class PartitionDrainers:
+    """The webhook runs of one (sync, connection) that will claim, and its drain lease."""
+
+    runs: list[dg.RunRecord] = field(default_factory=list)
+    holder: str | None = None
+    expires_at: datetime | None = None
+
+    def slots(self) -> set[int]:
+        return {drain_slot(record.dagster_run.tags) for record in self.runs}
+
+    def free_slot(self) -> int | None:
+        return next((slot for slot in range(DRAIN_SLOTS) if slot not in self.slots()), None)
+
+    def holder_run(self) -> dg.RunRecord | None:
+        return next((r for r in self.runs if r.dagster_run.run_id == self.holder), None)
+
+    def holder_is_dead(self, now: datetime) -> bool:
+        """Its lease expired while a started run still holds it: that run's worker died."""
+        return (
+            self.holder_run() is not None
+            and self.expires_at is not None
+            and (now - self.expires_at).total_seconds() > DEAD_LEASE_GRACE_S
+        )
+
+    def waiting(self, now: float, stale_after_s: float) -> list[dg.RunRecord]:
+        """Runs other than the holder still on their way to draining: queued, or started recently
+        enough that they may be waiting for the lease (older ones died before taking it)."""
+        waiting = []
+        for record in self.runs:
+            if record.dagster_run.run_id == self.holder:
+                continue
+            started = record.start_time or record.create_timestamp.timestamp()
+            if record.dagster_run.status in (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED) or (
+                now - started < stale_after_s
+            ):
+                waiting.append(record)
+        return waiting
+
+
+def partition_drainers(instance: dg.DagsterInstance, store: Store) -> dict[str, PartitionDrainers]:
+    """Webhook runs that will claim, and the drain leases, by ``sync:connection``."""
+    by_partition: dict[str, PartitionDrainers] = defaultdict(PartitionDrainers)
+    records = instance.get_run_records(filters=dg.RunsFilter(statuses=_WILL_CLAIM, tags={"sync/mode": "webhook"}))
+    for record in records:
+        partition = drain_partition_of(record.dagster_run.tags)
+        if partition is not None:
+            by_partition[partition].runs.append(record)
+    for lease in store.leases.list():
+        key = f"{lease.sync}:{lease.connection_id}"
+        if lease.role == "drain" and lease.holder is not None and key in by_partition:
+            expires_at = lease.expires_at
+            if expires_at is not None and expires_at.tzinfo is None:
+                expires_at = expires_at.replace(tzinfo=timezone.utc)
+            by_partition[key].holder, by_partition[key].expires_at = lease.holder, expires_at
+    return dict(by_partition)
 
 
 def waiting_partitions(instance: dg.DagsterInstance) -> set[str]:
@@ -115,25 +199,46 @@ def build_inbox_sensor(
     linger_s: float = DEFAULT_WEBHOOK_LINGER_S,
     run_limits: RunLimits | None = None,
 ) -> dg.SensorDefinition:
-    """``run_limits`` sets each webhook run's linger cap and its ``dagster/max_runtime``."""
+    """``run_limits`` sets each webhook run's linger cap, its successor's lead and wait, and its
+    ``dagster/max_runtime``."""
     limits = run_limits or RunLimits()
-    run_config_by_sync = {
-        key: dg.RunConfig(
-            ops={
-                op_name(sync): SyncRunConfig(
-                    mode="webhook", linger_s=linger_s, max_linger_run_s=limits.webhook_linger_cap.total_seconds()
-                )
-            }
+    cap_s = limits.webhook_linger_cap.total_seconds()
+    lead_s = limits.handoff_lead.total_seconds()
+    handoff_wait_s = limits.handoff_wait.total_seconds()
+
+    def run_config(sync: SyncDefinition, *, successor: bool) -> dg.RunConfig:
+        config = SyncRunConfig(
+            mode="webhook", linger_s=linger_s, max_linger_run_s=cap_s,
+            handoff_wait_s=handoff_wait_s if successor else 0.0,
         )
-        for key, sync in syncs.items()
-    }
+        return dg.RunConfig(ops={op_name(sync): config})
+
+    def request(
+        sync: SyncDefinition, connection_id: str, slot: int, run_key: str, high_water_mark: str, successor: bool, **tags: str
+    ) -> dg.RunRequest:
+        return dg.RunRequest(
+            job_name=jobs[sync.key].name,
+            partition_key=connection_id,
+            run_key=run_key,
+            run_config=run_config(sync, successor=successor),
+            tags={
+                **drain_tags(sync.key, connection_id, slot),
+                **limits.webhook_tags(),
+                "sync/mode": "webhook",
+                "sync/inbox_high_water_mark": high_water_mark,
+                **tags,
+            },
+        )
 
     @dg.sensor(
         name="inbox_sensor",
         jobs=list(jobs.values()),
         minimum_interval_seconds=5,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Requests a webhook-mode run for every (sync, connection) with due inbox events.",
+        description=(
+            "Keeps a drainer on every (sync, connection) with webhook traffic: requests a webhook-mode run for due "
+            "inbox events, a successor shortly before a standing drainer's cap, a replacement for a dead one."
+        ),
     )
     def inbox_sensor(context: dg.SensorEvaluationContext, sync_store: StoreResource) -> dg.SensorResult | dg.SkipReason:
         store = sync_store.get_store()
@@ -143,41 +248,59 @@ def build_inbox_sensor(
         cursor.high_water_mark = high_water_mark
         due_keys = {f"{p.sync}|{p.connection_id}" for p in due}
         cursor.requested = {key: value for key, value in cursor.requested.items() if key in due_keys}
-        if not due:
-            context.update_cursor(cursor.model_dump_json())
-            return dg.SkipReason(f"no due inbox events (high-water mark {high_water_mark})")
-
-        paused = {(c.provider, c.connection_id) for c in store.connections.list(status="paused")}
-        waiting = waiting_partitions(context.instance)
-        by_provider: dict[str, set[str]] = defaultdict(set)
-        requests = []
+        drainers = partition_drainers(context.instance, store)
         now = time.time()
+        now_utc = datetime.fromtimestamp(now, timezone.utc)
+        stale_after_s = handoff_wait_s + limits.webhook_margin.total_seconds()
+        requests: list[dg.RunRequest] = []
+        # Standing drainers first: a successor before one reaches its cap, a replacement for a dead one.
+        handled: set[str] = set()
+        for partition, found in drainers.items():
+            sync_key, _, connection_id = partition.partition(":")
+            sync = syncs.get(sync_key)
+            if sync is None or found.waiting(now, stale_after_s):
+                continue
+            holder = found.holder_run()
+            slot = found.free_slot()
+            if holder is None or slot is None:
+                continue
+            handled.add(partition)
+            if found.holder_is_dead(now_utc):
+                context.log.info(f"{partition}: drainer {holder.dagster_run.run_id[:8]}'s lease expired: replacing it")
+                requests.append(request(
+                    sync, connection_id, slot, f"replace|{sync_key}|{connection_id}|{holder.dagster_run.run_id}",
+                    str(high_water_mark), successor=False, **{"sync/replaces": holder.dagster_run.run_id},
+                ))
+            elif holder.start_time is not None and now - holder.start_time >= cap_s - lead_s:
+                requests.append(request(
+                    sync, connection_id, slot, f"handoff|{sync_key}|{connection_id}|{holder.dagster_run.run_id}",
+                    str(high_water_mark), successor=True, **{"sync/successor_of": holder.dagster_run.run_id},
+                ))
+        paused = {(c.provider, c.connection_id) for c in store.connections.list(status="paused")}
+        by_provider: dict[str, set[str]] = defaultdict(set)
         for partition in due:
             sync = syncs[partition.sync]
-            if (sync.provider, partition.connection_id) in paused:
+            key = f"{partition.sync}:{partition.connection_id}"
+            if (sync.provider, partition.connection_id) in paused or key in handled:
                 continue
-            tag = concurrency_tag(sync.key, partition.connection_id, "drain")
-            if tag["sync/asset_partition"] in waiting:
-                # A queued or draining run will claim these events too: another would idle.
+            found = drainers.get(key, PartitionDrainers())
+            holder = found.holder_run()
+            if (holder is not None and not found.holder_is_dead(now_utc)) or found.waiting(now, stale_after_s):
+                # A draining or queued run will claim these events too: another would idle.
+                continue
+            slot = found.free_slot()
+            if slot is None:
                 continue
             run_key = cursor.run_key_for(
                 f"{partition.sync}|{partition.connection_id}", base_run_key(partition), now, stall_after_s
             )
             by_provider[sync.provider].add(partition.connection_id)
-            requests.append(
-                dg.RunRequest(
-                    job_name=jobs[sync.key].name,
-                    partition_key=partition.connection_id,
-                    run_key=run_key,
-                    run_config=run_config_by_sync[sync.key],
-                    tags={
-                        **tag,
-                        **limits.webhook_tags(),
-                        "sync/mode": "webhook",
-                        "sync/inbox_high_water_mark": str(partition.max_id),
-                    },
-                )
-            )
+            requests.append(request(sync, partition.connection_id, slot, run_key, str(partition.max_id), successor=False))
+        if not requests:
+            context.update_cursor(cursor.model_dump_json())
+            if not due:
+                return dg.SkipReason(f"no due inbox events (high-water mark {high_water_mark})")
+            return dg.SkipReason(f"{len(due)} partition(s) with due events, each with a drainer")
         additions = []
         for provider, connection_ids in by_provider.items():
             partitions = connection_partitions(provider)

@@ -16,7 +16,8 @@ probe; a failed purge is logged, never a failed run (the next run tries again).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -77,8 +78,15 @@ def drain_inbox(
     retry_base_delay_s: float = 1.0,
     keeper: LeaseKeeper | None = None,
     apply_retention: bool = True,
+    deadline: float | None = None,
+    on_batch: Callable[[DrainResult], None] | None = None,
 ) -> DrainResult:
-    """Apply the due pending inbox events of (``sync``, ``connection``) until none is due.
+    """Apply the due pending inbox events of (``sync``, ``connection``) until none is due, or
+    ``deadline`` (``time.monotonic()``) has passed: checked between batches, so under a steady
+    stream a run still ends within one batch of it, and its successor takes the rest.
+
+    ``on_batch(batch)`` is called after each committed batch with that batch's own counts (the
+    asset records a materialization per batch with it).
 
     With ``keeper`` (the run's drain lease) every batch, acknowledgements included, is fenced by
     it: a run that lost its lease raises :class:`~sync_project.store.LeaseLostError` and leaves
@@ -97,6 +105,8 @@ def drain_inbox(
     result = DrainResult()
     claimed = 0
     while max_events is None or claimed < max_events:
+        if deadline is not None and result.batches and time.monotonic() >= deadline:
+            break
         limit = batch_size if max_events is None else min(batch_size, max_events - claimed)
         failures: list[tuple[int, str]] = []
         lease = None
@@ -138,6 +148,8 @@ def drain_inbox(
                 retrying += 1
         result.events_retrying += retrying
         result.events_dead += dead
+        if on_batch is not None:
+            on_batch(DrainResult(merged, len(done), retrying, dead, 1))
         log.info(
             f"inbox {sync.key}/{connection.connection_id}: batch of {len(events)} events: "
             f"{len(done)} done, {retrying} retrying, {dead} dead; "
@@ -149,7 +161,8 @@ def drain_inbox(
                 + ", ".join(f"{event_id} ({error[:200]})" for event_id, error in failures[:5])
                 + (" ..." if len(failures) > 5 else "")
             )
-    if apply_retention:
+    # Only after a call that drained something: a standing drainer calls this on every wake-up.
+    if apply_retention and result.batches:
         purge_expired(store, log)
     return result
 

@@ -45,6 +45,7 @@ from sync_project.store.engine import unavailable_as_store_error
 from sync_project.store.leases import Lease, check_lease
 from sync_project.store.routing import ConnectionLookup, connections_for
 from sync_project.store.schema import UtcDateTime, inbox, inbox_done, inbox_pending
+from sync_project.store.wakeup import notify_inserted
 
 InboxStatus = Literal["pending", "done", "dead", "unroutable", "ignored", "routed"]
 INBOX_STATUSES: tuple[str, ...] = get_args(InboxStatus)
@@ -687,6 +688,8 @@ def insert_events(
             owner[key] = index
             rows.append((provider, event, received_at))
     inserted = _insert_returning(conn, rows)
+    # Wakes the partitions' drainers when this transaction commits (Postgres; see store/wakeup.py).
+    notify_inserted(conn, {(sync, connection_id) for _, _, sync, connection_id in inserted})
     for key, index in owner.items():
         if key in inserted:
             results[index].stored += 1

@@ -151,8 +151,11 @@ def test_webhook_runs_carry_their_time_limit_and_linger_cap(store, instance):
     deliver(store, "e1")
     [request] = ticker.tick().run_requests
     limits = RunLimits()
-    assert request.tags[MAX_RUNTIME_TAG] == "135" == str(int(limits.webhook_max_runtime.total_seconds()))
+    # Its successor's longest wait for the lease (105 s), the cap (600 s), the margin (75 s).
+    assert request.tags[MAX_RUNTIME_TAG] == "780" == str(int(limits.webhook_max_runtime.total_seconds()))
     config = request.run_config["ops"]["sandbox__contacts"]["config"]
     # The run stops claiming after its linger cap, well before run monitoring would end it.
-    assert config["max_linger_run_s"] == limits.webhook_linger_cap.total_seconds() == 60.0
-    assert config["max_linger_run_s"] == SyncRunConfig().max_linger_run_s
+    assert config["max_linger_run_s"] == limits.webhook_linger_cap.total_seconds() == 600.0
+    # A first drainer does not wait for a live one; only a successor does.
+    assert config["handoff_wait_s"] == 0.0
+    assert SyncRunConfig.model_validate(config).mode == "webhook"

@@ -1,0 +1,139 @@
+"""Waking a drainer when its partition's inbox gets events: Postgres ``LISTEN/NOTIFY``, SQLite a poll.
+
+The receiver's insert transaction sends ``NOTIFY sync_inbox, '<sync>|<connection>'`` for each
+partition it added events to (:func:`notify_inserted`); Postgres delivers it at commit, so a
+woken drainer's claim finds the rows. A drainer that has drained everything listens on its own
+session and sleeps until its partition is named, or ``fallback_s`` passes: the fallback bounds
+what a lost notification (a dropped listening session, an event that was not due yet when it
+arrived, a retry coming due) can cost, and it is the only database traffic of an idle drainer.
+
+SQLite has no notifications between processes, so there the wait is a plain sleep of
+``SQLITE_POLL_S``: one indexed ``SELECT`` every half second per drainer is modest for the
+single-host database SQLite is meant for here.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Engine
+
+CHANNEL = "sync_inbox"
+#: Postgres: the longest an idle drainer sleeps without a notification before it claims anyway.
+DEFAULT_FALLBACK_S = 2.0
+#: SQLite: how often an idle drainer claims (no cross-process notifications).
+SQLITE_POLL_S = 0.5
+
+_log = logging.getLogger(__name__)
+
+
+def partition_payload(sync: str, connection_id: str) -> str:
+    return f"{sync}|{connection_id}"
+
+
+def notify_inserted(conn: Connection, partitions: Iterable[tuple[str, str]]) -> None:
+    """Queue one notification per (sync, connection) in ``conn``'s transaction (Postgres only):
+    delivered when it commits, dropped if it rolls back, so a drainer never wakes for rows it
+    cannot see."""
+    if conn.dialect.name != "postgresql":
+        return
+    for sync, connection_id in sorted(set(partitions)):
+        conn.execute(
+            text("SELECT pg_notify(:channel, :payload)"),
+            {"channel": CHANNEL, "payload": partition_payload(sync, connection_id)},
+        )
+
+
+class InboxWakeup:
+    """Sleeps until (sync, connection) gets new inbox events or a bounded fallback passes.
+
+    Listen with :meth:`open` before the first claim, so an event committed between a claim that
+    found nothing and the wait still wakes the wait. Closing releases the listening session.
+    """
+
+    def __init__(self, engine: Engine, sync: str, connection_id: str, *, fallback_s: float = DEFAULT_FALLBACK_S) -> None:
+        self._engine = engine
+        self._payload = partition_payload(sync, connection_id)
+        self._fallback_s = fallback_s
+        self._raw: Any = None
+        self.notified = 0
+
+    @property
+    def listening(self) -> bool:
+        return self._raw is not None
+
+    def open(self) -> InboxWakeup:
+        if self._engine.dialect.name != "postgresql" or self._raw is not None:
+            return self
+        try:
+            # A session of its own (not from the pool): it stays in LISTEN for the run's life.
+            proxy = self._engine.raw_connection()
+            proxy.detach()  # never back to the pool in autocommit and LISTEN
+            raw = proxy.dbapi_connection
+            raw.autocommit = True
+            with raw.cursor() as cursor:
+                cursor.execute(f"LISTEN {CHANNEL}")
+            self._raw = raw
+        except Exception as error:  # noqa: BLE001 - the fallback poll still drains
+            _log.warning(f"inbox wake-up: cannot LISTEN ({type(error).__name__}: {error}); polling every {self._fallback_s} s")
+            self._raw = None
+        return self
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Return True when the partition was named, False when the wait ran out."""
+        limit = self._fallback_s if timeout_s is None else min(timeout_s, self._fallback_s)
+        if self._engine.dialect.name != "postgresql":
+            time.sleep(min(limit, SQLITE_POLL_S))
+            return False
+        if self._raw is None:
+            self.open()
+            if self._raw is None:
+                time.sleep(limit)
+                return False
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                if self._drain_notifications():
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                select.select([self._raw], [], [], remaining)
+            except Exception as error:  # noqa: BLE001 - a dropped session: listen again next wait
+                _log.warning(f"inbox wake-up: listening session lost ({type(error).__name__}: {error})")
+                self._discard()
+                time.sleep(max(0.0, deadline - time.monotonic()))
+                return False
+
+    def _drain_notifications(self) -> bool:
+        self._raw.poll()
+        named = False
+        while self._raw.notifies:
+            notification = self._raw.notifies.pop(0)
+            if notification.payload == self._payload:
+                named = True
+        if named:
+            self.notified += 1
+        return named
+
+    def _discard(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            try:
+                raw.close()
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    def close(self) -> None:
+        self._discard()
+
+    def __enter__(self) -> InboxWakeup:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
