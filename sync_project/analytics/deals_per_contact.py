@@ -5,17 +5,23 @@ store as DataFrames (``Store.dataframe``), and compute with pandas. Deleted reco
 default; pass ``include_deleted=True`` to see tombstones.
 """
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
-import pandas as pd
 
 from sync_project.orchestration.resources import StoreResource
+
+if TYPE_CHECKING:  # imported when the asset runs: every run process loads this module, few need pandas
+    import pandas as pd
 
 CONTACTS = dg.AssetKey(["sandbox", "contacts"])
 DEALS = dg.AssetKey(["sandbox", "deals"])
 
 
-def summarize_deals_per_contact(contacts: pd.DataFrame, deals: pd.DataFrame) -> pd.DataFrame:
+def summarize_deals_per_contact(contacts: "pd.DataFrame", deals: "pd.DataFrame") -> "pd.DataFrame":
     """One row per live contact: number of deals and their total amount (0 when none)."""
+    import pandas as pd
+
     columns = ["connection_id", "contact_id", "email", "deals", "total_amount"]
     if contacts.empty:
         return pd.DataFrame(columns=columns)

@@ -15,15 +15,17 @@ import bisect
 import json
 from collections.abc import Iterator, Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pandas as pd
 from pydantic import BaseModel
 from sqlalchemy import delete, select, text
 from sqlalchemy.engine import Connection
 
 from sync_project.store.errors import StoreError
 from sync_project.store.schema import UtcDateTime, feed_entries, records
+
+if TYPE_CHECKING:  # pandas costs 0.5 s of CPU to import: only the readers that build frames pay it
+    import pandas as pd
 
 ChangeAction = Literal["added", "updated", "deleted"]
 MAX_PAGE = 10_000
@@ -248,6 +250,7 @@ def iter_dataframes(
 
 
 def _frame(rows: Sequence[Any]) -> pd.DataFrame:
+    import pandas as pd
     data = pd.DataFrame.from_records([json.loads(row.data) for row in rows], index=range(len(rows)))
     meta = pd.DataFrame(
         {
@@ -265,4 +268,5 @@ def _frame(rows: Sequence[Any]) -> pd.DataFrame:
 
 
 def empty_frame() -> pd.DataFrame:
+    import pandas as pd
     return pd.DataFrame({name: pd.Series(dtype="object") for name in METADATA_COLUMNS})

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
@@ -21,6 +20,9 @@ from sync_project.store.merge import MergeResult, RecordSpec
 from sync_project.store.records import RecordLike, RecordWriter, WriteHints
 from sync_project.store.schema import records
 from sync_project.store.state import SyncStates
+
+if TYPE_CHECKING:  # imported where frames are built (see feed.py)
+    import pandas as pd
 
 
 class Store:
@@ -158,6 +160,8 @@ class Store:
         frames = list(self.iter_dataframes(sync, connection_id, include_deleted=include_deleted))
         if not frames:
             return feed.empty_frame()
+        import pandas as pd
+
         return pd.concat(frames, ignore_index=True)
 
     def iter_dataframes(

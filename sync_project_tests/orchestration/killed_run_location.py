@@ -20,7 +20,9 @@ from sync_project.orchestration.run_limits import RunLimits
 HANDLER_DELAY_S = 0.25
 #: Webhook runs stop claiming after 5 s; run monitoring fails one after 45 s, which leaves a run
 #: the 35 s it may wait for a dead drainer's lease to expire.
-RUN_LIMITS = RunLimits(webhook_linger_cap=timedelta(seconds=5), webhook_margin=timedelta(seconds=40))
+RUN_LIMITS = RunLimits(
+    webhook_linger_cap=timedelta(seconds=5), webhook_margin=timedelta(seconds=40), handoff_lead=timedelta(seconds=2)
+)
 
 _contacts = next(sync for sync in registry.syncs() if sync.key == "sandbox/contacts")
 assert _contacts.on_webhook is not None

@@ -57,9 +57,14 @@ def test_deliveries_become_merged_records_and_done_events(harness: RealtimeHarne
     assert_store_matches_truth(harness, "demo-2", "acct-2")
     [first] = [r for r in harness.results if r.dagster_run.tags["sync/asset_partition"] == "sandbox/contacts:demo-1:drain"]
     assert first.dagster_run.tags["sync/mode"] == "webhook"
-    [materialization] = first.asset_materializations_for_node("sandbox__contacts")
-    assert materialization.metadata["events_drained"].value > 0
+    # One materialization as the batch committed (the UI shows it while the run still lingers),
+    # then the run's own with its totals.
+    batch, materialization = first.asset_materializations_for_node("sandbox__contacts")
+    assert batch.partition == materialization.partition == "demo-1"
+    assert batch.metadata["batches"].value == 1
+    assert batch.metadata["events_drained"].value == materialization.metadata["events_drained"].value > 0
     assert materialization.metadata["mode"].value == "webhook"
+    assert materialization.metadata["materializations_during_run"].value == 1
     # Nothing new: the sensor requests nothing, even with its run keys all used.
     assert harness.step() == []
 
@@ -102,7 +107,7 @@ def test_two_connections_proceed_independently(harness: RealtimeHarness) -> None
     # demo-1's runs saw the live drainer renew, left it the events, and drained nothing themselves.
     for result in results:
         if result.dagster_run.tags["sync/asset_partition"].split(":")[1] == "demo-1":
-            [materialization] = result.asset_materializations_for_node(result.dagster_run.job_name.removesuffix("_job"))
+            *_, materialization = result.asset_materializations_for_node(result.dagster_run.job_name.removesuffix("_job"))
             assert materialization.metadata["deferred_to_run"].value == "live-drainer"
     assert harness.store.inbox.count(status="pending", connection_id="demo-1") > 0
     assert harness.store.inbox.count(status="pending", connection_id="demo-2") == 0
@@ -197,10 +202,14 @@ def test_a_lingering_webhook_run_applies_events_that_arrive_while_it_runs(harnes
     # The run ends 3 s after its last event; under load its teardown (compute logs) takes a while.
     runner.join(180)
     assert not runner.is_alive(), "the lingering run did not end"
-    [materialization] = outcome["result"].asset_materializations_for_node("sandbox__contacts")
+    *batches, materialization = outcome["result"].asset_materializations_for_node("sandbox__contacts")
     contact_events = harness.store.inbox.events(status="done", sync="sandbox/contacts")
     assert any(event.id > first_wave for event in contact_events)
     assert materialization.metadata["events_drained"].value == len(contact_events)
+    # The first wave's batch was recorded as it committed; the second's at once or with the run's.
+    assert batches and batches[0].metadata["events_drained"].value >= 1
+    assert sum(batch.metadata["events_drained"].value for batch in batches) <= len(contact_events)
+    assert materialization.metadata["materializations_during_run"].value == len(batches)
     assert harness.store.inbox.count(status="pending", sync="sandbox/contacts") == 0
 
 
@@ -227,5 +236,5 @@ def test_a_lingering_run_ends_at_its_cap_while_events_keep_coming(harness: Realt
         producer.join()
     # It ended although events never stopped for its 600 s linger, and reported what it drained.
     assert result.success
-    [materialization] = result.asset_materializations_for_node("sandbox__contacts")
+    *_, materialization = result.asset_materializations_for_node("sandbox__contacts")
     assert materialization.metadata["events_drained"].value > 0

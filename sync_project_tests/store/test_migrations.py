@@ -114,3 +114,9 @@ def test_processes_opening_a_new_database_at_once_are_safe(database_url: str) ->
         process.join(60)
     assert outcomes == [("ok", 0)] * 3
     assert revision(database_url) == migrate.head_revision()
+
+
+def test_the_pinned_head_is_alembics_head() -> None:
+    # Opening a store compares the stored revision with HEAD_REVISION, so a run never imports
+    # alembic: a new migration must move it, or stores would not be upgraded.
+    assert migrate.HEAD_REVISION == migrate.head_revision()
