@@ -136,9 +136,10 @@ class PartitionDrainers:
         return next((r for r in self.runs if r.dagster_run.run_id == self.holder), None)
 
     def holder_is_dead(self, now: datetime) -> bool:
-        """Its lease expired while a started run still holds it: that run's worker died."""
+        """Its lease expired while still held: its run's worker died (a run that ends releases
+        it), whether Dagster still counts that run as started or its code server failed it."""
         return (
-            self.holder_run() is not None
+            self.holder is not None
             and self.expires_at is not None
             and (now - self.expires_at).total_seconds() > DEAD_LEASE_GRACE_S
         )
@@ -167,13 +168,20 @@ def partition_drainers(instance: dg.DagsterInstance, store: Store) -> dict[str, 
         if partition is not None:
             by_partition[partition].runs.append(record)
     for lease in store.leases.list():
-        key = f"{lease.sync}:{lease.connection_id}"
-        if lease.role == "drain" and lease.holder is not None and key in by_partition:
+        # Every held drain lease, also of partitions with no run that will claim: a drainer that
+        # ended without releasing its lease (its worker was killed, and its code server failed
+        # the run) is a partition that lost its drainer.
+        if lease.role == "drain" and lease.holder is not None:
             expires_at = lease.expires_at
             if expires_at is not None and expires_at.tzinfo is None:
                 expires_at = expires_at.replace(tzinfo=timezone.utc)
-            by_partition[key].holder, by_partition[key].expires_at = lease.holder, expires_at
+            found = by_partition[f"{lease.sync}:{lease.connection_id}"]
+            found.holder, found.expires_at = lease.holder, expires_at
     return dict(by_partition)
+
+
+def paused_connections(store: Store) -> set[tuple[str, str]]:
+    return {(c.provider, c.connection_id) for c in store.connections.list(status="paused")}
 
 
 def waiting_partitions(instance: dg.DagsterInstance) -> set[str]:
@@ -253,6 +261,7 @@ def build_inbox_sensor(
         now_utc = datetime.fromtimestamp(now, timezone.utc)
         stale_after_s = handoff_wait_s + limits.webhook_margin.total_seconds()
         requests: list[dg.RunRequest] = []
+        paused = paused_connections(store)
         # Standing drainers first: a successor before one reaches its cap, a replacement for a dead one.
         handled: set[str] = set()
         for partition, found in drainers.items():
@@ -262,21 +271,26 @@ def build_inbox_sensor(
                 continue
             holder = found.holder_run()
             slot = found.free_slot()
-            if holder is None or slot is None:
+            if found.holder is None or slot is None:
+                continue
+            if found.holder_is_dead(now_utc):
+                handled.add(partition)
+                if (sync.provider, connection_id) in paused:
+                    continue
+                context.log.info(f"{partition}: drainer {found.holder[:8]}'s lease expired: replacing it")
+                requests.append(request(
+                    sync, connection_id, slot, f"replace|{sync_key}|{connection_id}|{found.holder}",
+                    str(high_water_mark), successor=False, **{"sync/replaces": found.holder},
+                ))
+                continue
+            if holder is None:
                 continue
             handled.add(partition)
-            if found.holder_is_dead(now_utc):
-                context.log.info(f"{partition}: drainer {holder.dagster_run.run_id[:8]}'s lease expired: replacing it")
-                requests.append(request(
-                    sync, connection_id, slot, f"replace|{sync_key}|{connection_id}|{holder.dagster_run.run_id}",
-                    str(high_water_mark), successor=False, **{"sync/replaces": holder.dagster_run.run_id},
-                ))
-            elif holder.start_time is not None and now - holder.start_time >= cap_s - lead_s:
+            if holder.start_time is not None and now - holder.start_time >= cap_s - lead_s:
                 requests.append(request(
                     sync, connection_id, slot, f"handoff|{sync_key}|{connection_id}|{holder.dagster_run.run_id}",
                     str(high_water_mark), successor=True, **{"sync/successor_of": holder.dagster_run.run_id},
                 ))
-        paused = {(c.provider, c.connection_id) for c in store.connections.list(status="paused")}
         by_provider: dict[str, set[str]] = defaultdict(set)
         for partition in due:
             sync = syncs[partition.sync]

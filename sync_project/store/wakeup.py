@@ -67,6 +67,11 @@ class InboxWakeup:
     def listening(self) -> bool:
         return self._raw is not None
 
+    @property
+    def session_pid(self) -> int | None:
+        """The listening session's backend pid (Postgres), for an operator's or a test's eyes."""
+        return None if self._raw is None else int(self._raw.get_backend_pid())
+
     def open(self) -> InboxWakeup:
         if self._engine.dialect.name != "postgresql" or self._raw is not None:
             return self

@@ -17,7 +17,7 @@ from sync_project.core.sync import FetchContext, Page
 from sync_project.orchestration.factory import build_definitions
 from sync_project.orchestration.run_limits import RunLimits
 
-POLL_DELAY_S = 25.0
+POLL_DELAY_S = 60.0
 RUN_LIMITS = RunLimits(
     webhook_linger_cap=timedelta(seconds=24), webhook_margin=timedelta(seconds=40), handoff_lead=timedelta(seconds=12)
 )

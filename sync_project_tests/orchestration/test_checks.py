@@ -15,7 +15,7 @@ from sync_project.core import Save
 from sync_project.orchestration.checks import CHECKS_JOB, CheckSettings, DrainRun, why_not_draining
 from sync_project.orchestration.factory import build_definitions
 from sync_project.orchestration.notifications import NotifierResource
-from sync_project.orchestration.partitions import concurrency_tag, partitions_name
+from sync_project.orchestration.partitions import drain_tags, partitions_name
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import MAX_RUNTIME_TAG
 from sync_project.serving import BackgroundServer
@@ -204,7 +204,7 @@ def drain_run(store: Store, instance: dg.DagsterInstance, connection_id: str, *,
     job = definitions(store).resolve_job_def("fakeapi__items_job")
     run = instance.create_run_for_job(
         job, status=dg.DagsterRunStatus.NOT_STARTED,
-        tags={**concurrency_tag("fakeapi/items", connection_id, "drain"), "sync/mode": "webhook", MAX_RUNTIME_TAG: "135"},
+        tags={**drain_tags("fakeapi/items", connection_id), "sync/mode": "webhook", MAX_RUNTIME_TAG: "135"},
     )
     if started_ago is not None:
         started = dg.DagsterEvent(dg.DagsterEventType.RUN_START.value, job_name=run.job_name)
