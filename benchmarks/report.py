@@ -54,6 +54,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("drain.py"),
     Benchmark("poll.py"),
     Benchmark("e2e_latency.py"),
+    Benchmark("import_time.py"),
 )
 
 

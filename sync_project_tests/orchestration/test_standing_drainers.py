@@ -29,6 +29,8 @@ from sync_project_tests.orchestration import standing_drainer_location
 from sync_project_tests.orchestration.test_killed_run import BIN, ROOT, _stop, wait_for, worker_pid
 from sync_project_tests.support.realtime import RealtimeHarness, stored_state
 
+#: The test's own polls (the poll schedule may add its own when a quarter hour passes).
+TEST_POLL = {"test/poll": "standing"}
 CONNECTIONS = {"demo-1": "acct-1", "demo-2": "acct-2", "demo-3": "acct-3"}
 SYNC = "sandbox/contacts"
 #: Webhook traffic lasts this long: beyond a drainer's cap (24 s), so successors take over.
@@ -69,7 +71,7 @@ def daemon_env(tmp_path: Path, postgres_url: str) -> Iterator[tuple[dict[str, st
 
 def launch_poll(env: dict[str, str], workspace: Path, connection_id: str) -> None:
     """An incremental poll of the partition, submitted to the daemon's queue as a schedule's is."""
-    tags = {**concurrency_tag(SYNC, connection_id, "poll"), "dagster/partition": connection_id, "sync/mode": "incremental"}
+    tags = {**concurrency_tag(SYNC, connection_id, "poll"), "dagster/partition": connection_id, "sync/mode": "incremental", **TEST_POLL}
     config = {"ops": {"sandbox__contacts": {"config": {"mode": "incremental"}}}}
     subprocess.run(
         [str(BIN / "dagster"), "job", "launch", "-w", str(workspace), "-j", "sandbox__contacts_job",
@@ -108,7 +110,7 @@ def test_standing_drainers_apply_every_event_beside_polls_and_survive_a_killed_r
 
             def polls_in_progress() -> bool:
                 running = instance.get_run_records(
-                    filters=dg.RunsFilter(tags={"sync/mode": "incremental"}, statuses=[dg.DagsterRunStatus.STARTED])
+                    filters=dg.RunsFilter(tags=TEST_POLL, statuses=[dg.DagsterRunStatus.STARTED])
                 )
                 return len(running) == len(CONNECTIONS)
 
@@ -158,7 +160,7 @@ def test_standing_drainers_apply_every_event_beside_polls_and_survive_a_killed_r
             wait_for("every event applied", drained, time.monotonic() + 60, daemon, log)
             polls_done = lambda: all(  # noqa: E731
                 r.dagster_run.status == dg.DagsterRunStatus.SUCCESS
-                for r in instance.get_run_records(filters=dg.RunsFilter(tags={"sync/mode": "incremental"}))
+                for r in instance.get_run_records(filters=dg.RunsFilter(tags=TEST_POLL))
             )
             wait_for("the polls to succeed", polls_done, time.monotonic() + 60, daemon, log)
             truth = {account_id: harness.admin.truth(account_id) for account_id in CONNECTIONS.values()}
