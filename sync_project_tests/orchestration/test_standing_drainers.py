@@ -23,6 +23,7 @@ import dagster as dg
 import pytest
 import yaml
 
+from sync_project import settings
 from sync_project.orchestration.partitions import DRAIN_PARTITION_TAG, concurrency_tag
 from sync_project.store import Store
 from sync_project_tests.orchestration import standing_drainer_location
@@ -58,7 +59,7 @@ def drain_holder(store: Store, connection_id: str) -> str | None:
 def daemon_env(tmp_path: Path, postgres_url: str) -> Iterator[tuple[dict[str, str], Path]]:
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text(settings.INSTANCE_TEMPLATE.read_text())
     workspace = tmp_path / "workspace.yaml"
     location = {
         "relative_path": standing_drainer_location.__file__, "working_directory": str(ROOT), "location_name": "standing",
