@@ -26,32 +26,13 @@ from sync_project import settings
 from sync_project.sandbox.client import SandboxAdmin
 from sync_project.store import Store
 from sync_project_tests.cli.test_dev import free_port
+from sync_project_tests.support.dagster_ui import BACKFILL_STATUS, LAUNCH_BACKFILL
 from sync_project_tests.support.realtime import sandbox_syncs, stored_state
 
 ROOT = settings.project_root()
 BIN = Path(sys.executable).parent
 PARTITIONS = ["demo-1", "demo-2"]
 ACCOUNTS = {"demo-1": "acct-1", "demo-2": "acct-2"}
-
-LAUNCH_BACKFILL = """
-mutation LaunchPartitionBackfill($backfillParams: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $backfillParams) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-    ... on InvalidSubsetError { message }
-  }
-}
-"""
-BACKFILL_STATUS = """
-query BackfillStatus($backfillId: String!) {
-  partitionBackfillOrError(backfillId: $backfillId) {
-    __typename
-    ... on PartitionBackfill { status }
-    ... on PythonError { message }
-  }
-}
-"""
 
 
 def graphql(ui_url: str, query: str, variables: dict[str, Any]) -> dict[str, Any]:

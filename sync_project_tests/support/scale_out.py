@@ -39,6 +39,7 @@ from sync_project.sandbox.webhooks import RetryPolicy
 from sync_project.serving import BackgroundServer
 from sync_project.store import Store
 from sync_project_tests.support import hosts
+from sync_project_tests.support.dagster_ui import BACKFILL_STATUS, LAUNCH_BACKFILL
 from sync_project_tests.support.load_balancer import round_robin_app
 from sync_project_tests.support.private_postgres import PrivatePostgres
 from sync_project_tests.support.private_postgres import unavailable_reason as postgres_unavailable
@@ -384,24 +385,3 @@ class ScaleOutDeployment:
             else:
                 os.environ[key] = value
         self._saved_env.clear()
-
-
-LAUNCH_BACKFILL = """
-mutation LaunchPartitionBackfill($backfillParams: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $backfillParams) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-    ... on InvalidSubsetError { message }
-  }
-}
-"""
-BACKFILL_STATUS = """
-query BackfillStatus($backfillId: String!) {
-  partitionBackfillOrError(backfillId: $backfillId) {
-    __typename
-    ... on PartitionBackfill { status }
-    ... on PythonError { message }
-  }
-}
-"""
