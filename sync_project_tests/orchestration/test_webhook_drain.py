@@ -155,8 +155,11 @@ def test_a_drain_applies_the_default_retention_to_done_events(
     setup.drain()
     assert sorted(setup.statuses()) == ["evt-new@north", "evt-old@north"]
     monkeypatch.delenv("SYNC_INBOX_RETENTION_DAYS")  # the default: 7 days
+    setup.drain()  # nothing to drain: retention runs only after a drain that applied events
+    assert sorted(setup.statuses()) == ["evt-new@north", "evt-old@north"]
+    setup.deliver(event("evt-third", id="c3", name="Edsger", updated_at=at(1)))
     setup.drain()
-    assert setup.statuses() == {"evt-new@north": "done"}
+    assert setup.statuses() == {"evt-new@north": "done", "evt-third@north": "done"}
     assert setup.record("c1") is not None  # retention removes events, never records
 
 
