@@ -123,23 +123,29 @@ def test_a_backfill_spreads_over_two_worker_hosts_and_survives_one_dying(deploym
             def backfill_runs() -> list[dg.DagsterRun]:
                 return list(instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id})))
 
+            def on_doomed(status: dg.DagsterRunStatus) -> list[dg.DagsterRun]:
+                return [r for r in backfill_runs() if r.status == status and d.task_worker(r) == doomed.celery_name]
+
             # Mid-backfill: the doomed host has finished a run and is executing a backfill run.
+            # A run takes seconds, so one seen running may finish before the kill: the host is
+            # frozen first (SIGSTOP), its running backfill runs read, and then it is killed; when
+            # none is running once frozen, it thaws and the wait goes on.
             deadline = time.monotonic() + 180
             while True:
-                runs = backfill_runs()
-                on_doomed = [r for r in runs if r.status == dg.DagsterRunStatus.STARTED
-                             and d.task_worker(r) == doomed.celery_name]
-                done_on_doomed = [r for r in runs if r.status == dg.DagsterRunStatus.SUCCESS
-                                  and d.task_worker(r) == doomed.celery_name]
-                if on_doomed and done_on_doomed:
-                    break
                 assert time.monotonic() < deadline, f"no backfill run started on {doomed.name}\n{d.tails()}"
+                if on_doomed(dg.DagsterRunStatus.STARTED) and on_doomed(dg.DagsterRunStatus.SUCCESS):
+                    doomed.host.freeze_all()
+                    if on_doomed(dg.DagsterRunStatus.STARTED):
+                        break
+                    doomed.host.thaw_all()
                 time.sleep(0.2)
 
             killed_at = time.time()
             killed_pids = doomed.host.kill_all()
             tokens_at_kill = dict(watch.last_token)
             assert killed_pids
+            # A commit the frozen host had already sent (its run's success, say) lands regardless.
+            time.sleep(1)
             in_progress = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
             victims = [r for r in in_progress if d.task_worker(r) == doomed.celery_name]
             victim_backfill_runs = [r for r in victims if r.tags.get("dagster/backfill") == backfill_id]

@@ -105,6 +105,31 @@ class NetnsHost:
         listed = _ip("netns", "pids", self.name, check=False).stdout.split()
         return [int(pid) for pid in listed if pid.isdigit()]
 
+    def signal_all(self, signum: int, timeout_s: float = 10.0) -> list[int]:
+        """Send ``signum`` to every process on this host until no new one appears; their pids.
+
+        Repeated because a process may fork between listing and signalling (a Celery worker
+        starting a run): with SIGSTOP, the host is frozen whole once a listing adds no pid.
+        """
+        signalled: list[int] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            new = [pid for pid in self.pids() if pid not in signalled]
+            if not new:
+                return signalled
+            for pid in new:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+                    signalled.append(pid)
+        raise RuntimeError(f"processes keep appearing in {self.name}: {self.pids()}")
+
+    def freeze_all(self) -> list[int]:
+        """SIGSTOP every process on this host: nothing there progresses until thaw_all or kill_all."""
+        return self.signal_all(signal.SIGSTOP)
+
+    def thaw_all(self) -> list[int]:
+        return self.signal_all(signal.SIGCONT)
+
     def kill_all(self, timeout_s: float = 10.0) -> list[int]:
         """SIGKILL every process on this host, as a host that loses power; returns their pids."""
         killed: list[int] = []
