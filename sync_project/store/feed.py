@@ -22,6 +22,7 @@ from sqlalchemy import delete, select, text
 from sqlalchemy.engine import Connection
 
 from sync_project.store.errors import StoreError
+from sync_project.store.resets import FeedReset, removal_after
 from sync_project.store.schema import UtcDateTime, feed_entries, records
 
 if TYPE_CHECKING:  # pandas costs 0.5 s of CPU to import: only the readers that build frames pay it
@@ -55,6 +56,9 @@ class ChangePage(BaseModel):
     #: Resume here next time; present even on the last page, so a consumer can poll for news.
     next_cursor: str | None
     has_more: bool
+    #: Set when the connection's records were removed (``syncs reset --empty-records --remove``)
+    #: after the cursor (or ``modified_after``): drop what you hold of it, then apply this page.
+    reset: FeedReset | None = None
 
 
 def encode_cursor(last_modified_at: datetime, external_id: str) -> str:
@@ -133,7 +137,10 @@ def read_changes(
             break
     page = found[:limit]
     next_cursor = encode_cursor(page[-1].last_modified_at, page[-1].id) if page else cursor
-    return ChangePage(records=page, next_cursor=next_cursor, has_more=len(found) > limit)
+    # A reader from the start holds nothing to drop; one with a position must hear of a removal.
+    since = max(filter(None, (after[0] if after else None, modified_after)), default=None)
+    reset = removal_after(conn, sync, connection_id, since) if since is not None else None
+    return ChangePage(records=page, next_cursor=next_cursor, has_more=len(found) > limit, reset=reset)
 
 
 #: Ids looked up per statement: what the page still needs, at least a few, doubling while ids

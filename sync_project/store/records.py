@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from sync_project.store import feed
@@ -247,6 +247,50 @@ class RecordWriter:
         keys = list(self.conn.execute(statement).scalars())
         self._record_feed_entry(now, keys, superseded=len(keys))
         return len(keys)
+
+    def tombstone_all(self) -> int:
+        """Tombstone every live record of the partition (a reset that empties it); returns how many.
+
+        The tombstones are weak, like those of :meth:`delete_unseen`: they keep the provider
+        timestamp of the last copy, so the first poll after the reset that returns a record brings
+        it back. They are one write of the change feed, so consumers see each record deleted.
+        """
+        now = self._stamp()
+        statement = (
+            update(records)
+            .where(
+                records.c.sync == self.sync,
+                records.c.connection_id == self.connection_id,
+                records.c.deleted_at.is_(None),
+            )
+            .values(deleted_at=now, last_modified_at=now, last_action="deleted")
+            .returning(records.c.external_id)
+        )
+        keys = list(self.conn.execute(statement).scalars())
+        self._record_feed_entry(now, keys, superseded=len(keys))
+        return len(keys)
+
+    def next_stamp(self) -> datetime:
+        """A stamp after every write of the partition so far (a reset's moment in feed order)."""
+        return self._stamp()
+
+    def remove_all(self) -> tuple[int, datetime]:
+        """Delete every record of the partition, tombstones included, and its change-feed entries.
+
+        Returns how many rows went and a stamp after every write of the partition before them:
+        the moment of the removal as the change feed orders it (see :mod:`~sync_project.store.resets`).
+        """
+        stamp = self._stamp()
+        removed = self.conn.execute(
+            delete(records).where(records.c.sync == self.sync, records.c.connection_id == self.connection_id)
+        ).rowcount
+        self.conn.execute(
+            delete(feed_entries).where(
+                feed_entries.c.sync == self.sync, feed_entries.c.connection_id == self.connection_id
+            )
+        )
+        self._ids_listed = self._ids_superseded = 0
+        return int(removed or 0), stamp
 
     # -- sync state, in the same transaction as the records it describes ---------------------
 

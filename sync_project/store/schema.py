@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Index,
@@ -243,4 +244,22 @@ leases = Table(
     Column("granted_at", UtcDateTime, nullable=True),
     Column("renewed_at", UtcDateTime, nullable=True),
     PrimaryKeyConstraint("sync", "connection_id", "role", name="pk_leases"),
+)
+
+sync_resets = Table(
+    "sync_resets",
+    metadata,
+    Column("sync", String(128), nullable=False),
+    Column("connection_id", String(255), nullable=False),
+    # A stamp of the partition's feed: after every write before the reset, before every one after.
+    Column("reset_at", UtcDateTime, nullable=False),
+    # What became of the records: 'kept', 'tombstoned' (the feed shows each delete) or 'removed'
+    # (the rows are gone; the feed reports the removal to readers whose cursor is older).
+    Column("records", String(16), nullable=False),
+    Column("tombstoned", BigInteger, nullable=False),
+    Column("removed", BigInteger, nullable=False),
+    Column("checkpoint_cleared", Boolean, nullable=False),
+    # Who asked: "cli:<user>" or the run id of a reset run.
+    Column("requested_by", String(64), nullable=False),
+    PrimaryKeyConstraint("sync", "connection_id", "reset_at", name="pk_sync_resets"),
 )

@@ -11,15 +11,16 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from sync_project import settings
-from sync_project.store import feed, migrate
+from sync_project.store import feed, migrate, resets
 from sync_project.store.connections import Connections
 from sync_project.store.engine import make_engine, reading, unavailable_as_store_error
 from sync_project.store.inbox import Inbox
 from sync_project.store.leases import DEFAULT_TTL_S, Lease, LeaseKeeper, LeaseRole, Leases, holding
 from sync_project.store.merge import MergeResult, RecordSpec
 from sync_project.store.records import RecordLike, RecordWriter, WriteHints
+from sync_project.store.resets import RecordsAction, Resets, ResetResult
 from sync_project.store.schema import records
-from sync_project.store.state import SyncStates
+from sync_project.store.state import SyncStates, upsert_state
 
 if TYPE_CHECKING:  # imported where frames are built (see feed.py)
     import pandas as pd
@@ -40,6 +41,7 @@ class Store:
         self.state = SyncStates(self.engine)
         self.inbox = Inbox(self.engine)
         self.leases = Leases(self.engine)
+        self.resets = Resets(self.engine)
         #: Shared by this store's writers: how each save should start (a cost hint, see WriteHints).
         self._write_hints = WriteHints()
 
@@ -116,6 +118,49 @@ class Store:
             ttl_s=ttl_s, wait_s=wait_s, only_for_a_dead_holder=only_for_a_dead_holder, log=log,
         ) as keeper:
             yield keeper
+
+    def reset(
+        self,
+        sync: str,
+        connection_id: str,
+        *,
+        records: RecordsAction = "keep",
+        requested_by: str,
+        lease: Lease | None = None,
+    ) -> ResetResult:
+        """Clear the partition's checkpoint and keep, tombstone or remove its records, in one
+        transaction (see :mod:`~sync_project.store.resets`).
+
+        Without ``lease`` it takes the partition's poll lease for ``requested_by`` without
+        waiting, so it never runs beside a poll: :class:`~sync_project.store.errors.LeaseHeldError`
+        names the run that holds it. A run that holds the lease already passes it.
+        """
+        action = resets.check_action(records)
+        if lease is None:
+            with self.hold_lease(sync, connection_id, "poll", requested_by, wait_s=0.0) as keeper:
+                return self._reset(sync, connection_id, action, requested_by, keeper.lease)
+        return self._reset(sync, connection_id, action, requested_by, lease)
+
+    def _reset(
+        self, sync: str, connection_id: str, action: RecordsAction, requested_by: str, lease: Lease
+    ) -> ResetResult:
+        with self.writer(sync, connection_id, RecordSpec(), lease=lease) as writer:
+            cleared = resets.had_checkpoint(writer.conn, sync, connection_id)
+            upsert_state(writer.conn, sync, connection_id, checkpoint=None)
+            tombstoned = removed = 0
+            if action == "tombstone":
+                tombstoned = writer.tombstone_all()
+                stamp = writer.next_stamp()
+            elif action == "remove":
+                removed, stamp = writer.remove_all()
+            else:
+                stamp = writer.next_stamp()
+            result = ResetResult(
+                sync=sync, connection_id=connection_id, reset_at=stamp, records=resets.outcome(action),
+                tombstoned=tombstoned, removed=removed, checkpoint_cleared=cleared, requested_by=requested_by,
+            )
+            resets.record_reset(writer.conn, result)
+        return result
 
     # -- reads --------------------------------------------------------------------------------
 
