@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "leases",
     "receiver",
     "sandbox",
+    "syncs",
 )
 
 

@@ -8,6 +8,7 @@ asset function's parameters at definition time.
 import json
 import time
 from datetime import datetime
+from typing import Literal
 
 import dagster as dg
 from pydantic import Field
@@ -35,8 +36,10 @@ from sync_project.store import (
     UnknownConnectionError,
 )
 from sync_project.store.records import utcnow
+from sync_project.store.resets import RecordsAction
 
-SyncMode = RunMode
+#: The run modes: a partition's run polls (full, incremental), drains (webhook) or resets it.
+SyncMode = Literal["full", "incremental", "webhook", "reset"]
 STORE_KEY = "sync_store"
 
 
@@ -45,10 +48,19 @@ class SyncRunConfig(dg.Config):
 
     ``full`` (the default, so a person's launch or backfill from the UI re-fetches everything and
     then detects deletes), ``incremental`` (schedules: from the stored checkpoint), ``webhook``
-    (the inbox sensor: drain the partition's pending webhook events).
+    (the inbox sensor: drain the partition's pending webhook events), ``reset`` (what
+    ``sync-project syncs reset`` does: clear the checkpoint, and keep, tombstone or remove the
+    records as ``empty_records`` says; fetches nothing).
     """
 
     mode: SyncMode = "full"
+    #: Reset mode: what becomes of the partition's records. ``tombstone``: each is deleted in the
+    #: change feed, and the next poll restores what the provider still has; ``remove``: the rows
+    #: go, and the feed tells readers to drop what they hold.
+    empty_records: RecordsAction = "keep"
+    #: Reset mode, with ``empty_records`` other than ``keep``: the partition's connection id again,
+    #: the launchpad's confirmation (``--yes`` of the command).
+    confirm: str = ""
     #: Webhook mode: stop after this many events (the rest waits for the next run).
     max_events: int | None = None
     #: Webhook mode: keep claiming for this long after the last event before finishing. A run
@@ -199,11 +211,13 @@ def _sync_partition(
         raise dg.Failure(
             description=f"{error}. Register it with `sync-project connections add {sync.provider} {connection_id}`."
         ) from None
-    if connection.status != "active":
+    if connection.status != "active" and config.mode != "reset":
         raise dg.Failure(
             description=f"connection {sync.provider}/{connection_id} is {connection.status}; "
             f"`sync-project connections resume {sync.provider} {connection_id}` to sync it again."
         )
+    if config.mode == "reset":
+        return _reset_partition(context, config, store, sync)
     metadata: dict[str, object] = {"mode": config.mode}
     batches = BatchMaterializations(context, store, sync)
     try:
@@ -240,6 +254,37 @@ def _sync_partition(
         )
     store.state.record_run(sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, succeeded_at=utcnow())
     return ran.merge, metadata
+
+
+def _reset_partition(
+    context: dg.AssetExecutionContext, config: SyncRunConfig, store: Store, sync: SyncDefinition
+) -> tuple[MergeResult, dict[str, object]]:
+    """A reset run: under the partition's poll lease (waiting for a poll like any poll run), clear
+    the checkpoint and keep, tombstone or remove the records (:meth:`Store.reset`)."""
+    connection_id = context.partition_key
+    if config.empty_records != "keep" and config.confirm != connection_id:
+        raise dg.Failure(
+            description=f"empty_records: {config.empty_records} deletes the records of {sync.key} for "
+            f"{connection_id!r}; set confirm: {connection_id!r} in the run config to confirm it."
+        )
+    run_id = context.run.run_id
+    try:
+        with store.hold_lease(
+            sync.key, connection_id, "poll", run_id, ttl_s=config.lease_ttl_s, wait_s=config.poll_lease_wait_s,
+            log=context.log,
+        ) as keeper:
+            reset = store.reset(sync.key, connection_id, records=config.empty_records, requested_by=run_id, lease=keeper.lease)
+    except LeaseHeldError as error:
+        raise _RunRefused(description=f"{error}; this run waited {config.poll_lease_wait_s:.0f} s and did nothing.") from None
+    context.log.info(reset.describe())
+    return MergeResult(deleted=reset.tombstoned), {
+        "mode": "reset",
+        "records": reset.records,
+        "tombstoned": reset.tombstoned,
+        "removed": reset.removed,
+        "checkpoint_cleared": reset.checkpoint_cleared,
+        "reset_at": reset.reset_at.isoformat(),
+    }
 
 
 #: Batches committed within this long of the last recorded materialization are recorded with the

@@ -1,0 +1,70 @@
+"""``sync-project syncs``: operate on one sync of one connection (a partition) without a run."""
+
+from __future__ import annotations
+
+import getpass
+
+import click
+
+from sync_project import registry
+
+
+@click.group("syncs")
+def command() -> None:
+    """Reset a sync's partition: one sync (PROVIDER/OBJECT) of one connection."""
+
+
+@command.command("reset")
+@click.argument("sync_key", metavar="PROVIDER/OBJECT")
+@click.argument("connection_id", metavar="CONNECTION")
+@click.option(
+    "--empty-records", is_flag=True,
+    help="Also tombstone the partition's records: the change feed shows each as deleted, and the next poll restores what the provider still has.",
+)
+@click.option(
+    "--remove", is_flag=True,
+    help="With --empty-records: delete the rows instead of tombstoning them (the change feed tells readers to drop what they hold).",
+)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation before emptying the records.")
+def reset(sync_key: str, connection_id: str, empty_records: bool, remove: bool, yes: bool) -> None:
+    """Clear the checkpoint of PROVIDER/OBJECT for CONNECTION, so its next poll fetches everything.
+
+    It takes the partition's poll lease, so it never runs beside a poll: while a run holds it,
+    this refuses, naming the run. Webhook runs go on (their events are newer than any reset).
+    The same from the Dagster UI: launch the sync's asset for the partition with run config
+    ``mode: reset`` (and ``empty_records: tombstone|remove``, ``confirm: CONNECTION``).
+    """
+    from sync_project.store import Store, StoreError, UnknownConnectionError
+
+    if remove and not empty_records:
+        raise click.UsageError("--remove only applies with --empty-records")
+    try:
+        sync = registry.get_sync(sync_key)
+    except KeyError as error:
+        raise click.ClickException(str(error.args[0])) from None
+    action = "remove" if remove else "tombstone" if empty_records else "keep"
+    try:
+        with Store() as store:
+            store.connections.get(sync.provider, connection_id)
+            if action != "keep":
+                live = store.count(sync.key, connection_id)
+                what = (
+                    f"delete all {store.count(sync.key, connection_id, include_deleted=True)} record rows"
+                    if action == "remove"
+                    else f"tombstone all {live} live records"
+                )
+                if not yes:
+                    click.confirm(f"This will {what} of {sync.key} for {connection_id!r}. Continue?", abort=True)
+            result = store.reset(sync.key, connection_id, records=action, requested_by=f"cli:{_user()}"[:64])
+    except UnknownConnectionError as error:
+        raise click.ClickException(f"{error}; `sync-project connections list` shows them") from None
+    except StoreError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(result.describe())
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        return "unknown"
