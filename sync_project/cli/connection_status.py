@@ -46,6 +46,8 @@ class RunSummary(BaseModel):
     at: datetime
     counts: dict[str, int]
     work: dict[str, int] = {}
+    #: Live records of the partition after the run (its ``dagster/row_count``).
+    row_count: int | None = None
 
 
 class RunFailure(BaseModel):
@@ -79,6 +81,8 @@ class PartitionStatus(BaseModel):
     dead: int = 0
     newest_dead_error: str | None = None
     next_poll: NextPoll
+    #: Where the next incremental poll starts (None: from the top).
+    checkpoint: dict[str, Any] | None = None
 
 
 def utcnow() -> datetime:
@@ -131,6 +135,7 @@ def partition_statuses(
                     next_poll=_next_poll(
                         defs, sync, connection, cid in registered[sync.provider], schedule_states, daemon_up, now
                     ),
+                    checkpoint=state.checkpoint if state is not None else None,
                 )
             )
     return result
@@ -161,6 +166,7 @@ def _last_runs(
             at=datetime.fromtimestamp(record.timestamp, timezone.utc),
             counts={key: int(metadata[key]) for key in COUNT_KEYS if isinstance(metadata.get(key), int)},
             work={key: int(metadata[key]) for key in WORK_KEYS if isinstance(metadata.get(key), int)},
+            row_count=metadata["dagster/row_count"] if isinstance(metadata.get("dagster/row_count"), int) else None,
         )
         last_success = last_success or summary
         if summary.mode in POLL_MODES:

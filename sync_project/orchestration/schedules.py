@@ -9,6 +9,7 @@ behind it by the one-run-per-partition limit, starts then.
 
 
 from datetime import datetime
+from typing import Literal
 
 import dagster as dg
 
@@ -17,6 +18,8 @@ from sync_project.orchestration.assets import SyncRunConfig, op_name
 from sync_project.orchestration.partitions import AssetJob, concurrency_tag, partitions_name
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import RunLimits
+
+PollMode = Literal["full", "incremental"]
 
 
 def poll_requests(
@@ -29,7 +32,6 @@ def poll_requests(
     """Incremental runs for the active connections that exist as partitions."""
     store = store_resource.get_store()
     registered = set(context.instance.get_dynamic_partitions(partitions_name(sync.provider)))
-    tags = {"sync/mode": "incremental", **(run_limits or RunLimits()).poll_tags(sync)}
     requests = []
     for connection in store.connections.list(sync.provider, status="active"):
         if connection.connection_id not in registered:
@@ -38,15 +40,30 @@ def poll_requests(
                 "instance; re-add it with `sync-project connections add` to register it"
             )
             continue
+        run_config, tags = poll_run(sync, connection.connection_id, "incremental", run_limits)
         requests.append(
             dg.RunRequest(
                 run_key=f"poll|{sync.key}|{connection.connection_id}|{tick}",
                 partition_key=connection.connection_id,
-                run_config=dg.RunConfig(ops={op_name(sync): SyncRunConfig(mode="incremental")}),
-                tags={**concurrency_tag(sync.key, connection.connection_id, "poll"), **tags},
+                run_config=run_config,
+                tags=tags,
             )
         )
     return requests
+
+
+def poll_run(
+    sync: SyncDefinition, connection_id: str, mode: PollMode, run_limits: RunLimits | None = None
+) -> tuple[dg.RunConfig, dict[str, str]]:
+    """The run config and tags of a poll of one partition, as schedules request it: the queue's
+    one-poll-per-partition tag and the poll's maximum run time. The control API's triggers use
+    these too, so a triggered run queues and is limited like a scheduled one."""
+    tags = {
+        **concurrency_tag(sync.key, connection_id, "poll"),
+        "sync/mode": mode,
+        **(run_limits or RunLimits()).poll_tags(sync),
+    }
+    return dg.RunConfig(ops={op_name(sync): SyncRunConfig(mode=mode)}), tags
 
 
 def build_poll_schedule(

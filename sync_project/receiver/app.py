@@ -69,9 +69,10 @@ from sync_project.receiver.intake import (
     check_json_depth,
     check_storable,
 )
+from sync_project.receiver.control_api import LazyLauncher, control_routes
 from sync_project.receiver.records_api import records_routes
 from sync_project.receiver.routing import registry_subscribers, subscribers_from
-from sync_project.receiver.tokens import TokenConfigError
+from sync_project.receiver.tokens import TokenConfigError, load_tokens
 from sync_project.receiver.writer import Delivery, InboxWriter
 from sync_project.store import Store
 from sync_project.store.errors import StoreUnavailableError
@@ -130,6 +131,7 @@ def create_app(
     commit_deadline_s: float | None = None,
     max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    control: LazyLauncher | None = None,
 ) -> Starlette:
     """The receiver app over ``store``.
 
@@ -151,6 +153,10 @@ def create_app(
     and the connection closed beyond it). Raises :class:`ReceiverConfigError` when a provider's
     configured webhook secret is unusable, naming the variable, so that is found at start-up and
     not as a failure of every delivery.
+
+    ``control`` is the Dagster side of the control API (``/syncs/...``); by default, when a
+    configured token has a ``control:`` scope, the instance of ``DAGSTER_HOME`` and the project's
+    definitions, opened at the first control request.
     """
     if max_body_bytes < 1:
         raise ValueError("max_body_bytes must be positive")
@@ -291,16 +297,32 @@ def create_app(
             await committer.stop()  # bounded by the deadline: every waiting request has its answer by then
             writer.close()
             await database.stop()
+            if launcher is not None:
+                launcher.close()
 
     try:
-        records = records_routes(store, syncs=syncs)
+        tokens = load_tokens()
     except TokenConfigError as error:
         raise ReceiverConfigError(str(error)) from None
+    records = records_routes(store, syncs=syncs, api_tokens=tokens)
+    launcher = control
+    if launcher is None and any(token.controls_anything for token in tokens):
+        from sync_project.orchestration.control import RunLauncher
+
+        launcher = LazyLauncher(RunLauncher.from_environment)
+    if syncs is None:
+        from sync_project import registry as sync_registry
+
+        control_syncs: Sequence[SyncDefinition] = sync_registry.syncs()
+    else:
+        control_syncs = syncs
+    controls = control_routes(store, syncs=control_syncs, tokens=tokens, launcher=launcher, retry_after_s=retry_after_s)
     app = Starlette(
         routes=[
             Route("/webhooks/{provider}", receive_webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             *records,
+            *controls,
         ],
         lifespan=lifespan,
     )

@@ -90,17 +90,22 @@ def records_routes(
     *,
     syncs: Sequence[SyncDefinition] | None = None,
     tokens: Sequence[str] | None = None,
+    api_tokens: Sequence[ApiToken] | None = None,
     retry_after_s: int = 5,
 ) -> list[Route]:
     """The API's routes, for ``create_app`` to mount. ``syncs`` defaults to the registry's,
     ``tokens`` (plain tokens that read everything) to the configured ones (:func:`load_tokens`,
-    which raises :class:`~sync_project.receiver.tokens.TokenConfigError` on a bad entry)."""
+    which raises :class:`~sync_project.receiver.tokens.TokenConfigError` on a bad entry);
+    ``api_tokens``, tokens already loaded (the app loads them once for this API and the control API)."""
     if syncs is None:
         from sync_project import registry
 
         syncs = registry.syncs()
     known = {sync.key: sync for sync in syncs}
-    accepted: list[ApiToken] = load_tokens() if tokens is None else tokens_from(tokens)
+    if api_tokens is not None:
+        accepted: list[ApiToken] = list(api_tokens)
+    else:
+        accepted = load_tokens() if tokens is None else tokens_from(tokens)
     if not accepted:
         log.warning("records API off: no token configured (set %s or %s)", TOKEN_ENV, SCOPED_TOKENS_ENV)
 

@@ -13,8 +13,11 @@ Three sources, read once when the app is created:
   (``printf %s "$TOKEN" | sha256sum`` gives the hash.) ``name`` is what the log calls the token.
 
 A scope is ``*`` (everything), ``PROVIDER`` (every connection of that provider, in all its syncs)
-or ``PROVIDER/CONNECTION``. Tokens are kept only as SHA-256 digests, compared in constant time
-against every configured one.
+or ``PROVIDER/CONNECTION``: what the token may *read* (the records API). Prefixed ``control:``
+(``control:*``, ``control:PROVIDER``, ``control:PROVIDER/CONNECTION``) it is what the token may
+*control* (the control API: trigger, pause, resume, status). Neither implies the other: a token
+that reads everything controls nothing, so an application reading records cannot start runs.
+Tokens are kept only as SHA-256 digests, compared in constant time against every configured one.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ TOKEN_ENV = "SYNC_RECORDS_API_TOKEN"
 SCOPED_TOKENS_ENV = "SYNC_RECORDS_API_TOKENS"
 TOKENS_FILE_ENV = "SYNC_RECORDS_API_TOKENS_FILE"
 EVERYTHING = "*"
+#: The prefix of a control scope.
+CONTROL = "control:"
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
@@ -45,8 +50,14 @@ class ApiToken:
     digest: bytes
     scopes: frozenset[str]
 
-    def allows(self, provider: str, connection_id: str) -> bool:
-        return bool({EVERYTHING, provider, f"{provider}/{connection_id}"} & self.scopes)
+    def allows(self, provider: str, connection_id: str, *, control: bool = False) -> bool:
+        """Whether the token may read (or, with ``control``, control) this connection."""
+        prefix = CONTROL if control else ""
+        return bool({f"{prefix}{scope}" for scope in (EVERYTHING, provider, f"{provider}/{connection_id}")} & self.scopes)
+
+    @property
+    def controls_anything(self) -> bool:
+        return any(scope.startswith(CONTROL) for scope in self.scopes)
 
 
 def digest(token: str) -> bytes:
@@ -118,9 +129,12 @@ def _scopes(values: Sequence[str], where: str) -> frozenset[str]:
     if not scopes:
         raise TokenConfigError(f"{where}: no scope (use * for everything)")
     for scope in scopes:
-        provider, slash, connection = scope.partition("/")
-        if scope == EVERYTHING:
+        bare = scope.removeprefix(CONTROL)
+        provider, slash, connection = bare.partition("/")
+        if bare == EVERYTHING:
             continue
-        if not provider or EVERYTHING in scope or (slash and (not connection or "/" in connection)):
-            raise TokenConfigError(f"{where}: scope {scope!r} is not *, PROVIDER or PROVIDER/CONNECTION")
+        if not provider or EVERYTHING in bare or ":" in provider or (slash and (not connection or "/" in connection)):
+            raise TokenConfigError(
+                f"{where}: scope {scope!r} is not *, PROVIDER or PROVIDER/CONNECTION (each may be prefixed control:)"
+            )
     return scopes

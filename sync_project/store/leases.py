@@ -255,6 +255,15 @@ class Leases:
         with unavailable_as_store_error(), self._engine.begin() as conn:
             check_lease(conn, lease)
 
+    def live_holder(self, sync: str, connection_id: str, role: LeaseRole) -> str | None:
+        """The run holding the lease now (unexpired, by the database's clock), or None."""
+        with unavailable_as_store_error(), reading(self._engine) as conn:
+            row = conn.execute(select(leases.c.holder, leases.c.expires_at).where(*_where(sync, connection_id, role))).first()
+            now = database_now(conn)
+        if row is None or row.holder is None or row.expires_at is None or row.expires_at <= now:
+            return None
+        return str(row.holder)
+
     def list(self, sync: str | None = None) -> list[LeaseState]:
         query = select(leases).order_by(leases.c.sync, leases.c.connection_id, leases.c.role)
         if sync is not None:
