@@ -14,6 +14,9 @@ Query parameters: ``connection`` (required), ``cursor`` (the previous page's ``n
 ``modified_after``). Paging while records change skips nothing: a record changed after the
 consumer passed it comes back on a later page with its new content, so consumers upsert by id.
 ``next_cursor`` is set on the last page too: keep it and ask again later for what changed since.
+A page read with a cursor (or ``modified_after``) from before the connection's records were removed
+(``sync-project syncs reset --empty-records --remove``) also carries ``"reset": {"reset_at",
+"removed"}``: drop what you hold of the connection, then apply the page.
 
 Authentication: ``Authorization: Bearer <token>``, compared in constant time with the configured
 tokens (:mod:`sync_project.receiver.tokens`): ``SYNC_RECORDS_API_TOKEN`` (read everything; several,
@@ -207,7 +210,8 @@ def _page(
     page = store.changes(
         sync.key, connection_id, cursor=cursor, limit=limit, actions=actions, modified_after=modified_after
     )
-    return Response(page.model_dump_json(), media_type="application/json")
+    # "reset" only when there was one: a page is otherwise what it always was.
+    return Response(page.model_dump_json(exclude={"reset"} if page.reset is None else None), media_type="application/json")
 
 
 def _check_id(value: str, name: str) -> None:

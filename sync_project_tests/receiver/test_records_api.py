@@ -335,3 +335,13 @@ def test_a_tokens_file_holding_a_token_instead_of_its_hash_is_refused(store: Sto
     monkeypatch.setenv("SYNC_RECORDS_API_TOKENS_FILE", str(path))
     with pytest.raises(ReceiverConfigError, match="the token's SHA-256, not the token"):
         create_app(store, providers={}, syncs=[SYNC])
+
+
+def test_a_page_from_before_a_removal_says_so(seeded: Store, monkeypatch: pytest.MonkeyPatch):
+    with api(seeded, monkeypatch) as client:
+        cursor = client.get(PATH, params={"connection": "north", "limit": 100}).json()["next_cursor"]
+        seeded.reset(SYNC.key, "north", records="remove", requested_by="cli:test")
+        stale = client.get(PATH, params={"connection": "north", "cursor": cursor}).json()
+        assert stale["records"] == [] and stale["reset"]["removed"] == 30
+        fresh = client.get(PATH, params={"connection": "north"}).json()
+        assert fresh == {"records": [], "next_cursor": None, "has_more": False}
