@@ -99,7 +99,7 @@ from sync_project.core.sync import Page, SyncDefinition
 from sync_project.orchestration.polling import poll
 from sync_project.store import MergeStrategy, ProviderConnection, RecordSpec, Store
 from sync_project.store.merge import parse_timestamp
-from sync_project.store.records import utcnow
+from sync_project.core.clock import utcnow
 
 BENCHMARK = "dlt_merge"
 QUICK_RECORDS = 20_000

@@ -20,11 +20,12 @@ from typing import Any
 import dagster as dg
 from pydantic import BaseModel
 
+from sync_project.core import ProviderConnection
+from sync_project.core.clock import utcnow
 from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.assets import job_name, op_name
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.store import Store
-from sync_project.store.connections import ProviderConnection
 from sync_project.store.health import dead_letters, inbox_backlog
 
 #: The run modes that poll the provider (the others drain the inbox).
@@ -83,10 +84,6 @@ class PartitionStatus(BaseModel):
     next_poll: NextPoll
     #: Where the next incremental poll starts (None: from the top).
     checkpoint: dict[str, Any] | None = None
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def partition_statuses(

@@ -32,9 +32,9 @@ import yaml
 
 from sync_project import settings
 from sync_project.cli.connections import dagster_instance
-from sync_project.receiver.records_api import TOKEN_ENV as RECORDS_TOKEN_ENV
+from sync_project.core.standard_webhooks import generate_secret
 from sync_project.orchestration.partitions import partitions_name
-from sync_project.providers.standard_webhooks import generate_secret
+from sync_project.receiver.records_api import TOKEN_ENV as RECORDS_TOKEN_ENV
 from sync_project.sandbox.client import SandboxAdmin
 from sync_project.store import Store
 

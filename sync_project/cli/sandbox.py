@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-
 from pydantic import ValidationError
 
 from sync_project.sandbox.chaos import ChaosSettings

@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+#: How a client waits (``time.sleep``); tests pass their own to assert waits without waiting them.
+Sleep = Callable[[float], None]
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 

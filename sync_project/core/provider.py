@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import httpx
 
-from sync_project.store.connections import ProviderConnection
+from sync_project.core.connection import ProviderConnection
 
 
 class SignatureError(Exception):
@@ -56,7 +57,6 @@ class Provider(ABC):
     #: Environment variable holding the webhook signing secret(s); comma-separated for rotation.
     webhook_secret_env: str | None = None
     default_base_url: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def webhook_secrets(self) -> list[str]:
         if not self.webhook_secret_env:
@@ -79,3 +79,21 @@ class Provider(ABC):
     @abstractmethod
     def parse(self, request: WebhookRequest) -> list[InboundEvent]:
         """Split a verified delivery into events; raise :class:`MalformedWebhookError` if unreadable."""
+
+
+def load_json(body: bytes) -> Any:
+    """A webhook body as JSON, or :class:`MalformedWebhookError` saying why not."""
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MalformedWebhookError(f"body is not JSON: {error}") from None
+
+
+def epoch_time(value: int, where: str, *, millis: bool = False) -> datetime:
+    """A provider's Unix timestamp (seconds, or milliseconds) as a datetime, or
+    :class:`MalformedWebhookError` (HTTP 400) when it is outside what a datetime holds: a verified
+    delivery that can never be stored. Even the division by 1000 overflows for a huge integer."""
+    try:
+        return datetime.fromtimestamp(value / 1000 if millis else value, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise MalformedWebhookError(f"{where} is not a timestamp between the years 1 and 9999") from None

@@ -7,31 +7,32 @@ optionally an ``on_webhook`` handler, and one :class:`SyncDefinition` tying them
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel
 
+from sync_project.core.connection import ProviderConnection
 from sync_project.core.provider import InboundEvent
-from sync_project.store.connections import ProviderConnection
-from sync_project.store.merge import MergeStrategy, RecordSpec
+from sync_project.core.records import MergeStrategy, RecordLike, RecordSpec, WebhookChange
 
 FetchMode = Literal["full", "incremental"]
-RecordLike = Mapping[str, Any] | BaseModel
 
 
 @dataclass
 class Page:
     """One page of a fetch: merged, then ``checkpoint`` is stored in the same transaction."""
 
-    records: list[RecordLike] = field(default_factory=list)
+    #: A ``Sequence``, not a ``list``: a list of models is a sequence of records but (lists being
+    #: mutable, hence invariant) not a ``list[RecordLike]``, which made every typed sync a mypy error.
+    records: Sequence[RecordLike] = field(default_factory=list)
     #: Where the next incremental run (or a resumed one) starts; None keeps the previous one.
     checkpoint: dict[str, Any] | None = None
     #: Records the provider reports deleted (by key, and timestamp if known).
-    deleted: list[RecordLike] = field(default_factory=list)
+    deleted: Sequence[RecordLike] = field(default_factory=list)
 
 
 @dataclass
@@ -55,24 +56,6 @@ class WebhookContext:
     log: logging.Logger | Any
 
 
-@dataclass(frozen=True)
-class Save:
-    record: RecordLike
-
-
-@dataclass(frozen=True)
-class Update:
-    """A partial record: deep-merged into the stored one; ignored if the store has none."""
-
-    record: RecordLike
-
-
-@dataclass(frozen=True)
-class Delete:
-    record: RecordLike
-
-
-WebhookChange = Save | Update | Delete
 FetchFn = Callable[[FetchContext], Iterator[Page]]
 WebhookFn = Callable[[WebhookContext, InboundEvent], Iterable[WebhookChange]]
 
@@ -128,8 +111,3 @@ class SyncDefinition:
         hours = minutes // 60
         return f"0 */{hours} * * *" if hours < 24 else "0 0 * * *"
 
-
-def utc(value: datetime) -> datetime:
-    from sync_project.store.merge import parse_timestamp
-
-    return parse_timestamp(value)

@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy.engine import Engine
 
 from sync_project.notifications.delivery import Attempt, post_signed
-from sync_project.providers.standard_webhooks import WebhookSecretError, decode_secret
+from sync_project.core.standard_webhooks import WebhookSecretError, decode_secret
 from sync_project.store.errors import StoreUnavailableError
 from sync_project.store.forwards import Forward, Forwards, StartAt
 

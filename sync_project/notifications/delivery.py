@@ -3,7 +3,7 @@
 Every attempt is signed afresh (the ``webhook-timestamp`` is the attempt's, so a consumer's
 5-minute tolerance holds for a late retry) under the same ``webhook-id``, which is what a consumer
 deduplicates on. A consumer verifies with any Standard Webhooks library, or with
-:func:`sync_project.providers.standard_webhooks.verify`.
+:func:`sync_project.core.standard_webhooks.verify`.
 
 The response body is never read: only the status matters, and a consumer that streams a large or
 endless body cannot hold the sender.
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from sync_project.providers.standard_webhooks import sign_headers
+from sync_project.core.standard_webhooks import sign_headers
 
 USER_AGENT = "sync-project-webhooks/1"
 #: Answers worth another attempt: the consumer is overloaded, restarting or timed out.

@@ -13,6 +13,7 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
+from sync_project.core.clock import utcnow
 from sync_project.core.http import ProviderError
 from sync_project.core.provider import Provider
 from sync_project.core.sync import SyncDefinition
@@ -24,10 +25,10 @@ from sync_project.orchestration.checks import (
     partition_check_specs,
 )
 from sync_project.orchestration.notifications import NOTIFIER_KEY
-from sync_project.orchestration.partitions import connection_partitions
 from sync_project.orchestration.partition_run import RunMode, RunSettings, run_partition
-from sync_project.orchestration.webhook_drain import DrainResult
+from sync_project.orchestration.partitions import connection_partitions
 from sync_project.orchestration.resources import storage_kind
+from sync_project.orchestration.webhook_drain import DrainResult
 from sync_project.store import (
     LeaseHeldError,
     MergeResult,
@@ -35,7 +36,6 @@ from sync_project.store import (
     StoreError,
     UnknownConnectionError,
 )
-from sync_project.store.records import utcnow
 from sync_project.store.resets import RecordsAction
 
 #: The run modes: a partition's run polls (full, incremental), drains (webhook) or resets it.

@@ -51,12 +51,13 @@ from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 
+from sync_project.core import ProviderConnection
+from sync_project.core.clock import utcnow
 from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.partitions import DRAIN_PARTITION_TAG, AssetJob, connection_partitions
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import MAX_RUNTIME_TAG
 from sync_project.store import Store
-from sync_project.store.connections import ProviderConnection
 from sync_project.store.health import (
     LastRun,
     PartitionBacklog,
@@ -120,10 +121,6 @@ class CheckOutcome:
             description=self.description,
             metadata=self.metadata,
         )
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 # -- evaluation (pure) ---------------------------------------------------------------------------

@@ -10,7 +10,12 @@ import dagster as dg
 from sync_project.core.provider import Provider
 from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.assets import STORE_KEY, build_sync_asset, job_name
-from sync_project.orchestration.checks import CheckSettings, build_checks_schedule, build_sync_checks, partition_check_specs
+from sync_project.orchestration.checks import (
+    CheckSettings,
+    build_checks_schedule,
+    build_sync_checks,
+    partition_check_specs,
+)
 from sync_project.orchestration.notifications import NOTIFIER_KEY, NotifierResource
 from sync_project.orchestration.partitions import AssetJob
 from sync_project.orchestration.resources import StoreResource

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 import dagster as dg
 from pydantic import Field
 
+from sync_project.core.standard_webhooks import WebhookSecretError, decode_secret
 from sync_project.notifications.sync import SyncNotifier
-from sync_project.providers.standard_webhooks import WebhookSecretError, decode_secret
 
 URL_ENV = "SYNC_NOTIFY_URL"
 SECRET_ENV = "SYNC_NOTIFY_SECRET"

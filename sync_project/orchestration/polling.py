@@ -18,10 +18,10 @@ from typing import Any
 
 import httpx
 
+from sync_project.core.clock import utcnow
 from sync_project.core.sync import FetchContext, FetchMode, Page, SyncDefinition
 from sync_project.store import MergeResult, PreparedBatch, ProviderConnection, Store, prepare
 from sync_project.store.leases import LeaseKeeper
-from sync_project.store.records import utcnow
 
 
 @dataclass

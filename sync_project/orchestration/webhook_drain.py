@@ -19,21 +19,31 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+from sqlalchemy.exc import SQLAlchemyError
 
 from sync_project import settings
-from sync_project.core.provider import InboundEvent
-from sync_project.core.sync import Delete, Save, SyncDefinition, Update, WebhookContext
+from sync_project.core import (
+    Delete,
+    InboundEvent,
+    MergeResult,
+    MergeStrategy,
+    ProviderConnection,
+    RecordSpec,
+    Save,
+    SyncDefinition,
+    Update,
+    WebhookContext,
+    utcnow,
+)
 from sync_project.store import Store
 from sync_project.store.errors import StoreError
-from sqlalchemy.exc import SQLAlchemyError
-from sync_project.store.connections import ProviderConnection
 from sync_project.store.inbox import DEFAULT_MAX_ATTEMPTS, ClaimedEvent, InboxEvent
 from sync_project.store.leases import LeaseKeeper
-from sync_project.store.merge import Action, Incoming, MergeResult, MergeStrategy, RecordSpec, prepare_batch, supersedes
+from sync_project.store.merge import Action, Incoming, prepare_batch, supersedes
 from sync_project.store.records import PreparedBatch, RecordWriter
 
 _ACTIONS: tuple[Action, ...] = ("save", "update", "delete")
@@ -123,7 +133,7 @@ def drain_inbox(
             # event order splits it into.
             with writer.one_feed_entry():
                 for event in events:
-                    handled_at = _utcnow()
+                    handled_at = utcnow()
                     try:
                         changes = _handle(sync, context, event, spec, handled_at)
                     except Exception as error:  # noqa: BLE001 - the event fails, not the batch
@@ -267,8 +277,4 @@ class _ChangeBuffer:
                 self.result += self._writer.merge(action, prepared)
                 self._batches[action] = {}
         self._keys.clear()
-        self._previous_merge_end = _utcnow()
-
-
-def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+        self._previous_merge_end = utcnow()

@@ -25,17 +25,27 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict
 
-from sync_project.core.http import ProviderError, json_body, make_client, parse_retry_after
-from sync_project.core.provider import (
+from sync_project.core import (
     InboundEvent,
+    ListPage,
     MalformedWebhookError,
     Provider,
+    ProviderConnection,
+    ProviderError,
     SignatureError,
+    Sleep,
     WebhookRequest,
+    json_body,
+    link_pages,
+    load_json,
+    make_client,
+    next_link,
+    parse_records,
+    parse_retry_after,
+    server_time,
+    signing,
+    time_window_pages,
 )
-from sync_project.providers import signing
-from sync_project.providers._common import ListPage, Sleep, load_json, parse_records, server_time, walk_modified
-from sync_project.store.connections import ProviderConnection
 
 API_VERSION = "2022-11-28"
 SIGNATURE_HEADER = "x-hub-signature-256"
@@ -212,7 +222,8 @@ def list_issues(
     client: httpx.Client, owner: str, repo: str, since: datetime | None
 ) -> Iterator[tuple[list[dict[str, Any]], datetime | None]]:
     """The repository's issues and pull requests updated at or after ``since``, oldest update first,
-    one API page at a time with the checkpoint to resume from (see :func:`walk_modified`).
+    one API page at a time with the checkpoint to resume from (see
+    :func:`~sync_project.core.pagination.time_window_pages`).
 
     ``GET /repos/{owner}/{repo}/issues?state=all&sort=updated&direction=asc&since=`` with the
     ``Link`` header's ``rel="next"`` when a page does not advance the timestamp.
@@ -234,10 +245,11 @@ def list_issues(
         items = json_body(response)
         if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
             raise ProviderError(f"GET {response.request.url.path}: expected a JSON array of issues")
-        next_link = response.links.get("next", {}).get("url")
-        return ListPage(items, next_link, server_time(response))
+        return ListPage(items, next_link(response), server_time(response))
 
-    yield from walk_modified(fetch_page, _updated_at, since, overlap=SINCE_OVERLAP, lag=CHECKPOINT_LAG)
+    pages = time_window_pages(fetch_page, _updated_at, since, overlap=SINCE_OVERLAP, lag=CHECKPOINT_LAG)
+    for page, resume_at in pages:
+        yield page.items, resume_at
 
 
 # -- redelivery of failed webhook deliveries -------------------------------------------------------
@@ -303,17 +315,18 @@ def redeliver_failed(client: httpx.Client, hook: str, *, since: datetime) -> Red
     the event alone. ``POST {hook}/deliveries/{id}/attempts`` asks for one (202).
     """
     attempts: dict[str, list[HookDelivery]] = {}
-    url: str | None = f"{hook}/deliveries"
-    params: dict[str, Any] | None = {"per_page": DELIVERIES_PAGE_SIZE}
-    for _ in range(MAX_DELIVERY_PAGES):
-        if url is None:
-            break
-        response = client.get(url, params=params)
-        page = parse_records(HookDelivery, _list_of_objects(response, "deliveries"), f"GET {hook}/deliveries")
+    pages = link_pages(
+        client,
+        f"{hook}/deliveries",
+        {"per_page": DELIVERIES_PAGE_SIZE},
+        lambda response: _list_of_objects(response, "deliveries"),
+    )
+    for _, listed in zip(range(MAX_DELIVERY_PAGES), pages):
+        page = parse_records(HookDelivery, listed.items, f"GET {hook}/deliveries")
         for delivery in page:
             attempts.setdefault(delivery.guid, []).append(delivery)
-        older = not page or page[-1].delivered_at < since
-        url, params = (None if older else response.links.get("next", {}).get("url")), None
+        if not page or page[-1].delivered_at < since:
+            break
     redelivered: list[int] = []
     refused: list[tuple[int, int]] = []
     for guid_attempts in attempts.values():

@@ -23,17 +23,25 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sync_project.core.http import ProviderAuthError, ProviderError, json_body, make_client
-from sync_project.core.provider import (
+from sync_project.core import (
     InboundEvent,
+    ListPage,
     MalformedWebhookError,
     Provider,
+    ProviderAuthError,
+    ProviderConnection,
+    ProviderError,
     SignatureError,
+    Sleep,
     WebhookRequest,
+    epoch_time,
+    json_body,
+    load_json,
+    make_client,
+    server_time,
+    signing,
+    time_window_pages,
 )
-from sync_project.providers import signing
-from sync_project.providers._common import ListPage, Sleep, epoch_time, load_json, server_time, walk_modified
-from sync_project.store.connections import ProviderConnection
 
 SIGNATURE_HEADER = "x-hubspot-signature-v3"
 TIMESTAMP_HEADER = "x-hubspot-request-timestamp"
@@ -180,7 +188,7 @@ def search_contacts(
 
     ``POST /crm/v3/objects/contacts/search`` filtered ``lastmodifieddate GTE`` (milliseconds),
     sorted ascending, paged by ``paging.next.after``. Each page restarts the query from the newest
-    ``lastmodifieddate`` seen (see :func:`walk_modified`), so ``after`` stays small: the 10,000
+    ``lastmodifieddate`` seen (see :func:`~sync_project.core.pagination.time_window_pages`), so ``after`` stays small: the 10,000
     results a query may page through are reached only by more than 10,000 contacts modified in the
     same millisecond, which fails with a clear error rather than HubSpot's bare 400.
     """
@@ -210,7 +218,8 @@ def search_contacts(
         next_after = ((data.get("paging") or {}).get("next") or {}).get("after")
         return ListPage(results, str(next_after) if next_after is not None else None, server_time(response))
 
-    yield from walk_modified(fetch_page, last_modified, since, lag=CHECKPOINT_LAG)
+    for page, resume_at in time_window_pages(fetch_page, last_modified, since, lag=CHECKPOINT_LAG):
+        yield page.items, resume_at
 
 
 def get_contact(client: httpx.Client, contact_id: str, properties: list[str]) -> dict[str, Any] | None:

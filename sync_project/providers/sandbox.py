@@ -16,11 +16,25 @@ from typing import Any
 import httpx
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
-from sync_project.core.http import ProviderAuthError, ProviderError, json_body, make_client
-from sync_project.core.provider import InboundEvent, MalformedWebhookError, Provider, WebhookRequest
-from sync_project.core.sync import Delete, FetchContext, Page, Save, WebhookChange
-from sync_project.providers import standard_webhooks
-from sync_project.store.connections import ProviderConnection
+from sync_project.core import (
+    Delete,
+    FetchContext,
+    InboundEvent,
+    ListPage,
+    MalformedWebhookError,
+    Page,
+    Provider,
+    ProviderAuthError,
+    ProviderConnection,
+    ProviderError,
+    Save,
+    WebhookChange,
+    WebhookRequest,
+    cursor_pages,
+    json_body,
+    make_client,
+    standard_webhooks,
+)
 
 URL_ENV = "SYNC_SANDBOX_URL"
 DEFAULT_URL = "http://127.0.0.1:8765"
@@ -98,25 +112,27 @@ def paginate(ctx: FetchContext, path: str, model: type[BaseModel], *, page_size:
     """
     start = (ctx.checkpoint or {}) if ctx.mode == "incremental" else {}
     updated_after: str | None = start.get("updated_after")
-    cursor: str | None = start.get("cursor")
-    while True:
+
+    def fetch_page(cursor: str | None) -> ListPage:
         params: dict[str, Any] = {"limit": page_size}
         if cursor:
             params["cursor"] = cursor
         elif updated_after:
             params["updated_after"] = updated_after
-        body = json_body(ctx.client.get(path, params=params))
         try:
-            listing = _ListResponse.model_validate(body)
-            records = [model.model_validate(item) for item in listing.results]
+            listing = _ListResponse.model_validate(json_body(ctx.client.get(path, params=params)))
         except ValidationError as error:
             raise ProviderError(f"GET {path}: unexpected response: {_summary(error)}") from None
-        if listing.results:
-            updated_after = listing.results[-1]["updated_at"]
-        cursor = listing.next_cursor
-        yield Page(records=records, checkpoint={"updated_after": updated_after, "cursor": cursor})
-        if cursor is None:
-            return
+        return ListPage(listing.results, listing.next_cursor)
+
+    for page in cursor_pages(fetch_page, start.get("cursor")):
+        try:
+            records = [model.model_validate(item) for item in page.items]
+        except ValidationError as error:
+            raise ProviderError(f"GET {path}: unexpected response: {_summary(error)}") from None
+        if page.items:
+            updated_after = page.items[-1]["updated_at"]
+        yield Page(records=records, checkpoint={"updated_after": updated_after, "cursor": page.next_cursor})
 
 
 def webhook_changes(event: InboundEvent, model: type[BaseModel]) -> list[WebhookChange]:

@@ -24,17 +24,25 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from sync_project.core.http import ProviderAuthError, ProviderError, json_body, make_client
-from sync_project.core.provider import (
+from sync_project.core import (
     InboundEvent,
+    ListPage,
     MalformedWebhookError,
     Provider,
+    ProviderAuthError,
+    ProviderConnection,
+    ProviderError,
     SignatureError,
+    Sleep,
     WebhookRequest,
+    cursor_pages,
+    epoch_time,
+    json_body,
+    load_json,
+    make_client,
+    server_time,
+    signing,
 )
-from sync_project.providers import signing
-from sync_project.providers._common import Sleep, epoch_time, load_json, server_time
-from sync_project.store.connections import ProviderConnection
 
 SIGNATURE_HEADER = "stripe-signature"
 #: stripe-python's ``DEFAULT_TOLERANCE``.
@@ -148,16 +156,17 @@ def list_customers(client: httpx.Client, starting_after: str | None) -> Iterator
     Newest first by creation; creation never changes, so the ``starting_after`` cursor neither
     skips nor repeats a customer while others change. Deleted customers are not listed.
     """
-    cursor = starting_after
-    while True:
+
+    def fetch_page(cursor: str | None) -> ListPage:
         params: dict[str, Any] = {"limit": PAGE_SIZE}
         if cursor:
             params["starting_after"] = cursor
         page = _list(client.get("/v1/customers", params=params))
-        yield page.data, page.has_more
-        if not page.has_more or not page.data:
-            return
-        cursor = page.data[-1]["id"]
+        more = page.has_more and bool(page.data)
+        return ListPage(page.data, page.data[-1]["id"] if more else None)
+
+    for page in cursor_pages(fetch_page, starting_after):
+        yield page.items, page.next_cursor is not None
 
 
 def customer_events(client: httpx.Client, since: int) -> Iterator[list[dict[str, Any]]]:
@@ -170,26 +179,32 @@ def customer_events(client: httpx.Client, since: int) -> Iterator[list[dict[str,
     cursor; each page, reversed, continues the last in time order. Memory stays one page.
     """
     base = {"limit": PAGE_SIZE, "types[]": list(CUSTOMER_EVENT_TYPES)}
-    first = _list(client.get("/v1/events", params={**base, "created[gte]": since}))
-    if not first.has_more:
-        if first.data:
-            yield list(reversed(first.data))
-        return
-    oldest, page = first.data[-1], first
-    while page.has_more and page.data:
-        page = _list(client.get("/v1/events", params={**base, "created[gte]": since, "starting_after": oldest["id"]}))
-        oldest = page.data[-1] if page.data else oldest
-    pending = [oldest]
-    cursor = oldest["id"]
-    while True:
-        page = _list(client.get("/v1/events", params={**base, "ending_before": cursor}))
-        if pending or page.data:
-            yield pending + list(reversed(page.data))
-        pending = []
-        if not page.has_more or not page.data:
-            return
-        cursor = page.data[0]["id"]
 
+    def back(starting_after: str | None) -> ListPage:
+        params: dict[str, Any] = {**base, "created[gte]": since}
+        if starting_after:
+            params["starting_after"] = starting_after
+        page = _list(client.get("/v1/events", params=params))
+        return ListPage(page.data, page.data[-1]["id"] if page.has_more and page.data else None)
+
+    def forward(ending_before: str | None) -> ListPage:
+        page = _list(client.get("/v1/events", params={**base, "ending_before": ending_before}))
+        return ListPage(page.data, page.data[0]["id"] if page.has_more and page.data else None)
+
+    walk_back = cursor_pages(back)
+    first = next(walk_back)
+    if first.next_cursor is None:
+        if first.items:
+            yield list(reversed(first.items))
+        return
+    oldest = first.items[-1]
+    for page in walk_back:
+        oldest = page.items[-1] if page.items else oldest
+    pending = [oldest]
+    for page in cursor_pages(forward, oldest["id"]):
+        if pending or page.items:
+            yield pending + list(reversed(page.items))
+        pending = []
 
 def _list(response: httpx.Response) -> StripeList:
     body = json_body(response)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sync_project.providers import standard_webhooks
+from sync_project.core import standard_webhooks
 from sync_project.sandbox.chaos import Chaos, ChaosSettings
 from sync_project.sandbox.data import SandboxState
 from sync_project.sandbox.generator import ChangeGenerator, GeneratorSettings

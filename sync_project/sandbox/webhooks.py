@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from sync_project.providers import standard_webhooks
+from sync_project.core import standard_webhooks
 from sync_project.sandbox.chaos import Chaos, ChaosSettings
 from sync_project.sandbox.data import ChangeEvent
 

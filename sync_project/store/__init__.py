@@ -1,6 +1,6 @@
 """The records store: guarded merges, change feed, connections, sync state and inbox."""
 
-from sync_project.store.connections import ProviderConnection
+from sync_project.core import ProviderConnection
 from sync_project.store.errors import (
     InvalidBatchError,
     LeaseHeldError,

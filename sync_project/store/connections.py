@@ -3,44 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from sync_project.core.clock import utcnow
+from sync_project.core.connection import ConnectionStatus, ProviderConnection
 from sync_project.store.engine import reading, unavailable_as_store_error
 from sync_project.store.errors import StoreError, UnknownConnectionError
 from sync_project.store.schema import connections
-
-ConnectionStatus = Literal["active", "paused"]
-
-
-class ProviderConnection(BaseModel):
-    provider: str
-    connection_id: str
-    account_id: str | None = None
-    #: Name of the environment variable that holds this connection's credentials (never the value).
-    credentials_env: str | None = None
-    config: dict[str, Any] = Field(default_factory=dict)
-    status: ConnectionStatus = "active"
-    created_at: datetime
-    updated_at: datetime
-
-    def credentials(self) -> str | None:
-        """The secret, read from the environment when it is needed and never stored."""
-        if not self.credentials_env:
-            return None
-        value = os.environ.get(self.credentials_env)
-        if not value:
-            raise StoreError(
-                f"connection {self.provider}/{self.connection_id}: environment variable "
-                f"{self.credentials_env} is not set"
-            )
-        return value
 
 
 class DuplicateConnectionError(StoreError):
@@ -60,8 +33,6 @@ class Connections:
         credentials_env: str | None = None,
         config: dict[str, Any] | None = None,
     ) -> ProviderConnection:
-        from sync_project.store.records import utcnow
-
         _check_partition_key(connection_id)
         now = utcnow()
         row = {
@@ -110,8 +81,6 @@ class Connections:
             return [self._model(row) for row in conn.execute(query).mappings()]
 
     def set_status(self, provider: str, connection_id: str, status: ConnectionStatus) -> ProviderConnection:
-        from sync_project.store.records import utcnow
-
         with unavailable_as_store_error(), self._engine.begin() as conn:
             changed = conn.execute(
                 update(connections)

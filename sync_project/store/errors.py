@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from sync_project.core.errors import InvalidBatchError, StoreError
 
-class StoreError(Exception):
-    """Base class for every error the records store raises on purpose."""
-
-
-class InvalidBatchError(StoreError, ValueError):
-    """A batch the store refuses as a whole: nothing of it is written."""
+__all__ = [
+    "InvalidBatchError",
+    "LeaseHeldError",
+    "LeaseLostError",
+    "StoreError",
+    "StoreUnavailableError",
+    "UnknownConnectionError",
+]
 
 
 class StoreUnavailableError(StoreError):

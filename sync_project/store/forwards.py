@@ -32,7 +32,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel
@@ -40,6 +40,7 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from sync_project.core.clock import utcnow
 from sync_project.store.engine import unavailable_as_store_error
 from sync_project.store.inbox import MAX_ERROR_CHARS, retry_delay
 from sync_project.store.routing import ConnectionSnapshot, connections_for
@@ -54,10 +55,6 @@ DEFAULT_SETTLE_S = 30.0
 #: Gap ranges re-read per query (each is one ``BETWEEN`` of an ``OR``).
 _GAPS_PER_QUERY = 200
 _ID_CHUNK = 5000
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class Forward(BaseModel):

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from sqlalchemy import case, func, select
 from sqlalchemy.engine import Engine
 
+from sync_project.core.clock import utcnow
 from sync_project.store.engine import unavailable_as_store_error
 from sync_project.store.inbox import MAX_ERROR_CHARS
 from sync_project.store.schema import inbox, inbox_pending, sync_state
@@ -62,10 +63,6 @@ class LastRun(BaseModel):
     last_success_at: datetime | None = None
     last_mode: str | None = None
     last_error: str | None = None
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def inbox_backlog(

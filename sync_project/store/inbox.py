@@ -41,6 +41,7 @@ from sqlalchemy import bindparam, case, delete, func, insert, literal, null, sel
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from sync_project.core.clock import utcnow
 from sync_project.store.engine import unavailable_as_store_error
 from sync_project.store.leases import Lease, check_lease
 from sync_project.store.routing import ConnectionLookup, connections_for
@@ -58,10 +59,6 @@ _ID_CHUNK = 5000
 _REPLAY_CHUNK = 1000
 #: Error text kept per event: enough for a traceback's last lines, bounded so a row stays small.
 MAX_ERROR_CHARS = 4000
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class RoutedEvent(BaseModel):

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from pydantic import BaseModel
 from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
+from sync_project.core.clock import utcnow
+from sync_project.core.records import RecordLike
 from sync_project.store import feed
 from sync_project.store.bulk import KEY_CHUNK, PostgresBulk, bulk_writer
 from sync_project.store.errors import InvalidBatchError
@@ -39,13 +40,6 @@ from sync_project.store.merge import (
 from sync_project.store.schema import feed_entries, records
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
-
-RecordLike = Mapping[str, Any] | BaseModel
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
 
 @dataclass(frozen=True)
 class PreparedBatch:

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from sync_project.core.clock import utcnow
 from sync_project.store.engine import reading, unavailable_as_store_error
 from sync_project.store.schema import sync_state
 
@@ -28,8 +29,6 @@ class SyncState(BaseModel):
 
 def upsert_state(conn: Connection, sync: str, connection_id: str, **values: Any) -> None:
     """Insert or update the state row; only the columns named in ``values`` change."""
-    from sync_project.store.records import utcnow
-
     values["updated_at"] = utcnow()
     dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     statement = dialect_insert(sync_state).values(sync=sync, connection_id=connection_id, **values)

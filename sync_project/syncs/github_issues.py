@@ -21,11 +21,20 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sync_project.core import Delete, FetchContext, InboundEvent, Page, Save, SyncDefinition, Update, WebhookContext
-from sync_project.core.http import ProviderError
-from sync_project.core.sync import WebhookChange
+from sync_project.core import (
+    Delete,
+    FetchContext,
+    InboundEvent,
+    Page,
+    ProviderError,
+    Save,
+    SyncDefinition,
+    Update,
+    WebhookChange,
+    WebhookContext,
+    parse_records,
+)
 from sync_project.providers import github
-from sync_project.providers._common import parse_records
 
 
 class GitHubUser(BaseModel):

@@ -14,10 +14,18 @@ from datetime import datetime, timedelta, timezone
 
 from pydantic import BaseModel
 
-from sync_project.core import Delete, FetchContext, InboundEvent, Page, Save, SyncDefinition, WebhookContext
-from sync_project.core.sync import WebhookChange
+from sync_project.core import (
+    Delete,
+    FetchContext,
+    InboundEvent,
+    Page,
+    Save,
+    SyncDefinition,
+    WebhookChange,
+    WebhookContext,
+    parse_records,
+)
 from sync_project.providers import hubspot
-from sync_project.providers._common import parse_records
 
 #: Events after which the contact is re-read; the others remove it.
 REFETCH_EVENTS = ("contact.creation", "contact.propertyChange", "contact.restore")

@@ -7,8 +7,7 @@ from datetime import timedelta
 
 from pydantic import AwareDatetime, BaseModel
 
-from sync_project.core import FetchContext, InboundEvent, Page, SyncDefinition, WebhookContext
-from sync_project.core.sync import WebhookChange
+from sync_project.core import FetchContext, InboundEvent, Page, SyncDefinition, WebhookChange, WebhookContext
 from sync_project.providers import sandbox
 
 

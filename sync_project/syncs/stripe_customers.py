@@ -28,11 +28,20 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sync_project.core import Delete, FetchContext, InboundEvent, Page, Save, SyncDefinition, WebhookContext
-from sync_project.core.http import ProviderError
-from sync_project.core.sync import RecordLike, WebhookChange
+from sync_project.core import (
+    Delete,
+    FetchContext,
+    InboundEvent,
+    Page,
+    ProviderError,
+    RecordLike,
+    Save,
+    SyncDefinition,
+    WebhookChange,
+    WebhookContext,
+    parse_records,
+)
 from sync_project.providers import stripe
-from sync_project.providers._common import parse_records
 
 #: Margin under Stripe's 30 days of events, for the time a poll itself takes.
 REPLAY_HORIZON = stripe.EVENT_RETENTION - timedelta(hours=1)

@@ -56,7 +56,7 @@ def _children(pid: int) -> list[int]:
 def test_receiver_workers_share_a_port_and_store_each_delivery_once(database_url: str, tmp_path: Path) -> None:
     """``--workers 2``: two processes behind one port, each with its own store; a delivery sent
     over and over on fresh connections (so it lands on either process) is stored once."""
-    from sync_project.providers import standard_webhooks
+    from sync_project.core import standard_webhooks
     from sync_project.store import Store
     from sync_project_tests.cli.test_dev import free_port
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from sync_project.forwarding.forwarder import Forwarder, ForwarderSettings, ForwardingConfigError
-from sync_project.providers.standard_webhooks import generate_secret
+from sync_project.core.standard_webhooks import generate_secret
 from sync_project.receiver.app import create_app
 from sync_project.serving import BackgroundServer
 from sync_project.store import Store

@@ -12,8 +12,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 from sync_project import registry
-from sync_project.core import InboundEvent, WebhookContext
-from sync_project.core.sync import WebhookChange
+from sync_project.core import InboundEvent, WebhookChange, WebhookContext
 from sync_project.orchestration.factory import build_definitions
 from sync_project.orchestration.run_limits import RunLimits
 

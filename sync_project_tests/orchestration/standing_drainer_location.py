@@ -13,7 +13,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 from sync_project import registry
-from sync_project.core.sync import FetchContext, Page
+from sync_project.core import FetchContext, Page
 from sync_project.orchestration.factory import build_definitions
 from sync_project.orchestration.run_limits import RunLimits
 

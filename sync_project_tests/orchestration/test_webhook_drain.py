@@ -19,7 +19,7 @@ from sync_project.orchestration.webhook_drain import DrainResult, drain_inbox
 from sync_project.receiver import create_app
 from sync_project.receiver.routing import route, subscribers_from
 from sync_project.store import MergeStrategy, Store
-from sync_project.store.connections import ProviderConnection
+from sync_project.core import ProviderConnection
 from sync_project.store.schema import feed_entries, inbox
 from sync_project_tests.webhook_support import (
     SECRET,

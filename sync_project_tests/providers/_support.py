@@ -15,7 +15,7 @@ import httpx
 
 from sync_project.core import Delete, FetchContext, Page, Save, SyncDefinition, Update, WebhookContext, WebhookRequest
 from sync_project.store import Store
-from sync_project.store.connections import ProviderConnection
+from sync_project.core import ProviderConnection
 from sync_project.store.merge import MergeResult
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -13,8 +13,9 @@ from datetime import datetime, timezone
 
 import pytest
 
+from sync_project.core import signing, standard_webhooks
 from sync_project.core.provider import MalformedWebhookError, SignatureError
-from sync_project.providers import hubspot, signing, standard_webhooks, stripe
+from sync_project.providers import hubspot, stripe
 from sync_project_tests.providers._support import webhook
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sync_project.providers import standard_webhooks
+from sync_project.core import standard_webhooks
 
 SANDBOX_SECRET = "whsec_" + "aGFyZGVuaW5nLXRlc3Qtc2VjcmV0"  # base64 of "hardening-test-secret"
 RECORDS_TOKEN = "records-token-for-tests-7c1e"

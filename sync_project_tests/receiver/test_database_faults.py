@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sync_project.providers.standard_webhooks import generate_secret, sign_headers
+from sync_project.core.standard_webhooks import generate_secret, sign_headers
 from sync_project.receiver import create_app
 from sync_project.store import Store
 from sync_project_tests.conftest import IN_CI

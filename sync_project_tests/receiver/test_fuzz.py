@@ -23,7 +23,7 @@ import httpx
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sync_project.providers import standard_webhooks
+from sync_project.core import standard_webhooks
 from sync_project.store import Store
 from sync_project_tests.receiver.running import RECORDS_TOKEN, SANDBOX_SECRET, receiver_process
 

@@ -11,7 +11,7 @@ import pytest
 
 from sync_project.core.http import ProviderError, json_body
 from sync_project.providers.sandbox import PROVIDER
-from sync_project.store.connections import ProviderConnection
+from sync_project.core import ProviderConnection
 from sync_project_tests.sandbox.support import SandboxFactory, make_sandbox, wait_until  # noqa: F401
 
 TOKEN = "token-of-acct-1"

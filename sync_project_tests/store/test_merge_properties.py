@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from sync_project.store import RecordSpec, Store
 from sync_project.store.feed import Change
-from sync_project.store.records import utcnow
+from sync_project.core.clock import utcnow
 
 from .helpers import CONN, MODIFIED_AFTER, NEWEST, at, contact, stamp
 

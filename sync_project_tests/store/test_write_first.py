@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from sync_project.store import MergeResult, RecordSpec, Store
 from sync_project.store.bulk import PostgresBulk
-from sync_project.store.records import RecordWriter, WriteHints, utcnow
+from sync_project.core.clock import utcnow
+from sync_project.store.records import RecordWriter, WriteHints
 from sync_project.store.schema import records
 
 from .helpers import CONN, MODIFIED_AFTER, NEWEST, OVERRIDE, contact

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sync_project.providers.standard_webhooks import verify
+from sync_project.core.standard_webhooks import verify
 from sync_project.serving import BackgroundServer
 
 

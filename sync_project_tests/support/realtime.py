@@ -16,7 +16,7 @@ from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.factory import build_definitions
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.orchestration.resources import StoreResource
-from sync_project.providers.standard_webhooks import generate_secret
+from sync_project.core.standard_webhooks import generate_secret
 from sync_project.receiver.app import create_app
 from sync_project.sandbox.chaos import ChaosSettings
 from sync_project.sandbox.client import SandboxAdmin

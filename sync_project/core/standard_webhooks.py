@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from sync_project.core.provider import SignatureError
-from sync_project.providers.signing import parse_epoch
+from sync_project.core.signing import parse_epoch
 
 SECRET_PREFIX = "whsec_"
 #: The Python reference library rejects timestamps further than this in the past or the future.

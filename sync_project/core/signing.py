@@ -1,4 +1,4 @@
-"""Webhook signature primitives shared by the provider modules.
+"""Webhook signature primitives shared by the provider modules (and by what signs our own deliveries).
 
 Every comparison of a signature is constant-time (``hmac.compare_digest`` over bytes), and every
 configured secret is tried in full, so neither timing nor rotation reveals which secret matched.
