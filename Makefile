@@ -17,8 +17,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/sync-project dev
 
+# Two pytest-xdist workers: one takes the heavy tests (daemons, `sync-project dev`, Celery hosts) one at
+# a time, the other the in-process ones (sync_project_tests/conftest.py, HEAVY_MODULES). TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # Benchmarks need peers (dlt) that the project itself never imports: the `bench` extra.
 BENCH_STAMP := $(VENV)/.bench-stamp

@@ -32,6 +32,36 @@ def _postgres_problem() -> str | None:
         return f"Postgres at {POSTGRES_URL} unreachable: {type(error).__name__}: {str(error).strip()[:200]}"
 
 
+#: Modules whose tests start daemons, webservers, `sync-project dev`, Celery hosts or private
+#: Postgres servers. `make test` runs on two pytest-xdist workers with ``--dist loadgroup``: these
+#: share one group, so they run one at a time on one worker (two at once would starve each other's
+#: deadlines on a 2-core machine) while the other worker takes the in-process tests.
+HEAVY_MODULES = frozenset({
+    "e2e/test_backfill_while_webhooks_flow.py",
+    "e2e/test_convergence.py",
+    "e2e/test_scale_out_celery.py",
+    "cli/test_dev.py",
+    "cli/test_dev_restart.py",
+    "cli/test_readme_commands.py",
+    "cli/test_dagster_cli.py",
+    "orchestration/test_standing_drainers.py",
+    "orchestration/test_killed_run.py",
+    "orchestration/test_run_monitoring.py",
+    "orchestration/test_postgres_instance.py",
+    "orchestration/test_handoff.py",
+    "orchestration/test_partition_faults.py",
+    "receiver/test_database_faults.py",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = os.path.dirname(__file__)
+    for item in items:
+        module = os.path.relpath(str(item.path), root)
+        if module in HEAVY_MODULES:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
+
+
 _PROBLEM: list[str | None] = []
 
 
