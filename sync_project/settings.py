@@ -188,3 +188,40 @@ def inbox_retention_days() -> float | None:
     if value < 0 or value != value or value == float("inf"):
         raise ValueError(f"{INBOX_RETENTION_ENV}={raw!r}: expected a number of days (0 keeps done events)")
     return value or None
+
+
+# -- the warehouse (sync_project/warehouse/) -----------------------------------------------------
+
+WAREHOUSE_DESTINATION_ENV = "SYNC_WAREHOUSE_DESTINATION"
+WAREHOUSE_DATASET_ENV = "SYNC_WAREHOUSE_DATASET"
+WAREHOUSE_DELETES_ENV = "SYNC_WAREHOUSE_DELETES"
+#: The embedded default's dataset: a schema in the DuckDB file (not "warehouse", the file's own
+#: catalog name, which DuckDB's binder would confuse with it).
+DEFAULT_WAREHOUSE_DATASET = "synced"
+
+
+def warehouse_destination() -> str:
+    """The dlt destination the warehouse assets load into: ``SYNC_WAREHOUSE_DESTINATION``, default
+    ``duckdb`` (the file ``data/warehouse.duckdb``). Any other dlt destination name (``postgres``,
+    ``snowflake``, ``bigquery``, ...) takes its credentials from dlt's own configuration, e.g.
+    ``DESTINATION__POSTGRES__CREDENTIALS`` or ``.dlt/secrets.toml``, never from this variable."""
+    return os.environ.get(WAREHOUSE_DESTINATION_ENV, "").strip() or "duckdb"
+
+
+def warehouse_duckdb_path() -> Path:
+    """The embedded default warehouse: a DuckDB file in the data folder."""
+    return data_dir() / "warehouse.duckdb"
+
+
+def warehouse_dataset() -> str:
+    """The dataset (schema) holding one table per sync: ``SYNC_WAREHOUSE_DATASET``, default ``synced``."""
+    return os.environ.get(WAREHOUSE_DATASET_ENV, "").strip() or DEFAULT_WAREHOUSE_DATASET
+
+
+def warehouse_deletes() -> str:
+    """``soft`` (default: a deleted record keeps its row, ``_deleted_at`` set) or ``hard`` (the
+    row is removed): ``SYNC_WAREHOUSE_DELETES``."""
+    raw = os.environ.get(WAREHOUSE_DELETES_ENV, "").strip().lower() or "soft"
+    if raw not in ("soft", "hard"):
+        raise ValueError(f"{WAREHOUSE_DELETES_ENV}={raw!r}: expected soft or hard")
+    return raw

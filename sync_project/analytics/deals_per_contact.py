@@ -1,21 +1,24 @@
 """A downstream asset over the sandbox CRM: open pipeline per contact, across all connections.
 
-It shows the consumption pattern: depend on the sync assets, read their live records from the
-store as DataFrames (``Store.dataframe``), and compute with pandas. Deleted records are excluded by
-default; pass ``include_deleted=True`` to see tombstones.
+It shows the consumption pattern: depend on the warehouse assets, read their tables' live rows
+(``Warehouse.frame``; the same tables a data engineer queries in ``data/warehouse.duckdb``) and
+compute with pandas. Soft-deleted rows are excluded by default; pass ``include_deleted=True`` to
+see them. ``summarize_deals_per_contact`` takes the store's DataFrames (``Store.dataframe``) just
+as well: both name the columns alike (model fields, ``_connection_id``).
 """
 
 from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from sync_project.orchestration.resources import StoreResource
+from sync_project import registry
+from sync_project.warehouse.assets import WAREHOUSE_POOL, WarehouseResource, warehouse_key
 
 if TYPE_CHECKING:  # imported when the asset runs: every run process loads this module, few need pandas
     import pandas as pd
 
-CONTACTS = dg.AssetKey(["sandbox", "contacts"])
-DEALS = dg.AssetKey(["sandbox", "deals"])
+CONTACTS = "sandbox/contacts"
+DEALS = "sandbox/deals"
 
 
 def summarize_deals_per_contact(contacts: "pd.DataFrame", deals: "pd.DataFrame") -> "pd.DataFrame":
@@ -44,14 +47,18 @@ def summarize_deals_per_contact(contacts: "pd.DataFrame", deals: "pd.DataFrame")
 
 @dg.asset(
     key=["analytics", "deals_per_contact"],
-    deps=[CONTACTS, DEALS],
+    deps=[warehouse_key(registry.get_sync(CONTACTS)), warehouse_key(registry.get_sync(DEALS))],
     group_name="analytics",
     kinds={"pandas"},
-    description="Deals and total amount per sandbox contact (a demo of consuming synced records).",
+    # Reads the warehouse: the DuckDB file admits no reader while a load writes it.
+    pool=WAREHOUSE_POOL,
+    description="Deals and total amount per sandbox contact, from the warehouse tables (a demo of consuming synced records).",
 )
-def deals_per_contact(context: dg.AssetExecutionContext, sync_store: StoreResource) -> dg.MaterializeResult:
-    store = sync_store.get_store()
-    summary = summarize_deals_per_contact(store.dataframe("sandbox/contacts"), store.dataframe("sandbox/deals"))
+def deals_per_contact(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    tables = warehouse.get_warehouse()
+    summary = summarize_deals_per_contact(
+        tables.frame(registry.get_sync(CONTACTS)), tables.frame(registry.get_sync(DEALS))
+    )
     context.log.info(f"{len(summary)} contacts, {int(summary['deals'].sum()) if len(summary) else 0} deals")
     return dg.MaterializeResult(
         metadata={

@@ -1,5 +1,6 @@
 """Turns declared syncs into Dagster definitions: assets, jobs, polling schedules, the inbox sensor,
-the checks of every sync and the schedule that runs them."""
+the checks of every sync and the schedule that runs them, and each sync's warehouse asset with the
+automation sensor that keeps it following its sync."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import RunLimits
 from sync_project.orchestration.schedules import build_poll_schedule
 from sync_project.orchestration.sensors import DEFAULT_STALL_AFTER_S, DEFAULT_WEBHOOK_LINGER_S, build_inbox_sensor
+from sync_project.warehouse.assets import WAREHOUSE_KEY, WarehouseResource, build_warehouse_asset, build_warehouse_sensor
 
 
 def build_definitions(
@@ -35,14 +37,17 @@ def build_definitions(
     notifier: NotifierResource | None = None,
     check_settings: CheckSettings | None = None,
     run_limits: RunLimits | None = None,
+    warehouse: WarehouseResource | None = None,
 ) -> dg.Definitions:
     """``notifier`` defaults to :meth:`NotifierResource.from_env` (off unless ``SYNC_NOTIFY_URL``);
-    ``run_limits`` are the ``dagster/max_runtime`` of the runs the sensor and schedules request."""
+    ``run_limits`` are the ``dagster/max_runtime`` of the runs the sensor and schedules request;
+    ``warehouse`` defaults to the environment's (``SYNC_WAREHOUSE_*``: the DuckDB file by default)."""
     settings = check_settings or CheckSettings()
     assets = {
         sync.key: build_sync_asset(sync, providers[sync.provider], notify=True, check_settings=settings)
         for sync in syncs
     }
+    warehouse_assets = [build_warehouse_asset(sync, store_key=STORE_KEY) for sync in syncs]
     checks = [check for sync in syncs for check in build_sync_checks(sync, settings)]
     jobs = {
         sync.key: dg.define_asset_job(
@@ -56,19 +61,21 @@ def build_definitions(
         for sync in syncs
     }
     schedules = [build_poll_schedule(sync, jobs[sync.key], run_limits) for sync in syncs]
-    sensors = [
+    sensors: list[dg.SensorDefinition] = [
         build_inbox_sensor(
             {s.key: s for s in syncs}, jobs, stall_after_s=inbox_stall_after_s, linger_s=webhook_linger_s,
             run_limits=run_limits,
         )
     ]
+    if warehouse_assets:
+        sensors.append(build_warehouse_sensor(warehouse_assets))
     checks_jobs: list[AssetJob] = []
     if checks:
         checks_job, checks_schedule = build_checks_schedule(checks)
         checks_jobs.append(checks_job)
         schedules.append(checks_schedule)
     return dg.Definitions(
-        assets=[*assets.values(), *extra_assets],
+        assets=[*assets.values(), *warehouse_assets, *extra_assets],
         asset_checks=checks,
         jobs=[*jobs.values(), *checks_jobs],
         schedules=[s for s in schedules if isinstance(s, dg.ScheduleDefinition)],
@@ -76,6 +83,7 @@ def build_definitions(
         resources={
             STORE_KEY: store or StoreResource(),
             NOTIFIER_KEY: notifier if notifier is not None else NotifierResource.from_env(),
+            WAREHOUSE_KEY: warehouse or WarehouseResource(),
         },
         # One asset per run: an in-process step saves the ~1 s of a step subprocess per run,
         # which is most of a webhook run's latency.
