@@ -52,7 +52,32 @@ def model_columns(model: type[BaseModel]) -> dict[str, dict[str, Any]]:
     """The model's fields as dlt column schemas, every one nullable (see the module docstring)."""
     from dlt.common.libs.pydantic import pydantic_to_table_schema_columns
 
-    return {name: {**column, "nullable": True} for name, column in pydantic_to_table_schema_columns(model).items()}
+    columns = {name: {**column, "nullable": True} for name, column in pydantic_to_table_schema_columns(model).items()}
+    for name, data_type in _pydantic_time_types(model).items():
+        if name in columns:
+            columns[name]["data_type"] = data_type
+    return columns
+
+
+def _pydantic_time_types(model: type[BaseModel]) -> dict[str, str]:
+    """dlt maps ``datetime`` but not pydantic's constrained ones (``AwareDatetime``, which every
+    sync's timestamp uses, ``PastDate``, ...): unknown types become text. Columns of those are
+    timestamps and dates here."""
+    import pydantic
+    from dlt.common.typing import extract_inner_type, get_args, is_union_type
+
+    kinds = {
+        pydantic.AwareDatetime: "timestamp", pydantic.NaiveDatetime: "timestamp", pydantic.PastDatetime: "timestamp",
+        pydantic.FutureDatetime: "timestamp", pydantic.PastDate: "date", pydantic.FutureDate: "date",
+    }
+    found: dict[str, str] = {}
+    for field_name, field in model.model_fields.items():
+        inner = extract_inner_type(field.annotation)
+        if is_union_type(inner):
+            inner = extract_inner_type(get_args(inner)[0])
+        if inner in kinds:
+            found[field.alias or field_name] = kinds[inner]
+    return found
 
 
 def table_columns(sync: SyncDefinition, deletes: DeleteMode) -> dict[str, dict[str, Any]]:

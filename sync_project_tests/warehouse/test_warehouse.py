@@ -236,6 +236,7 @@ def walk_the_table(tmp_path: Path, destination: Destination, kill: Any) -> None:
         columns = destination.columns(PRODUCTS)
         assert {columns["price"], columns["stock"]} <= {"DOUBLE", "BIGINT", "double precision", "bigint"}
         assert columns["dimensions"] in ("JSON", "jsonb") and columns["tags"] in ("JSON", "jsonb")
+        assert columns["updated_at"] in ("TIMESTAMP WITH TIME ZONE", "timestamp with time zone")
 
         # Updates, applied in place: the next load reads only what changed.
         t1 = t0 + timedelta(minutes=1)
