@@ -55,6 +55,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("poll.py"),
     Benchmark("e2e_latency.py"),
     Benchmark("import_time.py"),
+    # 1M records to fill and load take many minutes on 2 cores: the memory figure at 100k and 500k.
+    Benchmark("warehouse.py", args=("--memory-sizes", "100000,500000")),
 )
 
 
