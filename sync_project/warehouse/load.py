@@ -86,8 +86,10 @@ class LoadResult:
     rows: int = 0
     actions: Counter[str] = field(default_factory=Counter)
     cursor: str | None = None
-    #: Rows of the connection removed by a full rebuild because the store no longer has them.
+    #: Rows of the connection removed because the store no longer has them (a full rebuild, a reset).
     removed: int = 0
+    #: The feed said the connection's records were removed (a reset) since the last load.
+    emptied_by_reset: bool = False
     load_id: str | None = None
     full_rebuild: bool = False
 
@@ -113,7 +115,7 @@ class Warehouse:
         with tempfile.TemporaryDirectory(prefix="sync-warehouse-") as workdir:
             pipeline = self._pipeline(workdir, pipeline_name(sync, connection_id))
             resource = dlt.resource(
-                self._rows(store, sync, connection_id, full_rebuild, result),
+                self._rows(pipeline, store, sync, connection_id, full_rebuild, result),
                 name=table_name(sync),
                 write_disposition="merge",
                 primary_key=primary_key(sync),
@@ -128,16 +130,26 @@ class Warehouse:
         return result
 
     def _rows(
-        self, store: Store, sync: SyncDefinition, connection_id: str, full_rebuild: bool, result: LoadResult
+        self, pipeline: Any, store: Store, sync: SyncDefinition, connection_id: str, full_rebuild: bool,
+        result: LoadResult,
     ) -> Iterator[list[dict[str, Any]]]:
         """The feed's pages from the committed cursor on, as rows; the cursor goes into the
-        resource's state as each page is handed over, and dlt commits that state with the load."""
+        resource's state as each page is handed over, and dlt commits that state with the load.
+
+        A page that says the connection's records were removed after the cursor (a reset with
+        ``--remove``) first empties the table of that connection. That delete commits before the
+        load does: killed in between, the next load still starts from the old cursor, hears of
+        the removal again and repeats the (idempotent) delete, so no removed record survives.
+        """
         import dlt
 
         state = dlt.current.resource_state()
         cursor = None if full_rebuild else state.get("cursor")
         while True:
             page = store.changes(sync.key, connection_id, cursor=cursor, limit=self.config.page_size)
+            if page.reset is not None and not result.emptied_by_reset:
+                result.removed += self._delete_connection(pipeline, sync, connection_id, keep_load_id=None)
+                result.emptied_by_reset = True
             if page.records:
                 rows = [_row(change) for change in page.records]
                 result.rows += len(rows)
@@ -153,6 +165,11 @@ class Warehouse:
     def _remove_unwritten(self, pipeline: Any, sync: SyncDefinition, connection_id: str, load_id: str | None) -> int:
         """A rebuild wrote every row the store has for the connection: the others go. Run after
         the load committed, so a rebuild killed before this leaves extra rows, never fewer."""
+        return self._delete_connection(pipeline, sync, connection_id, keep_load_id=load_id)
+
+    def _delete_connection(self, pipeline: Any, sync: SyncDefinition, connection_id: str, *, keep_load_id: str | None) -> int:
+        """Deletes the connection's rows (but those of ``keep_load_id``); returns how many."""
+        load_id = keep_load_id
         with pipeline.sql_client() as client:
             if not client.has_dataset():
                 return 0

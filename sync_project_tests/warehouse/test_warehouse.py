@@ -2,8 +2,8 @@
 
 One test per destination walks the whole life of a table (dlt pipelines take a second to start,
 so the steps share a test): initial load, updates, soft deletes, a field added to the model, a
-load killed after its rows were written but before its cursor was committed, then hard deletes
-and a full rebuild. After every step the table's live rows equal the store's live records.
+load killed after its rows were written but before its cursor was committed, a reset that removed
+a connection's records, then hard deletes and a full rebuild. After every step the table's live rows equal the store's live records.
 
 The kill is real on both. Postgres: the test holds a SHARE lock on ``_dlt_loads``, so the
 worker's load writes its rows and state and then blocks on the insert that completes the load;
@@ -272,6 +272,15 @@ def walk_the_table(tmp_path: Path, destination: Destination, kill: Any) -> None:
         assert len(destination.rows(PRODUCTS_V2)) == 80
         assert warehouse.load(store, PRODUCTS_V2, "acme").rows == 0
 
+        # A reset that removed a connection's records from the store: the feed says so, and the
+        # next load empties the table of that connection before it applies what came after.
+        store.reset(PRODUCTS.key, "globex", records="remove", requested_by="test")
+        t45 = t4 + timedelta(seconds=30)
+        store.save(PRODUCTS.key, "globex", spec, [product(i, t45) for i in range(10)])
+        emptied = warehouse.load(store, PRODUCTS_V2, "globex")
+        assert (emptied.emptied_by_reset, emptied.removed, emptied.rows) == (True, 40, 10)
+        assert_table_equals_store(destination, store, PRODUCTS_V2, soft=True)
+
         # Hard deletes by option; a full rebuild (after switching) removes the rows kept as soft
         # deletes, and leaves the other connection's rows alone.
         hard = Warehouse(destination.settings.model_copy(update={"deletes": "hard"}))
@@ -282,4 +291,4 @@ def walk_the_table(tmp_path: Path, destination: Destination, kill: Any) -> None:
         store.delete(PRODUCTS.key, "globex", spec, [{"id": f"p{i:04d}", "updated_at": t5.isoformat()} for i in (7, 8)])
         assert hard.load(store, PRODUCTS_V2, "globex").actions["deleted"] == 2
         assert_table_equals_store(destination, store, PRODUCTS_V2, soft=False)
-        assert len(destination.rows(PRODUCTS_V2)) == 75
+        assert len(destination.rows(PRODUCTS_V2)) == 37 + 8
