@@ -45,6 +45,13 @@ def syncs() -> tuple[SyncDefinition, ...]:
                 if value.key in found and found[value.key] is not value:
                     raise ValueError(f"sync {value.key!r} declared twice")
                 found[value.key] = value
+    model_keys: dict[str, str] = {}
+    for sync in found.values():
+        for model in sync.all_models:
+            key = sync.model_key(model.name)
+            if key in model_keys and model_keys[key] != sync.key:
+                raise ValueError(f"records {key!r} declared by both {model_keys[key]} and {sync.key}")
+            model_keys[key] = sync.key
     known = providers()
     for sync in found.values():
         if sync.provider not in known:

@@ -43,24 +43,30 @@ def reset(sync_key: str, connection_id: str, empty_records: bool, remove: bool, 
     except KeyError as error:
         raise click.ClickException(str(error.args[0])) from None
     action = "remove" if remove else "tombstone" if empty_records else "keep"
+    from sync_project.orchestration.partition_run import reset_partition
+
+    keys = [sync.model_key(model.name) for model in sync.all_models]
     try:
         with Store() as store:
             store.connections.get(sync.provider, connection_id)
             if action != "keep":
-                live = store.count(sync.key, connection_id)
-                what = (
-                    f"delete all {store.count(sync.key, connection_id, include_deleted=True)} record rows"
-                    if action == "remove"
-                    else f"tombstone all {live} live records"
-                )
+                counted = [
+                    (key, store.count(key, connection_id, include_deleted=action == "remove")) for key in keys
+                ]
+                kind = "record rows" if action == "remove" else "live records"
+                verb = "delete all" if action == "remove" else "tombstone all"
+                what = ", ".join(f"{count} {kind} of {key}" for key, count in counted)
                 if not yes:
-                    click.confirm(f"This will {what} of {sync.key} for {connection_id!r}. Continue?", abort=True)
-            result = store.reset(sync.key, connection_id, records=action, requested_by=f"cli:{_user()}"[:64])
+                    click.confirm(f"This will {verb} {what} for {connection_id!r}. Continue?", abort=True)
+            results = reset_partition(
+                store, sync, connection_id, records=action, requested_by=f"cli:{_user()}"[:64]
+            )
     except UnknownConnectionError as error:
         raise click.ClickException(f"{error}; `sync-project connections list` shows them") from None
     except StoreError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(result.describe())
+    for result in results.values():
+        click.echo(result.describe())
 
 
 def _user() -> str:

@@ -43,7 +43,7 @@ from sync_project.core.records import (
     Update,
     WebhookChange,
 )
-from sync_project.core.sync import FetchContext, FetchMode, Page, SyncDefinition, WebhookContext
+from sync_project.core.sync import FetchContext, FetchMode, Page, SyncDefinition, SyncModel, WebhookContext
 
 __all__ = [
     "ConnectionStatus",
@@ -68,6 +68,7 @@ __all__ = [
     "Sleep",
     "StoreError",
     "SyncDefinition",
+    "SyncModel",
     "Update",
     "WebhookChange",
     "WebhookContext",

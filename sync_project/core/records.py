@@ -86,6 +86,8 @@ class Save:
     """A whole record: inserted, or replacing the stored copy (under the sync's strategy)."""
 
     record: RecordLike
+    #: Which of the sync's models (None: the sync's own); one event may change several.
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class Update:
     """A partial record: deep-merged into the stored one; ignored if the store has none."""
 
     record: RecordLike
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class Delete:
     """A tombstone: the record's key, and its provider timestamp when the event carries one."""
 
     record: RecordLike
+    model: str | None = None
 
 
 #: What a webhook handler returns, one per record it changes.

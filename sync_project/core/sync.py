@@ -30,9 +30,12 @@ class Page:
     #: mutable, hence invariant) not a ``list[RecordLike]``, which made every typed sync a mypy error.
     records: Sequence[RecordLike] = field(default_factory=list)
     #: Where the next incremental run (or a resumed one) starts; None keeps the previous one.
+    #: One checkpoint per sync, whichever model a page is of: one fetch yields them all.
     checkpoint: dict[str, Any] | None = None
     #: Records the provider reports deleted (by key, and timestamp if known).
     deleted: Sequence[RecordLike] = field(default_factory=list)
+    #: Which of the sync's models the records are (:attr:`SyncDefinition.models`); None: the sync's own.
+    model: str | None = None
 
 
 @dataclass
@@ -54,6 +57,33 @@ class WebhookContext:
     client: httpx.Client
     connection: ProviderConnection
     log: logging.Logger | Any
+
+
+@dataclass(frozen=True)
+class SyncModel:
+    """One model of a sync: its records, keyed ``provider/name`` in the store, are the Dagster
+    asset ``[provider, name]``, with their own change feed and counts.
+
+    A sync's own model is declared on the :class:`SyncDefinition` itself, as a single-model sync
+    always did; further ones (``SyncDefinition.models``) are fetched by the same ``fetch``, in
+    pages that name them (``Page.model``), and changed by webhooks that name them (``Save(...,
+    model=...)``): issues and their comments, contacts and their companies, read once.
+    """
+
+    name: str
+    model: type[BaseModel]
+    primary_key: str = "id"
+    updated_field: str | None = None
+    strategy: MergeStrategy | None = None
+    track_deletes: bool = True
+    description: str = ""
+
+    @property
+    def record_spec(self) -> RecordSpec:
+        strategy = self.strategy or (
+            MergeStrategy.NEWEST_SOURCE_WINS if self.updated_field else MergeStrategy.OVERRIDE
+        )
+        return RecordSpec(primary_key=self.primary_key, updated_field=self.updated_field, strategy=strategy)
 
 
 FetchFn = Callable[[FetchContext], Iterator[Page]]
@@ -78,10 +108,16 @@ class SyncDefinition:
     poll_interval: timedelta = timedelta(minutes=15)
     #: Full refreshes tombstone records the provider no longer returns.
     track_deletes: bool = True
+    #: Further models the same fetch yields (each its own asset, records and counts); none for
+    #: a sync of one model.
+    models: tuple[SyncModel, ...] = ()
 
     def __post_init__(self) -> None:
         if self.webhook_events and self.on_webhook is None:
             raise ValueError(f"{self.key}: webhook_events declared without on_webhook")
+        names = [self.name, *(m.name for m in self.models)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.key}: model names must differ from each other and from the sync's ({', '.join(names)})")
         if self.poll_interval < timedelta(seconds=30):
             raise ValueError(f"{self.key}: poll_interval below 30 s would poll faster than runs start")
 
@@ -96,6 +132,34 @@ class SyncDefinition:
             MergeStrategy.NEWEST_SOURCE_WINS if self.updated_field else MergeStrategy.OVERRIDE
         )
         return RecordSpec(primary_key=self.primary_key, updated_field=self.updated_field, strategy=strategy)
+
+    @property
+    def own_model(self) -> SyncModel:
+        """The sync's own model, as its fields declare it."""
+        return SyncModel(
+            name=self.name, model=self.model, primary_key=self.primary_key, updated_field=self.updated_field,
+            strategy=self.strategy, track_deletes=self.track_deletes, description=self.description,
+        )
+
+    @property
+    def all_models(self) -> tuple[SyncModel, ...]:
+        """The sync's own model first, then the further ones."""
+        return (self.own_model, *self.models)
+
+    def model_key(self, model: str | None) -> str:
+        """The store's key (``provider/name``) of the records of ``model`` (None: the sync's own)."""
+        if model is None or model == self.name:
+            return self.key
+        if not any(m.name == model for m in self.models):
+            known = ", ".join(m.name for m in self.all_models)
+            raise ValueError(f"{self.key} declares no model {model!r} (its models: {known})")
+        return f"{self.provider}/{model}"
+
+    def model_spec(self, model: str | None) -> RecordSpec:
+        if model is None or model == self.name:
+            return self.record_spec
+        self.model_key(model)  # raises for an unknown model
+        return next(m for m in self.models if m.name == model).record_spec
 
     def subscribes_to(self, event_type: str) -> bool:
         return any(pattern == "*" or pattern == event_type for pattern in self.webhook_events)

@@ -25,7 +25,7 @@ from sync_project.orchestration.checks import (
     partition_check_specs,
 )
 from sync_project.orchestration.notifications import NOTIFIER_KEY
-from sync_project.orchestration.partition_run import RunMode, RunSettings, run_partition
+from sync_project.orchestration.partition_run import RunSettings, reset_partition, run_partition
 from sync_project.orchestration.partitions import connection_partitions
 from sync_project.orchestration.resources import storage_kind
 from sync_project.orchestration.webhook_drain import DrainResult
@@ -116,6 +116,8 @@ def build_sync_asset(
     :class:`~sync_project.orchestration.notifications.NotifierResource`) when ``notify`` is set,
     as :func:`~sync_project.orchestration.factory.build_definitions` does."""
     settings = check_settings or CheckSettings()
+    if sync.models:
+        return _build_multi_model_asset(sync, provider, notify=notify, settings=settings)
 
     @dg.asset(
         key=dg.AssetKey([sync.provider, sync.name]),
@@ -145,6 +147,77 @@ def build_sync_asset(
     return _sync_asset
 
 
+def own_asset_key(sync: SyncDefinition) -> dg.AssetKey:
+    return dg.AssetKey([sync.provider, sync.name])
+
+
+def _build_multi_model_asset(
+    sync: SyncDefinition, provider: Provider, *, notify: bool, settings: CheckSettings
+) -> dg.AssetsDefinition:
+    """A sync of several models: one multi-asset, an asset per model, all materialized by each run
+    (one fetch reads them all); the partition's checks are the sync's own model's."""
+    specs = [
+        dg.AssetSpec(
+            key=dg.AssetKey([sync.provider, model.name]),
+            group_name=sync.provider,
+            kinds={sync.provider, storage_kind()},
+            partitions_def=connection_partitions(sync.provider),
+            description=model.description or f"{model.name} of {sync.provider} (sync {sync.key}), one partition per connection.",
+            metadata={
+                "sync": sync.key,
+                "records": sync.model_key(model.name),
+                "primary_key": model.primary_key,
+                "merge_strategy": model.record_spec.strategy.value,
+                "poll_interval_s": sync.poll_interval.total_seconds(),
+                "webhook_events": ", ".join(sync.webhook_events) or "none",
+                "track_deletes": model.track_deletes,
+            },
+            freshness_policy=freshness_policy(sync, settings) if model.name == sync.name else None,
+        )
+        for model in sync.all_models
+    ]
+
+    @dg.multi_asset(
+        name=op_name(sync),
+        specs=specs,
+        check_specs=partition_check_specs(sync),
+        can_subset=False,
+        required_resource_keys={STORE_KEY, NOTIFIER_KEY} if notify else {STORE_KEY},
+    )
+    def _sync_assets(context: dg.AssetExecutionContext, config: SyncRunConfig):  # type: ignore[no-untyped-def]
+        notifier = getattr(context.resources, NOTIFIER_KEY).get_notifier() if notify else None
+        store = getattr(context.resources, STORE_KEY).get_store()
+        yield from run_sync_models(context, config, store, sync, provider, notifier=notifier, check_settings=settings)
+
+    return _sync_assets
+
+
+def run_sync_models(
+    context: dg.AssetExecutionContext,
+    config: SyncRunConfig,
+    store: Store,
+    sync: SyncDefinition,
+    provider: Provider,
+    *,
+    notifier: SyncNotifier | None = None,
+    check_settings: CheckSettings | None = None,
+):  # type: ignore[no-untyped-def]
+    """:func:`run_sync` for a sync of several models: the sync's own model's result (with the
+    partition's checks), then one per further model, each with its own counts and row count."""
+    models: dict[str, MergeResult] = {}
+    own = run_sync(context, config, store, sync, provider, notifier=notifier, check_settings=check_settings, models=models)
+    yield own
+    connection_id = context.partition_key
+    mode = own.metadata.get("mode") if own.metadata else config.mode
+    for model in sync.models:
+        key = sync.model_key(model.name)
+        merged = models.get(key, MergeResult())
+        yield dg.MaterializeResult(
+            asset_key=dg.AssetKey([sync.provider, model.name]),
+            metadata={**merged.as_dict(), "mode": mode, "sync": sync.key, "dagster/row_count": store.count(key, connection_id)},
+        )
+
+
 def run_sync(
     context: dg.AssetExecutionContext,
     config: SyncRunConfig,
@@ -154,8 +227,12 @@ def run_sync(
     *,
     notifier: SyncNotifier | None = None,
     check_settings: CheckSettings | None = None,
+    models: dict[str, MergeResult] | None = None,
 ) -> dg.MaterializeResult:
     """Sync the run's partition, then report: counts, the partition's checks, the notification.
+
+    A sync of several models fills ``models`` with each further model's counts (by store key);
+    the result returned is the sync's own model's.
 
     The notification goes out after everything is committed, failures included, and never
     changes the run's outcome: a notification that cannot be delivered within its time budget is
@@ -164,7 +241,7 @@ def run_sync(
     started_at = utcnow()
     connection_id = context.partition_key
     try:
-        merged, metadata = _sync_partition(context, config, store, sync, provider)
+        merged, metadata = _sync_partition(context, config, store, sync, provider, models)
     except _RunRefused:
         raise
     except dg.Failure as failure:
@@ -180,7 +257,7 @@ def run_sync(
         raise
     counts = merged.as_dict()
     context.log.info(f"{sync.key} {connection_id} ({config.mode}): {json.dumps(counts)}")
-    selected = {key.name for key in context.selected_asset_check_keys if key.asset_key == context.asset_key}
+    selected = {key.name for key in context.selected_asset_check_keys if key.asset_key == own_asset_key(sync)}
     check_results = partition_check_results(
         store, sync, connection_id, selected, check_settings or CheckSettings(), instance=context.instance
     )
@@ -188,6 +265,7 @@ def run_sync(
     if outcome is not None:
         metadata["notification"] = str(outcome)
     return dg.MaterializeResult(
+        asset_key=own_asset_key(sync) if sync.models else None,
         metadata={
             **counts,
             **metadata,
@@ -203,8 +281,10 @@ def _sync_partition(
     store: Store,
     sync: SyncDefinition,
     provider: Provider,
+    models: dict[str, MergeResult] | None = None,
 ) -> tuple[MergeResult, dict[str, object]]:
     connection_id = context.partition_key
+    models = {} if models is None else models
     try:
         connection = store.connections.get(sync.provider, connection_id)
     except UnknownConnectionError as error:
@@ -217,7 +297,7 @@ def _sync_partition(
             f"`sync-project connections resume {sync.provider} {connection_id}` to sync it again."
         )
     if config.mode == "reset":
-        return _reset_partition(context, config, store, sync)
+        return _reset_partition(context, config, store, sync, models)
     metadata: dict[str, object] = {"mode": config.mode}
     batches = BatchMaterializations(context, store, sync)
     try:
@@ -239,6 +319,10 @@ def _sync_partition(
         # Another drainer is live on the partition: this run's events are its events.
         metadata["deferred_to_run"] = ran.deferred_to
         return ran.merge, metadata
+    for part in (ran.polled, ran.drained):
+        for key, merged in (part.models if part is not None else {}).items():
+            models.setdefault(key, MergeResult())
+            models[key] += merged
     if ran.drained is not None:
         metadata["materializations_during_run"] = batches.recorded
         metadata.update(
@@ -257,7 +341,11 @@ def _sync_partition(
 
 
 def _reset_partition(
-    context: dg.AssetExecutionContext, config: SyncRunConfig, store: Store, sync: SyncDefinition
+    context: dg.AssetExecutionContext,
+    config: SyncRunConfig,
+    store: Store,
+    sync: SyncDefinition,
+    models: dict[str, MergeResult],
 ) -> tuple[MergeResult, dict[str, object]]:
     """A reset run: under the partition's poll lease (waiting for a poll like any poll run), clear
     the checkpoint and keep, tombstone or remove the records (:meth:`Store.reset`)."""
@@ -269,13 +357,16 @@ def _reset_partition(
         )
     run_id = context.run.run_id
     try:
-        with store.hold_lease(
-            sync.key, connection_id, "poll", run_id, ttl_s=config.lease_ttl_s, wait_s=config.poll_lease_wait_s,
-            log=context.log,
-        ) as keeper:
-            reset = store.reset(sync.key, connection_id, records=config.empty_records, requested_by=run_id, lease=keeper.lease)
+        resets = reset_partition(
+            store, sync, connection_id, records=config.empty_records, requested_by=run_id,
+            wait_s=config.poll_lease_wait_s, ttl_s=config.lease_ttl_s, log=context.log,
+        )
     except LeaseHeldError as error:
         raise _RunRefused(description=f"{error}; this run waited {config.poll_lease_wait_s:.0f} s and did nothing.") from None
+    reset = resets.pop(sync.key)
+    for key, other in resets.items():
+        context.log.info(other.describe())
+        models[key] = MergeResult(deleted=other.tombstoned)
     context.log.info(reset.describe())
     return MergeResult(deleted=reset.tombstoned), {
         "mode": "reset",
@@ -312,17 +403,14 @@ class BatchMaterializations:
 
     def record(self, batch: DrainResult) -> None:
         pending = self._pending
-        pending.merge += batch.merge
-        pending.events_done += batch.events_done
-        pending.events_retrying += batch.events_retrying
-        pending.events_dead += batch.events_dead
-        pending.batches += batch.batches
+        pending.add(batch)
         now = time.monotonic()
         if now - self._last < MATERIALIZE_EVERY_S:
             return
         self._context.log_event(
             dg.AssetMaterialization(
-                asset_key=self._context.asset_key,
+                # The sync's own model's (a sync of several models reports the others at the end).
+                asset_key=own_asset_key(self._sync),
                 partition=self._context.partition_key,
                 description=f"{pending.batches} webhook batch(es) applied",
                 metadata={

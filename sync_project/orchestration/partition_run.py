@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,6 +32,7 @@ from sync_project.orchestration.webhook_drain import DrainResult, drain_inbox
 from sync_project.store import MergeResult, ProviderConnection, Store
 from sync_project.store.errors import LeaseHeldError
 from sync_project.store.leases import LeaseKeeper, LeaseRole
+from sync_project.store.resets import RecordsAction, ResetResult
 from sync_project.store.wakeup import DEFAULT_FALLBACK_S, InboxWakeup
 
 RunMode = Literal["full", "incremental", "webhook"]
@@ -110,12 +111,25 @@ def run_partition(
             result.deferred_to = error.holder
             return result
         log.info(f"{sync.key} {connection.connection_id}: holding {keeper.lease.describe()}")
+        # A sync of several models writes each model's records under that model's lease: taken
+        # after the sync's own (which decides who runs), in declared order, so runs never deadlock.
+        model_keepers = {
+            key: held.enter_context(
+                store.hold_lease(key, connection.connection_id, role, run_id, ttl_s=settings.lease_ttl_s, wait_s=wait_s, log=log)
+            )
+            for key in (sync.model_key(model.name) for model in sync.models)
+        }
         with provider.client(connection) as client:
             if mode == "webhook":
-                result.drained = drain_lingering(store, sync, connection, client, log, settings, keeper, on_batch)
+                result.drained = drain_lingering(
+                    store, sync, connection, client, log, settings, keeper, on_batch, model_keepers=model_keepers
+                )
                 result.merge = result.drained.merge
             else:
-                result.polled = poll(store, sync, connection, client, log, mode=mode, run_id=run_id, keeper=keeper)
+                result.polled = poll(
+                    store, sync, connection, client, log, mode=mode, run_id=run_id, keeper=keeper,
+                    model_keepers=model_keepers,
+                )
                 result.merge = result.polled.merge
     return result
 
@@ -129,6 +143,8 @@ def drain_lingering(
     settings: RunSettings,
     keeper: LeaseKeeper | None = None,
     on_batch: Callable[[DrainResult], None] | None = None,
+    *,
+    model_keepers: Mapping[str, LeaseKeeper] | None = None,
 ) -> DrainResult:
     """Drain the partition's inbox, then keep draining until ``settings.linger_s`` passes with
     nothing new, ``settings.max_linger_run_s`` is up, or ``max_events`` is reached.
@@ -148,16 +164,37 @@ def drain_lingering(
                 return total
             drained = drain_inbox(
                 store, sync, connection, client, log,
-                max_events=remaining, keeper=keeper, deadline=deadline, on_batch=on_batch,
+                max_events=remaining, keeper=keeper, model_keepers=model_keepers, deadline=deadline, on_batch=on_batch,
             )
-            total.merge += drained.merge
-            total.events_done += drained.events_done
-            total.events_retrying += drained.events_retrying
-            total.events_dead += drained.events_dead
-            total.batches += drained.batches
+            total.add(drained)
             now = time.monotonic()
             if drained.events_claimed:
                 quiet_since = now
             if now - quiet_since >= settings.linger_s or now >= deadline:
                 return total
             wakeup.wait(min(quiet_since + settings.linger_s, deadline) - now)
+
+
+def reset_partition(
+    store: Store,
+    sync: SyncDefinition,
+    connection_id: str,
+    *,
+    records: RecordsAction,
+    requested_by: str,
+    wait_s: float = 0.0,
+    ttl_s: float = 30.0,
+    log: logging.Logger | Any = None,
+) -> dict[str, ResetResult]:
+    """Reset every model of the sync for the connection (:meth:`Store.reset`), holding the poll
+    lease of each, the sync's own first, as polls take them, until all are reset: no poll runs
+    between the reset of one model and the next. Results by store key, the sync's own first."""
+    with ExitStack() as held:
+        keepers = {
+            key: held.enter_context(store.hold_lease(key, connection_id, "poll", requested_by, ttl_s=ttl_s, wait_s=wait_s, log=log))
+            for key in (sync.model_key(model.name) for model in sync.all_models)
+        }
+        return {
+            key: store.reset(key, connection_id, records=records, requested_by=requested_by, lease=keeper.lease)
+            for key, keeper in keepers.items()
+        }

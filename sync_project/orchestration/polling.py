@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ import httpx
 
 from sync_project.core.clock import utcnow
 from sync_project.core.sync import FetchContext, FetchMode, Page, SyncDefinition
-from sync_project.store import MergeResult, PreparedBatch, ProviderConnection, Store, prepare
+from sync_project.store import Lease, MergeResult, PreparedBatch, ProviderConnection, Store, prepare
 from sync_project.store.leases import LeaseKeeper
 
 
@@ -32,11 +33,15 @@ class PollResult:
     checkpoint: dict[str, Any] | None = None
     #: Tombstoned by delete detection after a complete full refresh.
     deleted_unseen: int = 0
+    #: A sync of several models: the counts of each further model, by its store key (``merge``
+    #: and ``records`` are the sync's own model's; ``pages`` counts every page).
+    models: dict[str, MergeResult] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class _FetchedPage:
     page: Page
+    key: str
     records: PreparedBatch
     deleted: PreparedBatch | None
 
@@ -51,18 +56,21 @@ def poll(
     mode: FetchMode,
     run_id: str,
     keeper: LeaseKeeper | None = None,
+    model_keepers: Mapping[str, LeaseKeeper] | None = None,
 ) -> PollResult:
     """Fetch (all, or from the checkpoint), merging every page; then detect deletes if full.
 
     With ``keeper`` (the run's poll lease), every page's transaction and the delete detection are
     fenced by it: a run that lost its lease raises :class:`~sync_project.store.LeaseLostError`
-    before writing anything more, and a full refresh that lost it never detects deletes.
+    before writing anything more, and a full refresh that lost it never detects deletes. A sync of
+    several models writes each model's records under that model's own lease
+    (``model_keepers``, by store key), and stores its one checkpoint under its own key.
     """
     started_at = utcnow()
     state = store.state.get(sync.key, connection.connection_id)
     checkpoint = state.checkpoint if state and mode == "incremental" else None
     result = PollResult(checkpoint=checkpoint)
-    spec = sync.record_spec
+    keepers: dict[str, LeaseKeeper | None] = {sync.key: keeper, **(model_keepers or {})}
     pages = iter(sync.fetch(FetchContext(client, connection, mode, checkpoint, log)))
 
     def fetch_next() -> _FetchedPage | None:
@@ -72,8 +80,9 @@ def poll(
         page = next(pages, None)
         if page is None:
             return None
+        key, spec = sync.model_key(page.model), sync.model_spec(page.model)
         deleted = prepare("delete", page.deleted, spec, fetched_at=fetched_at) if page.deleted else None
-        return _FetchedPage(page, prepare("save", page.records, spec, fetched_at=fetched_at), deleted)
+        return _FetchedPage(page, key, prepare("save", page.records, spec, fetched_at=fetched_at), deleted)
 
     # One worker: the fetch generator is only ever advanced by one thread, one page at a time.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fetch {sync.key}") as fetcher:
@@ -81,17 +90,22 @@ def poll(
         while (fetched := upcoming.result()) is not None:
             upcoming = fetcher.submit(fetch_next)
             page = fetched.page
-            lease = None
-            if keeper is not None:
-                keeper.check()
-                lease = keeper.lease
-            with store.writer(sync.key, connection.connection_id, spec, lease=lease) as writer:
+            lease = _fence(keepers.get(fetched.key), fetched.key, keepers)
+            with store.writer(fetched.key, connection.connection_id, fetched.records.spec, lease=lease) as writer:
                 merged = writer.save(fetched.records, seen_by_run=run_id if mode == "full" else None)
                 if fetched.deleted is not None:
                     merged += writer.delete(fetched.deleted)
                 if page.checkpoint is not None:
-                    writer.set_checkpoint(page.checkpoint)
+                    writer.set_checkpoint(page.checkpoint, sync=sync.key)
             result.pages += 1
+            if fetched.key != sync.key:
+                result.models.setdefault(fetched.key, MergeResult())
+                result.models[fetched.key] += merged
+                log.info(
+                    f"{fetched.key} {connection.connection_id}: page {result.pages}: {len(page.records)} records "
+                    f"(+{merged.added} ~{merged.updated} -{merged.deleted} ={merged.unchanged})"
+                )
+                continue
             result.records += len(page.records)
             result.merge += merged
             if page.checkpoint is not None:
@@ -101,11 +115,30 @@ def poll(
                 f"(+{merged.added} ~{merged.updated} -{merged.deleted} ={merged.unchanged} "
                 f"stale {merged.skipped_stale}); {result.records} so far"
             )
-    if mode == "full" and sync.track_deletes:
-        if keeper is not None:
-            keeper.check()
-        with store.writer(sync.key, connection.connection_id, spec, lease=keeper.lease if keeper else None) as writer:
-            result.deleted_unseen = writer.delete_unseen(run_id, started_at)
-        result.merge.deleted += result.deleted_unseen
-        log.info(f"{sync.key} {connection.connection_id}: full refresh tombstoned {result.deleted_unseen} vanished records")
+    if mode == "full":
+        for model in sync.all_models:
+            if not model.track_deletes:
+                continue
+            key = sync.model_key(model.name)
+            lease = _fence(keepers.get(key), key, keepers)
+            with store.writer(key, connection.connection_id, model.record_spec, lease=lease) as writer:
+                deleted = writer.delete_unseen(run_id, started_at)
+            if key == sync.key:
+                result.deleted_unseen = deleted
+                result.merge.deleted += deleted
+            else:
+                result.models.setdefault(key, MergeResult()).deleted += deleted
+            log.info(f"{key} {connection.connection_id}: full refresh tombstoned {deleted} vanished records")
+    for model in sync.models:  # every model has its counts, pages or none
+        result.models.setdefault(sync.model_key(model.name), MergeResult())
     return result
+
+
+def _fence(keeper: LeaseKeeper | None, key: str, keepers: Mapping[str, LeaseKeeper | None]) -> Lease | None:
+    """The lease a write of ``key`` proves current; a run fenced for its sync holds one per model."""
+    if keeper is None:
+        if any(k is not None for k in keepers.values()):
+            raise ValueError(f"this run holds no lease for {key}")
+        return None
+    keeper.check()
+    return keeper.lease

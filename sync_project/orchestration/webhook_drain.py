@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -62,6 +63,19 @@ class DrainResult:
     events_retrying: int = 0
     events_dead: int = 0
     batches: int = 0
+    #: A sync of several models: the counts of each further model, by store key (``merge`` is the
+    #: sync's own model's).
+    models: dict[str, MergeResult] = field(default_factory=dict)
+
+    def add(self, other: DrainResult) -> None:
+        self.merge += other.merge
+        self.events_done += other.events_done
+        self.events_retrying += other.events_retrying
+        self.events_dead += other.events_dead
+        self.batches += other.batches
+        for key, merged in other.models.items():
+            self.models.setdefault(key, MergeResult())
+            self.models[key] += merged
 
     @property
     def events_claimed(self) -> int:
@@ -70,6 +84,8 @@ class DrainResult:
 
 @dataclass(frozen=True)
 class _Change:
+    #: The store key of the model it changes.
+    key: str
     action: Action
     #: Validated, encoded and hashed once, by the handler's event; merged as it is.
     incoming: Incoming
@@ -87,6 +103,7 @@ def drain_inbox(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     retry_base_delay_s: float = 1.0,
     keeper: LeaseKeeper | None = None,
+    model_keepers: Mapping[str, LeaseKeeper] | None = None,
     apply_retention: bool = True,
     deadline: float | None = None,
     on_batch: Callable[[DrainResult], None] | None = None,
@@ -112,6 +129,7 @@ def drain_inbox(
         raise ValueError("batch_size must be at least 1")
     context = WebhookContext(client=client, connection=connection, log=log)
     spec = sync.record_spec
+    extra_keepers = dict(model_keepers or {})
     result = DrainResult()
     claimed = 0
     while max_events is None or claimed < max_events:
@@ -127,26 +145,50 @@ def drain_inbox(
             events = store.inbox.claim(writer.conn, sync.key, connection.connection_id, limit=limit)
             if not events:
                 break
-            buffer = _ChangeBuffer(writer, spec)
             done: list[int] = []
-            # One stamp and one change-feed row for the whole batch, however many merges its
-            # event order splits it into.
-            with writer.one_feed_entry():
+            # One stamp and one change-feed row per model for the whole batch, however many
+            # merges its event order splits it into.
+            with ExitStack() as feeds:
+                feeds.enter_context(writer.one_feed_entry())
+                buffers = {sync.key: _ChangeBuffer(writer, spec)}
+
+                def buffer_of(key: str) -> _ChangeBuffer:
+                    # Another model's partition joins the transaction at its first change, under
+                    # its own batch lock and lease.
+                    if key not in buffers:
+                        keeper_of = extra_keepers.get(key)
+                        if keeper_of is not None:
+                            keeper_of.check()
+                        model_spec = sync.model_spec(key.split("/", 1)[1])
+                        joined = store.writer_beside(
+                            writer, key, model_spec, lease=keeper_of.lease if keeper_of is not None else None
+                        )
+                        feeds.enter_context(joined.one_feed_entry())
+                        buffers[key] = _ChangeBuffer(joined, model_spec)
+                    return buffers[key]
+
                 for event in events:
                     handled_at = utcnow()
                     try:
-                        changes = _handle(sync, context, event, spec, handled_at)
+                        changes = _handle(sync, context, event, handled_at)
                     except Exception as error:  # noqa: BLE001 - the event fails, not the batch
                         failures.append((event.id, f"{type(error).__name__}: {error}"))
                         continue
-                    buffer.add(changes, handled_at)
+                    for change in changes:
+                        buffer_of(change.key).add([change], handled_at)
                     done.append(event.id)
-                merged = buffer.finish()
+                merged_by_key = {key: buffer.finish() for key, buffer in buffers.items()}
             store.inbox.mark_done(writer.conn, done)
+        merged = merged_by_key.pop(sync.key)
+        for model in sync.models:
+            merged_by_key.setdefault(sync.model_key(model.name), MergeResult())
         claimed += len(events)
         result.batches += 1
         result.events_done += len(done)
         result.merge += merged
+        for key, model_merged in merged_by_key.items():
+            result.models.setdefault(key, MergeResult())
+            result.models[key] += model_merged
         retrying = dead = 0
         for event_id, error in failures:
             status = store.inbox.mark_failed(
@@ -159,7 +201,7 @@ def drain_inbox(
         result.events_retrying += retrying
         result.events_dead += dead
         if on_batch is not None:
-            on_batch(DrainResult(merged, len(done), retrying, dead, 1))
+            on_batch(DrainResult(merged, len(done), retrying, dead, 1, merged_by_key))
         log.info(
             f"inbox {sync.key}/{connection.connection_id}: batch of {len(events)} events: "
             f"{len(done)} done, {retrying} retrying, {dead} dead; "
@@ -202,9 +244,7 @@ def inbound_event(event: ClaimedEvent | InboxEvent) -> InboundEvent:
     )
 
 
-def _handle(
-    sync: SyncDefinition, context: WebhookContext, event: ClaimedEvent, spec: RecordSpec, handled_at: datetime
-) -> list[_Change]:
+def _handle(sync: SyncDefinition, context: WebhookContext, event: ClaimedEvent, handled_at: datetime) -> list[_Change]:
     """Run the handler and validate every change it returns, so a bad one fails only this event."""
     assert sync.on_webhook is not None
     changes: list[_Change] = []
@@ -218,9 +258,11 @@ def _handle(
             action = "delete"
         else:
             raise TypeError(f"on_webhook returned a {type(change).__name__}; expected Save, Update or Delete")
-        # Raises InvalidBatchError (no primary key, not JSON, bad timestamp) before any SQL runs.
+        # Raises ValueError for a model the sync does not declare, and InvalidBatchError (no
+        # primary key, not JSON, bad timestamp), before any SQL runs.
+        key, spec = sync.model_key(change.model), sync.model_spec(change.model)
         (incoming,) = prepare_batch(action, [change.record], spec, handled_at)
-        changes.append(_Change(action, incoming))
+        changes.append(_Change(key, action, incoming))
     return changes
 
 

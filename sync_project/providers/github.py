@@ -229,22 +229,35 @@ def list_issues(
     ``Link`` header's ``rel="next"`` when a page does not advance the timestamp.
     """
 
+    yield from _list_updated(client, f"/repos/{owner}/{repo}/issues", {"state": "all"}, since, "issues")
+
+
+def list_issue_comments(
+    client: httpx.Client, owner: str, repo: str, since: datetime | None
+) -> Iterator[tuple[list[dict[str, Any]], datetime | None]]:
+    """Every issue (and pull request) comment of the repository updated at or after ``since``,
+    oldest update first, as :func:`list_issues` pages issues.
+
+    ``GET /repos/{owner}/{repo}/issues/comments?sort=updated&direction=asc&since=``: one list for
+    the whole repository, so a poll reads the comments of every issue without a request per issue.
+    """
+    yield from _list_updated(client, f"/repos/{owner}/{repo}/issues/comments", {}, since, "issue comments")
+
+
+def _list_updated(
+    client: httpx.Client, path: str, extra: dict[str, str], since: datetime | None, what: str
+) -> Iterator[tuple[list[dict[str, Any]], datetime | None]]:
     def fetch_page(anchor: datetime | None, cursor: str | None) -> ListPage:
         if cursor is not None:
             response = client.get(cursor)
         else:
-            params: dict[str, str | int] = {
-                "state": "all",
-                "sort": "updated",
-                "direction": "asc",
-                "per_page": PAGE_SIZE,
-            }
+            params: dict[str, str | int] = {**extra, "sort": "updated", "direction": "asc", "per_page": PAGE_SIZE}
             if anchor is not None:
                 params["since"] = format_time(anchor)
-            response = client.get(f"/repos/{owner}/{repo}/issues", params=params)
+            response = client.get(path, params=params)
         items = json_body(response)
         if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-            raise ProviderError(f"GET {response.request.url.path}: expected a JSON array of issues")
+            raise ProviderError(f"GET {response.request.url.path}: expected a JSON array of {what}")
         return ListPage(items, next_link(response), server_time(response))
 
     pages = time_window_pages(fetch_page, _updated_at, since, overlap=SINCE_OVERLAP, lag=CHECKPOINT_LAG)

@@ -288,12 +288,14 @@ class RecordWriter:
 
     # -- sync state, in the same transaction as the records it describes ---------------------
 
-    def set_checkpoint(self, checkpoint: Mapping[str, Any] | None) -> None:
+    def set_checkpoint(self, checkpoint: Mapping[str, Any] | None, *, sync: str | None = None) -> None:
+        """Store the checkpoint of this writer's sync, or of ``sync``: a sync of several models
+        keeps one checkpoint, under its own key, whichever model's page carried it."""
         from sync_project.store.state import upsert_state
 
         upsert_state(
             self.conn,
-            self.sync,
+            sync or self.sync,
             self.connection_id,
             checkpoint=None if checkpoint is None else json.dumps(checkpoint, sort_keys=True),
         )

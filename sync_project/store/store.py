@@ -72,6 +72,14 @@ class Store:
         with unavailable_as_store_error(), self.engine.begin() as conn:
             yield RecordWriter(conn, sync, connection_id, spec, self._write_hints, lease=lease)
 
+    def writer_beside(
+        self, writer: RecordWriter, sync: str, spec: RecordSpec, *, lease: Lease | None = None
+    ) -> RecordWriter:
+        """A writer of another sync of ``writer``'s connection, in ``writer``'s transaction (it
+        takes that sync's batch lock and proves ``lease`` there too): a webhook batch of a sync of
+        several models changes them all, and acknowledges its events, in one commit."""
+        return RecordWriter(writer.conn, sync, writer.connection_id, spec, self._write_hints, lease=lease)
+
     def save(
         self,
         sync: str,

@@ -1,5 +1,14 @@
-"""``github/issues``: the issues of one repository, polled by ``updated_at`` and kept live by the
-``issues`` webhook. Pull requests (which the issues API lists too) are left out.
+"""``github/issues``: the issues of one repository and their comments, polled by ``updated_at`` and
+kept live by the ``issues`` and ``issue_comment`` webhooks. Pull requests (which the issues API lists
+too) are left out; comments are kept whatever they comment on (GitHub lists pull request
+conversation comments as issue comments, and their ``issue_url`` says which).
+
+Two models from one fetch: ``github/issues`` (the asset ``github/issues``) and
+``github/issue_comments`` (the asset ``github/issue_comments``), each with its own records, change
+feed and counts. A poll reads the issues, then the repository's comments (one list for all issues,
+``GET /repos/{owner}/{repo}/issues/comments``), under one checkpoint: ``since`` for issues,
+``comments_since`` for comments. An ``issue_comment`` delivery changes both: the comment, and the
+issue it carries (its comment count moved).
 
 Newest-wins on ``updated_at`` orders polled copies and webhook payloads alike. A deletion carries
 no time of its own (the payload's ``updated_at`` is the issue's last edit, which a polled copy can
@@ -29,6 +38,7 @@ from sync_project.core import (
     ProviderError,
     Save,
     SyncDefinition,
+    SyncModel,
     Update,
     WebhookChange,
     WebhookContext,
@@ -86,23 +96,67 @@ class GitHubIssue(BaseModel):
     closed_at: datetime | None = None
 
 
+class GitHubIssueComment(BaseModel):
+    """GitHub's issue comment object, trimmed as issues are; ``issue_number`` is read off
+    ``issue_url`` (the list gives no other link to the issue)."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: int
+    node_id: str
+    body: str | None = None
+    user: GitHubUser | None = None
+    author_association: str | None = None
+    html_url: str
+    issue_url: str
+    issue_number: int | None = None
+    created_at: datetime
+    updated_at: datetime
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.issue_number is None:
+            tail = self.issue_url.rstrip("/").rsplit("/", 1)[-1]
+            self.issue_number = int(tail) if tail.isdigit() else None
+
+
+#: The comments model: records ``github/issue_comments``, asset ``github/issue_comments``.
+COMMENTS = "issue_comments"
 #: A redelivery asked for just before the last check may not be listed yet: look this far back.
 REDELIVERY_OVERLAP = timedelta(hours=1)
 
 
 def fetch(ctx: FetchContext) -> Iterator[Page]:
+    """Issues from ``since``, then comments from ``comments_since``: every page's checkpoint holds
+    both, so a run killed among the comments resumes there (re-reading only the issues updated
+    since, which are few), and one killed among the issues still reads the comments it had not."""
     owner, repo = github.repository(ctx.connection)
-    since = ctx.checkpoint.get("since") if ctx.checkpoint else None
+    previous = ctx.checkpoint or {}
     checked_at = redeliver_failed_deliveries(ctx)
-    pages = github.list_issues(ctx.client, owner, repo, github.parse_time(since) if since else None)
-    for items, resume_at in pages:
-        issues = [item for item in items if "pull_request" not in item]
-        checkpoint: dict[str, Any] = {"since": github.format_time(resume_at)} if resume_at else {}
+    position: dict[str, Any] = {
+        key: previous[key] for key in ("since", "comments_since") if previous.get(key)
+    }
+
+    def checkpoint() -> dict[str, Any] | None:
+        current = dict(position)
         if checked_at is not None:
-            checkpoint["deliveries_checked_at"] = checked_at
+            current["deliveries_checked_at"] = checked_at
+        return current or None
+
+    since = previous.get("since")
+    for items, resume_at in github.list_issues(ctx.client, owner, repo, github.parse_time(since) if since else None):
+        issues = [item for item in items if "pull_request" not in item]
+        if resume_at:
+            position["since"] = github.format_time(resume_at)
+        yield Page(records=parse_records(GitHubIssue, issues, f"github {owner}/{repo} issues"), checkpoint=checkpoint())
+    comments_since = previous.get("comments_since")
+    for items, resume_at in github.list_issue_comments(
+        ctx.client, owner, repo, github.parse_time(comments_since) if comments_since else None
+    ):
+        if resume_at:
+            position["comments_since"] = github.format_time(resume_at)
         yield Page(
-            records=parse_records(GitHubIssue, issues, f"github {owner}/{repo} issues"),
-            checkpoint=checkpoint or None,
+            records=parse_records(GitHubIssueComment, items, f"github {owner}/{repo} issue comments"),
+            checkpoint=checkpoint(),
+            model=COMMENTS,
         )
 
 
@@ -143,6 +197,8 @@ OMITTABLE_FIELDS = frozenset({"state", "labels", "locked"})
 
 
 def on_webhook(ctx: WebhookContext, event: InboundEvent) -> list[WebhookChange]:
+    if event.event_type == "issue_comment":
+        return on_comment(ctx, event)
     issue: Any = event.payload.get("issue")
     if not isinstance(issue, dict) or "pull_request" in issue:
         return []
@@ -156,6 +212,25 @@ def on_webhook(ctx: WebhookContext, event: InboundEvent) -> list[WebhookChange]:
     # the next poll brings the whole issue).
     present = parsed.model_dump(mode="json", include=set(parsed.model_fields_set))
     return [Update(present)]
+
+
+def on_comment(ctx: WebhookContext, event: InboundEvent) -> list[WebhookChange]:
+    """``issue_comment`` (created, edited, deleted): the comment, and the issue it carries, whose
+    ``comments`` count and ``updated_at`` moved with it (saved under the same newest-wins rule, so
+    an older copy of the issue changes nothing)."""
+    comment: Any = event.payload.get("comment")
+    if not isinstance(comment, dict):
+        return []
+    changes: list[WebhookChange] = []
+    if event.payload.get("action") == "deleted":
+        changes.append(Delete({"id": comment["id"]}, model=COMMENTS))
+    else:
+        changes.append(Save(GitHubIssueComment.model_validate(comment), model=COMMENTS))
+    issue: Any = event.payload.get("issue")
+    if isinstance(issue, dict) and "pull_request" not in issue:
+        parsed, complete = parse_webhook_issue(issue)
+        changes.append(Save(parsed) if complete else Update(parsed.model_dump(mode="json", include=set(parsed.model_fields_set))))
+    return changes
 
 
 def parse_webhook_issue(issue: dict[str, Any]) -> tuple[GitHubIssue, bool]:
@@ -190,7 +265,15 @@ issues = SyncDefinition(
     description="Issues of one GitHub repository (pull requests excluded).",
     primary_key="id",
     updated_field="updated_at",
-    webhook_events=("issues",),
+    webhook_events=("issues", "issue_comment"),
     on_webhook=on_webhook,
     poll_interval=timedelta(minutes=15),
+    models=(
+        SyncModel(
+            name=COMMENTS,
+            model=GitHubIssueComment,
+            updated_field="updated_at",
+            description="Comments on the issues (and pull requests) of one GitHub repository.",
+        ),
+    ),
 )

@@ -43,22 +43,38 @@ class FakeGitHub:
     by ``since`` (inclusive), paged by ``page`` with a ``Link`` header whose next URL, as GitHub's
     does, names the repository by id. Pages are small so a handful of fixtures spans several."""
 
-    def __init__(self, issues: list[dict[str, Any]], *, page_size: int = 2, now: str = "2024-06-01T12:00:00Z") -> None:
+    def __init__(
+        self,
+        issues: list[dict[str, Any]],
+        *,
+        page_size: int = 2,
+        now: str = "2024-06-01T12:00:00Z",
+        comments: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.issues = copy.deepcopy(issues)
+        #: ``GET /repos/{owner}/{repo}/issues/comments``, served the same way.
+        self.comments = copy.deepcopy(comments or [])
         self.page_size = page_size
         self.now = epoch(now)
         self.requests: list[httpx.Request] = []
+        self.comment_requests: list[httpx.Request] = []
         #: Responses served before the normal ones (rate limits, errors).
         self.scripted: list[httpx.Response] = []
         self.after_request: Any = None
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
+        comments = request.url.path.endswith("/issues/comments")
+        (self.comment_requests if comments else self.requests).append(request)
         if self.scripted:
             return self.scripted.pop(0)
-        assert request.url.path in ("/repos/octocat/Hello-World/issues", f"/repositories/{REPO_ID}/issues")
+        if comments:
+            assert request.url.path in (
+                "/repos/octocat/Hello-World/issues/comments", f"/repositories/{REPO_ID}/issues/comments"
+            )
+        else:
+            assert request.url.path in ("/repos/octocat/Hello-World/issues", f"/repositories/{REPO_ID}/issues")
         params = dict(request.url.params)
-        rows = sorted(self.issues, key=lambda issue: (issue["updated_at"], issue["id"]))
+        rows = sorted(self.comments if comments else self.issues, key=lambda issue: (issue["updated_at"], issue["id"]))
         if "since" in params:
             rows = [row for row in rows if row["updated_at"] >= params["since"]]
         page = int(params.get("page", "1"))
@@ -66,7 +82,7 @@ class FakeGitHub:
         headers = {"Date": http_date(self.now)}
         if page * self.page_size < len(rows):
             last = -(-len(rows) // self.page_size)
-            link = f"https://api.github.com/repositories/{REPO_ID}/issues?"
+            link = f"https://api.github.com/repositories/{REPO_ID}/issues{'/comments' if comments else ''}?"
             headers["Link"] = (
                 f'<{link}{urlencode({**params, "page": page + 1})}>; rel="next", '
                 f'<{link}{urlencode({**params, "page": last})}>; rel="last"'

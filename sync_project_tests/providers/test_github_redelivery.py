@@ -91,6 +91,7 @@ class FakeGitHub:
             Route(f"{prefix}/deliveries", self.list_deliveries, methods=["GET"]),
             Route(prefix + "/deliveries/{delivery_id:int}/attempts", self.redeliver, methods=["POST"]),
             Route("/repos/octocat/Hello-World/issues", self.issues, methods=["GET"]),
+            Route("/repos/octocat/Hello-World/issues/comments", self.no_comments, methods=["GET"]),
         ])
 
     def _authorized(self, request: Request) -> bool:
@@ -136,6 +137,9 @@ class FakeGitHub:
         self.next_id += 1
         self.attempts.append(Attempt(self.next_id, original.guid, datetime.now(timezone.utc), status, True))
         return JSONResponse({}, status_code=202)
+
+    async def no_comments(self, request: Request) -> Response:
+        return JSONResponse([])
 
     async def issues(self, request: Request) -> Response:
         return JSONResponse([], headers={"date": datetime.now(timezone.utc).strftime("%a, %d %b %Y %H:%M:%S GMT")})
