@@ -469,3 +469,40 @@ def test_an_issue_without_an_id_is_not_guessed_at(conn) -> None:
     del payload["issue"]["id"]
     with pytest.raises(ValidationError):
         github_issues.on_webhook(webhook_context(None, conn), InboundEvent("d1", "issues", None, payload))  # type: ignore[arg-type]
+
+
+# -- issue comments: the sync's second model -------------------------------------------------------
+
+
+def test_one_fetch_yields_the_issues_then_the_comments_under_one_checkpoint(conn) -> None:
+    fake = FakeGitHub(fixture("github/issues.json"), comments=fixture("github/issue_comments.json"))
+    pages = run_fetch(fake, conn)
+    models = [page.model for page in pages]
+    assert models == sorted(models, key=lambda m: m is not None) and models[-1] == github_issues.COMMENTS
+    comments = [c for page in pages if page.model == github_issues.COMMENTS for c in page.records]
+    # Oldest update first (a restart from the newest timestamp reads the boundary again).
+    assert list(dict.fromkeys(c.id for c in comments)) == [101, 102, 104, 103, 105]
+    assert {c.id: c.issue_number for c in comments}[104] == 1350
+    assert {key for page in pages for key in page.checkpoint or {}} == {"since", "comments_since"}
+    assert pages[-1].checkpoint == {"since": "2011-04-25T16:40:11Z", "comments_since": "2011-04-25T17:19:59Z"}
+    assert all(r.url.params["sort"] == "updated" and r.url.params["direction"] == "asc" for r in fake.comment_requests)
+
+    # Resuming: each list from its own position.
+    run_fetch(fake, conn, mode="incremental", checkpoint=pages[-1].checkpoint)
+    assert fake.comment_requests[-1].url.params["since"] == "2011-04-25T17:19:59Z"
+    assert fake.requests[-1].url.params["since"] == "2011-04-25T16:40:11Z"
+
+
+def comment_event_of(name: str) -> InboundEvent:
+    payload = fixture(name)
+    return InboundEvent("d2", "issue_comment", payload["repository"]["full_name"], payload)
+
+
+def test_a_comment_webhook_changes_the_comment_and_its_issue(conn) -> None:
+    created, issue = github_issues.on_webhook(webhook_context(None, conn), comment_event_of("github/webhook_issue_comment_created.json"))  # type: ignore[arg-type]
+    assert isinstance(created, Save) and created.model == github_issues.COMMENTS
+    assert (created.record.id, created.record.issue_number, created.record.user.login) == (2001, 1, "Codertocat")
+    assert isinstance(issue, Save) and issue.model is None and issue.record.comments == 1
+    deleted, issue = github_issues.on_webhook(webhook_context(None, conn), comment_event_of("github/webhook_issue_comment_deleted.json"))  # type: ignore[arg-type]
+    assert isinstance(deleted, Delete) and deleted.model == github_issues.COMMENTS and deleted.record == {"id": 2001}
+    assert issue.record.comments == 0
