@@ -104,7 +104,8 @@ def records_routes(
         from sync_project import registry
 
         syncs = registry.syncs()
-    known = {sync.key: sync for sync in syncs}
+    # Every model's records, a sync of several models included (github/issue_comments).
+    known = {sync.model_key(model.name): (sync, sync.model_key(model.name)) for sync in syncs for model in sync.all_models}
     if api_tokens is not None:
         accepted: list[ApiToken] = list(api_tokens)
     else:
@@ -121,9 +122,10 @@ def records_routes(
         if token is None:
             return _error(401, "a valid bearer token is required", {"WWW-Authenticate": 'Bearer realm="records"'})
         key = f"{request.path_params['provider']}/{request.path_params['object']}"
-        sync = known.get(key)
-        if sync is None:
+        found = known.get(key)
+        if found is None:
             return _error(404, f"no sync {key[:120]!r}")
+        sync, records_key = found
         try:
             query = _parse(request)
         except _BadRequest as error:
@@ -135,7 +137,7 @@ def records_routes(
             )
             return _error(403, f"this token may not read {sync.provider} connection {query['connection_id']!r}")
         try:
-            return await run_in_threadpool(_page, store, sync, **query)
+            return await run_in_threadpool(_page, store, sync, records_key, **query)
         except UnknownConnectionError:
             return _error(404, f"no connection {query['connection_id']!r} of {sync.provider}")
         except (InvalidCursorError, ValueError) as error:
@@ -199,6 +201,7 @@ def _parse(request: Request) -> dict[str, object]:
 def _page(
     store: Store,
     sync: SyncDefinition,
+    records_key: str,
     *,
     connection_id: str,
     cursor: str | None,
@@ -208,7 +211,7 @@ def _page(
 ) -> Response:
     store.connections.get(sync.provider, connection_id)
     page = store.changes(
-        sync.key, connection_id, cursor=cursor, limit=limit, actions=actions, modified_after=modified_after
+        records_key, connection_id, cursor=cursor, limit=limit, actions=actions, modified_after=modified_after
     )
     # "reset" only when there was one: a page is otherwise what it always was.
     return Response(page.model_dump_json(exclude={"reset"} if page.reset is None else None), media_type="application/json")

@@ -16,6 +16,8 @@ from sync_project.orchestration.assets import SyncRunConfig, build_sync_asset, o
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.orchestration.resources import StoreResource
 from sync_project.providers.github import GitHubProvider
+from sync_project.receiver.app import create_app
+from sync_project.serving import BackgroundServer
 from sync_project.store import Store
 from sync_project.store.inbox import RoutedEvent
 from sync_project.syncs import github_issues
@@ -70,7 +72,9 @@ def comment_event(name: str, key: str) -> RoutedEvent:
     )
 
 
-def test_one_run_materializes_every_model_with_its_own_counts(instance, connected: Store, github: FakeGitHub) -> None:
+def test_one_run_materializes_every_model_with_its_own_counts(
+    instance, connected: Store, github: FakeGitHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
     full = materialize(instance, connected, github, "full")
     assert set(full) == {ISSUES, COMMENTS}
     assert (full[ISSUES]["added"], full[ISSUES]["dagster/row_count"]) == (5, 5)  # the pull request left out
@@ -101,6 +105,16 @@ def test_one_run_materializes_every_model_with_its_own_counts(instance, connecte
     assert (refreshed[COMMENTS]["deleted"], refreshed[COMMENTS]["dagster/row_count"]) == (1, 4)
     assert (refreshed[ISSUES]["deleted"], refreshed[ISSUES]["dagster/row_count"]) == (0, 5)
     assert connected.get("github/issue_comments", CONNECTION, "103").last_action == "deleted"  # type: ignore[union-attr]
+
+    # Each model's change feed over the records API, as the customer's app reads it.
+    monkeypatch.setenv("SYNC_RECORDS_API_TOKEN", "rec_multi_model_1f")
+    with BackgroundServer(create_app(connected, providers={}, syncs=[SYNC])) as server:
+        for path, expected in (("github/issue_comments", 5), ("github/issues", 5)):
+            answer = httpx.get(
+                f"{server.url}/records/{path}", params={"connection": CONNECTION},
+                headers={"authorization": "Bearer rec_multi_model_1f"}, timeout=30,
+            )
+            assert answer.status_code == 200 and len(answer.json()["records"]) == expected
 
 
 def test_webhooks_change_one_model_or_both_and_a_reset_covers_every_model(
