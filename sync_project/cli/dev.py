@@ -139,6 +139,22 @@ def missing_run_monitoring(home: Path) -> str | None:
     )
 
 
+def missing_warehouse_pool(home: Path) -> str | None:
+    """A warning when the instance config sets no pool limit (a home made before the warehouse):
+    the warehouse loads would then run at once, and all but one fail on the DuckDB file's lock."""
+    config_path = home / "dagster.yaml"
+    try:
+        config = yaml.safe_load(config_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    if ((config.get("concurrency") or {}).get("pools") or {}).get("default_limit"):
+        return None
+    return (
+        f"warning: {config_path} sets no concurrency.pools.default_limit, so warehouse loads may run at once "
+        f"and fail on the DuckDB file's lock; copy the project's: cp {settings.INSTANCE_TEMPLATE} {config_path}"
+    )
+
+
 def register_demo_connections(sandbox_url: str, token_envs: dict[str, str]) -> None:
     """Add the demo connections, or keep them as they are when they already point at this sandbox
     (re-adding a connection would drop nothing, but a connection is not something to churn)."""
@@ -266,8 +282,9 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
             f"records store: {settings.database_url()}\nsandbox data: {sandbox_data}\n"
             f"DAGSTER_HOME: {home}\nlogs: {log_dir}"
         )
-        if warning := missing_run_monitoring(home):
-            click.echo(warning, err=True)
+        for warning in (missing_run_monitoring(home), missing_warehouse_pool(home)):
+            if warning:
+                click.echo(warning, err=True)
         click.echo("starting the receiver ...")
         supervisor.start("receiver", [*cli, "receiver", "--port", str(receiver_port)], env)
         wait_until(http_ok(f"{receiver_url}/healthz"), "the receiver", supervisor)

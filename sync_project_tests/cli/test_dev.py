@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from sync_project import settings
-from sync_project.cli.dev import missing_run_monitoring
+from sync_project.cli.dev import missing_run_monitoring, missing_warehouse_pool
 from sync_project.store import Store
 
 
@@ -96,5 +96,7 @@ def test_dev_warns_when_dagster_home_predates_run_monitoring(tmp_path: Path) -> 
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")  # a home made before
     warning = missing_run_monitoring(tmp_path) or ""
     assert "run_monitoring" in warning and f"cp {settings.INSTANCE_TEMPLATE}" in warning
+    assert "concurrency.pools" in (missing_warehouse_pool(tmp_path) or "")
     (tmp_path / "dagster.yaml").write_text(settings.INSTANCE_TEMPLATE.read_text())
     assert missing_run_monitoring(tmp_path) is None
+    assert missing_warehouse_pool(tmp_path) is None
