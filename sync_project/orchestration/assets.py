@@ -407,11 +407,11 @@ class BatchMaterializations:
         now = time.monotonic()
         if now - self._last < MATERIALIZE_EVERY_S:
             return
+        partition = self._context.partition_key
         self._context.log_event(
             dg.AssetMaterialization(
-                # The sync's own model's (a sync of several models reports the others at the end).
                 asset_key=own_asset_key(self._sync),
-                partition=self._context.partition_key,
+                partition=partition,
                 description=f"{pending.batches} webhook batch(es) applied",
                 metadata={
                     **pending.merge.as_dict(),
@@ -420,10 +420,26 @@ class BatchMaterializations:
                     "events_drained": pending.events_done,
                     "events_retrying": pending.events_retrying,
                     "events_dead": pending.events_dead,
-                    "dagster/row_count": self._store.count(self._sync.key, self._context.partition_key),
+                    "dagster/row_count": self._store.count(self._sync.key, partition),
                 },
             )
         )
+        # A sync of several models: each further model's asset with its own counts.
+        for model in self._sync.models:
+            key = self._sync.model_key(model.name)
+            self._context.log_event(
+                dg.AssetMaterialization(
+                    asset_key=dg.AssetKey([self._sync.provider, model.name]),
+                    partition=partition,
+                    description=f"{pending.batches} webhook batch(es) applied",
+                    metadata={
+                        **pending.models.get(key, MergeResult()).as_dict(),
+                        "mode": "webhook",
+                        "sync": self._sync.key,
+                        "dagster/row_count": self._store.count(key, partition),
+                    },
+                )
+            )
         self.recorded += 1
         self._pending = DrainResult()
         self._last = now

@@ -58,10 +58,14 @@ def materialize(instance: dg.DagsterInstance, store: Store, github: FakeGitHub, 
         raise_on_error=False,
     )
     assert result.success, [e.message for e in result.all_events if e.is_failure]
-    return {
-        event.asset_key: {key: value.value for key, value in event.materialization.metadata.items()}
-        for event in result.get_asset_materialization_events()
-    }
+    events = result.get_asset_materialization_events()
+    materialized[:] = [event.asset_key for event in events]
+    # The run's own result for each asset comes last (a webhook run records batches before it).
+    return {event.asset_key: {key: value.value for key, value in event.materialization.metadata.items()} for event in events}
+
+
+#: The asset keys of the last run's materializations, in order.
+materialized: list[dg.AssetKey] = []
 
 
 def comment_event(name: str, key: str) -> RoutedEvent:
@@ -126,6 +130,8 @@ def test_webhooks_change_one_model_or_both_and_a_reset_covers_every_model(
     # The comment, and the issue it carries (a new one here): one event, two models.
     assert (drained[COMMENTS]["added"], drained[COMMENTS]["dagster/row_count"]) == (1, 6)
     assert (drained[ISSUES]["added"], drained[ISSUES]["events_drained"]) == (1, 1)
+    # While it drains, each batch is recorded for every model's asset, then the run's totals.
+    assert materialized == [ISSUES, COMMENTS, ISSUES, COMMENTS]
     stored = connected.get("github/issue_comments", CONNECTION, "2001")
     assert stored is not None and stored.data["issue_number"] == 1
 
