@@ -31,6 +31,9 @@ read scopes (the records API's) do not control anything.
       connection is paused, or it has no partition in the Dagster instance
 503   the database or the Dagster instance is unavailable, or no control token is configured
 ====  =========================================================================================
+
+Checks run in this order: token (401), sync (404), body or parameters (400), scope (403),
+connection (404), then the partition's state (409), as the records API's do.
 """
 
 from __future__ import annotations
@@ -101,7 +104,8 @@ def control_routes(
     trigger_lock = threading.Lock()
     dagster = launcher or _no_launcher
 
-    def authorize(request: Request, connection_id: str | None) -> tuple[SyncDefinition, ApiToken]:
+    def authorize(request: Request) -> tuple[SyncDefinition, ApiToken]:
+        """The token (401) and the sync (404), before the request's body or parameters are read."""
         if not enabled:
             raise _Refused(503, "the control API is not enabled on this receiver")
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
@@ -112,12 +116,13 @@ def control_routes(
         sync = known.get(key)
         if sync is None:
             raise _Refused(404, f"no sync {key[:120]!r}")
-        if connection_id is None:
-            raise _Refused(400, "the connection parameter is required")
+        return sync, token
+
+    def in_scope(sync: SyncDefinition, token: ApiToken, connection_id: str) -> None:
+        """403 unless the token controls the connection: decided from the request alone."""
         if not token.allows(sync.provider, connection_id, control=True):
             log.info("control: token %s refused %s connection %r (out of scope)", token.name, sync.key, connection_id)
             raise _Refused(403, f"this token may not control {sync.provider} connection {connection_id!r}")
-        return sync, token
 
     async def body_of(request: Request, model: type[_ConnectionBody]) -> _ConnectionBody:
         raw = b""
@@ -151,8 +156,9 @@ def control_routes(
 
     @endpoint
     async def trigger(request: Request) -> dict[str, Any]:
+        sync, token = authorize(request)
         body = cast(_TriggerBody, await body_of(request, _TriggerBody))
-        sync, token = authorize(request, body.connection)
+        in_scope(sync, token, body.connection)
         mode = MODES[body.mode]
 
         def submit() -> dict[str, Any]:
@@ -179,8 +185,9 @@ def control_routes(
 
     def set_status(status: Literal["active", "paused"]) -> Callable[[Request], Any]:
         async def change(request: Request) -> dict[str, Any]:
+            sync, token = authorize(request)
             body = await body_of(request, _ConnectionBody)
-            sync, token = authorize(request, body.connection)
+            in_scope(sync, token, body.connection)
 
             def apply() -> dict[str, Any]:
                 store.connections.set_status(sync.provider, body.connection, status)
@@ -199,13 +206,18 @@ def control_routes(
 
     @endpoint
     async def status(request: Request) -> dict[str, Any]:
+        sync, token = authorize(request)
         params = request.query_params
         unknown = sorted(set(params) - {"connection"})
-        connection_id = params.get("connection") or None
-        sync, _token = authorize(request, connection_id)
         if unknown:
             raise _Refused(400, f"unknown parameter(s) {', '.join(unknown)[:200]}; accepted: connection")
-        assert connection_id is not None
+        if len(params.getlist("connection")) != 1:
+            raise _Refused(400, "the connection parameter is required, once")
+        try:
+            connection_id = _ConnectionBody(connection=params["connection"]).connection
+        except ValidationError:
+            raise _Refused(400, "connection must be 1 to 255 characters without control characters") from None
+        in_scope(sync, token, connection_id)
 
         def read() -> dict[str, Any]:
             from sync_project.cli.connection_status import partition_statuses

@@ -81,6 +81,10 @@ def test_every_endpoint_refuses_a_missing_or_wrong_token_a_token_out_of_scope_an
     assert api.post(f"{BASE}/pause", content=b"{not json").status_code == 400
     assert api.post(f"{BASE}/pause", json={}).status_code == 400
     assert api.get(f"{BASE}/status").status_code == 400
+    assert api.get(f"{BASE}/status", params={"connection": "ac\x00me"}).status_code == 400
+    assert api.get(f"{BASE}/status", params={"connection": "acme", "verbose": "1"}).status_code == 400
+    # Without a token, nothing about the body or the parameters is told.
+    assert api.post(f"{BASE}/trigger", content=b"{not json", headers={"authorization": ""}).status_code == 401
 
 
 def test_trigger_queues_the_schedules_poll_and_409s_while_the_partition_is_taken(
