@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench clean
+.PHONY: install run lint test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,18 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/sync-project dev
 
+# The gates: style (ruff), types (mypy, configured in pyproject.toml) and the package's layers
+# (import-linter's contracts). `make test`, and so CI, runs them first: keep them green.
+# `ruff format --check` joins once the code base has been formatted in one commit.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sync_project sync_project_tests benchmarks
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
 # Two pytest-xdist workers: one takes the heavy tests (daemons, `sync-project dev`, Celery hosts) one at
 # a time, the other the in-process ones (sync_project_tests/conftest.py, HEAVY_MODULES). TEST_WORKERS=0: serial.
 TEST_WORKERS ?= 2
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # Benchmarks need peers (dlt) that the project itself never imports: the `bench` extra.
@@ -35,4 +43,4 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/report.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) data .dagster_home .pytest_cache
+	rm -rf $(VENV) data .dagster_home .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -76,8 +76,6 @@ from typing import Any
 
 import httpx
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict
-
 from _common import (
     DATASET_EPOCH,
     DATASET_RECORDS,
@@ -95,11 +93,13 @@ from _common import (
     record_bytes,
     sample_indexes,
 )
+from pydantic import BaseModel, ConfigDict
+
+from sync_project.core.clock import utcnow
 from sync_project.core.sync import Page, SyncDefinition
 from sync_project.orchestration.polling import poll
 from sync_project.store import MergeStrategy, ProviderConnection, RecordSpec, Store
 from sync_project.store.merge import parse_timestamp
-from sync_project.core.clock import utcnow
 
 BENCHMARK = "dlt_merge"
 QUICK_RECORDS = 20_000
@@ -452,7 +452,7 @@ def print_stale_table(states: dict[str, dict[str, str]]) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     print("Stale batch after a fresh one: initial @T0; fresh batch @T2 (deal-3 deleted); then a poll page read @T1.")
     for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     print()
 
 
@@ -513,11 +513,11 @@ def run(count: int, *, profile: bool = False) -> list[Figure]:
             for number, load in enumerate(workload.loads):
                 # Alternate who goes first, so neither always meets the other's autovacuum.
                 if number % 2:
-                    theirs = timed(engine, lambda: load_with_dlt(pipeline, load.dlt_rows))
+                    theirs = timed(engine, lambda: load_with_dlt(pipeline, load.dlt_rows))  # noqa: B023 - called at once, in this iteration
                 with profiled(profile, load.name):
-                    ours = timed(engine, lambda: load_with_store(store, load, client=client))
+                    ours = timed(engine, lambda: load_with_store(store, load, client=client))  # noqa: B023 - called at once, in this iteration
                 if not number % 2:
-                    theirs = timed(engine, lambda: load_with_dlt(pipeline, load.dlt_rows))
+                    theirs = timed(engine, lambda: load_with_dlt(pipeline, load.dlt_rows))  # noqa: B023 - called at once, in this iteration
                 check_store(engine, load)
                 check_dlt(engine, load)
                 _, our_times, their_times = rounds.setdefault(load.name, (load, [], []))

@@ -22,9 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from _common import Figure, format_met, format_number, format_ratio, machine_description, read_figures
+from pydantic import ValidationError
 
 HERE = Path(__file__).resolve().parent
 START_MARKER = "<!-- bench:start -->"

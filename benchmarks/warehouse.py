@@ -40,8 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from pydantic import AwareDatetime, BaseModel
-
 from _common import (
     DATASET_EPOCH,
     DATASET_RECORDS,
@@ -59,6 +57,8 @@ from _common import (
     record_bytes,
     sample_indexes,
 )
+from pydantic import AwareDatetime, BaseModel
+
 from sync_project.core.sync import SyncDefinition
 from sync_project.store import Store
 from sync_project.warehouse import Warehouse, WarehouseSettings
@@ -264,7 +264,7 @@ def run_loads(count: int) -> list[Figure]:
                     fill(store, records)
 
                 def changes() -> None:
-                    counts["updated"], counts["deleted"] = change(store, records)
+                    counts["updated"], counts["deleted"] = change(store, records)  # noqa: B023 - run in this iteration
 
                 updated, deleted = round(count * UPDATED_FRACTION), round(count * DELETED_FRACTION)
                 figures += measure_side(side, store, [

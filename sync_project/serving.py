@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import uvicorn
 
@@ -40,7 +40,7 @@ class BackgroundServer:
 
     def __init__(
         self,
-        app: object,
+        app: Any,  # an ASGI application (uvicorn's type of one is a union of protocols)
         *,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -54,7 +54,8 @@ class BackgroundServer:
         self.host, self.port = self._socket.getsockname()[:2]
         config = uvicorn.Config(
             app, log_level=log_level, lifespan=lifespan, access_log=False,
-            timeout_graceful_shutdown=graceful_shutdown_s,
+            # uvicorn annotates int but waits with asyncio.wait_for, which takes a fraction too.
+            timeout_graceful_shutdown=graceful_shutdown_s,  # type: ignore[arg-type]
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(

@@ -154,7 +154,7 @@ def _last_runs(
         materialization = record.asset_materialization
         if materialization is None:
             continue
-        metadata = {key: value.value for key, value in materialization.metadata.items()}
+        metadata: dict[str, Any] = {key: value.value for key, value in materialization.metadata.items()}
         if "deferred_to_run" in metadata:
             continue  # a webhook run that left its events to a live drainer did nothing itself
         summary = RunSummary(
@@ -269,7 +269,9 @@ def _next_poll(
     from dagster._utils.schedules import cron_string_iterator  # the daemon's own cron arithmetic
 
     # Times >= the start: one second on, so a tick of this very instant (under way) is not "next".
-    upcoming = cron_string_iterator(now.timestamp() + 1, schedule.cron_schedule, schedule.execution_timezone)
+    cron = schedule.cron_schedule
+    assert isinstance(cron, str), cron  # a sync's schedule has one cron string (SyncDefinition.cron)
+    upcoming = cron_string_iterator(now.timestamp() + 1, cron, schedule.execution_timezone)
     at = next(upcoming).astimezone(timezone.utc)
     return NextPoll(schedule=name, at=at, note=None if daemon_up else "no daemon")
 
@@ -358,7 +360,7 @@ def table(statuses: Sequence[PartitionStatus], now: datetime) -> list[str]:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return ["  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in rows]
+    return ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 def detail(statuses: Sequence[PartitionStatus], connection: ProviderConnection, now: datetime) -> list[str]:

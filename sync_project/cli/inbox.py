@@ -79,7 +79,7 @@ def _by_connection(rows: list[ConnectionInboxStats], as_json: bool) -> None:
         ))
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
-        click.echo("  ".join(value.ljust(width) for value, width in zip(line, widths)).rstrip())
+        click.echo("  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)).rstrip())
     if any(not row.connection_id for row in rows):
         click.echo("\n(none): events that route to no connection: unroutable (no connection has their account id) "
                    "or ignored (no sync subscribes to their type)")

@@ -35,4 +35,4 @@ def list_leases(sync_key: str | None) -> None:
         rows.append((state.sync, state.connection_id, state.role, holder, str(state.token), expires))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        click.echo("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
+        click.echo("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())

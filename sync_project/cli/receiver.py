@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import click
 
@@ -117,13 +118,13 @@ def command(
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     # Not migrated here: the app does it once the database answers, so services start in any order.
     store = Store(migrate_schema=False)
-    app_options = {
+    app_options: dict[str, Any] = {
         "max_body_bytes": max_body_bytes,
         "commit_deadline_s": commit_deadline_s,
         "body_timeout_s": body_timeout_s,
         "max_json_depth": max_json_depth,
     }
-    server_options = {
+    server_options: dict[str, Any] = {
         "host": host,
         "port": port,
         "access_log": False,  # the receiver writes its own line per delivery

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+from typing import Literal
 
 import click
 
@@ -42,7 +43,7 @@ def reset(sync_key: str, connection_id: str, empty_records: bool, remove: bool, 
         sync = registry.get_sync(sync_key)
     except KeyError as error:
         raise click.ClickException(str(error.args[0])) from None
-    action = "remove" if remove else "tombstone" if empty_records else "keep"
+    action: Literal["keep", "tombstone", "remove"] = "remove" if remove else "tombstone" if empty_records else "keep"
     from sync_project.orchestration.partition_run import reset_partition
 
     keys = [sync.model_key(model.name) for model in sync.all_models]

@@ -28,8 +28,8 @@ import httpx
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy.engine import Engine
 
-from sync_project.notifications.delivery import Attempt, post_signed
 from sync_project.core.standard_webhooks import WebhookSecretError, decode_secret
+from sync_project.notifications.delivery import Attempt, post_signed
 from sync_project.store.errors import StoreUnavailableError
 from sync_project.store.forwards import Forward, Forwards, StartAt
 
@@ -85,7 +85,7 @@ class ForwarderSettings(BaseModel):
         if not secret:
             raise ForwardingConfigError(f"{URL_ENV} is set but {SECRET_ENV} is not: forwards are always signed")
         try:
-            return cls(url=url, secret=secret, **overrides)  # type: ignore[arg-type]
+            return cls(url=url, secret=secret, **overrides)
         except ValueError as error:
             raise ForwardingConfigError(f"forwarding settings: {error}") from None
 

@@ -7,8 +7,9 @@ asset function's parameters at definition time.
 
 import json
 import time
+from collections.abc import Iterator
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field
@@ -201,7 +202,7 @@ def run_sync_models(
     *,
     notifier: SyncNotifier | None = None,
     check_settings: CheckSettings | None = None,
-):  # type: ignore[no-untyped-def]
+) -> Iterator[dg.MaterializeResult]:
     """:func:`run_sync` for a sync of several models: the sync's own model's result (with the
     partition's checks), then one per further model, each with its own counts and row count."""
     models: dict[str, MergeResult] = {}
@@ -282,7 +283,7 @@ def _sync_partition(
     sync: SyncDefinition,
     provider: Provider,
     models: dict[str, MergeResult] | None = None,
-) -> tuple[MergeResult, dict[str, object]]:
+) -> tuple[MergeResult, dict[str, Any]]:
     connection_id = context.partition_key
     models = {} if models is None else models
     try:
@@ -298,7 +299,7 @@ def _sync_partition(
         )
     if config.mode == "reset":
         return _reset_partition(context, config, store, sync, models)
-    metadata: dict[str, object] = {"mode": config.mode}
+    metadata: dict[str, Any] = {"mode": config.mode}
     batches = BatchMaterializations(context, store, sync)
     try:
         ran = run_partition(
@@ -346,7 +347,7 @@ def _reset_partition(
     store: Store,
     sync: SyncDefinition,
     models: dict[str, MergeResult],
-) -> tuple[MergeResult, dict[str, object]]:
+) -> tuple[MergeResult, dict[str, Any]]:
     """A reset run: under the partition's poll lease (waiting for a poll like any poll run), clear
     the checkpoint and keep, tombstone or remove the records (:meth:`Store.reset`)."""
     connection_id = context.partition_key

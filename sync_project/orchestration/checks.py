@@ -48,6 +48,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import dagster as dg
 
@@ -110,7 +111,7 @@ class CheckOutcome:
     passed: bool
     severity: dg.AssetCheckSeverity
     description: str
-    metadata: dict[str, object]
+    metadata: dict[str, Any]
 
     def result(self, check_name: str, asset_key: dg.AssetKey | None = None) -> dg.AssetCheckResult:
         return dg.AssetCheckResult(

@@ -23,7 +23,12 @@ from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import RunLimits
 from sync_project.orchestration.schedules import build_poll_schedule
 from sync_project.orchestration.sensors import DEFAULT_STALL_AFTER_S, DEFAULT_WEBHOOK_LINGER_S, build_inbox_sensor
-from sync_project.warehouse.assets import WAREHOUSE_KEY, WarehouseResource, build_warehouse_asset, build_warehouse_sensor
+from sync_project.warehouse.assets import (
+    WAREHOUSE_KEY,
+    WarehouseResource,
+    build_warehouse_asset,
+    build_warehouse_sensor,
+)
 
 
 def build_definitions(

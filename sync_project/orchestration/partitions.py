@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cache
 from typing import Any, Literal
 
@@ -45,14 +46,14 @@ def drain_tags(sync_key: str, connection_id: str, slot: int = 0) -> dict[str, st
     return {"sync/asset_partition": value, DRAIN_PARTITION_TAG: f"{sync_key}:{connection_id}"}
 
 
-def drain_partition_of(tags: dict[str, str]) -> str | None:
+def drain_partition_of(tags: Mapping[str, str]) -> str | None:
     """``sync:connection`` of a webhook run from its slot tag, or None for a run of no drain slot."""
     value = tags.get("sync/asset_partition", "")
     head, _, role = value.rpartition(":")
     return head if head and (role == "drain" or role.startswith("drain.")) else None
 
 
-def drain_slot(tags: dict[str, str]) -> int:
+def drain_slot(tags: Mapping[str, str]) -> int:
     """The drain slot a webhook run's tags put it in (0 for runs from before slots existed)."""
     value = tags.get("sync/asset_partition", "")
     head, dot, tail = value.rpartition(".")

@@ -292,10 +292,10 @@ def build_inbox_sensor(
                     str(high_water_mark), successor=True, **{"sync/successor_of": holder.dagster_run.run_id},
                 ))
         by_provider: dict[str, set[str]] = defaultdict(set)
-        for partition in due:
-            sync = syncs[partition.sync]
-            key = f"{partition.sync}:{partition.connection_id}"
-            if (sync.provider, partition.connection_id) in paused or key in handled:
+        for due_partition in due:
+            sync = syncs[due_partition.sync]
+            key = f"{due_partition.sync}:{due_partition.connection_id}"
+            if (sync.provider, due_partition.connection_id) in paused or key in handled:
                 continue
             found = drainers.get(key, PartitionDrainers())
             holder = found.holder_run()
@@ -306,10 +306,10 @@ def build_inbox_sensor(
             if slot is None:
                 continue
             run_key = cursor.run_key_for(
-                f"{partition.sync}|{partition.connection_id}", base_run_key(partition), now, stall_after_s
+                f"{due_partition.sync}|{due_partition.connection_id}", base_run_key(due_partition), now, stall_after_s
             )
-            by_provider[sync.provider].add(partition.connection_id)
-            requests.append(request(sync, partition.connection_id, slot, run_key, str(partition.max_id), successor=False))
+            by_provider[sync.provider].add(due_partition.connection_id)
+            requests.append(request(sync, due_partition.connection_id, slot, run_key, str(due_partition.max_id), successor=False))
         if not requests:
             context.update_cursor(cursor.model_dump_json())
             if not due:

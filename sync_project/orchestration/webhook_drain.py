@@ -152,7 +152,8 @@ def drain_inbox(
                 feeds.enter_context(writer.one_feed_entry())
                 buffers = {sync.key: _ChangeBuffer(writer, spec)}
 
-                def buffer_of(key: str) -> _ChangeBuffer:
+                # This batch's buffers, bound here: the closure must not see a later batch's.
+                def buffer_of(key: str, buffers: dict[str, _ChangeBuffer] = buffers) -> _ChangeBuffer:
                     # Another model's partition joins the transaction at its first change, under
                     # its own batch lock and lease.
                     if key not in buffers:
@@ -190,9 +191,9 @@ def drain_inbox(
             result.models.setdefault(key, MergeResult())
             result.models[key] += model_merged
         retrying = dead = 0
-        for event_id, error in failures:
+        for event_id, message in failures:
             status = store.inbox.mark_failed(
-                event_id, error, max_attempts=max_attempts, base_delay_s=retry_base_delay_s, lease=lease
+                event_id, message, max_attempts=max_attempts, base_delay_s=retry_base_delay_s, lease=lease
             )
             if status == "dead":
                 dead += 1

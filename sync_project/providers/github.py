@@ -334,7 +334,7 @@ def redeliver_failed(client: httpx.Client, hook: str, *, since: datetime) -> Red
         {"per_page": DELIVERIES_PAGE_SIZE},
         lambda response: _list_of_objects(response, "deliveries"),
     )
-    for _, listed in zip(range(MAX_DELIVERY_PAGES), pages):
+    for _, listed in zip(range(MAX_DELIVERY_PAGES), pages, strict=False):
         page = parse_records(HookDelivery, listed.items, f"GET {hook}/deliveries")
         for delivery in page:
             attempts.setdefault(delivery.guid, []).append(delivery)

@@ -123,6 +123,7 @@ class HubSpotProvider(Provider):
             raise SignatureError("missing X-HubSpot-Signature-v3 header")
         # Milliseconds: three digits more than a timestamp in seconds.
         signed_at_ms = signing.parse_epoch(timestamp, "X-HubSpot-Request-Timestamp", extra_digits=3)
+        assert timestamp is not None  # parse_epoch refused a missing one
         signing.check_freshness(signed_at_ms / 1000, request.received_at, SIGNATURE_TOLERANCE)
         uri = signed_uri(os.environ.get(WEBHOOK_URL_ENV) or request.url)
         message = request.method.upper().encode() + uri.encode() + request.body + timestamp.encode()
@@ -237,6 +238,9 @@ def last_modified(contact: dict[str, Any]) -> datetime:
     """The search's sort key: ``properties.lastmodifieddate``, else ``updatedAt`` (the same value)."""
     value = (contact.get("properties") or {}).get("lastmodifieddate") or contact.get("updatedAt")
     try:
+        # A missing value is refused here: None.replace would escape as an AttributeError.
+        if not isinstance(value, str):
+            raise TypeError(value)
         return parse_time(value)
     except (TypeError, ValueError):
         raise ProviderError(f"contact {contact.get('id')!r} has no readable lastmodifieddate") from None

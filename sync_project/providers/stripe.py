@@ -178,7 +178,7 @@ def customer_events(client: httpx.Client, since: int) -> Iterator[list[dict[str,
     then forward from it with ``ending_before``, which returns the events just newer than the
     cursor; each page, reversed, continues the last in time order. Memory stays one page.
     """
-    base = {"limit": PAGE_SIZE, "types[]": list(CUSTOMER_EVENT_TYPES)}
+    base: dict[str, Any] = {"limit": PAGE_SIZE, "types[]": list(CUSTOMER_EVENT_TYPES)}
 
     def back(starting_after: str | None) -> ListPage:
         params: dict[str, Any] = {**base, "created[gte]": since}

@@ -62,6 +62,7 @@ from sync_project.core.provider import (
 )
 from sync_project.core.sync import SyncDefinition
 from sync_project.receiver.batching import CommitterClosedError, GroupCommitter, QueueFullError
+from sync_project.receiver.control_api import LazyLauncher, control_routes
 from sync_project.receiver.database import DatabaseGate
 from sync_project.receiver.intake import (
     DEFAULT_MAX_JSON_DEPTH,
@@ -69,7 +70,6 @@ from sync_project.receiver.intake import (
     check_json_depth,
     check_storable,
 )
-from sync_project.receiver.control_api import LazyLauncher, control_routes
 from sync_project.receiver.records_api import records_routes
 from sync_project.receiver.routing import registry_subscribers, subscribers_from
 from sync_project.receiver.tokens import TokenConfigError, load_tokens

@@ -54,6 +54,7 @@ import json
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -148,7 +149,7 @@ def records_routes(
     return [Route("/records/{provider}/{object}", list_records, methods=["GET"])]
 
 
-def _parse(request: Request) -> dict[str, object]:
+def _parse(request: Request) -> dict[str, Any]:
     params = request.query_params
     unknown = sorted(set(params) - set(PARAMETERS))
     if unknown:

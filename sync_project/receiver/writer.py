@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
-
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 

@@ -251,7 +251,7 @@ def ensure_statistics(conn: Connection) -> None:
     info = conn.connection.info
     if info.get(_HAS_STATISTICS):
         return
-    dbapi = conn.connection.dbapi_connection
+    dbapi: Any = conn.connection.dbapi_connection  # psycopg2's: its cursor is a context manager
     assert dbapi is not None
     with dbapi.cursor() as cursor:
         cursor.execute(

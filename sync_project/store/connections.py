@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 from typing import Any
 
@@ -72,7 +73,8 @@ class Connections:
         with unavailable_as_store_error(), reading(self._engine) as conn:
             return [self._model(row) for row in conn.execute(query).mappings()]
 
-    def for_account(self, provider: str, account_id: str) -> list[ProviderConnection]:
+    # builtins.list: inside the class, `list` is the method above.
+    def for_account(self, provider: str, account_id: str) -> builtins.list[ProviderConnection]:
         """The connections a webhook naming ``account_id`` routes to."""
         query = select(connections).where(
             connections.c.provider == provider, connections.c.account_id == account_id

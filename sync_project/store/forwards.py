@@ -28,6 +28,7 @@ consumer on ``webhook-id``.
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -302,7 +303,7 @@ class Forwards:
         # A concurrent first start may have won the insert: read what is stored.
         return int(conn.execute(query).scalar_one())
 
-    def _read_gaps(self, conn: Connection) -> list[Any]:
+    def _read_gaps(self, conn: Connection) -> builtins.list[Any]:  # `list` is the method above
         gaps = sorted(self._gaps)
         rows: list[Any] = []
         for start in range(0, len(gaps), _GAPS_PER_QUERY):

@@ -741,7 +741,7 @@ def _insert_returning(
                     event.event_type, event.payload_json, event.status, received_at,
                 )  # fmt: skip
             result = conn.exec_driver_sql(_postgres_insert(len(chunk)), tuple(parameters))
-            inserted.update(tuple(row) for row in result)  # type: ignore[misc]
+            inserted.update(tuple(row) for row in result)
         return inserted
     dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     statement = (

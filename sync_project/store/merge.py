@@ -86,11 +86,12 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=
 # The C encoder behind json.dumps, built once: JSONEncoder.encode builds a new one per call, which
 # is a third of the cost of encoding a 500-byte record. No circular-reference markers (a shared
 # markers dict is not thread-safe): a cycle ends in RecursionError, which prepare_batch reports.
+_MAKE_C_ENCODER = getattr(json.encoder, "c_make_encoder", None)  # private, untyped; absent off CPython
 _C_ENCODER = (
-    json.encoder.c_make_encoder(
+    _MAKE_C_ENCODER(
         None, _not_json, json.encoder.encode_basestring, None, ":", ",", True, False, False
     )
-    if json.encoder.c_make_encoder is not None
+    if _MAKE_C_ENCODER is not None
     else None
 )
 
@@ -180,11 +181,13 @@ def prepare_batch(
                 source_updated_at = _source_timestamp(data, spec, action, fetched_at, key)
         previous = by_key.get(key)
         if action == "update":
-            patches = ((data, source_updated_at),)
+            patches: tuple[tuple[dict[str, Any], datetime | None], ...] = ((data, source_updated_at),)
             if previous is not None:
                 patches = previous.patches + patches
-                if all(stamp is not None for _, stamp in patches):
-                    patches = tuple(sorted(patches, key=lambda patch: patch[1]))  # stable on ties
+                stamps = [stamp for _, stamp in patches if stamp is not None]
+                if len(stamps) == len(patches):
+                    # stable on ties; every stamp is set, so None never reaches the comparison
+                    patches = tuple(sorted(patches, key=lambda patch: patch[1] or datetime.min))
                 source_updated_at = _max_time(previous.source_updated_at, source_updated_at)
             by_key[key] = Incoming(key, data, data_json, data_hash, source_updated_at, patches)
             continue

@@ -74,7 +74,7 @@ class FeedReset(BaseModel):
 def check_action(action: str) -> RecordsAction:
     if action not in RECORDS_ACTIONS:
         raise ValueError(f"unknown records action {action!r}; use one of {', '.join(RECORDS_ACTIONS)}")
-    return action  # type: ignore[return-value]
+    return action
 
 
 def had_checkpoint(conn: Connection, sync: str, connection_id: str) -> bool:

@@ -18,7 +18,7 @@ from sync_project.store.inbox import Inbox
 from sync_project.store.leases import DEFAULT_TTL_S, Lease, LeaseKeeper, LeaseRole, Leases, holding
 from sync_project.store.merge import MergeResult, RecordSpec
 from sync_project.store.records import RecordLike, RecordWriter, WriteHints
-from sync_project.store.resets import RecordsAction, Resets, ResetResult
+from sync_project.store.resets import RecordsAction, ResetResult, Resets
 from sync_project.store.schema import records
 from sync_project.store.state import SyncStates, upsert_state
 

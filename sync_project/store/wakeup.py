@@ -79,7 +79,7 @@ class InboxWakeup:
             # A session of its own (not from the pool): it stays in LISTEN for the run's life.
             proxy = self._engine.raw_connection()
             proxy.detach()  # never back to the pool in autocommit and LISTEN
-            raw = proxy.dbapi_connection
+            raw: Any = proxy.dbapi_connection  # psycopg2's connection; SQLAlchemy types it as the DBAPI protocol
             raw.autocommit = True
             with raw.cursor() as cursor:
                 cursor.execute(f"LISTEN {CHANNEL}")

@@ -58,8 +58,9 @@ def on_webhook(ctx: WebhookContext, event: InboundEvent) -> list[WebhookChange]:
         return [Delete({"id": str(payload.objectId), "updatedAt": occurred})]
     if event.event_type == "contact.merge":
         survivor = payload.newObjectId or payload.primaryObjectId
-        gone = {*(payload.mergedObjectIds or []), payload.primaryObjectId} - {survivor, None}
-        return [Delete({"id": str(i), "updatedAt": occurred}) for i in sorted(gone)] + _current(ctx, survivor)
+        gone = {*(payload.mergedObjectIds or []), payload.primaryObjectId} - {survivor}
+        deleted = sorted(i for i in gone if i is not None)
+        return [Delete({"id": str(i), "updatedAt": occurred}) for i in deleted] + _current(ctx, survivor)
     return _current(ctx, payload.objectId)
 
 

@@ -118,7 +118,8 @@ def changes(events: list[dict[str, Any]]) -> tuple[list[RecordLike], list[Record
     for event in events:
         for change in to_changes(event):
             record = change.record
-            last[record.id if isinstance(record, StripeCustomer) else record["id"]] = change
+            # to_changes saves a StripeCustomer and deletes by a mapping with its id
+            last[record.id if isinstance(record, StripeCustomer) else dict(record)["id"]] = change
     saves = [change.record for change in last.values() if isinstance(change, Save)]
     deletes = [change.record for change in last.values() if isinstance(change, Delete)]
     return saves, deletes

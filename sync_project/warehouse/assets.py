@@ -11,12 +11,13 @@ No `from __future__ import annotations` here: Dagster reads the config and resou
 asset function's parameters at definition time.
 """
 
+from typing import Any
+
 import dagster as dg
 from pydantic import PrivateAttr
 
 from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.partitions import connection_partitions
-from sync_project.orchestration.resources import StoreResource
 from sync_project.warehouse.load import LoadResult, Warehouse, WarehouseSettings
 
 WAREHOUSE_KEY = "warehouse"
@@ -101,7 +102,7 @@ def build_warehouse_asset(sync: SyncDefinition, *, store_key: str = "sync_store"
     return _warehouse_asset
 
 
-def _metadata(result: LoadResult, live_rows: int) -> dict[str, object]:
+def _metadata(result: LoadResult, live_rows: int) -> dict[str, Any]:
     return {
         "dagster/row_count": live_rows,
         "rows_loaded": result.rows,

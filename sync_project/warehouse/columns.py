@@ -19,7 +19,7 @@ do (``Store.dataframe``), so they can never collide with a model field.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel
 
@@ -72,7 +72,8 @@ def _pydantic_time_types(model: type[BaseModel]) -> dict[str, str]:
     }
     found: dict[str, str] = {}
     for field_name, field in model.model_fields.items():
-        inner = extract_inner_type(field.annotation)
+        # pydantic types an annotation as a type form; dlt's helper takes (and handles) any.
+        inner = extract_inner_type(cast(type, field.annotation))
         if is_union_type(inner):
             inner = extract_inner_type(get_args(inner)[0])
         if inner in kinds:

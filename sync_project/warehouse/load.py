@@ -120,7 +120,7 @@ class Warehouse:
                 write_disposition="merge",
                 primary_key=primary_key(sync),
                 columns=table_columns(sync, self.config.deletes),
-            )
+            )  # type: ignore[call-overload]  # dlt's column hints are TypedDicts; ours are plain dicts of their keys
             info = pipeline.run(resource, loader_file_format=self.config.file_format())
             info.raise_on_failed_jobs()
             if info.loads_ids:

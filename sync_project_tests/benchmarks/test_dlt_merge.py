@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import uuid
 
+import dlt_merge
 import pytest
 import sqlalchemy as sa
 
-import dlt_merge
 from sync_project.store import Store
 
 

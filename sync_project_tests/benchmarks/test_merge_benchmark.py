@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import merge
 import sqlalchemy as sa
 
-import merge
 from sync_project.store import Store
 
 

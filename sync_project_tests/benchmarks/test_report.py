@@ -13,11 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-from pydantic import ValidationError
-
 import _common
+import pytest
 import report
+from pydantic import ValidationError
 
 MACHINE = {"CPU": "test CPU", "cores": "2"}
 README = f"# Benchmarks\n\nHand-written text.\n\n{report.START_MARKER}\nold table\n{report.END_MARKER}\n\nFooter.\n"

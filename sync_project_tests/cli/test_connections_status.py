@@ -195,7 +195,7 @@ def test_inbox_stats_by_connection(instance: dg.DagsterInstance, acme: str, data
     header, *rows = result.output.splitlines()
     columns = header.split()
     assert columns[:3] == ["PROVIDER", "CONNECTION", "pending"]
-    table = {tuple(row.split()[:2]): dict(zip(columns[2:], row.split()[2:])) for row in rows if row.strip()}
+    table = {tuple(row.split()[:2]): dict(zip(columns[2:], row.split()[2:], strict=False)) for row in rows if row.strip()}
     assert table[("sandbox", "acme")]["pending"] == "2" and table[("sandbox", "acme")]["dead"] == "0"
     assert table[("sandbox", "globex")]["dead"] == "1" and table[("sandbox", "globex")]["pending"] == "0"
     assert table[("sandbox", "(none)")]["unroutable"] == "1"

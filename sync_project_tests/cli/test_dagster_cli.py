@@ -83,7 +83,7 @@ def test_backfill_several_partitions_runs_through_the_daemon(env: dict[str, str]
                 assert daemon.poll() is None, "the daemon exited"
                 assert time.monotonic() < deadline, "the backfill's runs did not finish"
                 time.sleep(1)
-            for connection_id, account_id in (("acme-2", "acct-2"), ("acme-3", "acct-3")):
+            for connection_id, _account_id in (("acme-2", "acct-2"), ("acme-3", "acct-3")):
                 assert store.count("sandbox/deals", connection_id) == 5
                 assert store.state.get("sandbox/deals", connection_id).last_mode == "full"
             assert store.count("sandbox/deals", "acme-1") == 0

@@ -56,7 +56,7 @@ def harness(store: Store) -> Iterator[RealtimeHarness]:
 
 def test_webhooks_under_chaos_then_one_poll_converge_on_the_truth(harness: RealtimeHarness) -> None:
     watch = MonotonicWatch(harness.store)
-    for round_number in range(ROUNDS):
+    for _round in range(ROUNDS):
         for account_id in CONNECTIONS.values():
             harness.admin.apply_changes(CHANGES_PER_ROUND, account_id=account_id)
         harness.admin.flush()

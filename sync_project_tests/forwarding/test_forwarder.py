@@ -12,14 +12,23 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
-from sync_project.forwarding.forwarder import Forwarder, ForwarderSettings, ForwardingConfigError
 from sync_project.core.standard_webhooks import generate_secret
+from sync_project.forwarding.forwarder import Forwarder, ForwarderSettings, ForwardingConfigError
 from sync_project.receiver.app import create_app
 from sync_project.serving import BackgroundServer
 from sync_project.store import Store
 from sync_project.store.forwards import Forwards
 from sync_project_tests.support.consumer import Consumer, closed_port_url, serve
-from sync_project_tests.webhook_support import SECRET, SECRET_ENV, AcmeProvider, audit_sync, body_of, contacts_sync, event, sign
+from sync_project_tests.webhook_support import (
+    SECRET,
+    SECRET_ENV,
+    AcmeProvider,
+    audit_sync,
+    body_of,
+    contacts_sync,
+    event,
+    sign,
+)
 
 FORWARD_SECRET = generate_secret()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sync_project.core.provider import SignatureError
-from sync_project.notifications.delivery import deliver
 from sync_project.core.standard_webhooks import generate_secret
+from sync_project.notifications.delivery import deliver
 from sync_project_tests.support.consumer import Consumer, closed_port_url, serve
 
 BODY = b'{"type":"sync"}'

@@ -9,10 +9,10 @@ import dagster as dg
 import pytest
 
 from sync_project import registry
+from sync_project.orchestration.assets import SyncRunConfig
 from sync_project.orchestration.factory import build_definitions
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.orchestration.resources import StoreResource
-from sync_project.orchestration.assets import SyncRunConfig
 from sync_project.orchestration.run_limits import MAX_RUNTIME_TAG, RunLimits
 from sync_project.orchestration.sensors import DEFAULT_STALL_AFTER_S, InboxSensorCursor, retry_delay_s
 from sync_project.store import Store

@@ -10,11 +10,11 @@ import dagster as dg
 import httpx
 import pytest
 
+from sync_project.core.standard_webhooks import generate_secret
 from sync_project.orchestration.factory import build_definitions
 from sync_project.orchestration.notifications import NotificationConfigError, NotifierResource
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.orchestration.resources import StoreResource
-from sync_project.core.standard_webhooks import generate_secret
 from sync_project.serving import BackgroundServer
 from sync_project.store import Store
 from sync_project_tests.orchestration.fake_api import ITEMS, PROVIDER, FakeApi

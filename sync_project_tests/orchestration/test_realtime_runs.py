@@ -11,7 +11,6 @@ import dagster as dg
 import pytest
 from sqlalchemy import update
 
-from sync_project.core import Save
 from sync_project.store import Store
 from sync_project.store.inbox import Inbox
 from sync_project.store.schema import inbox

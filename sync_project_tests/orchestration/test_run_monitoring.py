@@ -4,7 +4,6 @@ dead run. What the daemon does with it, for real, is test_killed_run.py."""
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import dagster as dg

@@ -12,7 +12,7 @@ from sync_project.orchestration.factory import build_definitions
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import MAX_RUNTIME_TAG, RunLimits
-from sync_project_tests.orchestration.fake_api import ITEMS, PROVIDER, fetch_items, Item
+from sync_project_tests.orchestration.fake_api import ITEMS, PROVIDER, Item, fetch_items
 
 
 @pytest.fixture

@@ -14,12 +14,11 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from sync_project.core import InboundEvent, SyncDefinition
+from sync_project.core import InboundEvent, ProviderConnection, SyncDefinition
 from sync_project.orchestration.webhook_drain import DrainResult, drain_inbox
 from sync_project.receiver import create_app
 from sync_project.receiver.routing import route, subscribers_from
 from sync_project.store import MergeStrategy, Store
-from sync_project.core import ProviderConnection
 from sync_project.store.schema import feed_entries, inbox
 from sync_project_tests.webhook_support import (
     SECRET,

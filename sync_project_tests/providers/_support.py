@@ -13,9 +13,18 @@ from typing import Any
 
 import httpx
 
-from sync_project.core import Delete, FetchContext, Page, Save, SyncDefinition, Update, WebhookContext, WebhookRequest
+from sync_project.core import (
+    Delete,
+    FetchContext,
+    Page,
+    ProviderConnection,
+    Save,
+    SyncDefinition,
+    Update,
+    WebhookContext,
+    WebhookRequest,
+)
 from sync_project.store import Store
-from sync_project.core import ProviderConnection
 from sync_project.store.merge import MergeResult
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -8,12 +8,11 @@ from typing import Any
 
 import pytest
 
+from sync_project.core import ProviderConnection, standard_webhooks
 from sync_project.core.http import ProviderAuthError, json_body
 from sync_project.core.provider import MalformedWebhookError, SignatureError, WebhookRequest
-from sync_project.core import standard_webhooks
 from sync_project.providers.sandbox import DEFAULT_URL, PROVIDER, URL_ENV
 from sync_project.registry import get_provider
-from sync_project.core import ProviderConnection
 from sync_project.store.errors import StoreError
 from sync_project_tests.sandbox.support import SandboxFactory, make_sandbox  # noqa: F401
 

@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
+from sync_project.core import ProviderConnection
 from sync_project.core.http import ProviderError, json_body
 from sync_project.providers.sandbox import PROVIDER
-from sync_project.core import ProviderConnection
 from sync_project_tests.sandbox.support import SandboxFactory, make_sandbox, wait_until  # noqa: F401
 
 TOKEN = "token-of-acct-1"

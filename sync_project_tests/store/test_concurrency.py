@@ -3,6 +3,7 @@ of different connections run side by side (Postgres). Leases across processes: t
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import uuid
 from collections.abc import Iterator
@@ -52,7 +53,7 @@ def test_writers_of_one_connection_never_interleave(database_url: str) -> None:
 
     intervals = sorted(interval for label in reports for interval in reports[label])
     assert len(intervals) == 6
-    for (_, ended), (began, _) in zip(intervals, intervals[1:]):
+    for (_, ended), (began, _) in itertools.pairwise(intervals):
         assert began >= ended, f"two batches held the lock at once: {intervals}"
     with Store(database_url) as store:
         assert store.count(workers.SYNC, "acme") == 7  # 3 + 3 own rows and the shared one

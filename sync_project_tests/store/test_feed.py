@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from sync_project.store import InvalidCursorError, Store, feed
 from sync_project.core.clock import utcnow
+from sync_project.store import InvalidCursorError, Store, feed
 from sync_project.store.schema import feed_entries
 
 from .helpers import CONN, NEWEST, contact, stamp

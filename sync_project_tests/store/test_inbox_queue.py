@@ -22,7 +22,7 @@ T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 def raw_row(store: Store, event_id: int) -> tuple:
     """The inbox row as stored, with Postgres's row version (xmin): it changes on any rewrite."""
     with store.engine.connect() as conn:
-        columns = [inbox.c[name] for name in inbox.c.keys()]
+        columns = [inbox.c[name] for name in inbox.c.keys()]  # noqa: SIM118 - iterating a ColumnCollection yields columns
         if conn.dialect.name == "postgresql":
             columns.append(sa.literal_column("xmin::text"))
         return tuple(conn.execute(select(*columns).where(inbox.c.id == event_id)).one())

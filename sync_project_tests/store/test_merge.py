@@ -7,8 +7,8 @@ from datetime import timedelta, timezone
 import pytest
 from pydantic import BaseModel
 
-from sync_project.store import InvalidBatchError, MergeResult, MergeStrategy, RecordSpec, Store, prepare
 from sync_project.core.clock import utcnow
+from sync_project.store import InvalidBatchError, MergeResult, MergeStrategy, RecordSpec, Store, prepare
 
 from .helpers import CONN, MODIFIED_AFTER, NEWEST, OVERRIDE, at, contact, stamp
 

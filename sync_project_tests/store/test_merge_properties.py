@@ -22,9 +22,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sync_project.core.clock import utcnow
 from sync_project.store import RecordSpec, Store
 from sync_project.store.feed import Change
-from sync_project.core.clock import utcnow
 
 from .helpers import CONN, MODIFIED_AFTER, NEWEST, at, contact, stamp
 

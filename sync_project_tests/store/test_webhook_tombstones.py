@@ -16,12 +16,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from sync_project.core import ProviderConnection
+from sync_project.core.clock import utcnow
 from sync_project.orchestration.webhook_drain import drain_inbox
 from sync_project.sandbox.data import ChangeEvent, SandboxState
 from sync_project.store import Store
-from sync_project.core import ProviderConnection
 from sync_project.store.inbox import RoutedEvent
-from sync_project.core.clock import utcnow
 from sync_project.syncs.sandbox_contacts import Contact, contacts
 
 LOG = logging.getLogger(__name__)

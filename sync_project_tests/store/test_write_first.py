@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sync_project.core.clock import utcnow
 from sync_project.store import MergeResult, RecordSpec, Store
 from sync_project.store.bulk import PostgresBulk
-from sync_project.core.clock import utcnow
 from sync_project.store.records import RecordWriter, WriteHints
 from sync_project.store.schema import records
 

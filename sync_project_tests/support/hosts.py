@@ -180,7 +180,7 @@ class TcpRelay:
         host, port = next(self._upstreams)
         try:
             up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             writer.close()
             return
 

@@ -12,11 +12,11 @@ from dataclasses import replace
 import dagster as dg
 
 from sync_project import registry
+from sync_project.core.standard_webhooks import generate_secret
 from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.factory import build_definitions
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.orchestration.resources import StoreResource
-from sync_project.core.standard_webhooks import generate_secret
 from sync_project.receiver.app import create_app
 from sync_project.sandbox.chaos import ChaosSettings
 from sync_project.sandbox.client import SandboxAdmin

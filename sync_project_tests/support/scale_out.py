@@ -27,8 +27,8 @@ import sqlalchemy as sa
 import yaml
 
 from sync_project import settings
-from sync_project.orchestration.partitions import partitions_name
 from sync_project.core.standard_webhooks import generate_secret
+from sync_project.orchestration.partitions import partitions_name
 from sync_project.sandbox.client import SandboxAdmin
 from sync_project.sandbox.fake import ChangeMix
 from sync_project.sandbox.generator import GeneratorSettings

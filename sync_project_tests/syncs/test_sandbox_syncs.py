@@ -9,12 +9,11 @@ from typing import Any
 import httpx
 import pytest
 
-from sync_project.core import Delete, FetchContext, Page, Save, SyncDefinition, WebhookContext
+from sync_project.core import Delete, FetchContext, Page, ProviderConnection, Save, SyncDefinition, WebhookContext
 from sync_project.core.http import ProviderAuthError
 from sync_project.providers.sandbox import PROVIDER
 from sync_project.registry import get_sync
 from sync_project.store import Store
-from sync_project.core import ProviderConnection
 from sync_project.syncs.sandbox_contacts import Contact, contacts
 from sync_project.syncs.sandbox_deals import Deal, deals
 from sync_project_tests.sandbox.support import (  # noqa: F401

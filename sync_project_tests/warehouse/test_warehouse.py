@@ -68,7 +68,7 @@ class DuckDB(Destination):
         with duckdb.connect(str(self.path)) as conn:
             cursor = conn.execute(f"SELECT * FROM {DATASET}.{table_name(sync)}")
             names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row)) for row in cursor.fetchall()]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def columns(self, sync: SyncDefinition) -> dict[str, str]:
         import duckdb
