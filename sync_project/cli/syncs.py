@@ -42,6 +42,12 @@ def reset(sync_key: str, connection_id: str, empty_records: bool, remove: bool, 
     try:
         sync = registry.get_sync(sync_key)
     except KeyError as error:
+        owner = next((s for s in registry.syncs() if sync_key in (s.model_key(m.name) for m in s.models)), None)
+        if owner is not None:
+            raise click.ClickException(
+                f"{sync_key} is a model of {owner.key}, which keeps one checkpoint for all its models: "
+                f"`sync-project syncs reset {owner.key} {connection_id}` resets them all"
+            ) from None
         raise click.ClickException(str(error.args[0])) from None
     action: Literal["keep", "tombstone", "remove"] = "remove" if remove else "tombstone" if empty_records else "keep"
     from sync_project.orchestration.partition_run import reset_partition

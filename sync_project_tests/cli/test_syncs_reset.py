@@ -84,6 +84,8 @@ def test_reset_refuses_while_a_run_holds_the_poll_lease_and_bad_arguments(instan
 
     unknown = CliRunner().invoke(main, ["syncs", "reset", "sandbox/nope", "acme"])
     assert unknown.exit_code == 1 and "unknown sync 'sandbox/nope'" in unknown.output
+    model = CliRunner().invoke(main, ["syncs", "reset", "github/issue_comments", "acme"])
+    assert model.exit_code == 1 and "is a model of github/issues" in model.output
     missing = CliRunner().invoke(main, ["syncs", "reset", SYNC, "globex"])
     assert missing.exit_code == 1 and "no connection 'globex'" in missing.output
     lonely = reset("--remove")
