@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 import dagster as dg
 
 from sync_project import registry
@@ -31,3 +37,65 @@ def test_every_declared_sync_is_built_into_the_code_location() -> None:
     inbox = defs.resolve_sensor_def("inbox_sensor")
     assert inbox.minimum_interval_seconds == 5
     assert inbox.default_status == dg.DefaultSensorStatus.RUNNING
+
+
+def test_the_code_location_is_a_definitions_function_dagster_loads_lazily() -> None:
+    """``@dg.definitions``: importing the module builds nothing; Dagster's loader finds the
+    function (and only it), and in-process readers get the same definitions as ``defs``."""
+    from dagster._core.workspace.autodiscovery import loadable_targets_from_loaded_module
+
+    import sync_project.definitions as location
+
+    targets = loadable_targets_from_loaded_module(location)
+    assert [target.attribute for target in targets] == ["code_location"]
+    assert location.defs is location.defs
+    assert location.code_location().resolve_assets_def(dg.AssetKey(["sandbox", "contacts"])) is not None
+
+
+def test_the_analytics_asset_follows_the_warehouse_tables_by_declarative_automation() -> None:
+    from sync_project.definitions import defs
+    from sync_project.orchestration.factory import AUTOMATION_SENSOR
+    from sync_project.warehouse.assets import warehouse_key
+
+    contacts, deals = (warehouse_key(registry.get_sync(key)) for key in ("sandbox/contacts", "sandbox/deals"))
+
+    summary = dg.AssetKey(["analytics", "deals_per_contact"])
+    sensor = defs.resolve_sensor_def(AUTOMATION_SENSOR)
+    assert isinstance(sensor, dg.AutomationConditionSensorDefinition)
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(partitions_name("sandbox"), ["c1"])
+        selection = dg.AssetSelection.assets(summary)
+
+        def evaluate(cursor: Any) -> Any:
+            return dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection, cursor=cursor)
+
+        # The sensor's first tick only records where things stand (eager never fires for state
+        # it did not see change).
+        result = evaluate(None)
+        assert result.total_requested == 0
+        for key in (contacts, deals):
+            instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition="c1"))
+        result = evaluate(result.cursor)
+        assert result.get_requested_partitions(summary) == {None}
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=summary))
+        result = evaluate(result.cursor)
+        assert result.total_requested == 0  # nothing new upstream: nothing to recompute
+        # A load of one connection's contacts (after a webhook run): the summary follows.
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=contacts, partition="c1"))
+        result = evaluate(result.cursor)
+        assert result.get_requested_partitions(summary) == {None}
+
+
+def test_dg_checks_the_code_location(tmp_path: Path) -> None:
+    """``dg check defs`` (dagster-dg-cli, pinned with the family) loads the project that
+    pyproject.toml's ``[tool.dg]`` describes, as ``dg list defs`` does."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "VIRTUAL_ENV": str(bin_dir.parent), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "DAGSTER_HOME": str(tmp_path)}  # fmt: skip
+    project = Path(registry.__file__).resolve().parent.parent
+    checked = subprocess.run(
+        [str(bin_dir / "dg"), "check", "defs"], cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "All definitions loaded successfully" in checked.stdout + checked.stderr

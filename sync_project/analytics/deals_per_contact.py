@@ -20,6 +20,11 @@ if TYPE_CHECKING:  # imported when the asset runs: every run process loads this 
 CONTACTS = "sandbox/contacts"
 DEALS = "sandbox/deals"
 
+#: Recomputed once a warehouse load changed the contacts or deals tables (Dagster's eager
+#: condition, evaluated by the code location's automation sensor); it waits while a load of
+#: either is in progress, as the DuckDB file admits no reader then.
+AUTOMATION = dg.AutomationCondition.eager()
+
 
 def summarize_deals_per_contact(contacts: "pd.DataFrame", deals: "pd.DataFrame") -> "pd.DataFrame":
     """One row per live contact: number of deals and their total amount (0 when none)."""
@@ -53,6 +58,7 @@ def summarize_deals_per_contact(contacts: "pd.DataFrame", deals: "pd.DataFrame")
     # Reads the warehouse: the DuckDB file admits no reader while a load writes it.
     pool=WAREHOUSE_POOL,
     description="Deals and total amount per sandbox contact, from the warehouse tables (a demo of consuming synced records).",
+    automation_condition=AUTOMATION,
 )
 def deals_per_contact(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
     tables = warehouse.get_warehouse()

@@ -21,7 +21,7 @@ from sync_project.orchestration.notifications import NOTIFIER_KEY, NotifierResou
 from sync_project.orchestration.partitions import AssetJob
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import RunLimits
-from sync_project.orchestration.schedules import build_poll_schedule
+from sync_project.orchestration.schedules import build_poll_schedule, build_poll_sensor
 from sync_project.orchestration.sensors import DEFAULT_STALL_AFTER_S, DEFAULT_WEBHOOK_LINGER_S, build_inbox_sensor
 from sync_project.warehouse.assets import (
     WAREHOUSE_KEY,
@@ -29,6 +29,9 @@ from sync_project.warehouse.assets import (
     build_warehouse_asset,
     build_warehouse_sensor,
 )
+
+AUTOMATION_SENSOR = "automation_condition_sensor"
+AUTOMATION_INTERVAL_S = 30
 
 
 def build_definitions(
@@ -65,26 +68,42 @@ def build_definitions(
         )
         for sync in syncs
     }
-    schedules = [build_poll_schedule(sync, jobs[sync.key], run_limits) for sync in syncs]
+    # Cron cannot express an interval below a minute: those syncs poll from a sensor.
+    schedules = [build_poll_schedule(sync, jobs[sync.key], run_limits) for sync in syncs if sync.cron]
     sensors: list[dg.SensorDefinition] = [
         build_inbox_sensor(
             {s.key: s for s in syncs}, jobs, stall_after_s=inbox_stall_after_s, linger_s=webhook_linger_s,
             run_limits=run_limits,
-        )
+        ),
+        *(build_poll_sensor(sync, jobs[sync.key], run_limits) for sync in syncs if not sync.cron),
     ]
     if warehouse_assets:
         sensors.append(build_warehouse_sensor(warehouse_assets))
+    extra = list(extra_assets)
+    automated = [asset for asset in extra if any(spec.automation_condition is not None for spec in asset.specs)]
+    if automated:
+        # The downstream assets' declarative automation (analytics), running from the start:
+        # Dagster's implicit sensor would start stopped.
+        sensors.append(
+            dg.AutomationConditionSensorDefinition(
+                AUTOMATION_SENSOR,
+                target=dg.AssetSelection.assets(*automated),
+                default_status=dg.DefaultSensorStatus.RUNNING,
+                minimum_interval_seconds=AUTOMATION_INTERVAL_S,
+                description="Evaluates the automation conditions of the downstream assets (analytics).",
+            )
+        )
     checks_jobs: list[AssetJob] = []
     if checks:
         checks_job, checks_schedule = build_checks_schedule(checks)
         checks_jobs.append(checks_job)
         schedules.append(checks_schedule)
     return dg.Definitions(
-        assets=[*assets.values(), *warehouse_assets, *extra_assets],
+        assets=[*assets.values(), *warehouse_assets, *extra],
         asset_checks=checks,
         jobs=[*jobs.values(), *checks_jobs],
-        schedules=[s for s in schedules if isinstance(s, dg.ScheduleDefinition)],
-        sensors=[*sensors, *(s for s in schedules if isinstance(s, dg.SensorDefinition))],
+        schedules=schedules,
+        sensors=sensors,
         resources={
             STORE_KEY: store or StoreResource(),
             NOTIFIER_KEY: notifier if notifier is not None else NotifierResource.from_env(),

@@ -66,26 +66,32 @@ def poll_run(
     return dg.RunConfig(ops={op_name(sync): SyncRunConfig(mode=mode)}), tags
 
 
+def build_poll_sensor(sync: SyncDefinition, job: AssetJob, run_limits: RunLimits | None = None) -> dg.SensorDefinition:
+    """The poller of a sync whose interval is below a minute (``sync.cron`` is None)."""
+    interval = int(sync.poll_interval.total_seconds())
+
+    @dg.sensor(
+        name=f"poll_{op_name(sync)}",
+        job=job,
+        minimum_interval_seconds=interval,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Polls {sync.key} every {interval} s (sub-minute: cron cannot express it).",
+    )
+    def _poll_sensor(context: dg.SensorEvaluationContext, sync_store: StoreResource) -> dg.SensorResult:
+        tick = str(int(datetime.now().timestamp()) // interval)
+        return dg.SensorResult(run_requests=poll_requests(context, sync, sync_store, tick, run_limits))
+
+    return _poll_sensor
+
+
 def build_poll_schedule(
     sync: SyncDefinition, job: AssetJob, run_limits: RunLimits | None = None
-) -> dg.ScheduleDefinition | dg.SensorDefinition:
+) -> dg.ScheduleDefinition:
+    """The poller of a sync polled every minute or more slowly (``sync.cron``)."""
     name = f"poll_{op_name(sync)}"
     cron = sync.cron
     if cron is None:
-        interval = int(sync.poll_interval.total_seconds())
-
-        @dg.sensor(
-            name=name,
-            job=job,
-            minimum_interval_seconds=interval,
-            default_status=dg.DefaultSensorStatus.RUNNING,
-            description=f"Polls {sync.key} every {interval} s (sub-minute: cron cannot express it).",
-        )
-        def _poll_sensor(context: dg.SensorEvaluationContext, sync_store: StoreResource) -> dg.SensorResult:
-            tick = str(int(datetime.now().timestamp()) // interval)
-            return dg.SensorResult(run_requests=poll_requests(context, sync, sync_store, tick, run_limits))
-
-        return _poll_sensor
+        raise ValueError(f"{sync.key}: polled every {sync.poll_interval}, below cron's minute: use build_poll_sensor")
 
     @dg.schedule(
         name=name,
