@@ -13,7 +13,7 @@ What is measured (issue 21), in one run on one machine:
 
 The peer, each step: ``dlt.pipeline(...).run`` of the very rows the warehouse load produced (read
 from the feed beforehand, untimed), from a list in memory, with the same resource hints, into a
-dataset of its own on the same destination, in the same file format (``jsonl`` for DuckDB). Records/s = rows loaded / wall-clock seconds; the
+dataset of its own on the same destination, in the same file format (``parquet`` for DuckDB). Records/s = rows loaded / wall-clock seconds; the
 ratio (warehouse / dlt) is what reading the feed, and starting each load from the destination's
 state in a fresh working folder, cost. Both final tables are checked against the store's live
 records after each step (same ids and ``updated_at``): a fast wrong load is no figure.
