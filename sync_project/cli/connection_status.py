@@ -24,7 +24,9 @@ from sync_project.core import ProviderConnection
 from sync_project.core.clock import utcnow
 from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.assets import job_name, op_name
+from sync_project.orchestration.cadence import has_own_poll_interval, next_slot_start, poll_interval
 from sync_project.orchestration.partitions import partitions_name
+from sync_project.orchestration.schedules import PER_CONNECTION_SENSOR
 from sync_project.store import Store
 from sync_project.store.health import dead_letters, inbox_backlog
 
@@ -256,6 +258,13 @@ def _next_poll(
         return NextPoll(schedule=name, note=connection.status)
     if not has_partition:
         return NextPoll(schedule=name, note="no partition (re-add the connection)")
+    if has_own_poll_interval(sync, connection):
+        sensor_name = PER_CONNECTION_SENSOR
+        sensor = defs.resolve_sensor_def(sensor_name)
+        if _stopped(states.get(sensor_name), sensor.default_status.value):
+            return NextPoll(schedule=sensor_name, note="sensor stopped")
+        at = next_slot_start(poll_interval(sync, connection), now.astimezone(timezone.utc))
+        return NextPoll(schedule=sensor_name, at=at, note=None if daemon_up else "no daemon")
     stored = states.get(name)
     if sync.cron is None:
         sensor = defs.resolve_sensor_def(name)
@@ -366,7 +375,7 @@ def table(statuses: Sequence[PartitionStatus], now: datetime) -> list[str]:
 def detail(statuses: Sequence[PartitionStatus], connection: ProviderConnection, now: datetime) -> list[str]:
     lines = [
         f"{connection.provider}/{connection.connection_id}: {connection.status}, "
-        f"account {connection.account_id or '-'}, credentials ${connection.credentials_env or '-'}"
+        f"account {connection.account_id or '-'}, credentials {connection.credentials_ref}"
     ]
     for s in statuses:
         lines.append(f"  {s.sync}")

@@ -45,7 +45,9 @@ class FetchContext:
     client: httpx.Client
     connection: ProviderConnection
     mode: FetchMode
-    #: The stored checkpoint (incremental runs); None on a full refresh or the very first run.
+    #: Incremental runs: the stored checkpoint (None on the very first run). Full refreshes: None
+    #: on their first run; a run resuming one that a killed run left open gets the checkpoint of
+    #: that refresh's last committed page, and continues the walk from there.
     checkpoint: dict[str, Any] | None
     log: logging.Logger | Any
 
@@ -111,6 +113,10 @@ class SyncDefinition:
     #: Further models the same fetch yields (each its own asset, records and counts); none for
     #: a sync of one model.
     models: tuple[SyncModel, ...] = ()
+    #: How often a poll tick runs a full refresh instead of an incremental poll, so deletes whose
+    #: webhook was lost (incremental polls cannot see deletes) heal within this long; a
+    #: connection may override it. None: only when someone asks for one.
+    full_refresh_interval: timedelta | None = timedelta(days=1)
 
     def __post_init__(self) -> None:
         if self.webhook_events and self.on_webhook is None:
@@ -120,6 +126,8 @@ class SyncDefinition:
             raise ValueError(f"{self.key}: model names must differ from each other and from the sync's ({', '.join(names)})")
         if self.poll_interval < timedelta(seconds=30):
             raise ValueError(f"{self.key}: poll_interval below 30 s would poll faster than runs start")
+        if self.full_refresh_interval is not None and self.full_refresh_interval < self.poll_interval:
+            raise ValueError(f"{self.key}: full_refresh_interval shorter than poll_interval")
 
     @property
     def key(self) -> str:

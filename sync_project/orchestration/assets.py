@@ -131,6 +131,9 @@ def build_sync_asset(
             "primary_key": sync.primary_key,
             "merge_strategy": sync.record_spec.strategy.value,
             "poll_interval_s": sync.poll_interval.total_seconds(),
+            "full_refresh_interval_s": (
+                sync.full_refresh_interval.total_seconds() if sync.full_refresh_interval else "never"
+            ),
             "webhook_events": ", ".join(sync.webhook_events) or "none",
             "track_deletes": sync.track_deletes,
         },
@@ -337,6 +340,17 @@ def _sync_partition(
             records_fetched=ran.polled.records,
             checkpoint=dg.MetadataValue.json(ran.polled.checkpoint or {}),
         )
+        window = ran.polled.window
+        if window is not None:
+            # The whole refresh, not just this run's share of it: a resumed one spans runs.
+            metadata.update(
+                full_refresh_started_at=window.started_at.isoformat(),
+                full_refresh_pages=window.pages,
+                full_refresh_records=window.records,
+                full_refresh_resumed_runs=window.runs - 1,
+                full_refresh_window=dg.MetadataValue.text(window.window_id),
+                deleted_unseen=ran.polled.deleted_unseen,
+            )
     store.state.record_run(sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, succeeded_at=utcnow())
     return ran.merge, metadata
 

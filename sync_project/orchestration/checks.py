@@ -97,11 +97,13 @@ class CheckSettings:
         if not 1.0 <= self.freshness_warn_factor < self.freshness_fail_factor:
             raise ValueError("need 1 <= freshness_warn_factor < freshness_fail_factor")
 
-    def warn_window(self, sync: SyncDefinition) -> timedelta:
-        return max(sync.poll_interval * self.freshness_warn_factor, _MIN_WINDOW)
+    def warn_window(self, sync: SyncDefinition, poll_interval: timedelta | None = None) -> timedelta:
+        """``poll_interval``: a connection's own (default: the sync's)."""
+        return max((poll_interval or sync.poll_interval) * self.freshness_warn_factor, _MIN_WINDOW)
 
-    def fail_window(self, sync: SyncDefinition) -> timedelta:
-        return max(sync.poll_interval * self.freshness_fail_factor, self.warn_window(sync) + _MIN_WINDOW)
+    def fail_window(self, sync: SyncDefinition, poll_interval: timedelta | None = None) -> timedelta:
+        every = poll_interval or sync.poll_interval
+        return max(every * self.freshness_fail_factor, self.warn_window(sync, every) + _MIN_WINDOW)
 
 
 @dataclass(frozen=True)
@@ -324,21 +326,29 @@ def evaluate_freshness(
     """WARN/ERROR when an active connection's last success is older than the windows.
 
     A connection that never succeeded is measured from its registration: it gets the same
-    windows to complete its first run.
+    windows to complete its first run. A connection with a poll interval of its own is measured
+    against windows of that interval (``warn_after_s``/``fail_after_s`` are the sync's).
     """
+    from sync_project.orchestration.cadence import poll_interval
+
     warn_s = settings.warn_window(sync).total_seconds()
     fail_s = settings.fail_window(sync).total_seconds()
     active = [c for c in connections if c.status == "active"]
     rows: list[tuple[str, float, str, str | None]] = []
+    limits: dict[str, tuple[float, float]] = {}
     for connection in active:
         run = runs.get(connection.connection_id)
         since = run.last_success_at if run and run.last_success_at else connection.created_at
         age = max(0.0, (now - since).total_seconds())
         what = "synced" if run and run.last_success_at else "never synced"
         rows.append((connection.connection_id, age, what, run.last_error if run else None))
+        every = poll_interval(sync, connection)
+        limits[connection.connection_id] = (
+            settings.warn_window(sync, every).total_seconds(), settings.fail_window(sync, every).total_seconds()
+        )
     rows.sort(key=lambda row: -row[1])
-    failing = [row for row in rows if row[1] > fail_s]
-    warning = [row for row in rows if warn_s < row[1] <= fail_s]
+    failing = [row for row in rows if row[1] > limits[row[0]][1]]
+    warning = [row for row in rows if limits[row[0]][0] < row[1] <= limits[row[0]][1]]
     metadata: dict[str, object] = {
         "active_connections": len(active),
         "paused_connections": len(connections) - len(active),
@@ -349,7 +359,7 @@ def evaluate_freshness(
         "fail_after_s": fail_s,
     }
     if rows:
-        metadata["by_connection"] = dg.MetadataValue.md(_freshness_table(rows[:TABLE_ROWS], warn_s, fail_s))
+        metadata["by_connection"] = dg.MetadataValue.md(_freshness_table(rows[:TABLE_ROWS], limits))
     late = failing + warning
     if not late:
         return CheckOutcome(
@@ -360,12 +370,13 @@ def evaluate_freshness(
         )
     names = ", ".join(f"{cid} ({age:.0f} s, {what})" for cid, age, what, _ in late[:5]) + (" ..." if len(late) > 5 else "")
     severity = dg.AssetCheckSeverity.ERROR if failing else dg.AssetCheckSeverity.WARN
-    limit = fail_s if failing else warn_s
+    limit = min(limits[row[0]][1 if failing else 0] for row in (failing or warning))
+    own = ", or the connection's own" if {limits[row[0]] for row in late} - {(warn_s, fail_s)} else ""
     return CheckOutcome(
         False,
         severity,
         f"{len(late)} connection(s) without a successful run for over {limit:.0f} s "
-        f"(poll interval {sync.poll_interval.total_seconds():.0f} s): {names}",
+        f"(poll interval {sync.poll_interval.total_seconds():.0f} s{own}): {names}",
         metadata,
     )
 
@@ -540,9 +551,10 @@ def _dead_table(dead: Sequence[PartitionDeadLetters]) -> str:
     return "\n".join(lines)
 
 
-def _freshness_table(rows: Sequence[tuple[str, float, str, str | None]], warn_s: float, fail_s: float) -> str:
+def _freshness_table(rows: Sequence[tuple[str, float, str, str | None]], limits: Mapping[str, tuple[float, float]]) -> str:
     lines = ["| connection | since last success (s) | state | last error |", "|---|---:|---|---|"]
     for connection_id, age, what, error in rows:
+        warn_s, fail_s = limits[connection_id]
         state = "ERROR" if age > fail_s else "WARN" if age > warn_s else "ok"
         lines.append(f"| {_cell(connection_id)} | {age:.0f} ({what}) | {state} | {_cell(_clip(error, 120))} |")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from sync_project.orchestration.notifications import NOTIFIER_KEY, NotifierResou
 from sync_project.orchestration.partitions import AssetJob
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import RunLimits
-from sync_project.orchestration.schedules import build_poll_schedule, build_poll_sensor
+from sync_project.orchestration.schedules import build_per_connection_sensor, build_poll_schedule, build_poll_sensor
 from sync_project.orchestration.sensors import DEFAULT_STALL_AFTER_S, DEFAULT_WEBHOOK_LINGER_S, build_inbox_sensor
 from sync_project.warehouse.assets import (
     WAREHOUSE_KEY,
@@ -76,6 +76,7 @@ def build_definitions(
             run_limits=run_limits,
         ),
         *(build_poll_sensor(sync, jobs[sync.key], run_limits) for sync in syncs if not sync.cron),
+        *([build_per_connection_sensor(syncs, jobs, run_limits)] if syncs else []),
     ]
     if warehouse_assets:
         sensors.append(build_warehouse_sensor(warehouse_assets))

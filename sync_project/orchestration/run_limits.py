@@ -38,14 +38,18 @@ class RunLimits:
     #: for the partition's poll lease (``poll_lease_wait_s``) and as long again to poll. Ending a
     #: slow poll costs nothing: every page committed its checkpoint, and the next poll resumes there.
     poll_floor: timedelta = timedelta(minutes=20)
+    #: A full refresh requested by a poll tick may run this long (or two poll intervals if
+    #: longer). One that is stopped loses nothing: its window stays open, every page
+    #: checkpointed, and the next tick's full run resumes it.
+    full_refresh_floor: timedelta = timedelta(hours=2)
 
     def __post_init__(self) -> None:
         if self.webhook_linger_cap <= timedelta(0) or self.webhook_margin <= timedelta(0):
             raise ValueError("webhook_linger_cap and webhook_margin must be positive")
         if not timedelta(0) < self.handoff_lead < self.webhook_linger_cap:
             raise ValueError("handoff_lead must be positive and shorter than webhook_linger_cap")
-        if self.poll_floor <= timedelta(0):
-            raise ValueError("poll_floor must be positive")
+        if self.poll_floor <= timedelta(0) or self.full_refresh_floor <= timedelta(0):
+            raise ValueError("poll_floor and full_refresh_floor must be positive")
 
     @property
     def handoff_wait(self) -> timedelta:
@@ -59,6 +63,9 @@ class RunLimits:
 
     def poll_max_runtime(self, sync: SyncDefinition) -> timedelta:
         return max(self.poll_floor, 2 * sync.poll_interval)
+
+    def full_refresh_tags(self, sync: SyncDefinition) -> dict[str, str]:
+        return {MAX_RUNTIME_TAG: _seconds(max(self.full_refresh_floor, 2 * sync.poll_interval))}
 
     def webhook_tags(self) -> dict[str, str]:
         return {MAX_RUNTIME_TAG: _seconds(self.webhook_max_runtime)}

@@ -108,9 +108,12 @@ def paginate(ctx: FetchContext, path: str, model: type[BaseModel], *, page_size:
 
     The checkpoint is ``{"updated_after": <newest updated_at seen>, "cursor": <next page or None>}``:
     a run that stops mid-way resumes at ``cursor``; the next incremental run asks for what changed
-    after ``updated_after``. A full refresh ignores the stored checkpoint and starts from the top.
+    after ``updated_after``. A full refresh starts from the top, or, resuming one that a killed
+    run left open, at that refresh's own checkpoint's ``cursor``.
     """
-    start = (ctx.checkpoint or {}) if ctx.mode == "incremental" else {}
+    start = ctx.checkpoint or {}
+    if ctx.mode == "full" and not start.get("cursor"):
+        start = {}
     updated_after: str | None = start.get("updated_after")
 
     def fetch_page(cursor: str | None) -> ListPage:

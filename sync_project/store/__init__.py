@@ -13,11 +13,13 @@ from sync_project.store.feed import Change, ChangePage, InvalidCursorError
 from sync_project.store.leases import Lease
 from sync_project.store.merge import MergeResult, MergeStrategy, RecordSpec
 from sync_project.store.records import PreparedBatch, RecordWriter, prepare
+from sync_project.store.state import FullWindow, SyncState
 from sync_project.store.store import Store
 
 __all__ = [
     "Change",
     "ChangePage",
+    "FullWindow",
     "InvalidBatchError",
     "InvalidCursorError",
     "Lease",
@@ -32,6 +34,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailableError",
+    "SyncState",
     "UnknownConnectionError",
     "prepare",
 ]

@@ -10,11 +10,22 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from sync_project.core import credentials as secrets
 from sync_project.core.clock import utcnow
 from sync_project.core.connection import ConnectionStatus, ProviderConnection
 from sync_project.store.engine import reading, unavailable_as_store_error
 from sync_project.store.errors import StoreError, UnknownConnectionError
 from sync_project.store.schema import connections
+
+#: Polling faster than this would poll faster than runs start (the same floor as a sync's).
+MIN_POLL_INTERVAL_S = 30
+
+
+class _Unset:
+    """A keyword left out (None means "back to the sync's default")."""
+
+
+UNSET: Any = _Unset()
 
 
 class DuplicateConnectionError(StoreError):
@@ -32,17 +43,29 @@ class Connections:
         *,
         account_id: str | None = None,
         credentials_env: str | None = None,
+        credentials_file: str | None = None,
+        credentials_secret: str | None = None,
+        credentials_value: str | None = None,
         config: dict[str, Any] | None = None,
+        poll_interval_s: int | None = None,
+        full_refresh_interval_s: int | None = None,
     ) -> ProviderConnection:
+        """``credentials_value`` is the secret itself, stored sealed (needs SYNC_CREDENTIALS_KEY);
+        the other ``credentials_*`` are references resolved by each run."""
         _check_partition_key(connection_id)
         now = utcnow()
         row = {
             "provider": provider,
             "connection_id": connection_id,
             "account_id": account_id,
-            "credentials_env": credentials_env,
+            **credential_columns(
+                f"connection {provider}/{connection_id}",
+                env=credentials_env, file=credentials_file, secret=credentials_secret, value=credentials_value,
+            ),
             "config": json.dumps(config or {}, sort_keys=True),
             "status": "active",
+            "poll_interval_s": _check_poll_interval(poll_interval_s),
+            "full_refresh_interval_s": _check_full_refresh_interval(full_refresh_interval_s),
             "created_at": now,
             "updated_at": now,
         }
@@ -93,6 +116,37 @@ class Connections:
             raise UnknownConnectionError(f"no connection {connection_id!r} for provider {provider!r}")
         return self.get(provider, connection_id)
 
+    def configure(
+        self,
+        provider: str,
+        connection_id: str,
+        *,
+        poll_interval_s: int | None = UNSET,
+        full_refresh_interval_s: int | None = UNSET,
+        credentials: dict[str, str | None] | None = None,
+    ) -> ProviderConnection:
+        """Change a connection's own settings; a keyword left out keeps its value, None returns an
+        interval to its sync's. ``credentials`` (the columns of :func:`credential_columns`)
+        replaces the reference. Runs read these when they start, so nothing restarts."""
+        values: dict[str, Any] = {}
+        if poll_interval_s is not UNSET:
+            values["poll_interval_s"] = _check_poll_interval(poll_interval_s)
+        if full_refresh_interval_s is not UNSET:
+            values["full_refresh_interval_s"] = _check_full_refresh_interval(full_refresh_interval_s)
+        if credentials is not None:
+            values.update(credentials)
+        if not values:
+            return self.get(provider, connection_id)
+        with unavailable_as_store_error(), self._engine.begin() as conn:
+            changed = conn.execute(
+                update(connections)
+                .where(connections.c.provider == provider, connections.c.connection_id == connection_id)
+                .values(**values, updated_at=utcnow())
+            ).rowcount
+        if not changed:
+            raise UnknownConnectionError(f"no connection {connection_id!r} for provider {provider!r}")
+        return self.get(provider, connection_id)
+
     def remove(self, provider: str, connection_id: str) -> None:
         with unavailable_as_store_error(), self._engine.begin() as conn:
             removed = conn.execute(
@@ -108,6 +162,35 @@ class Connections:
         values = dict(row)
         values["config"] = json.loads(values["config"] or "{}")
         return ProviderConnection.model_validate(values)
+
+
+def credential_columns(
+    what: str, *, env: str | None = None, file: str | None = None, secret: str | None = None, value: str | None = None
+) -> dict[str, str | None]:
+    """The four credentials columns for at most one reference (``value``: the secret, sealed here)."""
+    given = [name for name, ref in (("env", env), ("file", file), ("secret", secret), ("value", value)) if ref]
+    if len(given) > 1:
+        raise ValueError(f"{what}: give one credentials reference, not {' and '.join(given)}")
+    if env is not None and (not env or not env.replace("_", "a").isalnum() or env[0].isdigit()):
+        raise ValueError(f"{what}: {env!r} is not an environment variable name")
+    return {
+        "credentials_env": env or None,
+        "credentials_file": secrets.check_file_path(file) if file else None,
+        "credentials_secret": secrets.check_secret_key(secret) if secret else None,
+        "credentials_sealed": secrets.seal(value, what) if value else None,
+    }
+
+
+def _check_poll_interval(seconds: int | None) -> int | None:
+    if seconds is not None and not (isinstance(seconds, int) and seconds >= MIN_POLL_INTERVAL_S):
+        raise ValueError(f"poll interval must be at least {MIN_POLL_INTERVAL_S} s, got {seconds!r}")
+    return seconds
+
+
+def _check_full_refresh_interval(seconds: int | None) -> int | None:
+    if seconds is not None and not (isinstance(seconds, int) and (seconds == 0 or seconds >= MIN_POLL_INTERVAL_S)):
+        raise ValueError(f"full-refresh interval must be 0 (never) or at least {MIN_POLL_INTERVAL_S} s, got {seconds!r}")
+    return seconds
 
 
 def _check_partition_key(connection_id: str) -> None:

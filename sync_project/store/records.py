@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.engine import Connection
@@ -38,6 +38,9 @@ from sync_project.store.merge import (
     prepare_batch,
 )
 from sync_project.store.schema import feed_entries, records
+
+if TYPE_CHECKING:
+    from sync_project.store.state import FullWindow
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
 
@@ -299,6 +302,25 @@ class RecordWriter:
             self.connection_id,
             checkpoint=None if checkpoint is None else json.dumps(checkpoint, sort_keys=True),
         )
+
+    def save_window(self, window: FullWindow, *, sync: str | None = None) -> None:
+        """Store the open full refresh's progress with the page that made it (same transaction),
+        under this writer's sync or ``sync`` (a sync of several models keeps one window)."""
+        from sync_project.store.state import open_window
+
+        open_window(self.conn, sync or self.sync, self.connection_id, window)
+
+    def close_window(self, window: FullWindow, *, detect_deletes: bool) -> int:
+        """End a complete full refresh: tombstone what the whole window never saw (if asked),
+        hand its final checkpoint to incremental runs, and date the connection's last full
+        refresh. Returns the records tombstoned."""
+        from sync_project.store.state import close_window
+
+        deleted = self.delete_unseen(window.window_id, window.started_at) if detect_deletes else 0
+        if window.checkpoint is not None:
+            self.set_checkpoint(window.checkpoint)
+        close_window(self.conn, self.sync, self.connection_id, utcnow())
+        return deleted
 
     # -- internals ----------------------------------------------------------------------------
 

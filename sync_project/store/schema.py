@@ -69,8 +69,16 @@ connections = Table(
     Column("account_id", String(255), nullable=True),
     # The *name* of an environment variable holding the credentials, never the secret itself.
     Column("credentials_env", String(255), nullable=True),
+    # Or a file read at run time, or a key in the deployment's secrets directory (revision 0009).
+    Column("credentials_file", String(1024), nullable=True),
+    Column("credentials_secret", String(255), nullable=True),
+    # Or the secret itself, sealed with the deployment's Fernet key (SYNC_CREDENTIALS_KEY).
+    Column("credentials_sealed", Text, nullable=True),
     Column("config", Text, nullable=False, default="{}"),
     Column("status", String(16), nullable=False, default="active"),
+    # The connection's own cadence (NULL: its sync's); a full-refresh interval of 0: never by cadence.
+    Column("poll_interval_s", Integer, nullable=True),
+    Column("full_refresh_interval_s", Integer, nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
     PrimaryKeyConstraint("provider", "connection_id", name="pk_connections"),
@@ -129,6 +137,17 @@ sync_state = Table(
     Column("last_mode", String(16), nullable=True),
     Column("last_error", Text, nullable=True),
     Column("updated_at", UtcDateTime, nullable=False),
+    # The open full refresh (revision 0009): its id (its first run's; the records it saw carry it
+    # in seen_by_run), when it started, where the next run of it resumes, and its progress. NULL
+    # id: none open. Delete detection covers the whole window, however many runs it took.
+    Column("full_window_id", String(64), nullable=True),
+    Column("full_window_started_at", UtcDateTime, nullable=True),
+    Column("full_window_checkpoint", Text, nullable=True),
+    Column("full_window_pages", BigInteger, nullable=False, server_default="0"),
+    Column("full_window_records", BigInteger, nullable=False, server_default="0"),
+    Column("full_window_runs", Integer, nullable=False, server_default="0"),
+    # When the last full refresh completed (its window closed): the cadence counts from here.
+    Column("last_full_refresh_at", UtcDateTime, nullable=True),
     PrimaryKeyConstraint("sync", "connection_id", name="pk_sync_state"),
 )
 

@@ -25,6 +25,52 @@ class SyncState(BaseModel):
     last_mode: str | None = None
     last_error: str | None = None
     updated_at: datetime
+    full_window_id: str | None = None
+    full_window_started_at: datetime | None = None
+    full_window_checkpoint: dict[str, Any] | None = None
+    full_window_pages: int = 0
+    full_window_records: int = 0
+    full_window_runs: int = 0
+    last_full_refresh_at: datetime | None = None
+
+    @property
+    def full_window(self) -> FullWindow | None:
+        """The open full refresh, if one is (a run of it was killed or failed before its last page)."""
+        if self.full_window_id is None or self.full_window_started_at is None:
+            return None
+        return FullWindow(
+            window_id=self.full_window_id,
+            started_at=self.full_window_started_at,
+            checkpoint=self.full_window_checkpoint,
+            pages=self.full_window_pages,
+            records=self.full_window_records,
+            runs=self.full_window_runs,
+        )
+
+
+class FullWindow(BaseModel):
+    """A full refresh from its first page to its last, however many runs it takes.
+
+    Records its pages return are marked with ``window_id`` (its first run's id); when its last
+    page is in, delete detection tombstones what it never saw and nobody wrote after
+    ``started_at``. A run killed in between leaves it open: the next full run resumes it at
+    ``checkpoint`` (the provider's cursor after its last committed page).
+    """
+
+    window_id: str
+    started_at: datetime
+    checkpoint: dict[str, Any] | None = None
+    pages: int = 0
+    records: int = 0
+    #: Runs that worked on it, the one that opened it included.
+    runs: int = 1
+
+
+def _state(row: Any) -> SyncState:
+    values = dict(row)
+    values["checkpoint"] = json.loads(row["checkpoint"]) if row["checkpoint"] else None
+    values["full_window_checkpoint"] = json.loads(row["full_window_checkpoint"]) if row["full_window_checkpoint"] else None
+    return SyncState.model_validate(values)
 
 
 def upsert_state(conn: Connection, sync: str, connection_id: str, **values: Any) -> None:
@@ -46,11 +92,13 @@ class SyncStates:
             row = conn.execute(
                 select(sync_state).where(sync_state.c.sync == sync, sync_state.c.connection_id == connection_id)
             ).mappings().first()
-        if row is None:
-            return None
-        values = dict(row)
-        values["checkpoint"] = json.loads(row["checkpoint"]) if row["checkpoint"] else None
-        return SyncState.model_validate(values)
+        return None if row is None else _state(row)
+
+    def of_sync(self, sync: str) -> dict[str, SyncState]:
+        """Every connection's state of ``sync`` in one query (what a poll tick decides from)."""
+        with unavailable_as_store_error(), reading(self._engine) as conn:
+            rows = conn.execute(select(sync_state).where(sync_state.c.sync == sync)).mappings().all()
+        return {row["connection_id"]: _state(row) for row in rows}
 
     def list(self, sync: str | None = None) -> list[SyncState]:
         query = select(sync_state.c.sync, sync_state.c.connection_id)
@@ -79,3 +127,31 @@ class SyncStates:
     def reset_checkpoint(self, sync: str, connection_id: str) -> None:
         with unavailable_as_store_error(), self._engine.begin() as conn:
             upsert_state(conn, sync, connection_id, checkpoint=None)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True)
+
+
+def open_window(conn: Connection, sync: str, connection_id: str, window: FullWindow) -> None:
+    upsert_state(
+        conn, sync, connection_id,
+        full_window_id=window.window_id, full_window_started_at=window.started_at,
+        full_window_checkpoint=_json(window.checkpoint), full_window_pages=window.pages,
+        full_window_records=window.records, full_window_runs=window.runs,
+    )
+
+
+#: The state columns of no open full refresh (a closed window, or one a reset abandons).
+NO_WINDOW: dict[str, Any] = {
+    "full_window_id": None,
+    "full_window_started_at": None,
+    "full_window_checkpoint": None,
+    "full_window_pages": 0,
+    "full_window_records": 0,
+    "full_window_runs": 0,
+}
+
+
+def close_window(conn: Connection, sync: str, connection_id: str, completed_at: datetime) -> None:
+    upsert_state(conn, sync, connection_id, **NO_WINDOW, last_full_refresh_at=completed_at)

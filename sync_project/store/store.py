@@ -20,7 +20,7 @@ from sync_project.store.merge import MergeResult, RecordSpec
 from sync_project.store.records import RecordLike, RecordWriter, WriteHints
 from sync_project.store.resets import RecordsAction, ResetResult, Resets
 from sync_project.store.schema import records
-from sync_project.store.state import SyncStates, upsert_state
+from sync_project.store.state import NO_WINDOW, SyncStates, upsert_state
 
 if TYPE_CHECKING:  # imported where frames are built (see feed.py)
     import pandas as pd
@@ -154,7 +154,8 @@ class Store:
     ) -> ResetResult:
         with self.writer(sync, connection_id, RecordSpec(), lease=lease) as writer:
             cleared = resets.had_checkpoint(writer.conn, sync, connection_id)
-            upsert_state(writer.conn, sync, connection_id, checkpoint=None)
+            # An open full refresh is abandoned too: the next full run starts at page 1.
+            upsert_state(writer.conn, sync, connection_id, checkpoint=None, **NO_WINDOW)
             tombstoned = removed = 0
             if action == "tombstone":
                 tombstoned = writer.tombstone_all()

@@ -79,7 +79,10 @@ class Checkpoint(BaseModel):
 
 def fetch(ctx: FetchContext) -> Iterator[Page]:
     now = stripe.stripe_time(ctx.client)
-    if ctx.mode == "full" or not ctx.checkpoint:
+    resumed = _resumed_listing(ctx)
+    if resumed is not None:
+        cp = resumed  # a full refresh a killed run left mid-listing
+    elif ctx.mode == "full" or not ctx.checkpoint:
         cp = Checkpoint(since=now, checked=now, listing_floor=now)
     else:
         try:
@@ -110,6 +113,16 @@ def fetch(ctx: FetchContext) -> Iterator[Page]:
         cp = cp.model_copy(update={"since": max(cp.since, events[-1]["created"])})
         yield Page(records=saves, deleted=deletes, checkpoint=cp.model_dump())
     yield Page(checkpoint=cp.model_copy(update={"checked": now}).model_dump())
+
+
+def _resumed_listing(ctx: FetchContext) -> Checkpoint | None:
+    if ctx.mode != "full" or not ctx.checkpoint:
+        return None
+    try:
+        cp = Checkpoint.model_validate(ctx.checkpoint)
+    except ValidationError:
+        return None  # not ours to resume: list from the top
+    return cp if cp.listing_floor is not None and cp.listing_after else None
 
 
 def changes(events: list[dict[str, Any]]) -> tuple[list[RecordLike], list[RecordLike]]:

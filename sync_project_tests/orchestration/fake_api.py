@@ -38,6 +38,8 @@ class FakeApi:
     _clock: int = 0
     #: Called with the page number before each list page is answered (lets a test act mid-run).
     on_page: object = None
+    #: When set, list requests need ``Authorization: Bearer <token>`` (else 401, as APIs answer).
+    token: str | None = None
 
     def put(self, item_id: str, **fields: object) -> dict:
         with self.lock:
@@ -54,6 +56,8 @@ class FakeApi:
 
     def app(self) -> Starlette:
         async def list_items(request: Request) -> Response:
+            if self.token is not None and request.headers.get("authorization") != f"Bearer {self.token}":
+                return JSONResponse({"error": "unauthorized"}, status_code=401)
             if self.garbage:
                 return PlainTextResponse("<html>upstream proxy error</html>", status_code=200)
             if self.fail_after_pages is not None and self.pages_served >= self.fail_after_pages:
@@ -81,7 +85,9 @@ class Item(BaseModel):
 
 class FakeProvider(Provider):
     def client(self, connection: ProviderConnection) -> httpx.Client:
-        return make_client(connection.config["base_url"], max_attempts=1)
+        token = connection.credentials()  # resolved by the run, wherever the reference points
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        return make_client(connection.config["base_url"], headers=headers, max_attempts=1)
 
     def verify(self, request: WebhookRequest, secrets: list[str]) -> None:
         raise NotImplementedError("the fake API sends no webhooks")
