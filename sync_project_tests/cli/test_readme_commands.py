@@ -115,14 +115,16 @@ def test_the_connections_and_command_line_sections_run_as_written(
     isolated: tuple[dict[str, str], dict[int, int], SandboxServer],
 ) -> None:
     env, ports, sandbox = isolated
-    [connections] = shell_blocks(section("### Connections"))
+    [connections, credentials] = shell_blocks(section("### Connections"))
     [command_line] = shell_blocks(section("### From the command line"))
-    assert [c.split()[2] for c in connections] == ["add", "list", "pause", "resume", "status", "status", "remove"]
+    assert [c.split()[2] for c in connections] == [
+        "add", "list", "set", "set", "pause", "resume", "status", "status", "remove"
+    ]
     *before_remove, remove = connections
 
     for command in before_remove:
         done = run(here(command, ports), env)
-    assert "sandbox/contacts  acme" in run(here(before_remove[4], ports), env).stdout
+    assert "sandbox/contacts  acme" in run(here(before_remove[6], ports), env).stdout
     assert "account acct-1" in done.stdout and "poll_sandbox__contacts" in done.stdout  # the full view
 
     # "From the command line" needs a second connection for its backfill over acme,globex.
@@ -149,6 +151,23 @@ def test_the_connections_and_command_line_sections_run_as_written(
     run(here(remove, ports), env)
     listed = run("sync-project connections list --json", env)
     assert [c["connection_id"] for c in json.loads(listed.stdout)] == ["globex"]
+
+    # The credentials block: a key as the README makes one, a secret sealed into the store.
+    export, add_stored, switch = credentials
+    key = run(here(export, ports) + '; printf %s "$SYNC_CREDENTIALS_KEY"', env).stdout
+    keyed = {**env, "SYNC_CREDENTIALS_KEY": key}
+    added = run(here(add_stored, ports), keyed)
+    assert env["ACME_TOKEN"] not in added.stdout + added.stderr
+    with Store(env["SYNC_DATABASE_URL"]) as store:
+        stored = store.connections.get("sandbox", "acme2")
+        assert stored.credentials_kind == "stored" and stored.credentials_sealed is not None
+    with pytest.MonkeyPatch.context() as patch:  # what a run with the deployment's key resolves
+        patch.setenv("SYNC_CREDENTIALS_KEY", key)
+        assert stored.credentials() == env["ACME_TOKEN"]
+    run(here(switch, ports), keyed)
+    with Store(env["SYNC_DATABASE_URL"]) as store:
+        switched = store.connections.get("sandbox", "acme2")
+        assert (switched.credentials_kind, switched.credentials_secret) == ("secret", "acme-token")
 
 
 def test_the_demo_commands_and_the_records_api_run_as_written(tmp_path: Path) -> None:
