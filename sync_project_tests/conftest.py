@@ -50,6 +50,7 @@ HEAVY_MODULES = frozenset({
     "orchestration/test_postgres_instance.py",
     "orchestration/test_handoff.py",
     "orchestration/test_partition_faults.py",
+    "orchestration/test_resumable_full_refresh.py",
     "receiver/test_database_faults.py",
 })
 
