@@ -174,6 +174,10 @@ def add(
         raise click.ClickException(str(error)) from None
     dagster_instance().add_dynamic_partitions(partitions_name(provider), [connection_id])
     click.echo(f"added {provider}/{connection_id} (partition {connection_id} of {partitions_name(provider)}): {_describe(row)}")
+    with Store() as store:
+        waiting = store.inbox.count(status="pending", provider=provider, connection_id=connection_id)
+    if waiting:
+        click.echo(f"{waiting} webhook event(s) of it are pending (left by an earlier connection of this id)")
     # Only now: a note about the variable is noise when the command refused the connection anyway.
     if credentials_env and credentials_env not in os.environ:
         click.echo(
@@ -269,16 +273,41 @@ def resume(provider: str, connection_id: str) -> None:
 @click.argument("provider")
 @click.argument("connection_id")
 def remove(provider: str, connection_id: str) -> None:
-    """Remove the connection and its partition. Its records stay in the store."""
+    """Remove the connection and its partition; cancel its queued runs. Its records stay in the
+    store; its pending webhook events become `orphaned` (kept; `connections add` of the same id
+    makes them pending again). Runs in progress finish: they find nothing left to drain."""
     try:
         with Store() as store:
-            store.connections.remove(provider, connection_id)
+            orphaned = store.connections.remove(provider, connection_id)
     except StoreError as error:
         raise click.ClickException(str(error)) from None
     instance = dagster_instance()
     if instance.has_dynamic_partition(partitions_name(provider), connection_id):
         instance.delete_dynamic_partition(partitions_name(provider), connection_id)
+    canceled = cancel_queued_runs(instance, provider, connection_id)
     click.echo(f"removed {provider}/{connection_id}")
+    if orphaned:
+        click.echo(f"{orphaned} pending webhook event(s) orphaned: `connections add` of {connection_id} makes them pending again")
+    if canceled:
+        click.echo(f"{canceled} queued run(s) of its partition canceled")
+
+
+def cancel_queued_runs(instance: dg.DagsterInstance, provider: str, connection_id: str) -> int:
+    """Queued (or created, not yet launched) runs of the partition would only fail at start, on a
+    connection that is gone."""
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(
+            statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED],
+            tags={"dagster/partition": connection_id},
+        )
+    )
+    canceled = 0
+    for record in records:
+        run = record.dagster_run
+        if run.job_name.startswith(f"{provider}__"):
+            instance.report_run_canceled(run, message=f"connection {provider}/{connection_id} was removed")
+            canceled += 1
+    return canceled
 
 
 @command.command("status")

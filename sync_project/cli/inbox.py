@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 @click.group("inbox")
 def command() -> None:
-    """The webhook inbox: counts by status, replay of dead and unroutable events."""
+    """The webhook inbox: counts by status, replay of dead, unroutable and orphaned events."""
 
 
 @command.command("stats")
@@ -34,6 +34,8 @@ def stats(by_connection: bool, provider: str | None, as_json: bool) -> None:
     routed:     an unroutable event that a replay routed: its pending copies, one per
                 connection, carry on; the routed row stays as the record of the delivery
     ignored:    no sync subscribes to its event type; kept, so nothing is silently lost
+    orphaned:   it was pending when its connection was removed; kept, and pending again
+                when `connections add` adds that id back (or `inbox replay --status orphaned`)
 
     Finished events (done, routed, ignored) are deleted by `inbox purge`.
     """
@@ -90,12 +92,13 @@ def _by_connection(rows: list[ConnectionInboxStats], as_json: bool) -> None:
     "--status",
     "status",
     required=True,
-    type=click.Choice(["dead", "unroutable"]),
-    help="dead: retry from zero attempts; unroutable: route again to the connections that now exist.",
+    type=click.Choice(["dead", "unroutable", "orphaned"]),
+    help="dead: retry from zero attempts; unroutable: route again to the connections that now exist; "
+    "orphaned: events of a removed connection, where a connection of that id exists again.",
 )
 @click.option("--provider", default=None, help="Only events of this provider.")
 def replay(status: str, provider: str | None) -> None:
-    """Make dead or unroutable events pending again (the inbox sensor then runs them)."""
+    """Make dead, unroutable or orphaned events pending again (the inbox sensor then runs them)."""
     from sync_project.store import Store
 
     with Store() as store:
@@ -114,7 +117,7 @@ def replay(status: str, provider: str | None) -> None:
     help="Delete done, ignored and routed events received longer ago than this.",
 )
 def purge(older_than_days: float) -> None:
-    """Delete finished events (never pending, dead or unroutable ones).
+    """Delete finished events (never pending, dead, unroutable or orphaned ones).
 
     A kept event is what recognises a provider's redelivery as a duplicate: keep them longer than
     your providers redeliver (Stripe: 3 days).

@@ -22,6 +22,10 @@ its run as started died with its worker: the sensor requests a replacement at on
 the expired lease, instead of leaving the partition undrained until run monitoring fails the
 dead run at its ``dagster/max_runtime``. Each partition has ``DRAIN_SLOTS`` concurrency slots
 (drainer, successor, replacement), so these never queue behind the run they take over from.
+
+Only registered connections get runs: events of a connection that was removed are ``orphaned``
+(``connections remove`` does it in its transaction; the sensor catches the few a receiver routed
+from a snapshot older than the removal), so a removed partition is never re-added nor run.
 """
 
 
@@ -180,10 +184,6 @@ def partition_drainers(instance: dg.DagsterInstance, store: Store) -> dict[str, 
     return dict(by_partition)
 
 
-def paused_connections(store: Store) -> set[tuple[str, str]]:
-    return {(c.provider, c.connection_id) for c in store.connections.list(status="paused")}
-
-
 def waiting_partitions(instance: dg.DagsterInstance) -> set[str]:
     """The ``sync/asset_partition`` tags of webhook runs that are queued or draining."""
     runs = instance.get_runs(filters=dg.RunsFilter(statuses=_WILL_CLAIM, tags={"sync/mode": "webhook"}))
@@ -253,6 +253,20 @@ def build_inbox_sensor(
         cursor = InboxSensorCursor.model_validate_json(context.cursor) if context.cursor else InboxSensorCursor()
         high_water_mark = store.inbox.high_water_mark()
         due = [p for p in store.inbox.due_partitions(limit=MAX_RUNS_PER_TICK) if p.sync in syncs]
+        registered = {(c.provider, c.connection_id): c.status for c in store.connections.list()}
+        paused = {key for key, status in registered.items() if status == "paused"}
+        # A removed connection's events were orphaned with it; ones a receiver routed from a
+        # snapshot older than the removal are orphaned here. Its partition is never added back.
+        for partition in due:
+            provider = syncs[partition.sync].provider
+            if (provider, partition.connection_id) not in registered:
+                orphaned = store.inbox.orphan_unregistered(provider, partition.connection_id)
+                if orphaned:
+                    context.log.info(
+                        f"{partition.sync}:{partition.connection_id}: no such connection: {orphaned} pending "
+                        "event(s) orphaned (`connections add` of it makes them pending again)"
+                    )
+        due = [p for p in due if (syncs[p.sync].provider, p.connection_id) in registered]
         cursor.high_water_mark = high_water_mark
         due_keys = {f"{p.sync}|{p.connection_id}" for p in due}
         cursor.requested = {key: value for key, value in cursor.requested.items() if key in due_keys}
@@ -261,13 +275,12 @@ def build_inbox_sensor(
         now_utc = datetime.fromtimestamp(now, timezone.utc)
         stale_after_s = handoff_wait_s + limits.webhook_margin.total_seconds()
         requests: list[dg.RunRequest] = []
-        paused = paused_connections(store)
         # Standing drainers first: a successor before one reaches its cap, a replacement for a dead one.
         handled: set[str] = set()
         for partition, found in drainers.items():
             sync_key, _, connection_id = partition.partition(":")
             sync = syncs.get(sync_key)
-            if sync is None or found.waiting(now, stale_after_s):
+            if sync is None or (sync.provider, connection_id) not in registered or found.waiting(now, stale_after_s):
                 continue
             holder = found.holder_run()
             slot = found.free_slot()

@@ -69,9 +69,13 @@ class Connections:
             "created_at": now,
             "updated_at": now,
         }
+        from sync_project.store.inbox import restore_orphaned
+
         try:
             with unavailable_as_store_error(), self._engine.begin() as conn:
                 conn.execute(insert(connections).values(**row))
+                # Events left pending when a connection of this id was removed are its work again.
+                restore_orphaned(conn, provider=provider, connection_id=connection_id)
         except IntegrityError:
             raise DuplicateConnectionError(f"connection {provider}/{connection_id} already exists") from None
         return self._model(row)
@@ -147,15 +151,20 @@ class Connections:
             raise UnknownConnectionError(f"no connection {connection_id!r} for provider {provider!r}")
         return self.get(provider, connection_id)
 
-    def remove(self, provider: str, connection_id: str) -> None:
+    def remove(self, provider: str, connection_id: str) -> int:
+        """Remove the connection; its pending webhook events become ``orphaned`` in the same
+        transaction (kept; pending again if it is added back). Returns how many were orphaned."""
+        from sync_project.store.inbox import orphan_pending
+
         with unavailable_as_store_error(), self._engine.begin() as conn:
             removed = conn.execute(
                 delete(connections).where(
                     connections.c.provider == provider, connections.c.connection_id == connection_id
                 )
             ).rowcount
-        if not removed:
-            raise UnknownConnectionError(f"no connection {connection_id!r} for provider {provider!r}")
+            if not removed:
+                raise UnknownConnectionError(f"no connection {connection_id!r} for provider {provider!r}")
+            return orphan_pending(conn, provider, connection_id)
 
     @staticmethod
     def _model(row: Any) -> ProviderConnection:

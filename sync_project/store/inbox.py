@@ -11,6 +11,8 @@ same event hits the unique key and is stored once. Statuses:
 - ``unroutable``: no connection has its account id yet (``connection_id`` ''); replayable.
 - ``routed``: an unroutable row that a replay routed (its pending copies carry on).
 - ``ignored``: no sync subscribes to its event type (``sync`` ''); kept so nothing is silently lost.
+- ``orphaned``: it was pending when its connection was removed (``connections remove``); kept, and
+  pending again when a connection of that id is added back (or ``inbox replay --status orphaned``).
 
 Layout (revision 0007). The receiver writes an inbox row once; the hot path never changes it. The
 work queue and the acknowledgements are two narrow tables beside it:
@@ -45,12 +47,12 @@ from sync_project.core.clock import utcnow
 from sync_project.store.engine import unavailable_as_store_error
 from sync_project.store.leases import Lease, check_lease
 from sync_project.store.routing import ConnectionLookup, connections_for
-from sync_project.store.schema import UtcDateTime, inbox, inbox_done, inbox_pending
+from sync_project.store.schema import UtcDateTime, connections, inbox, inbox_done, inbox_pending
 from sync_project.store.wakeup import notify_inserted
 
-InboxStatus = Literal["pending", "done", "dead", "unroutable", "ignored", "routed"]
+InboxStatus = Literal["pending", "done", "dead", "unroutable", "ignored", "routed", "orphaned"]
 INBOX_STATUSES: tuple[str, ...] = get_args(InboxStatus)
-ReplayableStatus = Literal["dead", "unroutable"]
+ReplayableStatus = Literal["dead", "unroutable", "orphaned"]
 
 DEFAULT_MAX_ATTEMPTS = 8
 #: Ids per UPDATE ... IN (...): well under SQLite's bound-parameter limit.
@@ -418,18 +420,32 @@ class Inbox:
     def replay(
         self, status: ReplayableStatus, *, connections: ConnectionLookup, provider: str | None = None
     ) -> int:
-        """Make ``dead`` or ``unroutable`` events pending again; returns how many became pending.
+        """Make ``dead``, ``unroutable`` or ``orphaned`` events pending again; returns how many
+        became pending.
 
         Dead events restart with no attempts. Unroutable events are routed again, by the routing
         the receiver uses, to the connections that now exist: new pending rows (a copy that is
         already there is not duplicated), and the unroutable row becomes ``routed``. Rows that
-        still route nowhere stay unroutable.
+        still route nowhere stay unroutable. Orphaned events become pending where a connection of
+        their id exists again (adding it back does this by itself); the others stay orphaned.
         """
         if status == "dead":
             return self._replay_dead(provider)
         if status == "unroutable":
             return self._replay_unroutable(connections, provider)
-        raise ValueError(f"cannot replay status {status!r}; expected 'dead' or 'unroutable'")
+        if status == "orphaned":
+            with unavailable_as_store_error(), self._engine.begin() as conn:
+                return restore_orphaned(conn, provider=provider)
+        raise ValueError(f"cannot replay status {status!r}; expected 'dead', 'unroutable' or 'orphaned'")
+
+    def orphan_unregistered(self, provider: str, connection_id: str) -> int:
+        """End the pending events of a connection that does not exist (any more): ``orphaned``.
+
+        For events a receiver routed from a connections snapshot taken just before the connection
+        was removed (the inbox sensor calls this). Checked in the same transaction, so a
+        connection added meanwhile keeps its events pending; returns how many were orphaned."""
+        with unavailable_as_store_error(), self._engine.begin() as conn:
+            return orphan_pending(conn, provider, connection_id, only_if_unregistered=True)
 
     def purge(
         self,
@@ -663,6 +679,57 @@ class Inbox:
                 yield conn
 
 
+def orphan_pending(conn: Connection, provider: str, connection_id: str, *, only_if_unregistered: bool = False) -> int:
+    """In ``conn``'s transaction: the pending events of (``provider``, ``connection_id``) leave the
+    work queue and read ``orphaned`` (kept with their payload and attempts; see the module
+    docstring). Returns how many.
+
+    The queue rows are deleted first, each returning its id: a drain batch holding one (Postgres
+    row lock) commits it as done before this sees it, so an applied event is never orphaned."""
+    owned = select(inbox.c.id).where(
+        inbox.c.id == inbox_pending.c.id, inbox.c.provider == provider, inbox.c.connection_id == connection_id
+    ).exists()
+    statement = delete(inbox_pending).where(inbox_pending.c.connection_id == connection_id, owned)
+    if only_if_unregistered:
+        statement = statement.where(~_connection_exists(literal(provider), literal(connection_id)))
+    ids = sorted(conn.execute(statement.returning(inbox_pending.c.id)).scalars())
+    for start in range(0, len(ids), _ID_CHUNK):
+        conn.execute(
+            update(inbox)
+            .where(inbox.c.id.in_(ids[start : start + _ID_CHUNK]))
+            .values(status="orphaned", next_attempt_at=None, processed_at=utcnow())
+        )
+    return len(ids)
+
+
+def restore_orphaned(conn: Connection, *, provider: str | None = None, connection_id: str | None = None) -> int:
+    """In ``conn``'s transaction: orphaned events whose connection exists (again) become pending,
+    due now under a requeue time the inbox sensor has not seen (its run keys are permanent)."""
+    statement = (
+        update(inbox)
+        .where(inbox.c.status == "orphaned", _connection_exists(inbox.c.provider, inbox.c.connection_id))
+        .values(status="pending", next_attempt_at=utcnow(), processed_at=None)
+        .returning(inbox.c.id, inbox.c.sync, inbox.c.connection_id)
+    )
+    if provider is not None:
+        statement = statement.where(inbox.c.provider == provider)
+    if connection_id is not None:
+        statement = statement.where(inbox.c.connection_id == connection_id)
+    queued = [{"id": i, "sync": s, "connection_id": c} for i, s, c in conn.execute(statement)]
+    if queued:
+        conn.execute(insert(inbox_pending), queued)
+        notify_inserted(conn, {(row["sync"], row["connection_id"]) for row in queued})
+    return len(queued)
+
+
+def _connection_exists(provider: Any, connection_id: Any) -> Any:
+    return (
+        select(connections.c.connection_id)
+        .where(connections.c.provider == provider, connections.c.connection_id == connection_id)
+        .exists()
+    )
+
+
 def insert_events(
     conn: Connection, deliveries: Sequence[tuple[str, Sequence[RoutedEvent]]], *, received_at: datetime | None = None
 ) -> list[ReceiveResult]:
@@ -857,5 +924,7 @@ __all__ = [
     "ReceiveResult",
     "RoutedEvent",
     "insert_events",
+    "orphan_pending",
+    "restore_orphaned",
     "retry_delay",
 ]

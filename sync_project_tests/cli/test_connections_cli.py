@@ -12,8 +12,10 @@ import dagster as dg
 import pytest
 from dagster._core.instance.ref import InstanceRef
 
+from sync_project import definitions
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.store import Store
+from sync_project.store.inbox import RoutedEvent
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -62,11 +64,24 @@ def test_add_list_pause_resume_remove(env: dict[str, str], database_url: str) ->
     with Store(database_url) as store:
         assert store.connections.get(provider, "acme").status == "active"
 
-    assert cli("connections", "remove", provider, "acme", env=env).returncode == 0
+    with Store(database_url) as store:
+        store.inbox.receive(provider, [RoutedEvent(event_key="e1", event_type="contact.updated", account_id="acct-1",
+                                                   payload={"id": "1"}, sync="sandbox/contacts", connection_id="acme")])
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(env["DAGSTER_HOME"])) as instance:
+        job = definitions.defs.resolve_job_def("sandbox__contacts_job")
+        queued = instance.create_run_for_job(job, status=dg.DagsterRunStatus.NOT_STARTED, tags={"dagster/partition": "acme"})
+    removed = cli("connections", "remove", provider, "acme", env=env)
+    assert removed.returncode == 0, removed.stderr
+    assert "1 pending webhook event(s) orphaned" in removed.stdout and "1 queued run(s)" in removed.stdout
     missing = cli("connections", "remove", provider, "acme", env=env)
     assert missing.returncode != 0 and "no connection 'acme'" in missing.stderr
     with dg.DagsterInstance.from_ref(InstanceRef.from_dir(env["DAGSTER_HOME"])) as instance:
         assert instance.get_dynamic_partitions(partitions_name(provider)) == []
+        assert instance.get_run_by_id(queued.run_id).status == dg.DagsterRunStatus.CANCELED
+    with Store(database_url) as store:
+        assert store.inbox.count(status="orphaned") == 1
+    back = cli("connections", "add", provider, "acme", "--account-id", "acct-1", env=env)
+    assert back.returncode == 0 and "1 webhook event(s) of it are pending" in back.stdout
 
 
 def test_add_refuses_a_bad_id_without_noting_the_variable_first(env: dict[str, str]) -> None:

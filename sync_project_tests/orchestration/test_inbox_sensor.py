@@ -96,6 +96,32 @@ def test_paused_connections_and_waiting_runs_are_skipped(store, instance):
     assert ticker.tick().run_requests == []
 
 
+def test_a_removed_connection_with_pending_events_launches_nothing(store, instance):
+    ticker = Ticker(store, instance, stall_after_s=0.0)  # no back-off: every tick would re-request
+    store.connections.add("sandbox", "c1", account_id="a1")
+    store.connections.add("sandbox", "c2", account_id="a2")
+    instance.add_dynamic_partitions(partitions_name("sandbox"), ["c1", "c2"])
+    deliver(store, "e1", "c1")
+    deliver(store, "e2", "c1", sync="sandbox/deals")
+    assert {r.partition_key for r in ticker.tick().run_requests} == {"c1"}
+    assert store.connections.remove("sandbox", "c1") == 2
+    instance.delete_dynamic_partition(partitions_name("sandbox"), "c1")  # as `connections remove` does
+    # A receiver that routed from a snapshot taken before the removal still queues one for it.
+    deliver(store, "e3", "c1")
+    deliver(store, "e4", "c2")
+    for tick in range(3):
+        data = ticker.tick()
+        assert {r.partition_key for r in data.run_requests} == {"c2"}, f"tick {tick}"
+        assert all("c1" not in r.partition_keys for r in data.dynamic_partitions_requests)
+    assert not instance.has_dynamic_partition(partitions_name("sandbox"), "c1")
+    assert sorted(e.event_key for e in store.inbox.events(status="orphaned")) == ["e1", "e2", "e3"]
+    # Added back, its events are its work again, under keys the sensor has not requested before.
+    store.connections.add("sandbox", "c1", account_id="a1")
+    requests = {r.run_key: r for r in ticker.tick().run_requests if r.partition_key == "c1"}
+    assert {r.job_name for r in requests.values()} == {"sandbox__contacts_job", "sandbox__deals_job"}
+    assert all(key.count("|") == 5 for key in requests)  # a requeue time in the key
+
+
 def test_a_stalled_partition_is_requested_again_under_a_new_key(store, instance):
     ticker = Ticker(store, instance, stall_after_s=0.0)
     store.connections.add("sandbox", "c1", account_id="a1")

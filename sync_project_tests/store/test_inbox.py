@@ -278,6 +278,69 @@ def test_replay_unroutable_without_an_account_reaches_every_connection_of_the_pr
     assert sorted(e.connection_id for e in store.inbox.events(status="pending")) == ["north", "south"]
 
 
+# -- a removed connection ------------------------------------------------------------------------
+
+
+def test_removing_a_connection_orphans_its_pending_events_and_adding_it_back_restores_them(store: Store) -> None:
+    store.connections.add("acme", "c1", account_id="a1")
+    store.connections.add("acme", "c2", account_id="a2")
+    store.inbox.receive("acme", [pending("e1"), pending("e2", sync="acme/deals"), pending("done"), pending("x", "c2")])
+    store.inbox.receive("other", [pending("o1", sync="other/contacts")])  # another provider's connection of the same id
+    [done] = store.inbox.events(event_key="done")
+    with store.engine.begin() as conn:
+        store.inbox.mark_done(conn, [done.id])
+    dead = store.inbox.events(event_key="e2")[0]
+    store.inbox.mark_failed(dead.id, "boom", max_attempts=5)  # waiting for a retry: pending too
+
+    assert store.connections.remove("acme", "c1") == 2
+    orphans = store.inbox.events(status="orphaned")
+    assert ids_of(orphans) == ["e1", "e2"]
+    # Kept as they were (payload, attempts, error), out of the work queue: nothing claims them.
+    assert orphans[1].attempts == 1 and orphans[1].last_error == "boom" and orphans[0].payload == {"id": "e1"}
+    assert {p.connection_id for p in store.inbox.due_partitions() if p.sync.startswith("acme/")} == {"c2"}
+    with store.engine.begin() as conn:
+        assert store.inbox.claim(conn, "acme/contacts", "c1") == []
+    assert store.inbox.get(done.id).status == "done"
+    assert store.inbox.stats().counts["orphaned"] == 2
+    assert store.inbox.replay("orphaned", connections=store.connections) == 0  # still no such connection
+    assert store.inbox.purge(timedelta(seconds=1), now=T0 + timedelta(days=365 * 10)) == 1  # only the done one
+
+    store.connections.add("acme", "c1", account_id="a1")
+    back = store.inbox.events(status="pending", connection_id="c1", provider="acme")
+    assert ids_of(back) == ["e1", "e2"] and store.inbox.count(status="orphaned") == 0
+    # Due now, under a requeue time the sensor's run keys have not seen.
+    due = {p.sync: p for p in store.inbox.due_partitions() if p.connection_id == "c1" and p.sync.startswith("acme/")}
+    assert set(due) == {"acme/contacts", "acme/deals"} and all(p.requeued_at is not None for p in due.values())
+    with store.engine.begin() as conn:
+        assert ids_of(store.inbox.claim(conn, "acme/contacts", "c1")) == ["e1"]
+
+
+def test_orphaned_events_are_replayable_once_the_connection_exists(store: Store) -> None:
+    store.connections.add("acme", "c1", account_id="a1")
+    store.inbox.receive("acme", [pending("e1")])
+    store.connections.remove("acme", "c1")
+    # Added back by hand, bypassing Connections.add (an older version, a restore from backup).
+    with store.engine.begin() as conn:
+        conn.execute(sa.insert(sa.table("connections", sa.column("provider"), sa.column("connection_id"),
+                                        sa.column("config"), sa.column("status"), sa.column("created_at"),
+                                        sa.column("updated_at"))).values(
+            provider="acme", connection_id="c1", config="{}", status="active", created_at=T0, updated_at=T0))
+    assert store.inbox.replay("orphaned", connections=store.connections, provider="other") == 0
+    assert store.inbox.replay("orphaned", connections=store.connections, provider="acme") == 1
+    assert ids_of(store.inbox.events(status="pending")) == ["e1"]
+
+
+def test_events_routed_to_a_removed_connection_are_orphaned_only_while_it_is_missing(store: Store) -> None:
+    # A receiver routed these from a connections snapshot taken before the removal.
+    store.inbox.receive("acme", [pending("late")])
+    assert store.inbox.orphan_unregistered("acme", "c1") == 1
+    store.connections.add("acme", "c1", account_id="a1")
+    assert ids_of(store.inbox.events(status="pending")) == ["late"]
+    store.inbox.receive("acme", [pending("next")])
+    assert store.inbox.orphan_unregistered("acme", "c1") == 0  # it exists: its events stay pending
+    assert store.inbox.count(status="pending", connection_id="c1") == 2
+
+
 def test_replay_refuses_other_statuses(store: Store) -> None:
     with pytest.raises(ValueError, match="cannot replay"):
         store.inbox.replay("done", connections=store.connections)  # type: ignore[arg-type]
@@ -288,7 +351,7 @@ def test_replay_refuses_other_statuses(store: Store) -> None:
 
 def test_stats_count_every_status_and_age_the_oldest_pending_event(store: Store) -> None:
     empty = store.inbox.stats()
-    assert set(empty.counts) == {"pending", "done", "dead", "unroutable", "ignored", "routed"}
+    assert set(empty.counts) == {"pending", "done", "dead", "unroutable", "ignored", "routed", "orphaned"}
     assert sum(empty.counts.values()) == 0 and empty.oldest_pending_age_s is None
 
     store.inbox.receive("acme", [pending("e1"), pending("e2"), RoutedEvent(event_key="i", event_type="t", payload={})])
