@@ -7,7 +7,7 @@ asset function's parameters at definition time.
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any, Literal
 
@@ -143,10 +143,12 @@ def build_sync_asset(
         # one of the two ways per asset.
         required_resource_keys={STORE_KEY, NOTIFIER_KEY} if notify else {STORE_KEY},
     )
-    def _sync_asset(context: dg.AssetExecutionContext, config: SyncRunConfig) -> dg.MaterializeResult:
+    def _sync_asset(
+        context: dg.AssetExecutionContext, config: SyncRunConfig
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         notifier = getattr(context.resources, NOTIFIER_KEY).get_notifier() if notify else None
         store = getattr(context.resources, STORE_KEY).get_store()
-        return run_sync(context, config, store, sync, provider, notifier=notifier, check_settings=settings)
+        yield from run_sync(context, config, store, sync, provider, notifier=notifier, check_settings=settings)
 
     return _sync_asset
 
@@ -205,12 +207,16 @@ def run_sync_models(
     *,
     notifier: SyncNotifier | None = None,
     check_settings: CheckSettings | None = None,
-) -> Iterator[dg.MaterializeResult]:
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """:func:`run_sync` for a sync of several models: the sync's own model's result (with the
     partition's checks), then one per further model, each with its own counts and row count."""
     models: dict[str, MergeResult] = {}
-    own = run_sync(context, config, store, sync, provider, notifier=notifier, check_settings=check_settings, models=models)
-    yield own
+    own: dg.MaterializeResult | None = None
+    for event in run_sync(context, config, store, sync, provider, notifier=notifier, check_settings=check_settings, models=models):
+        yield event  # a failed run raises after its checks
+        if isinstance(event, dg.MaterializeResult):
+            own = event
+    assert own is not None
     connection_id = context.partition_key
     mode = own.metadata.get("mode") if own.metadata else config.mode
     for model in sync.models:
@@ -232,20 +238,54 @@ def run_sync(
     notifier: SyncNotifier | None = None,
     check_settings: CheckSettings | None = None,
     models: dict[str, MergeResult] | None = None,
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """Sync the run's partition, then report: counts, the partition's checks, the notification.
 
     A sync of several models fills ``models`` with each further model's counts (by store key);
-    the result returned is the sync's own model's.
+    the result yielded is the sync's own model's.
+
+    A run that fails still reports its partition's checks first, then raises: Dagster shows checks
+    a failed run planned but never evaluated as failed, which says nothing about the inbox or
+    freshness.
 
     The notification goes out after everything is committed, failures included, and never
     changes the run's outcome: a notification that cannot be delivered within its time budget is
     a warning in the run's log and ``notification: failed ...`` in its metadata.
     """
     started_at = utcnow()
-    connection_id = context.partition_key
+    settings = check_settings or CheckSettings()
+    selected = {key.name for key in context.selected_asset_check_keys if key.asset_key == own_asset_key(sync)}
     try:
-        merged, metadata = _sync_partition(context, config, store, sync, provider, models)
+        merged, metadata = _failure_notified(
+            context, config, sync, notifier, started_at,
+            lambda: _sync_partition(context, config, store, sync, provider, models),
+        )
+    except Exception:
+        yield from _checks_of_a_failed_run(context, store, sync, selected, settings)
+        raise
+    yield _report(context, config, store, sync, notifier, settings, selected, started_at, merged, metadata)
+
+
+def _checks_of_a_failed_run(
+    context: dg.AssetExecutionContext, store: Store, sync: SyncDefinition, selected: set[str], settings: CheckSettings
+) -> list[dg.AssetCheckResult]:
+    try:
+        return partition_check_results(store, sync, context.partition_key, selected, settings, instance=context.instance)
+    except Exception as error:  # noqa: BLE001 - the run's own error is the one to raise
+        context.log.warning(f"checks not evaluated after the run failed: {type(error).__name__}: {error}")
+        return []
+
+
+def _failure_notified(
+    context: dg.AssetExecutionContext,
+    config: SyncRunConfig,
+    sync: SyncDefinition,
+    notifier: SyncNotifier | None,
+    started_at: datetime,
+    run: Callable[[], tuple[MergeResult, dict[str, object]]],
+) -> tuple[MergeResult, dict[str, object]]:
+    try:
+        return run()
     except _RunRefused:
         raise
     except dg.Failure as failure:
@@ -259,12 +299,24 @@ def run_sync(
     except Exception as error:
         _notify(context, notifier, sync, config, started_at, None, f"{type(error).__name__}: {error}")
         raise
+
+
+def _report(
+    context: dg.AssetExecutionContext,
+    config: SyncRunConfig,
+    store: Store,
+    sync: SyncDefinition,
+    notifier: SyncNotifier | None,
+    settings: CheckSettings,
+    selected: set[str],
+    started_at: datetime,
+    merged: MergeResult,
+    metadata: dict[str, object],
+) -> dg.MaterializeResult:
+    connection_id = context.partition_key
     counts = merged.as_dict()
     context.log.info(f"{sync.key} {connection_id} ({config.mode}): {json.dumps(counts)}")
-    selected = {key.name for key in context.selected_asset_check_keys if key.asset_key == own_asset_key(sync)}
-    check_results = partition_check_results(
-        store, sync, connection_id, selected, check_settings or CheckSettings(), instance=context.instance
-    )
+    check_results = partition_check_results(store, sync, connection_id, selected, settings, instance=context.instance)
     outcome = _notify(context, notifier, sync, config, started_at, SyncResults.of(merged), None)
     if outcome is not None:
         metadata["notification"] = str(outcome)

@@ -1,17 +1,21 @@
-"""Asset checks of a sync: is its inbox drained, has anything been dead-lettered, is every connection fresh.
+"""Asset checks of a sync: is each connection's inbox drained, has anything been dead-lettered, is
+each connection fresh.
 
-Two kinds, because Dagster 1.13 can execute a *partitioned* check only together with its asset
-(a job selecting only partitioned checks cannot be launched for a partition, and
-``AssetCheckSpec(partitions_def=...)`` is Preview):
+Four checks on the sync's asset, each partitioned like it (one result per connection), because
+Dagster's *Checks* tab shows a partition's result only while it targets that partition's latest
+materialization (``targets_latest_materialization``, ``AssetCheckPartitionInfo.is_current``): a
+standalone check over all connections, run on a schedule, was hidden by the next materialization
+of any connection, so it read "Not evaluated" while it was failing.
 
-- **Per connection, with every run** (check specs on the asset, results in the run's
-  ``MaterializeResult``, one result per partition, so the Checks tab shows each connection):
-  ``inbox_backlog`` and ``dead_letters``, as the run leaves them.
-- **Over all connections, on a schedule** (standalone ``@asset_check``s, the
-  ``sync_checks_job`` run by ``sync_checks_schedule`` every 5 minutes, or *Execute* in the UI;
-  per-connection figures in their metadata): ``connections_fresh`` and ``inbox_healthy``. These
-  catch what per-run checks cannot: a connection nothing runs for any more (stopped daemon,
-  schedule off, sensor failing) looks fine forever to a check that only runs with its runs.
+- **With every run** of a partition (results in its ``MaterializeResult``; a run that fails yields
+  them before it raises, so its checks read as evaluated, not as failed by the run's failure):
+  ``inbox_backlog``, ``dead_letters``, ``connections_fresh`` and ``inbox_healthy``.
+- **Between runs**, ``sync_checks_job`` (``sync_checks_schedule``, every 5 minutes, or *Launch* in
+  the UI) evaluates ``connections_fresh`` and ``inbox_healthy`` of every connection partition and
+  records each against that partition's latest materialization, so they stay shown until the
+  partition's next run reports newer ones. These catch what per-run checks cannot: a connection
+  nothing runs for any more (schedule off, sensor failing, its runs stuck) looks fine forever to
+  a check that only runs with its runs.
 
 On top of that each sync asset carries a ``FreshnessPolicy`` (the 1.13 API), which Dagster's
 freshness daemon evaluates against the asset's newest materialization of *any* partition: it
@@ -33,7 +37,8 @@ Severities, and why none of them blocks:
 - ``connections_fresh`` fails with WARN when an active connection's last successful run is older
   than ``poll_interval * freshness_warn_factor`` (2x), with ERROR beyond
   ``poll_interval * freshness_fail_factor`` (3x); paused connections are not expected to sync.
-- ``inbox_healthy`` is ``dead_letters`` (ERROR) and ``inbox_backlog`` (WARN) over all connections.
+- ``inbox_healthy`` is ``dead_letters`` (ERROR) and ``inbox_backlog`` (WARN) in one, the one the
+  schedule refreshes; its text names why a connection is not draining, read from the instance.
 
 None is ``blocking``: a blocking failure would stop downstream assets in the same run, yet the
 records stay consistent (polling reconciles what a dead event missed), so an alert is the right
@@ -51,14 +56,17 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import dagster as dg
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
 
 from sync_project.core import ProviderConnection
 from sync_project.core.clock import utcnow
 from sync_project.core.sync import SyncDefinition
-from sync_project.orchestration.partitions import DRAIN_PARTITION_TAG, AssetJob, connection_partitions
+from sync_project.orchestration.partitions import DRAIN_PARTITION_TAG, connection_partitions
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import MAX_RUNTIME_TAG
-from sync_project.store import Store
+from sync_project.store import Store, UnknownConnectionError
 from sync_project.store.health import (
     LastRun,
     PartitionBacklog,
@@ -394,32 +402,58 @@ def evaluate_inbox(backlog: CheckOutcome, dead: CheckOutcome) -> CheckOutcome:
     return CheckOutcome(True, dg.AssetCheckSeverity.ERROR, f"{backlog.description}; {dead.description}", metadata)
 
 
-# -- per partition, with every run ---------------------------------------------------------------
+# -- per connection: with every run, and on a schedule ----------------------------------------------
 
 
 def partition_check_specs(sync: SyncDefinition) -> list[dg.AssetCheckSpec]:
-    """The checks every run of the sync's asset reports for its own partition."""
+    """The four checks of the sync's asset, one result per connection partition."""
     key = asset_key(sync)
     partitions = connection_partitions(sync.provider)
+    described = {
+        INBOX_BACKLOG: "This connection's pending webhook events after the run; WARN when one has been "
+        "claimable for longer than the threshold.",
+        DEAD_LETTERS: "This connection's dead-lettered webhook events; ERROR while there is any.",
+        CONNECTIONS_FRESH: "This connection (if active) had a successful run within 2x (WARN) / 3x (ERROR) "
+        "its poll interval. Also evaluated by sync_checks_schedule between runs.",
+        INBOX_HEALTHY: "This connection's inbox: no dead letters (ERROR), no claimable event waiting over the "
+        "threshold (WARN), naming why it is not draining. Also evaluated by sync_checks_schedule between runs.",
+    }
     with warnings.catch_warnings():
         # Partitioned check specs are Preview in 1.13 (see the module docstring): chosen knowingly,
         # so the warning would only repeat at every code-location load.
         warnings.simplefilter("ignore", dg.PreviewWarning)
         return [
-            dg.AssetCheckSpec(
-                INBOX_BACKLOG,
-                asset=key,
-                partitions_def=partitions,
-                description="This connection's pending webhook events after the run; WARN when one "
-                "has been claimable for longer than the threshold.",
-            ),
-            dg.AssetCheckSpec(
-                DEAD_LETTERS,
-                asset=key,
-                partitions_def=partitions,
-                description="This connection's dead-lettered webhook events; ERROR while there is any.",
-            ),
+            dg.AssetCheckSpec(name, asset=key, partitions_def=partitions, description=text)
+            for name, text in described.items()
         ]
+
+
+def evaluate_partition(
+    store: Store,
+    sync: SyncDefinition,
+    connection: ProviderConnection,
+    settings: CheckSettings,
+    *,
+    now: datetime,
+    instance: dg.DagsterInstance | None,
+) -> dict[str, CheckOutcome]:
+    """All four checks of one connection partition (a run's and the schedule's view alike).
+
+    With ``instance``, a backlog that is too old names why it is not draining (the partition's
+    newest webhook run); without, it lists what to look for."""
+    connection_id = connection.connection_id
+    backlogs = inbox_backlog(store.engine, sync.key, connection_id, now=now)
+    late = [b.connection_id for b in late_backlogs(backlogs, max_wait=settings.backlog_max_wait, now=now)]
+    runs = last_drain_runs(instance, sync, late) if instance is not None else None
+    backlog = evaluate_backlog(backlogs, max_wait=settings.backlog_max_wait, now=now, drain_runs=runs)
+    dead = evaluate_dead_letters(dead_letters(store.engine, sync.key, connection_id))
+    state = {k: v for k, v in last_runs(store.engine, sync.key).items() if k == connection_id}
+    return {
+        INBOX_BACKLOG: backlog,
+        DEAD_LETTERS: dead,
+        CONNECTIONS_FRESH: evaluate_freshness(sync, [connection], state, settings, now),
+        INBOX_HEALTHY: evaluate_inbox(backlog, dead),
+    }
 
 
 def partition_check_results(
@@ -432,73 +466,93 @@ def partition_check_results(
     now: datetime | None = None,
     instance: dg.DagsterInstance | None = None,
 ) -> list[dg.AssetCheckResult]:
-    """Results of the selected per-partition checks, for the run's ``MaterializeResult``.
-
-    With ``instance``, a backlog that is too old names why it is not draining (the partition's
-    newest webhook run); without, it lists what to look for."""
+    """Results of the selected checks of the run's partition, for its ``MaterializeResult`` (or
+    yielded before the run fails, so a failed run reports its checks instead of leaving them
+    planned, which Dagster shows as failed)."""
+    if not selected:
+        return []
     now = now or utcnow()
-    results = []
-    if INBOX_BACKLOG in selected:
-        backlogs = inbox_backlog(store.engine, sync.key, connection_id, now=now)
-        late = [b.connection_id for b in late_backlogs(backlogs, max_wait=settings.backlog_max_wait, now=now)]
-        runs = last_drain_runs(instance, sync, late) if instance is not None else None
-        outcome = evaluate_backlog(backlogs, max_wait=settings.backlog_max_wait, now=now, drain_runs=runs)
-        results.append(outcome.result(INBOX_BACKLOG))
-    if DEAD_LETTERS in selected:
-        results.append(evaluate_dead_letters(dead_letters(store.engine, sync.key, connection_id)).result(DEAD_LETTERS))
-    return results
-
-
-# -- over all connections, on a schedule ---------------------------------------------------------
-
-
-def build_sync_checks(sync: SyncDefinition, settings: CheckSettings) -> list[dg.AssetChecksDefinition]:
-    """``connections_fresh`` and ``inbox_healthy`` for one sync (standalone, not partitioned)."""
-    key = asset_key(sync)
-    warn_s = settings.warn_window(sync).total_seconds()
-    fail_s = settings.fail_window(sync).total_seconds()
-
-    @dg.asset_check(
-        asset=key,
-        name=CONNECTIONS_FRESH,
-        blocking=False,
-        description=f"Every active connection had a successful run in the last {warn_s:.0f} s (WARN) "
-        f"/ {fail_s:.0f} s (ERROR), i.e. {settings.freshness_warn_factor:g}x / "
-        f"{settings.freshness_fail_factor:g}x the poll interval.",
-    )
-    def _connections_fresh(sync_store: StoreResource) -> dg.AssetCheckResult:
-        store = sync_store.get_store()
-        outcome = evaluate_freshness(
-            sync, store.connections.list(sync.provider), last_runs(store.engine, sync.key), settings, utcnow()
+    try:
+        connection = store.connections.get(sync.provider, connection_id)
+    except UnknownConnectionError:
+        connection = None
+    if connection is None:
+        outcomes = {
+            INBOX_BACKLOG: evaluate_backlog(
+                inbox_backlog(store.engine, sync.key, connection_id, now=now),
+                max_wait=settings.backlog_max_wait, now=now, drain_runs=None,
+            ),
+            DEAD_LETTERS: evaluate_dead_letters(dead_letters(store.engine, sync.key, connection_id)),
+        }
+        gone = CheckOutcome(
+            False, dg.AssetCheckSeverity.WARN,
+            f"no connection {connection_id!r} of {sync.provider} is registered: remove the partition, or "
+            f"`sync-project connections add {sync.provider} {connection_id}`", {},
         )
-        return outcome.result(CONNECTIONS_FRESH, key)
+        outcomes[CONNECTIONS_FRESH] = outcomes[INBOX_HEALTHY] = gone
+    else:
+        outcomes = evaluate_partition(store, sync, connection, settings, now=now, instance=instance)
+    return [outcomes[name].result(name) for name in (INBOX_BACKLOG, DEAD_LETTERS, CONNECTIONS_FRESH, INBOX_HEALTHY) if name in selected]
 
-    @dg.asset_check(
-        asset=key,
-        name=INBOX_HEALTHY,
-        blocking=False,
-        description="Over all connections: no dead-lettered events (ERROR) and no claimable event "
-        f"waiting over {settings.backlog_max_wait.total_seconds():.0f} s (WARN).",
-    )
-    def _inbox_healthy(context: dg.AssetCheckExecutionContext, sync_store: StoreResource) -> dg.AssetCheckResult:
+
+#: Statuses of a run that will still report its partition's checks.
+_IN_PROGRESS = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+SCHEDULED_CHECKS = (CONNECTIONS_FRESH, INBOX_HEALTHY)
+
+
+def build_checks_job(
+    syncs: Sequence[SyncDefinition], job_names: Mapping[str, str], settings: CheckSettings
+) -> tuple[dg.JobDefinition, dg.ScheduleDefinition]:
+    """The job that evaluates ``connections_fresh`` and ``inbox_healthy`` of every connection
+    partition between runs, and the schedule running it every 5 minutes.
+
+    Dagster's *Checks* tab shows a check's result for a partition only while it targets that
+    partition's latest materialization: a result recorded by a standalone check would be hidden
+    by the next materialization of any partition, i.e. nearly always under webhook traffic. So the
+    job records each partition's evaluation against that partition's latest materialization;
+    every run of the partition records newer ones itself. A partition with a run in progress is
+    left to that run, unless the run is not draining it (stuck: nothing will report but this)."""
+
+    @dg.op(name="evaluate_sync_checks", description="connections_fresh and inbox_healthy of every connection partition.")
+    def _evaluate(context: dg.OpExecutionContext, sync_store: StoreResource) -> None:
         store = sync_store.get_store()
         now = utcnow()
-        backlogs = inbox_backlog(store.engine, sync.key, now=now)
-        late = late_backlogs(backlogs, max_wait=settings.backlog_max_wait, now=now)[:TABLE_ROWS]
-        runs = last_drain_runs(context.instance, sync, [b.connection_id for b in late])
-        backlog = evaluate_backlog(backlogs, max_wait=settings.backlog_max_wait, now=now, drain_runs=runs)
-        dead = evaluate_dead_letters(dead_letters(store.engine, sync.key))
-        return evaluate_inbox(backlog, dead).result(INBOX_HEALTHY, key)
+        for sync in syncs:
+            key = asset_key(sync)
+            live = {
+                record.dagster_run.tags.get("dagster/partition")
+                for record in context.instance.get_run_records(
+                    filters=dg.RunsFilter(job_name=job_names[sync.key], statuses=_IN_PROGRESS)
+                )
+            }
+            reported = 0
+            for connection in store.connections.list(sync.provider):
+                connection_id = connection.connection_id
+                outcomes = evaluate_partition(store, sync, connection, settings, now=now, instance=context.instance)
+                stuck = bool(outcomes[INBOX_BACKLOG].metadata.get("connections_not_draining"))
+                if connection_id in live and not stuck:
+                    continue
+                target = _latest_materialization(context.instance, key, connection_id)
+                for name in SCHEDULED_CHECKS:
+                    outcome = outcomes[name]
+                    context.log_event(
+                        dg.AssetCheckEvaluation(
+                            asset_key=key, check_name=name, passed=outcome.passed, metadata=outcome.metadata,
+                            severity=outcome.severity, description=outcome.description, blocking=False,
+                            partition=connection_id, target_materialization_data=target,
+                        )
+                    )
+                reported += 1
+            context.log.info(f"{sync.key}: checks of {reported} connection(s) evaluated ({len(live - {None})} left to their runs)")
 
-    return [_connections_fresh, _inbox_healthy]
-
-
-def build_checks_schedule(checks: Sequence[dg.AssetChecksDefinition]) -> tuple[AssetJob, dg.ScheduleDefinition]:
-    """The job running every standalone check, and the schedule running it every 5 minutes."""
-    job = dg.define_asset_job(
-        CHECKS_JOB,
-        selection=dg.AssetSelection.checks(*checks),
-        description="Freshness and inbox checks of every sync, over all connections.",
+    job = dg.JobDefinition(
+        graph_def=dg.GraphDefinition(name=CHECKS_JOB, node_defs=[_evaluate]),
+        description="Freshness and inbox checks of every sync's connections, between their runs.",
         tags={"sync/mode": "checks"},
     )
     schedule = dg.ScheduleDefinition(
@@ -506,9 +560,21 @@ def build_checks_schedule(checks: Sequence[dg.AssetChecksDefinition]) -> tuple[A
         job=job,
         cron_schedule=CHECKS_CRON,
         default_status=dg.DefaultScheduleStatus.RUNNING,
-        description="Runs connections_fresh and inbox_healthy of every sync.",
+        description="Evaluates connections_fresh and inbox_healthy of every connection partition.",
     )
     return job, schedule
+
+
+def _latest_materialization(
+    instance: dg.DagsterInstance, key: dg.AssetKey, partition: str
+) -> AssetCheckEvaluationTargetMaterializationData | None:
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1)
+    if not records.records:
+        return None
+    record = records.records[0]
+    return AssetCheckEvaluationTargetMaterializationData(
+        storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
+    )
 
 
 def freshness_policy(sync: SyncDefinition, settings: CheckSettings) -> dg.FreshnessPolicy:

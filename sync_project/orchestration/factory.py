@@ -11,14 +11,8 @@ import dagster as dg
 from sync_project.core.provider import Provider
 from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.assets import STORE_KEY, build_sync_asset, job_name
-from sync_project.orchestration.checks import (
-    CheckSettings,
-    build_checks_schedule,
-    build_sync_checks,
-    partition_check_specs,
-)
+from sync_project.orchestration.checks import CheckSettings, build_checks_job
 from sync_project.orchestration.notifications import NOTIFIER_KEY, NotifierResource
-from sync_project.orchestration.partitions import AssetJob
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import RunLimits
 from sync_project.orchestration.schedules import build_per_connection_sensor, build_poll_schedule, build_poll_sensor
@@ -56,14 +50,11 @@ def build_definitions(
         for sync in syncs
     }
     warehouse_assets = [build_warehouse_asset(sync, store_key=STORE_KEY) for sync in syncs]
-    checks = [check for sync in syncs for check in build_sync_checks(sync, settings)]
     jobs = {
         sync.key: dg.define_asset_job(
             name=job_name(sync),
-            # The asset with the checks it reports itself; the all-connections checks run on
-            # their own schedule, not after every webhook run.
-            selection=dg.AssetSelection.assets(assets[sync.key]).without_checks()
-            | dg.AssetSelection.checks(*(spec.key for spec in partition_check_specs(sync))),
+            # The asset with the checks it reports for its partition.
+            selection=dg.AssetSelection.assets(assets[sync.key]),
             description=f"Sync {sync.key}. Backfill: `dagster job backfill -j {job_name(sync)} --partitions a,b`.",
         )
         for sync in syncs
@@ -94,14 +85,13 @@ def build_definitions(
                 description="Evaluates the automation conditions of the downstream assets (analytics).",
             )
         )
-    checks_jobs: list[AssetJob] = []
-    if checks:
-        checks_job, checks_schedule = build_checks_schedule(checks)
+    checks_jobs: list[dg.JobDefinition] = []
+    if syncs:
+        checks_job, checks_schedule = build_checks_job(syncs, {key: job.name for key, job in jobs.items()}, settings)
         checks_jobs.append(checks_job)
         schedules.append(checks_schedule)
     return dg.Definitions(
         assets=[*assets.values(), *warehouse_assets, *extra],
-        asset_checks=checks,
         jobs=[*jobs.values(), *checks_jobs],
         schedules=schedules,
         sensors=sensors,

@@ -25,7 +25,8 @@ def test_the_bare_table_copies_the_migrated_records_table(database_url: str) -> 
         if store.backend == "postgresql":
             with store.engine.connect() as conn:
                 options = conn.exec_driver_sql(
-                    "SELECT relname, reloptions FROM pg_class WHERE relname IN ('records', 'bare_records')"
+                    # By oid: this schema's tables, not another schema's of the same names.
+                    "SELECT relname, reloptions FROM pg_class WHERE oid IN ('records'::regclass, 'bare_records'::regclass)"
                 ).all()
             assert {name: tuple(opts) for name, opts in options} == {
                 "records": ("fillfactor=80",),
