@@ -9,7 +9,8 @@ code servers) and whatever is left of a group afterwards is killed.
 The demo survives restarts: the records store and the sandbox's own data both live in the data
 folder (``sync.db``, ``sandbox.db``), so after a restart they still describe the same records.
 Before stopping, the sandbox's change generator is turned off and its queued webhooks are sent,
-so the inbox holds every change the sandbox made. If the sandbox's data is new while the store
+so the inbox holds every change the sandbox made; then the runs in progress are canceled (see
+:func:`cancel_runs`), so a stop leaves no failed run. If the sandbox's data is new while the store
 already holds demo records (an older checkout kept the sandbox in memory; ``sandbox.db`` was
 deleted), dev says so and runs a full refresh of the demo connections before anything else.
 """
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+import dagster as dg
 import httpx
 import yaml
 
@@ -55,6 +57,10 @@ class Child:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    #: SIGINT to the whole process group, or to the child alone (``dagster dev`` stops its daemon
+    #: and webserver first and its code servers after them; signalled all at once, the daemon's
+    #: last sensor tick found its code location gone: DagsterCodeLocationNotFoundError).
+    interrupt_group: bool = True
 
 
 @dataclass
@@ -64,11 +70,11 @@ class Supervisor:
     log_dir: Path
     children: list[Child] = field(default_factory=list)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
+    def start(self, name: str, argv: list[str], env: dict[str, str], *, interrupt_group: bool = True) -> Child:
         log_path = self.log_dir / f"{name}.log"
         log = log_path.open("ab")
         process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        child = Child(name, process, log_path)
+        child = Child(name, process, log_path, interrupt_group)
         self.children.append(child)
         return child
 
@@ -79,17 +85,25 @@ class Supervisor:
                     f"{child.name} exited with code {child.process.returncode}; see {child.log_path}"
                 )
 
-    def stop_all(self) -> None:
+    def stop_all(self, before_kill: Callable[[], None] | None = None) -> None:
+        """SIGINT every child, wait for them (bounded), call ``before_kill``, then kill whatever
+        is left of each process group."""
         for child in reversed(self.children):
             if child.process.poll() is None:
-                _signal_group(child.process.pid, signal.SIGINT)
+                if child.interrupt_group:
+                    _signal_group(child.process.pid, signal.SIGINT)
+                else:
+                    child.process.send_signal(signal.SIGINT)
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         for child in reversed(self.children):
             try:
                 child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 click.echo(f"{child.name} did not stop within {SHUTDOWN_GRACE_S:.0f} s; killing it", err=True)
-            # Grandchildren (dagster's webserver, daemon, code servers) share the group.
+        if before_kill is not None:
+            before_kill()
+        for child in reversed(self.children):
+            # Grandchildren (dagster's webserver, daemon, code servers, run workers) share the group.
             _signal_group(child.process.pid, signal.SIGKILL)
             child.process.wait()
 
@@ -219,6 +233,56 @@ def refresh_demo_connections() -> None:
                 )
 
 
+#: How long a stop waits for the runs it canceled to end before it stops dagster dev.
+RUN_STOP_WAIT_S = 20.0
+_IN_PROGRESS = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+
+def cancel_runs(instance: dg.DagsterInstance, *, wait_s: float = RUN_STOP_WAIT_S) -> int:
+    """Cancel the runs in progress (standing drainers linger for minutes) before dagster dev stops.
+
+    A run worker interrupted without a termination request is failed by Dagster ("interrupted
+    unexpectedly"). Terminated through the run launcher while its code server is still up, a
+    drainer is interrupted and ends canceled: the batch in flight rolls back whole, its events stay
+    pending for the next start, nothing is half-applied. A run not yet executing is marked
+    canceled at once (one marked canceling before its worker starts would be failed by it). Waits
+    up to ``wait_s`` for them to end; returns how many runs were canceled."""
+    canceled = 0
+    for record in instance.get_run_records(filters=dg.RunsFilter(statuses=_IN_PROGRESS)):
+        run = record.dagster_run
+        try:
+            if run.status == dg.DagsterRunStatus.STARTED:
+                if not instance.run_launcher.terminate(run.run_id):
+                    instance.report_run_canceling(run, message="sync-project dev is stopping")
+            elif run.status != dg.DagsterRunStatus.CANCELING:
+                instance.report_run_canceled(run, message="sync-project dev is stopping")
+        except Exception:  # noqa: BLE001 - a stop goes on; the pass after dagster dev stopped cancels it
+            continue
+        canceled += 1
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and instance.get_run_records(
+        filters=dg.RunsFilter(statuses=_IN_PROGRESS), limit=1
+    ):
+        time.sleep(0.5)
+    return canceled
+
+
+def cancel_leftover_runs(instance: dg.DagsterInstance) -> int:
+    """After dagster dev stopped: runs still in progress (launched by the sensor during the stop,
+    or whose worker did not end in time) are about to be killed with their process group; marked
+    canceled, not left for run monitoring to fail at the next start."""
+    left = instance.get_run_records(filters=dg.RunsFilter(statuses=_IN_PROGRESS))
+    for record in left:
+        instance.report_run_canceled(record.dagster_run, message="sync-project dev stopped")
+    return len(left)
+
+
 def stop_the_changes(sandbox_url: str, admin_token: str) -> None:
     """Turn the generator off and wait (bounded) until the sandbox has sent its queued webhooks,
     while the receiver still takes them: the inbox then holds every change the sandbox made, and
@@ -276,7 +340,7 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
     # Installed explicitly: a shell starting us in the background would leave SIGINT ignored.
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    sandbox_up = False
+    sandbox_up = dagster_up = False
     try:
         click.echo(
             f"records store: {settings.database_url()}\nsandbox data: {sandbox_data}\n"
@@ -318,7 +382,9 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
                 [str(Path(sys.executable).with_name("dagster")), "dev", "-w",
                  str(settings.project_root() / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(ui_port)],
                 {**env, "PYTHONWARNINGS": ",".join(filter(None, (env.get("PYTHONWARNINGS"), DAGSTER_DEV_WARNINGS)))},
+                interrupt_group=False,
             )
+            dagster_up = True
             wait_until(http_ok(f"{ui_url}/server_info"), "the Dagster UI", supervisor, timeout_s=180)
             if change_rate > 0:
                 admin.set_generator(running=True, rate_per_s=change_rate)
@@ -331,7 +397,28 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
     finally:
         if sandbox_up:
             stop_the_changes(sandbox_url, env[ADMIN_TOKEN_ENV])
-        supervisor.stop_all()
+        instance = dagster_instance() if dagster_up else None
+        try:
+            if instance is not None:
+                if canceled := cancel_runs(instance):
+                    click.echo(f"canceled {canceled} run(s) in progress (their pending events wait for the next start)")
+        except Exception as error:  # noqa: BLE001 - a stop must go on
+            click.echo(f"could not cancel the runs in progress ({type(error).__name__}: {error})", err=True)
+
+        def leftovers() -> None:
+            if instance is None:
+                return
+            try:
+                if left := cancel_leftover_runs(instance):
+                    click.echo(f"canceled {left} run(s) still in progress after dagster dev stopped")
+            except Exception as error:  # noqa: BLE001 - a stop must go on
+                click.echo(f"could not cancel the runs left ({type(error).__name__}: {error})", err=True)
+
+        try:
+            supervisor.stop_all(before_kill=leftovers)
+        finally:
+            if instance is not None:
+                instance.dispose()
         click.echo("stopped: " + ", ".join(c.name for c in supervisor.children) if supervisor.children else "stopped")
 
 

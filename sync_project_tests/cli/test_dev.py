@@ -11,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import dagster as dg
+from dagster._core.instance.ref import InstanceRef
+
 from sync_project import settings
 from sync_project.cli.dev import missing_run_monitoring, missing_warehouse_pool
 from sync_project.store import Store
@@ -81,11 +84,25 @@ def test_dev_runs_everything_and_ctrl_c_stops_every_process(tmp_path: Path) -> N
             assert store.count("sandbox/contacts") + store.count("sandbox/deals") > 0
         started |= descendants(process.pid)
         assert len(started) >= 4  # receiver, sandbox, dagster dev and its webserver/daemon
+        # A standing drainer lingers for minutes after its events: the stop comes during a drain.
+        with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+            draining = instance.get_run_records(
+                filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED], tags={"sync/mode": "webhook"})
+            )
+        assert draining, "no webhook run in progress to stop"
     finally:
         process.send_signal(signal.SIGINT)
-        rest, _ = process.communicate(timeout=90)
+        rest, _ = process.communicate(timeout=120)
     assert process.returncode == 0, rest
     assert "stopped: receiver, sandbox, dagster" in rest
+    assert "canceled" in rest and "run(s) in progress" in rest
+    # The stop failed no run: each one in progress ended canceled (or succeeded).
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+        runs = instance.get_runs()
+        statuses = {run.run_id: run.status for run in runs}
+        assert not [run_id for run_id, status in statuses.items() if status == dg.DagsterRunStatus.FAILURE], statuses
+        assert all(statuses[r.dagster_run.run_id] in (dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.SUCCESS) for r in draining), statuses
+    assert "DagsterCodeLocationNotFoundError" not in (data / "logs" / "dagster.log").read_text()
     deadline = time.monotonic() + 10
     while any(alive(pid) for pid in started) and time.monotonic() < deadline:
         time.sleep(0.2)
