@@ -399,9 +399,8 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
             stop_the_changes(sandbox_url, env[ADMIN_TOKEN_ENV])
         instance = dagster_instance() if dagster_up else None
         try:
-            if instance is not None:
-                if canceled := cancel_runs(instance):
-                    click.echo(f"canceled {canceled} run(s) in progress (their pending events wait for the next start)")
+            if instance is not None and (canceled := cancel_runs(instance)):
+                click.echo(f"canceled {canceled} run(s) in progress (their pending events wait for the next start)")
         except Exception as error:  # noqa: BLE001 - a stop must go on
             click.echo(f"could not cancel the runs in progress ({type(error).__name__}: {error})", err=True)
 

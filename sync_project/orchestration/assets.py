@@ -282,8 +282,8 @@ def _failure_notified(
     sync: SyncDefinition,
     notifier: SyncNotifier | None,
     started_at: datetime,
-    run: Callable[[], tuple[MergeResult, dict[str, object]]],
-) -> tuple[MergeResult, dict[str, object]]:
+    run: Callable[[], tuple[MergeResult, dict[str, Any]]],
+) -> tuple[MergeResult, dict[str, Any]]:
     try:
         return run()
     except _RunRefused:
@@ -311,7 +311,7 @@ def _report(
     selected: set[str],
     started_at: datetime,
     merged: MergeResult,
-    metadata: dict[str, object],
+    metadata: dict[str, Any],
 ) -> dg.MaterializeResult:
     connection_id = context.partition_key
     counts = merged.as_dict()

@@ -257,13 +257,13 @@ def build_inbox_sensor(
         paused = {key for key, status in registered.items() if status == "paused"}
         # A removed connection's events were orphaned with it; ones a receiver routed from a
         # snapshot older than the removal are orphaned here. Its partition is never added back.
-        for partition in due:
-            provider = syncs[partition.sync].provider
-            if (provider, partition.connection_id) not in registered:
-                orphaned = store.inbox.orphan_unregistered(provider, partition.connection_id)
+        for gone in due:
+            provider = syncs[gone.sync].provider
+            if (provider, gone.connection_id) not in registered:
+                orphaned = store.inbox.orphan_unregistered(provider, gone.connection_id)
                 if orphaned:
                     context.log.info(
-                        f"{partition.sync}:{partition.connection_id}: no such connection: {orphaned} pending "
+                        f"{gone.sync}:{gone.connection_id}: no such connection: {orphaned} pending "
                         "event(s) orphaned (`connections add` of it makes them pending again)"
                     )
         due = [p for p in due if (syncs[p.sync].provider, p.connection_id) in registered]

@@ -27,8 +27,8 @@ from sync_project.store import Store
 from sync_project.store.inbox import RoutedEvent
 from sync_project.store.schema import connections, inbox
 from sync_project_tests.orchestration.checks_location import SYNC
-from sync_project_tests.support.dagster_ui import ASSET_CHECKS
 from sync_project_tests.orchestration.fake_api import PROVIDER, FakeApi
+from sync_project_tests.support.dagster_ui import ASSET_CHECKS
 
 ASSET = dg.AssetKey(["fakeapi", "items"])
 CHECKS = {"inbox_backlog", "dead_letters", "connections_fresh", "inbox_healthy"}
