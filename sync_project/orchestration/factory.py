@@ -23,6 +23,7 @@ from sync_project.warehouse.assets import (
     build_warehouse_asset,
     build_warehouse_sensor,
 )
+from sync_project.warehouse.columns import warehouse_tables
 
 AUTOMATION_SENSOR = "automation_condition_sensor"
 AUTOMATION_INTERVAL_S = 30
@@ -49,7 +50,10 @@ def build_definitions(
         sync.key: build_sync_asset(sync, providers[sync.provider], notify=True, check_settings=settings)
         for sync in syncs
     }
-    warehouse_assets = [build_warehouse_asset(sync, store_key=STORE_KEY) for sync in syncs]
+    # One warehouse table per model: a sync of several models has an asset per model upstream.
+    warehouse_assets = [
+        build_warehouse_asset(table, store_key=STORE_KEY) for sync in syncs for table in warehouse_tables(sync)
+    ]
     jobs = {
         sync.key: dg.define_asset_job(
             name=job_name(sync),

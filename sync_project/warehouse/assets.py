@@ -16,8 +16,8 @@ from typing import Any
 import dagster as dg
 from pydantic import PrivateAttr
 
-from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.partitions import connection_partitions
+from sync_project.warehouse.columns import TableLike
 from sync_project.warehouse.load import LoadResult, Warehouse, WarehouseSettings
 
 WAREHOUSE_KEY = "warehouse"
@@ -65,12 +65,13 @@ class WarehouseRunConfig(dg.Config):
     full_rebuild: bool = False
 
 
-def warehouse_key(sync: SyncDefinition) -> dg.AssetKey:
+def warehouse_key(sync: TableLike) -> dg.AssetKey:
     return dg.AssetKey([WAREHOUSE_KEY, sync.provider, sync.name])
 
 
-def build_warehouse_asset(sync: SyncDefinition, *, store_key: str = "sync_store") -> dg.AssetsDefinition:
-    """The warehouse asset of ``sync``; it needs the ``sync_store`` and ``warehouse`` resources."""
+def build_warehouse_asset(sync: TableLike, *, store_key: str = "sync_store") -> dg.AssetsDefinition:
+    """The warehouse asset of one model of a sync (``warehouse_tables``; a :class:`SyncDefinition`
+    for its own model); it needs the ``sync_store`` and ``warehouse`` resources."""
     settings = WarehouseSettings()
 
     @dg.asset(

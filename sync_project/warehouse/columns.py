@@ -19,6 +19,7 @@ do (``Store.dataframe``), so they can never collide with a model field.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel
@@ -38,12 +39,37 @@ METADATA_COLUMNS = (
 )
 
 
-def table_name(sync: SyncDefinition) -> str:
+@dataclass(frozen=True)
+class WarehouseTable:
+    """One model of a sync, as the warehouse sees it: its records in the store (``key``), its
+    asset ``[provider, name]`` upstream, and a table of its own. A sync of several models
+    (``SyncDefinition.models``) has one per model; a :class:`SyncDefinition` itself passes for
+    its own model's wherever a table is asked for."""
+
+    provider: str
+    name: str
+    model: type[BaseModel]
+    primary_key: str = "id"
+
+    @property
+    def key(self) -> str:
+        return f"{self.provider}/{self.name}"
+
+
+def warehouse_tables(sync: SyncDefinition) -> list[WarehouseTable]:
+    """Every model of ``sync``: its own first, then the further ones."""
+    return [WarehouseTable(sync.provider, m.name, m.model, m.primary_key) for m in sync.all_models]
+
+
+TableLike = WarehouseTable | SyncDefinition
+
+
+def table_name(sync: TableLike) -> str:
     """``provider_object``: one table per sync, every connection's records in it."""
     return f"{sync.provider}_{sync.name}"
 
 
-def primary_key(sync: SyncDefinition) -> list[str]:
+def primary_key(sync: TableLike) -> list[str]:
     """The merge key: the connection and the sync's primary key (two accounts can share ids)."""
     return [CONNECTION_COLUMN, sync.primary_key]
 
@@ -81,7 +107,7 @@ def _pydantic_time_types(model: type[BaseModel]) -> dict[str, str]:
     return found
 
 
-def table_columns(sync: SyncDefinition, deletes: DeleteMode) -> dict[str, dict[str, Any]]:
+def table_columns(sync: TableLike, deletes: DeleteMode) -> dict[str, dict[str, Any]]:
     """The model's columns and the metadata columns, with the hints the merge needs.
 
     ``_last_modified_at`` sorts duplicates: the change feed may list a record twice in one load

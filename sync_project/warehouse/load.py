@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from sync_project import settings
-from sync_project.core.sync import SyncDefinition
 from sync_project.store import Change, Store
 from sync_project.warehouse.columns import (
     CONNECTION_COLUMN,
@@ -44,6 +43,7 @@ from sync_project.warehouse.columns import (
     METADATA_COLUMNS,
     SOURCE_UPDATED_COLUMN,
     DeleteMode,
+    TableLike,
     primary_key,
     table_columns,
     table_name,
@@ -103,7 +103,7 @@ class Warehouse:
 
     # -- loading ------------------------------------------------------------------------------
 
-    def load(self, store: Store, sync: SyncDefinition, connection_id: str, *, full_rebuild: bool = False) -> LoadResult:
+    def load(self, store: Store, sync: TableLike, connection_id: str, *, full_rebuild: bool = False) -> LoadResult:
         """Bring the table's rows of ``connection_id`` up to date with the store.
 
         ``full_rebuild`` reads the whole feed (ignoring the stored cursor) and then removes the
@@ -131,7 +131,7 @@ class Warehouse:
         return result
 
     def _rows(
-        self, pipeline: Any, store: Store, sync: SyncDefinition, connection_id: str, full_rebuild: bool,
+        self, pipeline: Any, store: Store, sync: TableLike, connection_id: str, full_rebuild: bool,
         result: LoadResult,
     ) -> Iterator[list[dict[str, Any]]]:
         """The feed's pages from the committed cursor on, as rows; the cursor goes into the
@@ -163,12 +163,12 @@ class Warehouse:
                 break
         result.cursor = cursor
 
-    def _remove_unwritten(self, pipeline: Any, sync: SyncDefinition, connection_id: str, load_id: str | None) -> int:
+    def _remove_unwritten(self, pipeline: Any, sync: TableLike, connection_id: str, load_id: str | None) -> int:
         """A rebuild wrote every row the store has for the connection: the others go. Run after
         the load committed, so a rebuild killed before this leaves extra rows, never fewer."""
         return self._delete_connection(pipeline, sync, connection_id, keep_load_id=load_id)
 
-    def _delete_connection(self, pipeline: Any, sync: SyncDefinition, connection_id: str, *, keep_load_id: str | None) -> int:
+    def _delete_connection(self, pipeline: Any, sync: TableLike, connection_id: str, *, keep_load_id: str | None) -> int:
         """Deletes the connection's rows (but those of ``keep_load_id``); returns how many."""
         load_id = keep_load_id
         with pipeline.sql_client() as client:
@@ -187,7 +187,7 @@ class Warehouse:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def frame(self, sync: SyncDefinition, *, include_deleted: bool = False) -> pd.DataFrame:
+    def frame(self, sync: TableLike, *, include_deleted: bool = False) -> pd.DataFrame:
         """The sync's table (live rows unless ``include_deleted``), every connection, as a
         DataFrame; an empty one with the metadata columns before the first load."""
         import pandas as pd
@@ -203,11 +203,11 @@ class Warehouse:
                     frame = cursor.df()
         return frame.drop(columns=[c for c in ("_dlt_load_id", "_dlt_id") if c in frame.columns])
 
-    def table(self, sync: SyncDefinition) -> str:
+    def table(self, sync: TableLike) -> str:
         """The sync's table as a query names it: ``dataset.table``."""
         return f"{self.config.dataset}.{table_name(sync)}"
 
-    def live_count(self, sync: SyncDefinition, connection_id: str) -> int:
+    def live_count(self, sync: TableLike, connection_id: str) -> int:
         with tempfile.TemporaryDirectory(prefix="sync-warehouse-") as workdir:
             pipeline = self._pipeline(workdir, "sync_project_warehouse_reader")
             with pipeline.sql_client() as client:
@@ -243,7 +243,7 @@ class Warehouse:
         return dlt.destination(name)
 
 
-def pipeline_name(sync: SyncDefinition, connection_id: str) -> str:
+def pipeline_name(sync: TableLike, connection_id: str) -> str:
     """One dlt pipeline (and so one state, one cursor) per (sync, connection); a digest keeps
     connection ids that differ only in characters dlt cannot name apart."""
     readable = re.sub(r"[^a-z0-9_]+", "_", f"{sync.provider}_{sync.name}_{connection_id}".lower())[:60]

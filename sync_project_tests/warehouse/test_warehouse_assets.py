@@ -23,10 +23,12 @@ WAREHOUSE_CONTACTS = dg.AssetKey(["warehouse", "sandbox", "contacts"])
 
 def test_every_sync_has_a_warehouse_asset_in_the_project() -> None:
     graph = project_defs.resolve_asset_graph()
-    for sync in registry.syncs():
-        node = graph.get(dg.AssetKey(["warehouse", sync.provider, sync.name]))
-        assert node.parent_keys == {dg.AssetKey([sync.provider, sync.name])}
-        assert node.partitions_def == graph.get(dg.AssetKey([sync.provider, sync.name])).partitions_def
+    models = [(sync.provider, model.name) for sync in registry.syncs() for model in sync.all_models]
+    assert ("github", "issue_comments") in models  # a sync of several models: a table per model
+    for provider, name in models:
+        node = graph.get(dg.AssetKey(["warehouse", provider, name]))
+        assert node.parent_keys == {dg.AssetKey([provider, name])}
+        assert node.partitions_def == graph.get(dg.AssetKey([provider, name])).partitions_def
         assert node.automation_condition is not None
         assert node.pools == {WAREHOUSE_POOL}
     sensor = project_defs.resolve_sensor_def(AUTOMATION_SENSOR_NAME)
