@@ -24,10 +24,16 @@ from sync_project.core import ProviderConnection
 from sync_project.core.clock import utcnow
 from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.assets import job_name, op_name
-from sync_project.orchestration.cadence import has_own_poll_interval, next_slot_start, poll_interval
+from sync_project.orchestration.cadence import (
+    full_refresh_interval,
+    has_own_poll_interval,
+    next_full_refresh,
+    next_slot_start,
+    poll_interval,
+)
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.orchestration.schedules import PER_CONNECTION_SENSOR
-from sync_project.store import Store
+from sync_project.store import Store, SyncState
 from sync_project.store.health import dead_letters, inbox_backlog
 
 #: The run modes that poll the provider (the others drain the inbox).
@@ -69,6 +75,18 @@ class NextPoll(BaseModel):
     schedule: str
 
 
+class FullRefreshStatus(BaseModel):
+    """When lost deletes heal: the full-refresh cadence, the last complete refresh, the next one,
+    and the refresh under way (a killed or failed run left it open; the next full run resumes it)."""
+
+    every_s: int | None = None
+    last_completed_at: datetime | None = None
+    next_due_at: datetime | None = None
+    open_since: datetime | None = None
+    open_pages: int = 0
+    open_runs: int = 0
+
+
 class PartitionStatus(BaseModel):
     provider: str
     sync: str
@@ -86,6 +104,7 @@ class PartitionStatus(BaseModel):
     next_poll: NextPoll
     #: Where the next incremental poll starts (None: from the top).
     checkpoint: dict[str, Any] | None = None
+    full_refresh: FullRefreshStatus = FullRefreshStatus()
 
 
 def partition_statuses(
@@ -135,6 +154,7 @@ def partition_statuses(
                         defs, sync, connection, cid in registered[sync.provider], schedule_states, daemon_up, now
                     ),
                     checkpoint=state.checkpoint if state is not None else None,
+                    full_refresh=_full_refresh(sync, connection, state),
                 )
             )
     return result
@@ -237,6 +257,19 @@ def _schedule_states(instance: dg.DagsterInstance) -> dict[str, str]:
         for state in instance.all_instigator_state(instigator_type=instigator_type):
             states[state.instigator_name] = state.status.value
     return states
+
+
+def _full_refresh(sync: SyncDefinition, connection: ProviderConnection, state: SyncState | None) -> FullRefreshStatus:
+    every = full_refresh_interval(sync, connection)
+    window = state.full_window if state is not None else None
+    return FullRefreshStatus(
+        every_s=int(every.total_seconds()) if every else None,
+        last_completed_at=state.last_full_refresh_at if state is not None else None,
+        next_due_at=next_full_refresh(sync, connection, state),
+        open_since=window.started_at if window else None,
+        open_pages=window.pages if window else 0,
+        open_runs=window.runs if window else 0,
+    )
 
 
 def _scheduler_alive(instance: dg.DagsterInstance, now: datetime) -> bool:
@@ -403,7 +436,23 @@ def detail(statuses: Sequence[PartitionStatus], connection: ProviderConnection, 
         poll = s.next_poll
         when = f"{poll.at:%Y-%m-%d %H:%M:%S}Z, {next_poll_text(poll, now)}" if poll.at else next_poll_text(poll, now)
         lines.append(f"    next poll      {when}, by {poll.schedule}")
+        lines.append(f"    full refresh   {full_refresh_text(s.full_refresh, now)}")
     return lines
+
+
+def full_refresh_text(full: FullRefreshStatus, now: datetime) -> str:
+    if full.open_since is not None:
+        return (
+            f"under way since {full.open_since:%Y-%m-%d %H:%M:%S}Z ({ago(full.open_since, now)}), "
+            f"{full.open_pages} pages in {full.open_runs} run(s): the next full run resumes it"
+        )
+    if full.every_s is None:
+        return "by hand only (no cadence)"
+    last = f"last {ago(full.last_completed_at, now)}" if full.last_completed_at else "none yet"
+    due = ""
+    if full.next_due_at is not None:
+        due = f", due {full.next_due_at:%Y-%m-%d %H:%M:%S}Z" + (" (at the next poll)" if full.next_due_at <= now else "")
+    return f"every {duration(full.every_s)}; {last}{due}"
 
 
 def _run_line(summary: RunSummary | None, now: datetime) -> str:

@@ -31,6 +31,7 @@ from sync_project.orchestration.partitions import connection_partitions
 from sync_project.orchestration.resources import storage_kind
 from sync_project.orchestration.webhook_drain import DrainResult
 from sync_project.store import (
+    FullWindow,
     LeaseHeldError,
     MergeResult,
     Store,
@@ -365,7 +366,10 @@ def _sync_partition(
         raise _RunRefused(description=f"{error}; this run waited {config.poll_lease_wait_s:.0f} s and did nothing.") from None
     except (ProviderError, StoreError) as error:
         store.state.record_run(sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, error=str(error))
-        raise dg.Failure(description=f"{sync.key} for {connection_id}: {error}") from error
+        raise dg.Failure(
+            description=f"{sync.key} for {connection_id}: {error}",
+            metadata=_open_window(store, sync, connection_id) if config.mode == "full" else {},
+        ) from error
     except Exception as error:
         store.state.record_run(
             sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, error=f"{type(error).__name__}: {error}"
@@ -392,17 +396,8 @@ def _sync_partition(
             records_fetched=ran.polled.records,
             checkpoint=dg.MetadataValue.json(ran.polled.checkpoint or {}),
         )
-        window = ran.polled.window
-        if window is not None:
-            # The whole refresh, not just this run's share of it: a resumed one spans runs.
-            metadata.update(
-                full_refresh_started_at=window.started_at.isoformat(),
-                full_refresh_pages=window.pages,
-                full_refresh_records=window.records,
-                full_refresh_resumed_runs=window.runs - 1,
-                full_refresh_window=dg.MetadataValue.text(window.window_id),
-                deleted_unseen=ran.polled.deleted_unseen,
-            )
+        if ran.polled.window is not None:
+            metadata.update(window_metadata(ran.polled.window), deleted_unseen=ran.polled.deleted_unseen)
     store.state.record_run(sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, succeeded_at=utcnow())
     return ran.merge, metadata
 
@@ -443,6 +438,27 @@ def _reset_partition(
         "checkpoint_cleared": reset.checkpoint_cleared,
         "reset_at": reset.reset_at.isoformat(),
     }
+
+
+def window_metadata(window: FullWindow) -> dict[str, object]:
+    """The whole full refresh, not just this run's share of it: a resumed one spans runs."""
+    return {
+        "full_refresh_started_at": window.started_at.isoformat(),
+        "full_refresh_pages": window.pages,
+        "full_refresh_records": window.records,
+        "full_refresh_resumed_runs": window.runs - 1,
+        "full_refresh_window": dg.MetadataValue.text(window.window_id),
+    }
+
+
+def _open_window(store: Store, sync: SyncDefinition, connection_id: str) -> dict[str, object]:
+    """A failed run's share of an open full refresh, which the next full run resumes."""
+    try:
+        state = store.state.get(sync.key, connection_id)
+    except StoreError:  # the database is what failed: the failure says so already
+        return {}
+    window = state.full_window if state is not None else None
+    return {**window_metadata(window), "full_refresh_open": True} if window is not None else {}
 
 
 #: Batches committed within this long of the last recorded materialization are recorded with the

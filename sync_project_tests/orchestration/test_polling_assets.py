@@ -151,6 +151,18 @@ def test_a_failed_full_refresh_deletes_nothing(instance, connected_store, api):
     assert not result.success
     assert connected_store.count(ITEMS.key, CONNECTION) == 35
     assert connected_store.get(ITEMS.key, CONNECTION, "item-001").deleted_at is None
+    [failure] = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    left_open = {k: v.value for k, v in failure.step_failure_data.user_failure_data.metadata.items()}
+    assert (left_open["full_refresh_open"], left_open["full_refresh_pages"]) == (True, 2)
+
+    # The next full run resumes at page 3 and, the window complete, tombstones what vanished.
+    api.fail_after_pages = None
+    resumed = materialize(instance, connected_store, "full")
+    assert resumed.success
+    meta = metadata(resumed)
+    assert (meta["pages"], meta["full_refresh_pages"], meta["full_refresh_resumed_runs"]) == (2, 4, 1)
+    assert meta["deleted_unseen"] == 1 and meta["full_refresh_started_at"] == left_open["full_refresh_started_at"]
+    assert connected_store.get(ITEMS.key, CONNECTION, "item-001").last_action == "deleted"
 
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str:

@@ -18,6 +18,7 @@ import dagster as dg
 import pytest
 from click.testing import CliRunner
 
+from sync_project.cli import connection_status as view
 from sync_project.cli import main
 from sync_project.orchestration.checks import CheckSettings, evaluate_freshness
 from sync_project.store.health import LastRun
@@ -97,6 +98,9 @@ def test_a_full_refresh_by_cadence_heals_a_delete_whose_webhook_was_lost(store, 
 
     # The cadence counts from that refresh: the ticks of the next day are incremental polls again.
     refreshed_at = store.state.get(ITEMS.key, "acme").last_full_refresh_at
+    [status] = view.partition_statuses(store, instance, defs, [ITEMS], store.connections.list("fakeapi"))
+    assert status.full_refresh.next_due_at == refreshed_at + ITEMS.full_refresh_interval
+    assert view.full_refresh_text(status.full_refresh, refreshed_at).startswith("every 1 d 0 h; last 0 s ago, due ")
     assert modes(tick(defs, instance, store, refreshed_at + timedelta(hours=23))) == {"acme": "incremental"}
     assert modes(tick(defs, instance, store, refreshed_at + timedelta(hours=24, minutes=5))) == {"acme": "full"}
     store.connections.configure("fakeapi", "acme", full_refresh_interval_s=0)  # never, for this one
