@@ -11,16 +11,18 @@ SQLite) in a private data folder and Dagster home, lets the first polls finish, 
   again and again, so one is in progress or queued for each partition the whole time;
 * **cold**: the first event of a partition that has no drainer. The case waits until the
   partition's drain lease has been free for ``--quiet`` seconds (its standing drainer ended after
-  lingering 5 min without events), then sends one change, partition after partition. This stands
-  for "quiet for an hour": once the drainer has ended, nothing about a partition changes with
-  more quiet (no run, no process, no lease), so the next event pays exactly what it would after
-  an hour: a sensor tick, the run queue, a new run process and its step start.
+  lingering 5 min without events, and the provider's standby drainer let it go), then sends one
+  change, partition after partition, ``--cold-rounds`` times. This stands for "quiet for an
+  hour": once the drainer has ended, nothing about a partition changes with more quiet (no run,
+  no process, no lease), so the next event pays exactly what it would after an hour: a wake-up
+  of the provider's standby drainer and its claim (before the standby existed: a sensor tick,
+  the run queue, a new run process and its step start).
 
 Each change is one webhook; its inbox row holds ``received_at`` (committed before the receiver
 answered) and ``processed_at`` (committed in the transaction of the merge), so the difference is
 exactly "accepted -> merged". The machine's load average is printed with the figures.
 
-    python benchmarks/e2e_latency.py [--changes 60] [--interval 1.0] [--quiet 10] [--json PATH] [--quick]
+    python benchmarks/e2e_latency.py [--changes 60] [--interval 1.0] [--quiet 10] [--cold-rounds 3] [--json PATH] [--quick]
 """
 
 from __future__ import annotations
@@ -184,9 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between sandbox changes")
     parser.add_argument("--settle", type=float, default=30.0, help="seconds to let the first polls finish")
     parser.add_argument("--quiet", type=float, default=10.0, help="cold case: seconds the partition's drain lease stays free first")
+    parser.add_argument("--cold-rounds", type=int, default=3,
+                        help="cold case: samples per partition (each waits for the partition's drainer to end)")
     parser.add_argument("--cases", default="steady,polled,cold")
     args = parser.parse_args(argv)
     changes = 20 if args.quick else args.changes
+    args.cold_rounds = 1 if args.quick else args.cold_rounds
     cases = args.cases.split(",")
     figures: list[Figure] = []
     loads: list[str] = []
@@ -224,17 +229,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             "same traffic, full polls of all 4 partitions resubmitted as soon as submitted")
                 if "cold" in cases:
                     cold: list[float] = []
-                    for sync, share in SYNCS.items():
-                        for connection_id, account in ACCOUNTS.items():
-                            if not drain_free_for(store, sync, connection_id, args.quiet, LINGER_S + 180):
-                                print(f"{sync} {connection_id}: a drainer still stands; no cold sample", file=sys.stderr)
-                                continue
-                            start_id = store.inbox.high_water_mark()
-                            admin.apply_changes(1, account_id=account, create=1, update=0, delete=0, deal_share=share)
-                            cold += merged_latencies(store, start_id, 1)
+                    samples = args.cold_rounds * len(ACCOUNTS) * len(SYNCS)
+                    for round_ in range(args.cold_rounds):
+                        for sync, share in SYNCS.items():
+                            for connection_id, account in ACCOUNTS.items():
+                                if not drain_free_for(store, sync, connection_id, args.quiet, LINGER_S + 180):
+                                    print(f"{sync} {connection_id}: a drainer still stands; no cold sample", file=sys.stderr)
+                                    continue
+                                start_id = store.inbox.high_water_mark()
+                                admin.apply_changes(1, account_id=account, create=1, update=0, delete=0, deal_share=share)
+                                sample = merged_latencies(store, start_id, 1)
+                                cold += sample
+                                print(f"cold round {round_ + 1} {sync} {connection_id}: {sample}", file=sys.stderr, flush=True)
                     loads.append(f"cold {load_average()}")
-                    figures += case_figures("cold", cold, len(ACCOUNTS) * len(SYNCS),
-                                            f"first event after the drain lease was free {args.quiet:g} s, per partition")
+                    figures += case_figures("cold", cold, samples,
+                                            f"first event after the drain lease was free {args.quiet:g} s, per partition, "
+                                            f"{args.cold_rounds} round(s)")
             store.close()
         finally:
             stack.stop()

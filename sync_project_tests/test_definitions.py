@@ -99,3 +99,14 @@ def test_dg_checks_the_code_location(tmp_path: Path) -> None:
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "All definitions loaded successfully" in checked.stdout + checked.stderr
+
+
+def test_each_provider_with_webhooks_has_a_standby_drainer_kept_by_a_running_sensor() -> None:
+    from sync_project.definitions import defs
+    from sync_project.orchestration.standby_job import standby_job_name
+
+    for provider in {s.provider for s in registry.syncs() if s.on_webhook is not None}:
+        job = defs.resolve_job_def(standby_job_name(provider))
+        assert [node.name for node in job.nodes] == [f"{provider}__standby"]
+    standby = defs.resolve_sensor_def("standby_sensor")
+    assert standby.default_status == dg.DefaultSensorStatus.RUNNING

@@ -356,7 +356,7 @@ def _sync_partition(
     if config.mode == "reset":
         return _reset_partition(context, config, store, sync, models)
     metadata: dict[str, Any] = {"mode": config.mode}
-    batches = BatchMaterializations(context, store, sync)
+    batches = BatchMaterializations.of_asset(context, store, sync)
     try:
         ran = run_partition(
             store, sync, provider, connection, mode=config.mode, run_id=context.run.run_id, log=context.log,
@@ -468,32 +468,55 @@ MATERIALIZE_EVERY_S = 1.0
 
 
 class BatchMaterializations:
-    """Records the partition as materialized while a webhook run drains, as its batches commit.
+    """Records a partition as materialized while a drainer drains it, as its batches commit.
 
     A standing drainer runs for minutes; without this the partition would show its last
     materialization from before the run and "Materializing" until the run ends. Each recorded
     materialization carries the counts of the batches it covers; the run's MaterializeResult then
-    records the batches since the last one and the run's totals.
+    records the batches since the last one and the run's totals. A standby drainer (an op, not
+    the asset) records every partition it drains this way, and :meth:`flush` records the rest.
     """
 
-    def __init__(self, context: dg.AssetExecutionContext, store: Store, sync: SyncDefinition) -> None:
-        self._context = context
+    def __init__(
+        self,
+        log_event: Callable[[dg.AssetMaterialization], None],
+        asset_key: dg.AssetKey,
+        partition: str,
+        store: Store,
+        sync: SyncDefinition,
+    ) -> None:
+        self._log_event = log_event
+        self._asset_key = asset_key
+        self._partition = partition
         self._store = store
         self._sync = sync
         self._pending = DrainResult()
         self._last = float("-inf")  # the run's first batch is recorded at once
         self.recorded = 0
 
+    @classmethod
+    def of_asset(cls, context: dg.AssetExecutionContext, store: Store, sync: SyncDefinition) -> "BatchMaterializations":
+        return cls(context.log_event, own_asset_key(sync), context.partition_key, store, sync)
+
     def record(self, batch: DrainResult) -> None:
+        self._pending.add(batch)
+        if time.monotonic() - self._last >= MATERIALIZE_EVERY_S:
+            self.flush()
+
+    @property
+    def due(self) -> bool:
+        """Batches wait to be recorded and the last record is a throttle interval old."""
+        return bool(self._pending.batches) and time.monotonic() - self._last >= MATERIALIZE_EVERY_S
+
+    def flush(self) -> None:
+        """Record the batches not recorded yet (nothing if there are none)."""
         pending = self._pending
-        pending.add(batch)
-        now = time.monotonic()
-        if now - self._last < MATERIALIZE_EVERY_S:
+        if not pending.batches:
             return
-        partition = self._context.partition_key
-        self._context.log_event(
+        partition = self._partition
+        self._log_event(
             dg.AssetMaterialization(
-                asset_key=own_asset_key(self._sync),
+                asset_key=self._asset_key,
                 partition=partition,
                 description=f"{pending.batches} webhook batch(es) applied",
                 metadata={
@@ -510,7 +533,7 @@ class BatchMaterializations:
         # A sync of several models: each further model's asset with its own counts.
         for model in self._sync.models:
             key = self._sync.model_key(model.name)
-            self._context.log_event(
+            self._log_event(
                 dg.AssetMaterialization(
                     asset_key=dg.AssetKey([self._sync.provider, model.name]),
                     partition=partition,
@@ -525,7 +548,7 @@ class BatchMaterializations:
             )
         self.recorded += 1
         self._pending = DrainResult()
-        self._last = now
+        self._last = time.monotonic()
 
 
 def _notify(
@@ -537,7 +560,24 @@ def _notify(
     results: SyncResults | None,
     error: str | None,
 ) -> NotificationOutcome | None:
-    """Send the run's notification (if configured); log a failure as a warning. Never raises."""
+    return send_notification(
+        context.log, notifier, sync, context.partition_key, config.mode, context.run.run_id, started_at, results, error
+    )
+
+
+def send_notification(
+    log: Any,
+    notifier: SyncNotifier | None,
+    sync: SyncDefinition,
+    connection_id: str,
+    mode: str,
+    run_id: str,
+    started_at: datetime,
+    results: SyncResults | None,
+    error: str | None,
+) -> NotificationOutcome | None:
+    """Send a run's (or a standby drainer's drain's) notification, if configured; log a failure
+    as a warning. Never raises."""
     if notifier is None:
         return None
     try:
@@ -545,9 +585,9 @@ def _notify(
             provider=sync.provider,
             sync=sync.key,
             model=sync.model.__name__,
-            connection_id=context.partition_key,
-            mode=config.mode,
-            run_id=context.run.run_id,
+            connection_id=connection_id,
+            mode=mode,
+            run_id=run_id,
             started_at=started_at,
             finished_at=utcnow(),
             results=results,
@@ -557,7 +597,7 @@ def _notify(
     except Exception as failure:  # noqa: BLE001 - a notification must never fail the run
         outcome = NotificationOutcome("failed", f"failed, not sent: {type(failure).__name__}")
     if outcome.status == "failed":
-        context.log.warning(f"sync notification {outcome}")
+        log.warning(f"sync notification {outcome}")
     else:
-        context.log.info(f"sync notification {outcome}")
+        log.info(f"sync notification {outcome}")
     return outcome

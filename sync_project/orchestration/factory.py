@@ -17,6 +17,7 @@ from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import RunLimits
 from sync_project.orchestration.schedules import build_per_connection_sensor, build_poll_schedule, build_poll_sensor
 from sync_project.orchestration.sensors import DEFAULT_STALL_AFTER_S, DEFAULT_WEBHOOK_LINGER_S, build_inbox_sensor
+from sync_project.orchestration.standby_job import build_standby_job, build_standby_sensor, standby_providers
 from sync_project.warehouse.assets import (
     WAREHOUSE_KEY,
     WarehouseResource,
@@ -41,10 +42,13 @@ def build_definitions(
     check_settings: CheckSettings | None = None,
     run_limits: RunLimits | None = None,
     warehouse: WarehouseResource | None = None,
+    standby_drainers: bool = True,
 ) -> dg.Definitions:
     """``notifier`` defaults to :meth:`NotifierResource.from_env` (off unless ``SYNC_NOTIFY_URL``);
     ``run_limits`` are the ``dagster/max_runtime`` of the runs the sensor and schedules request;
-    ``warehouse`` defaults to the environment's (``SYNC_WAREHOUSE_*``: the DuckDB file by default)."""
+    ``warehouse`` defaults to the environment's (``SYNC_WAREHOUSE_*``: the DuckDB file by default).
+    ``standby_drainers`` adds a standby drainer job per provider with webhook syncs and the
+    ``standby_sensor`` that keeps one running."""
     settings = check_settings or CheckSettings()
     assets = {
         sync.key: build_sync_asset(sync, providers[sync.provider], notify=True, check_settings=settings)
@@ -89,6 +93,14 @@ def build_definitions(
                 description="Evaluates the automation conditions of the downstream assets (analytics).",
             )
         )
+    if standby_drainers:
+        standby_jobs = {
+            provider: build_standby_job(provider, providers[provider], syncs) for provider in standby_providers(syncs)
+        }
+        if standby_jobs:
+            sensors.append(build_standby_sensor(list(standby_jobs), standby_jobs, run_limits))
+    else:
+        standby_jobs = {}
     checks_jobs: list[dg.JobDefinition] = []
     if syncs:
         checks_job, checks_schedule = build_checks_job(syncs, {key: job.name for key, job in jobs.items()}, settings)
@@ -96,7 +108,7 @@ def build_definitions(
         schedules.append(checks_schedule)
     return dg.Definitions(
         assets=[*assets.values(), *warehouse_assets, *extra],
-        jobs=[*jobs.values(), *checks_jobs],
+        jobs=[*jobs.values(), *standby_jobs.values(), *checks_jobs],
         schedules=schedules,
         sensors=sensors,
         resources={

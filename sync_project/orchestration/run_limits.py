@@ -42,6 +42,9 @@ class RunLimits:
     #: longer). One that is stopped loses nothing: its window stays open, every page
     #: checkpointed, and the next tick's full run resumes it.
     full_refresh_floor: timedelta = timedelta(hours=2)
+    #: A provider's standby drainer ends after this long (None: ``webhook_linger_cap``); its
+    #: successor is requested ``handoff_lead`` before.
+    standby_cap: timedelta | None = None
 
     def __post_init__(self) -> None:
         if self.webhook_linger_cap <= timedelta(0) or self.webhook_margin <= timedelta(0):
@@ -50,6 +53,12 @@ class RunLimits:
             raise ValueError("handoff_lead must be positive and shorter than webhook_linger_cap")
         if self.poll_floor <= timedelta(0) or self.full_refresh_floor <= timedelta(0):
             raise ValueError("poll_floor and full_refresh_floor must be positive")
+        if self.standby_cap is not None and not self.handoff_lead < self.standby_cap:
+            raise ValueError("standby_cap must be longer than handoff_lead")
+
+    @property
+    def standby_run_cap(self) -> timedelta:
+        return self.standby_cap or self.webhook_linger_cap
 
     @property
     def handoff_wait(self) -> timedelta:

@@ -20,7 +20,10 @@ starts while the drainer still drains, waits for its lease (``handoff_wait_s``),
 within one lease poll of its release. A drainer whose lease expired while Dagster still counts
 its run as started died with its worker: the sensor requests a replacement at once, which takes
 the expired lease, instead of leaving the partition undrained until run monitoring fails the
-dead run at its ``dagster/max_runtime``. Each partition has ``DRAIN_SLOTS`` concurrency slots
+dead run at its ``dagster/max_runtime``. A partition whose lease the provider's standby drainer
+holds (:mod:`sync_project.orchestration.standby`: it drained the partition's first events after a
+quiet spell at once) gets its own drainer the same way, as the standby's successor; the standby
+hands the partition over once that run has started. Each partition has ``DRAIN_SLOTS`` concurrency slots
 (drainer, successor, replacement), so these never queue behind the run they take over from.
 
 Only registered connections get runs: events of a connection that was removed are ``orphaned``
@@ -129,6 +132,7 @@ class PartitionDrainers:
     runs: list[dg.RunRecord] = field(default_factory=list)
     holder: str | None = None
     expires_at: datetime | None = None
+    token: int = 0
 
     def slots(self) -> set[int]:
         return {drain_slot(record.dagster_run.tags) for record in self.runs}
@@ -180,8 +184,14 @@ def partition_drainers(instance: dg.DagsterInstance, store: Store) -> dict[str, 
             if expires_at is not None and expires_at.tzinfo is None:
                 expires_at = expires_at.replace(tzinfo=timezone.utc)
             found = by_partition[f"{lease.sync}:{lease.connection_id}"]
-            found.holder, found.expires_at = lease.holder, expires_at
+            found.holder, found.expires_at, found.token = lease.holder, expires_at, lease.token
     return dict(by_partition)
+
+
+def standby_runs(instance: dg.DagsterInstance) -> set[str]:
+    """Run ids of the standby drainers that are queued or running (any provider)."""
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=_WILL_CLAIM, tags={"sync/mode": "standby"}))
+    return {run.run_id for run in runs}
 
 
 def waiting_partitions(instance: dg.DagsterInstance) -> set[str]:
@@ -271,6 +281,7 @@ def build_inbox_sensor(
         due_keys = {f"{p.sync}|{p.connection_id}" for p in due}
         cursor.requested = {key: value for key, value in cursor.requested.items() if key in due_keys}
         drainers = partition_drainers(context.instance, store)
+        standbys = standby_runs(context.instance) if any(d.holder for d in drainers.values()) else set()
         now = time.time()
         now_utc = datetime.fromtimestamp(now, timezone.utc)
         stale_after_s = handoff_wait_s + limits.webhook_margin.total_seconds()
@@ -297,6 +308,15 @@ def build_inbox_sensor(
                 ))
                 continue
             if holder is None:
+                if found.holder in standbys:
+                    # The provider's standby drains this partition (its first events after a
+                    # quiet spell): its own standing drainer takes over from it, as a successor.
+                    handled.add(partition)
+                    if (sync.provider, connection_id) not in paused:
+                        requests.append(request(
+                            sync, connection_id, slot, f"promote|{sync_key}|{connection_id}|{found.token}",
+                            str(high_water_mark), successor=True, **{"sync/successor_of": found.holder},
+                        ))
                 continue
             handled.add(partition)
             if holder.start_time is not None and now - holder.start_time >= cap_s - lead_s:

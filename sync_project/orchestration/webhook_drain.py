@@ -81,6 +81,10 @@ class DrainResult:
     def events_claimed(self) -> int:
         return self.events_done + self.events_retrying + self.events_dead
 
+    def __iadd__(self, other: DrainResult) -> DrainResult:
+        self.add(other)
+        return self
+
 
 @dataclass(frozen=True)
 class _Change:

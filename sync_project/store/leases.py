@@ -40,8 +40,10 @@ from sync_project.store.engine import reading, unavailable_as_store_error
 from sync_project.store.errors import LeaseHeldError, LeaseLostError, StoreError
 from sync_project.store.schema import leases
 
-LeaseRole = Literal["poll", "drain"]
-ROLES: tuple[LeaseRole, ...] = ("poll", "drain")
+LeaseRole = Literal["poll", "drain", "standby"]
+#: ``standby`` is not a partition's: a provider's standby drainer holds one per run slot
+#: (sync = the provider, connection_id = ``standby.<slot>``), which shows the sensor it is alive.
+ROLES: tuple[LeaseRole, ...] = ("poll", "drain", "standby")
 
 #: A lease outlives a missed renewal or two (renewals run every third of it), and a dead holder's
 #: partition is free again within this long.

@@ -10,6 +10,9 @@ arrived, a retry coming due) can cost, and it is the only database traffic of an
 SQLite has no notifications between processes, so there the wait is a plain sleep of
 ``SQLITE_POLL_S``: one indexed ``SELECT`` every half second per drainer is modest for the
 single-host database SQLite is meant for here.
+
+A provider's standby drainer listens for every partition of its syncs (:class:`InboxListener`),
+one session for all of them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import logging
 import select
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import text
@@ -49,19 +52,13 @@ def notify_inserted(conn: Connection, partitions: Iterable[tuple[str, str]]) -> 
         )
 
 
-class InboxWakeup:
-    """Sleeps until (sync, connection) gets new inbox events or a bounded fallback passes.
+class _Listening:
+    """A session of its own in ``LISTEN sync_inbox`` (Postgres); on SQLite, nothing to listen on."""
 
-    Listen with :meth:`open` before the first claim, so an event committed between a claim that
-    found nothing and the wait still wakes the wait. Closing releases the listening session.
-    """
-
-    def __init__(self, engine: Engine, sync: str, connection_id: str, *, fallback_s: float = DEFAULT_FALLBACK_S) -> None:
+    def __init__(self, engine: Engine, *, fallback_s: float = DEFAULT_FALLBACK_S) -> None:
         self._engine = engine
-        self._payload = partition_payload(sync, connection_id)
         self._fallback_s = fallback_s
         self._raw: Any = None
-        self.notified = 0
 
     @property
     def listening(self) -> bool:
@@ -72,7 +69,7 @@ class InboxWakeup:
         """The listening session's backend pid (Postgres), for an operator's or a test's eyes."""
         return None if self._raw is None else int(self._raw.get_backend_pid())
 
-    def open(self) -> InboxWakeup:
+    def open(self) -> Any:
         if self._engine.dialect.name != "postgresql" or self._raw is not None:
             return self
         try:
@@ -89,41 +86,40 @@ class InboxWakeup:
             self._raw = None
         return self
 
-    def wait(self, timeout_s: float | None = None) -> bool:
-        """Return True when the partition was named, False when the wait ran out."""
+    def _wait_for(self, timeout_s: float | None, accept: Callable[[str], bool]) -> set[str] | None:
+        """The accepted payloads that arrived before the wait ran out (None: it ran out)."""
         limit = self._fallback_s if timeout_s is None else min(timeout_s, self._fallback_s)
         if self._engine.dialect.name != "postgresql":
-            time.sleep(min(limit, SQLITE_POLL_S))
-            return False
+            time.sleep(max(0.0, min(limit, SQLITE_POLL_S)))
+            return None
         if self._raw is None:
             self.open()
             if self._raw is None:
-                time.sleep(limit)
-                return False
+                time.sleep(max(0.0, limit))
+                return None
         deadline = time.monotonic() + limit
         while True:
             try:
-                if self._drain_notifications():
-                    return True
+                named = self._collect(accept)
+                if named:
+                    return named
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return False
+                    return None
                 select.select([self._raw], [], [], remaining)
             except Exception as error:  # noqa: BLE001 - a dropped session: listen again next wait
                 _log.warning(f"inbox wake-up: listening session lost ({type(error).__name__}: {error})")
                 self._discard()
                 time.sleep(max(0.0, deadline - time.monotonic()))
-                return False
+                return None
 
-    def _drain_notifications(self) -> bool:
+    def _collect(self, accept: Callable[[str], bool]) -> set[str]:
         self._raw.poll()
-        named = False
+        named: set[str] = set()
         while self._raw.notifies:
-            notification = self._raw.notifies.pop(0)
-            if notification.payload == self._payload:
-                named = True
-        if named:
-            self.notified += 1
+            payload = self._raw.notifies.pop(0).payload
+            if accept(payload):
+                named.add(payload)
         return named
 
     def _discard(self) -> None:
@@ -137,8 +133,49 @@ class InboxWakeup:
     def close(self) -> None:
         self._discard()
 
-    def __enter__(self) -> InboxWakeup:
+    def __enter__(self) -> Any:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class InboxWakeup(_Listening):
+    """Sleeps until (sync, connection) gets new inbox events or a bounded fallback passes.
+
+    Listen with :meth:`open` before the first claim, so an event committed between a claim that
+    found nothing and the wait still wakes the wait. Closing releases the listening session.
+    """
+
+    def __init__(self, engine: Engine, sync: str, connection_id: str, *, fallback_s: float = DEFAULT_FALLBACK_S) -> None:
+        super().__init__(engine, fallback_s=fallback_s)
+        self._payload = partition_payload(sync, connection_id)
+        self.notified = 0
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Return True when the partition was named, False when the wait ran out."""
+        named = self._wait_for(timeout_s, lambda payload: payload == self._payload) is not None
+        if named:
+            self.notified += 1
+        return named
+
+
+class InboxListener(_Listening):
+    """Sleeps until any partition of ``syncs`` gets new inbox events (a standby drainer's wait).
+
+    :meth:`wait` returns the (sync, connection) pairs named since the last wait, or None when the
+    wait ran out (on SQLite: after ``SQLITE_POLL_S``), when the caller scans for due events instead.
+    """
+
+    def __init__(self, engine: Engine, syncs: Iterable[str], *, fallback_s: float = DEFAULT_FALLBACK_S) -> None:
+        super().__init__(engine, fallback_s=fallback_s)
+        self._syncs = frozenset(syncs)
+
+    def _accept(self, payload: str) -> bool:
+        return payload.partition("|")[0] in self._syncs
+
+    def wait(self, timeout_s: float | None = None) -> set[tuple[str, str]] | None:
+        named = self._wait_for(timeout_s, self._accept)
+        if named is None:
+            return None
+        return {(sync, connection_id) for sync, _, connection_id in (p.partition("|") for p in named)}

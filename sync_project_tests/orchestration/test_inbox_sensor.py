@@ -27,8 +27,10 @@ def instance() -> Iterator[dg.DagsterInstance]:
 
 
 class Ticker:
-    def __init__(self, store: Store, instance: dg.DagsterInstance, stall_after_s: float = 3600.0) -> None:
-        self.store, self.instance, self.cursor = store, instance, None
+    def __init__(
+        self, store: Store, instance: dg.DagsterInstance, stall_after_s: float = 3600.0, sensor: str = "inbox_sensor"
+    ) -> None:
+        self.store, self.instance, self.cursor, self.sensor = store, instance, None, sensor
         self.defs = build_definitions(
             sandbox_syncs(), registry.providers(), store=StoreResource(database_url=store.url),
             inbox_stall_after_s=stall_after_s, webhook_linger_s=0.0,
@@ -40,7 +42,7 @@ class Ticker:
             instance=self.instance, instance_ref=self.instance.get_ref(), cursor=self.cursor, definitions=self.defs,
             resources={"sync_store": StoreResource(database_url=self.store.url)},
         ) as context:
-            data = self.defs.resolve_sensor_def("inbox_sensor").evaluate_tick(context)
+            data = self.defs.resolve_sensor_def(self.sensor).evaluate_tick(context)
             self.cursor = data.cursor if data.cursor is not None else context.cursor
         return data
 
