@@ -36,11 +36,11 @@ from typing import Any
 import httpx
 from sqlalchemy.exc import SQLAlchemyError
 
+from sync_project.core import ProviderConnection
 from sync_project.core.http import ProviderError
 from sync_project.core.provider import Provider
 from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.webhook_drain import DrainResult, drain_inbox
-from sync_project.core import ProviderConnection
 from sync_project.store import Store
 from sync_project.store.errors import LeaseHeldError, LeaseLostError, StoreError, UnknownConnectionError
 from sync_project.store.leases import DEFAULT_TTL_S, LeaseKeeper
@@ -200,11 +200,12 @@ after each round (between waits);
             return False
         sync, connection_id = partition
         turn_ends = time.monotonic() + self.settings.serve_s
+        on_batch = self._on_batch
         try:
             drained = drain_inbox(
                 self.store, held.sync, held.connection, held.client, self.log,
                 keeper=held.keeper, model_keepers=held.model_keepers, deadline=turn_ends,
-                on_batch=(lambda batch: self._on_batch(held.sync, connection_id, batch)) if self._on_batch else None,
+                on_batch=(lambda batch: on_batch(held.sync, connection_id, batch)) if on_batch is not None else None,
             )
         except LeaseLostError as error:
             self.log.warning(f"standby: {error}")

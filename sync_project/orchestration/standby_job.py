@@ -257,9 +257,9 @@ def build_standby_sensor(
             dead = max(own_leases, key=_expires, default=None)
             run_key = f"standby|{provider}|{int(now * 1000)}"
             tags: dict[str, str] = {}
-            if dead is not None and (previous is None or dead.holder not in previous.run_key):
+            if dead is not None and dead.holder and (previous is None or dead.holder not in previous.run_key):
                 run_key, tags = f"standby|{provider}|replaces|{dead.holder}", {"sync/replaces": str(dead.holder)}
-                context.log.info(f"standby {provider}: {dead.holder[:8] if dead.holder else ''}'s lease expired: replacing it")
+                context.log.info(f"standby {provider}: {dead.holder[:8]}'s lease expired: replacing it")
             cursor.requested[provider] = StandbyRequest(
                 run_key=run_key, requested_at=now, failures=0 if previous is None else previous.failures + 1
             )

@@ -33,7 +33,28 @@ _WHERE = {
     "Store": "sync_project.store.store",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "Change",
+    "ChangePage",
+    "FullWindow",
+    "InvalidBatchError",
+    "InvalidCursorError",
+    "Lease",
+    "LeaseHeldError",
+    "LeaseLostError",
+    "MergeResult",
+    "MergeStrategy",
+    "PreparedBatch",
+    "ProviderConnection",
+    "RecordSpec",
+    "RecordWriter",
+    "Store",
+    "StoreError",
+    "StoreUnavailableError",
+    "SyncState",
+    "UnknownConnectionError",
+    "prepare",
+]
 
 if TYPE_CHECKING:
     from sync_project.core import ProviderConnection
