@@ -15,6 +15,7 @@ import dagster as dg
 import pytest
 from click.testing import CliRunner
 
+from sync_project.cli import connection_status as view
 from sync_project.cli import main
 from sync_project.orchestration.assets import SyncRunConfig, job_name, op_name
 from sync_project.orchestration.factory import build_definitions
@@ -95,6 +96,16 @@ def test_connections_added_while_running_sync_with_every_kind_of_reference(
         assert {row["credentials"] for row in json.loads(as_json.output)} >= {"stored (encrypted)", "$INITECH_TOKEN"}
         assert all("credentials_sealed" not in row for row in json.loads(as_json.output))
         assert repr(store.connections.get("fakeapi", "by-store")).count(TOKEN) == 0
+        # `connections status` (its full view and its --json rows) of every one of them.
+        connections = store.connections.list("fakeapi")
+        statuses = view.partition_statuses(store, instance, defs, [ITEMS], connections)
+        shown = [
+            line
+            for c in connections
+            for line in view.detail([s for s in statuses if s.connection_id == c.connection_id], c, view.utcnow())
+        ]
+        shown += [s.model_dump_json() for s in statuses]
+        assert TOKEN not in "\n".join(shown) and "credentials stored (encrypted)" in "\n".join(shown)
 
         # Rotation in place: the file changes, the next run reads the new one (no restart).
         fake.token = "tok_rotated"
