@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import click
 import dagster as dg
@@ -106,7 +107,7 @@ def _credentials(
         return None
     value = None
     if stored:
-        stdin = click.get_text_stream("stdin")
+        stdin = sys.stdin
         if stdin.isatty():
             value = click.prompt(f"credentials of {provider}/{connection_id}", hide_input=True, err=True)
         else:

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from sync_project.core.errors import StoreError
+
+if TYPE_CHECKING:
+    from cryptography.fernet import MultiFernet
 
 CredentialsKind = Literal["env", "file", "secret", "stored"]
 KEY_ENV = "SYNC_CREDENTIALS_KEY"
@@ -76,7 +79,8 @@ def read_secret_file(path: Path, what: str) -> str:
     return value
 
 
-def _fernet(what: str):  # -> cryptography.fernet.MultiFernet (imported here: only runs that unseal need it)
+def _fernet(what: str) -> MultiFernet:
+    # Imported here: only the runs that seal or unseal need cryptography.
     from cryptography.fernet import Fernet, MultiFernet
 
     keys = [key.strip() for key in (os.environ.get(KEY_ENV) or "").split(",") if key.strip()]

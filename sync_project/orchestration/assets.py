@@ -440,7 +440,7 @@ def _reset_partition(
     }
 
 
-def window_metadata(window: FullWindow) -> dict[str, object]:
+def window_metadata(window: FullWindow) -> dict[str, Any]:
     """The whole full refresh, not just this run's share of it: a resumed one spans runs."""
     return {
         "full_refresh_started_at": window.started_at.isoformat(),
@@ -451,7 +451,7 @@ def window_metadata(window: FullWindow) -> dict[str, object]:
     }
 
 
-def _open_window(store: Store, sync: SyncDefinition, connection_id: str) -> dict[str, object]:
+def _open_window(store: Store, sync: SyncDefinition, connection_id: str) -> dict[str, Any]:
     """A failed run's share of an open full refresh, which the next full run resumes."""
     try:
         state = store.state.get(sync.key, connection_id)

@@ -17,13 +17,13 @@ from click.testing import CliRunner
 
 from sync_project.cli import connection_status as view
 from sync_project.cli import main
+from sync_project.core.credentials import KEY_ENV, SECRETS_DIR_ENV, CredentialsError, generate_key
 from sync_project.orchestration.assets import SyncRunConfig, job_name, op_name
 from sync_project.orchestration.factory import build_definitions
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.orchestration.resources import StoreResource
 from sync_project.serving import BackgroundServer
 from sync_project.store import Store
-from sync_project.core.credentials import KEY_ENV, SECRETS_DIR_ENV, CredentialsError, generate_key
 from sync_project_tests.orchestration.fake_api import ITEMS, PROVIDER, FakeApi
 
 TOKEN = "tok_live_5f2c1e9a7b"  # what the API wants; must never be shown
