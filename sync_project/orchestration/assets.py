@@ -9,7 +9,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import dagster as dg
 from pydantic import Field
@@ -26,19 +26,20 @@ from sync_project.orchestration.checks import (
     partition_check_specs,
 )
 from sync_project.orchestration.notifications import NOTIFIER_KEY
-from sync_project.orchestration.partition_run import RunSettings, reset_partition, run_partition
 from sync_project.orchestration.partitions import connection_partitions
 from sync_project.orchestration.resources import storage_kind
-from sync_project.orchestration.webhook_drain import DrainResult
-from sync_project.store import (
-    FullWindow,
-    LeaseHeldError,
-    MergeResult,
-    Store,
-    StoreError,
-    UnknownConnectionError,
-)
-from sync_project.store.resets import RecordsAction
+from sync_project.store import LeaseHeldError, MergeResult, StoreError, UnknownConnectionError
+
+if TYPE_CHECKING:
+    # Types only: a run imports the store and the drain and poll machinery when it runs; the
+    # code location's import is paid by every run process (benchmarks/import_time.py).
+    from sync_project.orchestration.partition_run import RunSettings
+    from sync_project.orchestration.webhook_drain import DrainResult
+    from sync_project.store import FullWindow, Store
+
+#: What a reset does with the partition's records (``sync_project.store.resets.RecordsAction``,
+#: spelled out so the code location does not import the store to declare its config).
+RecordsAction = Literal["keep", "tombstone", "remove"]
 
 #: The run modes: a partition's run polls (full, incremental), drains (webhook) or resets it.
 SyncMode = Literal["full", "incremental", "webhook", "reset"]
@@ -82,7 +83,9 @@ class SyncRunConfig(dg.Config):
     #: waits this long for that drainer to release the drain lease, instead of deferring to it.
     handoff_wait_s: float = Field(default=0.0, ge=0, le=3600)
 
-    def settings(self) -> RunSettings:
+    def settings(self) -> "RunSettings":
+        from sync_project.orchestration.partition_run import RunSettings
+
         return RunSettings(
             max_events=self.max_events,
             linger_s=self.linger_s,
@@ -202,7 +205,7 @@ def _build_multi_model_asset(
 def run_sync_models(
     context: dg.AssetExecutionContext,
     config: SyncRunConfig,
-    store: Store,
+    store: "Store",
     sync: SyncDefinition,
     provider: Provider,
     *,
@@ -232,7 +235,7 @@ def run_sync_models(
 def run_sync(
     context: dg.AssetExecutionContext,
     config: SyncRunConfig,
-    store: Store,
+    store: "Store",
     sync: SyncDefinition,
     provider: Provider,
     *,
@@ -268,7 +271,7 @@ def run_sync(
 
 
 def _checks_of_a_failed_run(
-    context: dg.AssetExecutionContext, store: Store, sync: SyncDefinition, selected: set[str], settings: CheckSettings
+    context: dg.AssetExecutionContext, store: "Store", sync: SyncDefinition, selected: set[str], settings: CheckSettings
 ) -> list[dg.AssetCheckResult]:
     try:
         return partition_check_results(store, sync, context.partition_key, selected, settings, instance=context.instance)
@@ -305,7 +308,7 @@ def _failure_notified(
 def _report(
     context: dg.AssetExecutionContext,
     config: SyncRunConfig,
-    store: Store,
+    store: "Store",
     sync: SyncDefinition,
     notifier: SyncNotifier | None,
     settings: CheckSettings,
@@ -335,7 +338,7 @@ def _report(
 def _sync_partition(
     context: dg.AssetExecutionContext,
     config: SyncRunConfig,
-    store: Store,
+    store: "Store",
     sync: SyncDefinition,
     provider: Provider,
     models: dict[str, MergeResult] | None = None,
@@ -358,6 +361,8 @@ def _sync_partition(
     metadata: dict[str, Any] = {"mode": config.mode}
     batches = BatchMaterializations.of_asset(context, store, sync)
     try:
+        from sync_project.orchestration.partition_run import run_partition
+
         ran = run_partition(
             store, sync, provider, connection, mode=config.mode, run_id=context.run.run_id, log=context.log,
             settings=config.settings(), on_batch=batches.record,
@@ -405,7 +410,7 @@ def _sync_partition(
 def _reset_partition(
     context: dg.AssetExecutionContext,
     config: SyncRunConfig,
-    store: Store,
+    store: "Store",
     sync: SyncDefinition,
     models: dict[str, MergeResult],
 ) -> tuple[MergeResult, dict[str, Any]]:
@@ -419,6 +424,8 @@ def _reset_partition(
         )
     run_id = context.run.run_id
     try:
+        from sync_project.orchestration.partition_run import reset_partition
+
         resets = reset_partition(
             store, sync, connection_id, records=config.empty_records, requested_by=run_id,
             wait_s=config.poll_lease_wait_s, ttl_s=config.lease_ttl_s, log=context.log,
@@ -440,7 +447,7 @@ def _reset_partition(
     }
 
 
-def window_metadata(window: FullWindow) -> dict[str, Any]:
+def window_metadata(window: "FullWindow") -> dict[str, Any]:
     """The whole full refresh, not just this run's share of it: a resumed one spans runs."""
     return {
         "full_refresh_started_at": window.started_at.isoformat(),
@@ -451,7 +458,7 @@ def window_metadata(window: FullWindow) -> dict[str, Any]:
     }
 
 
-def _open_window(store: Store, sync: SyncDefinition, connection_id: str) -> dict[str, Any]:
+def _open_window(store: "Store", sync: SyncDefinition, connection_id: str) -> dict[str, Any]:
     """A failed run's share of an open full refresh, which the next full run resumes."""
     try:
         state = store.state.get(sync.key, connection_id)
@@ -465,6 +472,12 @@ def _open_window(store: Store, sync: SyncDefinition, connection_id: str) -> dict
 #: next one: a standing drainer under a steady stream commits a batch per event, and one event-log
 #: write per event would make Dagster's own storage the bottleneck and the asset's history unreadable.
 MATERIALIZE_EVERY_S = 1.0
+
+
+def _drain_result() -> "DrainResult":
+    from sync_project.orchestration.webhook_drain import DrainResult
+
+    return DrainResult()
 
 
 class BatchMaterializations:
@@ -482,7 +495,7 @@ class BatchMaterializations:
         log_event: Callable[[dg.AssetMaterialization], None],
         asset_key: dg.AssetKey,
         partition: str,
-        store: Store,
+        store: "Store",
         sync: SyncDefinition,
     ) -> None:
         self._log_event = log_event
@@ -490,15 +503,15 @@ class BatchMaterializations:
         self._partition = partition
         self._store = store
         self._sync = sync
-        self._pending = DrainResult()
+        self._pending = _drain_result()
         self._last = float("-inf")  # the run's first batch is recorded at once
         self.recorded = 0
 
     @classmethod
-    def of_asset(cls, context: dg.AssetExecutionContext, store: Store, sync: SyncDefinition) -> "BatchMaterializations":
+    def of_asset(cls, context: dg.AssetExecutionContext, store: "Store", sync: SyncDefinition) -> "BatchMaterializations":
         return cls(context.log_event, own_asset_key(sync), context.partition_key, store, sync)
 
-    def record(self, batch: DrainResult) -> None:
+    def record(self, batch: "DrainResult") -> None:
         self._pending.add(batch)
         if time.monotonic() - self._last >= MATERIALIZE_EVERY_S:
             self.flush()
@@ -547,7 +560,7 @@ class BatchMaterializations:
                 )
             )
         self.recorded += 1
-        self._pending = DrainResult()
+        self._pending = _drain_result()
         self._last = time.monotonic()
 
 

@@ -9,11 +9,13 @@ incremental poll when one is due (no extra schedule, and never both for one tick
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from sync_project.core.sync import SyncDefinition
 from sync_project.store import ProviderConnection
-from sync_project.store.state import SyncState
+
+if TYPE_CHECKING:
+    from sync_project.store.state import SyncState
 
 FullRefreshReason = Literal["resume", "cadence"]
 

@@ -53,7 +53,8 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
@@ -66,15 +67,19 @@ from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.partitions import DRAIN_PARTITION_TAG, connection_partitions
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import MAX_RUNTIME_TAG
-from sync_project.store import Store, UnknownConnectionError
-from sync_project.store.health import (
-    LastRun,
-    PartitionBacklog,
-    PartitionDeadLetters,
-    dead_letters,
-    inbox_backlog,
-    last_runs,
-)
+
+if TYPE_CHECKING:
+    from sync_project.store import Store
+    from sync_project.store.health import LastRun, PartitionBacklog, PartitionDeadLetters
+
+
+def _health() -> ModuleType:
+    """The store's health queries, imported when a check runs, not with the code location (every
+    run process imports it: benchmarks/import_time.py)."""
+    from sync_project.store import health
+
+    return health
+
 
 INBOX_BACKLOG = "inbox_backlog"
 DEAD_LETTERS = "dead_letters"
@@ -224,8 +229,8 @@ _UNKNOWN_CAUSE = (
 
 
 def late_backlogs(
-    backlogs: Sequence[PartitionBacklog], *, max_wait: timedelta, now: datetime
-) -> list[PartitionBacklog]:
+    backlogs: Sequence["PartitionBacklog"], *, max_wait: timedelta, now: datetime
+) -> list["PartitionBacklog"]:
     """The connections whose oldest claimable event waited over ``max_wait``, longest first."""
     return sorted(
         (b for b in backlogs if (b.oldest_due_age_s(now) or 0.0) > max_wait.total_seconds()),
@@ -234,7 +239,7 @@ def late_backlogs(
 
 
 def evaluate_backlog(
-    backlogs: Sequence[PartitionBacklog],
+    backlogs: Sequence["PartitionBacklog"],
     *,
     max_wait: timedelta,
     now: datetime,
@@ -298,7 +303,7 @@ def evaluate_backlog(
     )
 
 
-def evaluate_dead_letters(dead: Sequence[PartitionDeadLetters]) -> CheckOutcome:
+def evaluate_dead_letters(dead: Sequence["PartitionDeadLetters"]) -> CheckOutcome:
     """ERROR while any event of the sync is dead-lettered."""
     total = sum(d.dead for d in dead)
     metadata: dict[str, object] = {"dead": total, "connections_with_dead": len(dead)}
@@ -327,7 +332,7 @@ def evaluate_dead_letters(dead: Sequence[PartitionDeadLetters]) -> CheckOutcome:
 def evaluate_freshness(
     sync: SyncDefinition,
     connections: Sequence[ProviderConnection],
-    runs: dict[str, LastRun],
+    runs: dict[str, "LastRun"],
     settings: CheckSettings,
     now: datetime,
 ) -> CheckOutcome:
@@ -429,7 +434,7 @@ def partition_check_specs(sync: SyncDefinition) -> list[dg.AssetCheckSpec]:
 
 
 def evaluate_partition(
-    store: Store,
+    store: "Store",
     sync: SyncDefinition,
     connection: ProviderConnection,
     settings: CheckSettings,
@@ -442,12 +447,12 @@ def evaluate_partition(
     With ``instance``, a backlog that is too old names why it is not draining (the partition's
     newest webhook run); without, it lists what to look for."""
     connection_id = connection.connection_id
-    backlogs = inbox_backlog(store.engine, sync.key, connection_id, now=now)
+    backlogs = _health().inbox_backlog(store.engine, sync.key, connection_id, now=now)
     late = [b.connection_id for b in late_backlogs(backlogs, max_wait=settings.backlog_max_wait, now=now)]
     runs = last_drain_runs(instance, sync, late) if instance is not None else None
     backlog = evaluate_backlog(backlogs, max_wait=settings.backlog_max_wait, now=now, drain_runs=runs)
-    dead = evaluate_dead_letters(dead_letters(store.engine, sync.key, connection_id))
-    state = {k: v for k, v in last_runs(store.engine, sync.key).items() if k == connection_id}
+    dead = evaluate_dead_letters(_health().dead_letters(store.engine, sync.key, connection_id))
+    state = {k: v for k, v in _health().last_runs(store.engine, sync.key).items() if k == connection_id}
     return {
         INBOX_BACKLOG: backlog,
         DEAD_LETTERS: dead,
@@ -457,7 +462,7 @@ def evaluate_partition(
 
 
 def partition_check_results(
-    store: Store,
+    store: "Store",
     sync: SyncDefinition,
     connection_id: str,
     selected: set[str],
@@ -469,6 +474,8 @@ def partition_check_results(
     """Results of the selected checks of the run's partition, for its ``MaterializeResult`` (or
     yielded before the run fails, so a failed run reports its checks instead of leaving them
     planned, which Dagster shows as failed)."""
+    from sync_project.store import UnknownConnectionError
+
     if not selected:
         return []
     now = now or utcnow()
@@ -479,10 +486,10 @@ def partition_check_results(
     if connection is None:
         outcomes = {
             INBOX_BACKLOG: evaluate_backlog(
-                inbox_backlog(store.engine, sync.key, connection_id, now=now),
+                _health().inbox_backlog(store.engine, sync.key, connection_id, now=now),
                 max_wait=settings.backlog_max_wait, now=now, drain_runs=None,
             ),
-            DEAD_LETTERS: evaluate_dead_letters(dead_letters(store.engine, sync.key, connection_id)),
+            DEAD_LETTERS: evaluate_dead_letters(_health().dead_letters(store.engine, sync.key, connection_id)),
         }
         gone = CheckOutcome(
             False, dg.AssetCheckSeverity.WARN,
@@ -591,7 +598,7 @@ def asset_key(sync: SyncDefinition) -> dg.AssetKey:
 # -- metadata tables -----------------------------------------------------------------------------
 
 
-def _backlog_table(backlogs: Sequence[PartitionBacklog], now: datetime, causes: Mapping[str, str | None]) -> str:
+def _backlog_table(backlogs: Sequence["PartitionBacklog"], now: datetime, causes: Mapping[str, str | None]) -> str:
     ordered = sorted(backlogs, key=lambda b: -(b.oldest_due_age_s(now) or 0.0))[:TABLE_ROWS]
     lines = [
         "| connection | pending | due | retrying | oldest claimable (s) | state |",
@@ -611,7 +618,7 @@ def _backlog_table(backlogs: Sequence[PartitionBacklog], now: datetime, causes: 
     return "\n".join(lines)
 
 
-def _dead_table(dead: Sequence[PartitionDeadLetters]) -> str:
+def _dead_table(dead: Sequence["PartitionDeadLetters"]) -> str:
     ordered = sorted(dead, key=lambda d: -d.dead)[:TABLE_ROWS]
     lines = ["| connection | dead | newest event | newest error |", "|---|---:|---|---|"]
     for d in ordered:

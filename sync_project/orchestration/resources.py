@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import PrivateAttr
 
 from sync_project import settings
-from sync_project.store import Store
+
+if TYPE_CHECKING:
+    from sync_project.store import Store
 
 #: URLs whose schema this process has brought to the newest revision already.
 _migrated: set[str] = set()
@@ -22,6 +25,7 @@ def open_store(url: str) -> Store:
     transaction under the migration lock) belongs to the process, not to the tick. The lock is
     held through the first migration, so two threads of one process never both run it.
     """
+    from sync_project.store import Store  # the store (and SQLAlchemy) when a run or tick opens one
     with _migrated_lock:
         if url not in _migrated:
             store = Store(url)

@@ -17,7 +17,7 @@ sensor evaluated every 30 s, polls each of those once per interval-long slot of 
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import dagster as dg
 
@@ -27,7 +27,10 @@ from sync_project.orchestration.assets import SyncRunConfig, job_name, op_name
 from sync_project.orchestration.partitions import AssetJob, concurrency_tag, partitions_name
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import RunLimits
-from sync_project.store import ProviderConnection, Store
+from sync_project.store import ProviderConnection
+
+if TYPE_CHECKING:
+    from sync_project.store import Store
 
 PollMode = Literal["full", "incremental"]
 PER_CONNECTION_SENSOR = "poll_per_connection"

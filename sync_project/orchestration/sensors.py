@@ -37,6 +37,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import BaseModel
@@ -53,8 +54,10 @@ from sync_project.orchestration.partitions import (
 )
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import RunLimits
-from sync_project.store import Store
-from sync_project.store.inbox import DuePartition
+
+if TYPE_CHECKING:
+    from sync_project.store import Store
+    from sync_project.store.inbox import DuePartition
 
 #: Partitions requested per tick: keeps a tick (and its partition checks) far below the 60 s limit.
 MAX_RUNS_PER_TICK = 200
@@ -167,7 +170,7 @@ class PartitionDrainers:
         return waiting
 
 
-def partition_drainers(instance: dg.DagsterInstance, store: Store) -> dict[str, PartitionDrainers]:
+def partition_drainers(instance: dg.DagsterInstance, store: "Store") -> dict[str, PartitionDrainers]:
     """Webhook runs that will claim, and the drain leases, by ``sync:connection``."""
     by_partition: dict[str, PartitionDrainers] = defaultdict(PartitionDrainers)
     records = instance.get_run_records(filters=dg.RunsFilter(statuses=_WILL_CLAIM, tags={"sync/mode": "webhook"}))
@@ -200,7 +203,7 @@ def waiting_partitions(instance: dg.DagsterInstance) -> set[str]:
     return {run.tags["sync/asset_partition"] for run in runs if "sync/asset_partition" in run.tags}
 
 
-def base_run_key(partition: DuePartition) -> str:
+def base_run_key(partition: "DuePartition") -> str:
     """Names the pending work: new events raise ``max_id``, a failure raises ``attempts`` and a
     replay moves ``requeued_at``, so each gets a key Dagster has never seen."""
     key = f"inbox|{partition.sync}|{partition.connection_id}|{partition.max_id}|{partition.attempts}"

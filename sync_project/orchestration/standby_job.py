@@ -19,6 +19,7 @@ No ``from __future__ import annotations``: Dagster reads the op's config type at
 import time
 from collections.abc import Mapping, Sequence
 from datetime import timezone
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import BaseModel, Field
@@ -31,10 +32,9 @@ from sync_project.orchestration.notifications import NOTIFIER_KEY
 from sync_project.orchestration.partitions import DRAIN_PARTITION_TAG
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import RunLimits
-from sync_project.orchestration.standby import HeldPartition, Partition, Standby, StandbySettings, standby_lease_key
-from sync_project.orchestration.webhook_drain import DrainResult
-from sync_project.store.leases import DEFAULT_TTL_S, LeaseState
-from sync_project.store.records import utcnow
+
+if TYPE_CHECKING:
+    from sync_project.store.leases import LeaseState
 
 #: Run slots per provider: the standby, its successor, a replacement beside a dead one still
 #: counted as started (each slot is a value of the one-run-per-value concurrency tag).
@@ -44,6 +44,9 @@ STANDBY_TAG = "sync/standby"
 DEAD_GRACE_S = 2.0
 RETRY_BASE_S = 5.0
 RETRY_MAX_S = 120.0
+#: The standby's own lease lasts this long unless renewed (the store's ``leases.LEASE_TTL_S``,
+#: not imported: the code location's import stays free of the store).
+LEASE_TTL_S = 30.0
 
 
 class StandbyConfig(dg.Config):
@@ -54,7 +57,7 @@ class StandbyConfig(dg.Config):
     max_run_s: float = Field(default=600.0, gt=0, le=86400)
     #: A partition the standby took is released after this long without an event.
     idle_release_s: float = Field(default=10.0, gt=0, le=3600)
-    lease_ttl_s: float = Field(default=DEFAULT_TTL_S, gt=0, le=3600)
+    lease_ttl_s: float = Field(default=LEASE_TTL_S, gt=0, le=3600)
 
 
 def standby_job_name(provider: str) -> str:
@@ -83,6 +86,17 @@ def build_standby_job(
         description=f"Drains the first webhooks of any {provider_name} partition that has no drainer run.",
     )
     def standby_op(context: dg.OpExecutionContext, config: StandbyConfig) -> None:
+        # The drain machinery is imported by the run that uses it, not with the code location.
+        from sync_project.orchestration.standby import (
+            HeldPartition,
+            Partition,
+            Standby,
+            StandbySettings,
+            standby_lease_key,
+        )
+        from sync_project.orchestration.webhook_drain import DrainResult
+        from sync_project.store.records import utcnow
+
         store = getattr(context.resources, STORE_KEY).get_store()
         notifier = getattr(context.resources, NOTIFIER_KEY).get_notifier() if notify else None
         run_id = context.run.run_id
@@ -180,7 +194,7 @@ _WILL_RUN = [
 ]
 
 
-def _expires(lease: LeaseState) -> float:
+def _expires(lease: "LeaseState") -> float:
     expires = lease.expires_at
     if expires is None:
         return float("-inf")
@@ -200,7 +214,7 @@ def build_standby_sensor(
     cap_s = limits.standby_run_cap.total_seconds()
     lead_s = limits.handoff_lead.total_seconds()
     #: A standby started this long ago without holding its lease never will (it died starting).
-    start_grace_s = DEFAULT_TTL_S + 5.0 + limits.webhook_margin.total_seconds()
+    start_grace_s = LEASE_TTL_S + 5.0 + limits.webhook_margin.total_seconds()
     max_runtime = str(int(cap_s + start_grace_s))
 
     def request(provider: str, slot: int, run_key: str, **tags: str) -> dg.RunRequest:

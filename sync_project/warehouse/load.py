@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from sync_project import settings
-from sync_project.store import Change, Store
 from sync_project.warehouse.columns import (
     CONNECTION_COLUMN,
     DELETED_COLUMN,
@@ -51,6 +50,8 @@ from sync_project.warehouse.columns import (
 
 if TYPE_CHECKING:  # dlt and pandas cost seconds to import: only a load or a read pays for them
     import pandas as pd
+
+    from sync_project.store import Change, Store
 
 #: Records per feed page, one dlt item each (the feed's own maximum is 10,000).
 DEFAULT_PAGE_SIZE = 5_000
