@@ -31,8 +31,7 @@ from __future__ import annotations
 import builtins
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal, get_args
 
@@ -42,7 +41,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from sync_project.core.clock import utcnow
-from sync_project.store.engine import unavailable_as_store_error
+from sync_project.store.engine import reading, unavailable_as_store_error
 from sync_project.store.inbox import MAX_ERROR_CHARS, retry_delay
 from sync_project.store.routing import ConnectionSnapshot, connections_for
 from sync_project.store.schema import forwarder_state, forwards, inbox
@@ -228,7 +227,7 @@ class Forwards:
 
     def stats(self, *, now: datetime | None = None) -> ForwardStats:
         now = now or utcnow()
-        with self._read() as conn:
+        with unavailable_as_store_error(), reading(self._engine) as conn:
             counts = dict.fromkeys(FORWARD_STATUSES, 0)
             for status, count in conn.execute(select(forwards.c.status, func.count()).group_by(forwards.c.status)):
                 counts[status] = int(count)
@@ -246,7 +245,7 @@ class Forwards:
         query = select(forwards).where(forwards.c.id > after_id).order_by(forwards.c.id).limit(limit)
         if status is not None:
             query = query.where(forwards.c.status == status)
-        with self._read() as conn:
+        with unavailable_as_store_error(), reading(self._engine) as conn:
             return _forwards(conn.execute(query))
 
     def replay_dead(self) -> int:
@@ -310,13 +309,6 @@ class Forwards:
             ranges = [inbox.c.id.between(low, high) for low, high in gaps[start : start + _GAPS_PER_QUERY]]
             rows.extend(conn.execute(_inbox_rows().where(or_(*ranges))).all())
         return rows
-
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with unavailable_as_store_error(), self._engine.connect() as conn:
-            conn = conn.execution_options(readonly=True)
-            with conn.begin():
-                yield conn
 
 
 def _inbox_rows() -> Any:

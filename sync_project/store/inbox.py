@@ -33,8 +33,7 @@ both tables in step in one transaction.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, get_args
 
@@ -44,7 +43,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from sync_project.core.clock import utcnow
-from sync_project.store.engine import unavailable_as_store_error
+from sync_project.store.engine import reading, unavailable_as_store_error
 from sync_project.store.leases import Lease, check_lease
 from sync_project.store.routing import ConnectionLookup, connections_for
 from sync_project.store.schema import UtcDateTime, connections, inbox, inbox_done, inbox_pending
@@ -259,7 +258,7 @@ class Inbox:
             .order_by(func.min(inbox_pending.c.id))
             .limit(limit)
         )
-        with self._read() as conn:
+        with unavailable_as_store_error(), reading(self._engine) as conn:
             return [
                 DuePartition(sync=s, connection_id=c, max_id=int(m), pending=int(n), attempts=int(a), requeued_at=r)
                 for s, c, m, n, a, r in conn.execute(query)
@@ -267,7 +266,7 @@ class Inbox:
 
     def high_water_mark(self) -> int:
         """The newest inbox id (0 when empty)."""
-        with self._read() as conn:
+        with unavailable_as_store_error(), reading(self._engine) as conn:
             return int(conn.execute(select(func.coalesce(func.max(inbox.c.id), 0))).scalar_one())
 
     # -- webhook runs ---------------------------------------------------------------------------
@@ -373,7 +372,7 @@ class Inbox:
     def stats(self, *, now: datetime | None = None) -> InboxStats:
         """Counts by status (every status, zeros included) and the age of the oldest pending event."""
         now = now or utcnow()
-        with self._read() as conn:
+        with unavailable_as_store_error(), reading(self._engine) as conn:
             counts = dict.fromkeys(INBOX_STATUSES, 0)
             # The parked statuses through their partial index; pending and done by their tables.
             parked = select(inbox.c.status, func.count()).where(_PARKED).group_by(inbox.c.status)
@@ -404,7 +403,7 @@ class Inbox:
         if provider is not None:
             query = query.where(inbox.c.provider == provider)
         found: dict[tuple[str, str], ConnectionInboxStats] = {}
-        with self._read() as conn:
+        with unavailable_as_store_error(), reading(self._engine) as conn:
             rows = conn.execute(query).all()
         for provider_name, connection_id, status, count, oldest in rows:
             key = (provider_name, connection_id)
@@ -514,7 +513,7 @@ class Inbox:
         """
         purged = 0
         after_id = 0
-        with self._read() as conn:
+        with unavailable_as_store_error(), reading(self._engine) as conn:
             oldest = conn.execute(
                 select(inbox.c.received_at)
                 .select_from(inbox_done.join(inbox, inbox.c.id == inbox_done.c.id))
@@ -566,7 +565,7 @@ class Inbox:
         ):
             if value is not None:
                 query = query.where(column == value)
-        with self._read() as conn:
+        with unavailable_as_store_error(), reading(self._engine) as conn:
             return _events(conn.execute(query))
 
     def count(
@@ -582,7 +581,7 @@ class Inbox:
             for column, value in ((inbox_pending.c.sync, sync), (inbox_pending.c.connection_id, connection_id)):
                 if value is not None:
                     base = base.where(column == value)
-            with self._read() as conn:
+            with unavailable_as_store_error(), reading(self._engine) as conn:
                 return int(conn.execute(base).scalar_one())
         query = _with_status(select(func.count()).select_from(_WITH_DONE), status)
         for column, value in (
@@ -592,11 +591,11 @@ class Inbox:
         ):
             if value is not None:
                 query = query.where(column == value)
-        with self._read() as conn:
+        with unavailable_as_store_error(), reading(self._engine) as conn:
             return int(conn.execute(query).scalar_one())
 
     def get(self, event_id: int) -> InboxEvent:
-        with self._read() as conn:
+        with unavailable_as_store_error(), reading(self._engine) as conn:
             found = _events(conn.execute(select(*_VIEW).select_from(_WITH_DONE).where(inbox.c.id == event_id)))
         if not found:
             raise LookupError(f"no inbox event with id {event_id}")
@@ -670,13 +669,6 @@ class Inbox:
                         .where(inbox.c.id.in_(sorted(still)), inbox.c.status == "unroutable")
                         .values(status="routed", processed_at=utcnow())
                     )
-
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with unavailable_as_store_error(), self._engine.connect() as conn:
-            conn = conn.execution_options(readonly=True)
-            with conn.begin():
-                yield conn
 
 
 def orphan_pending(conn: Connection, provider: str, connection_id: str, *, only_if_unregistered: bool = False) -> int:

@@ -317,10 +317,10 @@ def plan_batch(
         if current is None:
             if action == "save":
                 result.added += 1
-                writes.append(Write(item.key, item.data_json, item.data_hash, item.source_updated_at, False, "added", True))
+                writes.append(Write(item.key, item.data_json, item.data_hash, item.source_updated_at, deleted=False, last_action="added", is_new=True))
             else:  # a tombstone for a key never seen: a stale copy arriving later must not create it
                 result.deleted += 1
-                writes.append(Write(item.key, item.data_json, item.data_hash, item.source_updated_at, True, "deleted", True))
+                writes.append(Write(item.key, item.data_json, item.data_hash, item.source_updated_at, deleted=True, last_action="deleted", is_new=True))
             continue
         if guarded and rejects(strategy, current.source_updated_at, current.last_modified_at, item.source_updated_at, fetched_at):
             result.skipped_stale += 1
@@ -329,7 +329,7 @@ def plan_batch(
         if action == "save":
             if current.deleted:
                 result.added += 1
-                writes.append(Write(item.key, item.data_json, item.data_hash, item.source_updated_at, False, "added", False))
+                writes.append(Write(item.key, item.data_json, item.data_hash, item.source_updated_at, deleted=False, last_action="added", is_new=False))
                 continue
             data_hash = item.data_hash
             if current.data_hash == data_hash:
@@ -339,7 +339,7 @@ def plan_batch(
                     plan.advance.append((item.key, item.source_updated_at))  # type: ignore[arg-type]
             else:
                 result.updated += 1
-                writes.append(Write(item.key, item.data_json, data_hash, item.source_updated_at, False, "updated", False))
+                writes.append(Write(item.key, item.data_json, data_hash, item.source_updated_at, deleted=False, last_action="updated", is_new=False))
         else:  # delete: a tombstone keeps the last content, so the feed can show what went away
             if current.deleted:
                 result.unchanged += 1
@@ -351,7 +351,7 @@ def plan_batch(
                 continue
             result.deleted += 1
             source = _max_time(current.source_updated_at, item.source_updated_at)
-            writes.append(Write(item.key, None, None, source, True, "deleted", False))
+            writes.append(Write(item.key, None, None, source, deleted=True, last_action="deleted", is_new=False))
     return plan
 
 
@@ -384,4 +384,4 @@ def _plan_update(
             plan.advance.append((item.key, source))
         return
     plan.result.updated += 1
-    plan.writes.append(Write(item.key, merged_json, merged_hash, source, False, "updated", False))
+    plan.writes.append(Write(item.key, merged_json, merged_hash, source, deleted=False, last_action="updated", is_new=False))

@@ -184,13 +184,13 @@ class Store:
         modified_after: datetime | None = None,
     ) -> feed.ChangePage:
         """One page of the change feed, ordered by (last_modified_at, id)."""
-        with unavailable_as_store_error(), self._read() as conn:
+        with unavailable_as_store_error(), reading(self.engine) as conn:
             return feed.read_changes(
                 conn, sync, connection_id, cursor=cursor, limit=limit, actions=actions, modified_after=modified_after
             )
 
     def get(self, sync: str, connection_id: str, external_id: str) -> feed.Change | None:
-        with unavailable_as_store_error(), self._read() as conn:
+        with unavailable_as_store_error(), reading(self.engine) as conn:
             row = conn.execute(
                 select(*feed._COLUMNS).where(
                     records.c.sync == sync,
@@ -206,7 +206,7 @@ class Store:
             query = query.where(records.c.connection_id == connection_id)
         if not include_deleted:
             query = query.where(records.c.deleted_at.is_(None))
-        with unavailable_as_store_error(), self._read() as conn:
+        with unavailable_as_store_error(), reading(self.engine) as conn:
             return int(conn.execute(query).scalar_one())
 
     def dataframe(self, sync: str, connection_id: str | None = None, *, include_deleted: bool = False) -> pd.DataFrame:
@@ -221,12 +221,8 @@ class Store:
     def iter_dataframes(
         self, sync: str, connection_id: str | None = None, *, include_deleted: bool = False, chunk_size: int = 50_000
     ) -> Iterator[pd.DataFrame]:
-        with unavailable_as_store_error(), self._read() as conn:
+        with unavailable_as_store_error(), reading(self.engine) as conn:
             yield from feed.iter_dataframes(
                 conn, sync, connection_id, include_deleted=include_deleted, chunk_size=chunk_size
             )
 
-    @contextmanager
-    def _read(self) -> Iterator[Any]:
-        with reading(self.engine) as conn:
-            yield conn
