@@ -209,7 +209,8 @@ def _slot(run: dg.DagsterRun) -> int:
 def build_standby_sensor(
     providers: Sequence[str], jobs: Mapping[str, dg.JobDefinition], run_limits: RunLimits | None = None
 ) -> dg.SensorDefinition:
-    """Keeps one standby drainer run alive per provider of ``providers`` (``jobs`` by provider)."""
+    """Keeps one standby drainer run alive per provider of ``providers`` (``jobs`` by provider)
+    that has an active connection."""
     limits = run_limits or RunLimits()
     cap_s = limits.standby_run_cap.total_seconds()
     lead_s = limits.handoff_lead.total_seconds()
@@ -238,8 +239,12 @@ def build_standby_sensor(
         now = time.time()
         runs = context.instance.get_run_records(filters=dg.RunsFilter(statuses=_WILL_RUN, tags={"sync/mode": "standby"}))
         leases = [lease for lease in store.leases.list() if lease.role == "standby" and lease.holder]
+        # A provider without an active connection has nothing to drain: no process waits for it.
+        connected = {connection.provider for connection in store.connections.list(status="active")}
         requests: list[dg.RunRequest] = []
         for provider in providers:
+            if provider not in connected:
+                continue
             own_runs = [r for r in runs if r.dagster_run.tags.get(STANDBY_TAG) == provider]
             own_leases = [lease for lease in leases if lease.sync == provider]
             live_holders = {lease.holder for lease in own_leases if _expires(lease) + DEAD_GRACE_S > now}

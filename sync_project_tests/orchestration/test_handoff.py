@@ -217,6 +217,8 @@ def test_the_inbox_sensor_gives_a_partition_the_standby_holds_its_own_drainer(st
 def test_the_standby_sensor_keeps_one_standby_up_replaces_a_dead_one_and_succeeds_it(store, instance) -> None:
     ticker = Ticker(store, instance, sensor="standby_sensor")
     limits = RunLimits()
+    assert not ticker.tick().run_requests  # no connection: nothing to stand by for
+    store.connections.add("sandbox", "c1", account_id="a1")
     [first] = ticker.tick().run_requests
     assert first.job_name == standby_job_name("sandbox") and first.tags["sync/standby"] == "sandbox"
     dead = standby_run(ticker, instance, timedelta(seconds=20), slot=0)
