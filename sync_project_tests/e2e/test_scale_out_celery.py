@@ -224,6 +224,23 @@ def test_a_backfill_spreads_over_two_worker_hosts_and_survives_one_dying(deploym
                 continue
             if instance.get_run_by_id(victim.run_id).status == dg.DagsterRunStatus.FAILURE:  # type: ignore[union-attr]
                 continue
+            if victim.tags.get("sync/mode") == "standby":
+                # The provider's standby drainer: the standby sensor replaces it once its
+                # standby lease expired, on the survivor.
+                def standby_replaced(victim: dg.DagsterRun = victim) -> bool:
+                    standbys = instance.get_run_records(
+                        filters=dg.RunsFilter(tags={"sync/mode": "standby", "sync/standby": victim.tags["sync/standby"]})
+                    )
+                    return any(
+                        r.start_time is not None and r.start_time > killed_at
+                        and d.task_worker(r.dagster_run) == survivor.celery_name for r in standbys
+                    )
+
+                deadline = time.monotonic() + 120
+                while not standby_replaced():
+                    assert time.monotonic() < deadline, f"standby {victim.run_id} died with the host and was not replaced"
+                    time.sleep(1.0)
+                continue
             assert victim.tags.get("sync/mode") == "webhook", f"{victim.run_id} died with the host and was left running"
             partition = victim.tags["dagster/partition"]
             replacements = [
