@@ -227,8 +227,7 @@ def build_workload(count: int) -> Workload:
     workload.loads.append(
         Load(
             name=(
-                f"full refresh: {len(survivors):,} re-sent ({len(updated_again):,} changed),"
-                f" {len(vanished):,} vanished"
+                f"full refresh: {len(survivors):,} re-sent ({len(updated_again):,} changed), {len(vanished):,} vanished"
             ),
             pages=_pages(survivors, []),
             dlt_rows=_dlt_rows(survivors, markers),
@@ -306,7 +305,9 @@ def dlt_pipeline(database_url: str, workdir: Path, name: str, dataset: str) -> A
     )
 
 
-def dlt_resource(rows: Sequence[Record], *, write_disposition: Any = "merge", extra_columns: dict[str, Any] | None = None) -> Any:
+def dlt_resource(
+    rows: Sequence[Record], *, write_disposition: Any = "merge", extra_columns: dict[str, Any] | None = None
+) -> Any:
     import dlt
 
     columns: dict[str, Any] = {DELETED_COLUMN: {"data_type": "bool", "hard_delete": True}}
@@ -583,7 +584,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     exit_cleanly_on_sigterm()
     parser = benchmark_parser(__doc__)
     parser.add_argument(
-        "--records", type=int, default=None, help=f"dataset size (default {DATASET_RECORDS:,}; --quick: {QUICK_RECORDS:,})"
+        "--records",
+        type=int,
+        default=None,
+        help=f"dataset size (default {DATASET_RECORDS:,}; --quick: {QUICK_RECORDS:,})",
     )
     parser.add_argument(
         "--profile", action="store_true", help="print where the store's loads spend their time (slows the store's side)"

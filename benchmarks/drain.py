@@ -105,7 +105,12 @@ def events_for(workload: str, count: int, seed: int = 7) -> list[RoutedEvent]:
         payload = contact(key, i) if kind == "contact.updated" else {"id": key, "lifecycle": f"stage-{i % 5}"}
         events.append(
             RoutedEvent(
-                event_key=f"evt-{i}", event_type=kind, account_id="acct", payload=payload, sync=SYNC.key, connection_id="bench"
+                event_key=f"evt-{i}",
+                event_type=kind,
+                account_id="acct",
+                payload=payload,
+                sync=SYNC.key,
+                connection_id="bench",
             )
         )
     return events

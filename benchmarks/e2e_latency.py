@@ -81,7 +81,9 @@ class Stack:
         self.data, self.home = tmp / "data", tmp / "home"
         self.admin_token = "adm_" + secrets.token_urlsafe(16)
         self.env = {
-            **os.environ, "SYNC_DATA_DIR": str(self.data), "DAGSTER_HOME": str(self.home),
+            **os.environ,
+            "SYNC_DATA_DIR": str(self.data),
+            "DAGSTER_HOME": str(self.home),
             "SYNC_SANDBOX_ADMIN_TOKEN": self.admin_token,
         }
         self.env.pop("SYNC_DATABASE_URL", None)
@@ -90,9 +92,25 @@ class Stack:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sync_project.cli", "dev", "--ui-port", str(self.ui), "--receiver-port",
-             str(self.receiver), "--sandbox-port", str(self.sandbox), "--change-rate", "0"],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "sync_project.cli",
+                "dev",
+                "--ui-port",
+                str(self.ui),
+                "--receiver-port",
+                str(self.receiver),
+                "--sandbox-port",
+                str(self.sandbox),
+                "--change-rate",
+                "0",
+            ],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
         )
         assert self.process.stdout is not None
         for line in self.process.stdout:
@@ -114,12 +132,30 @@ class Stack:
 
     def launch_poll(self, sync: str, connection_id: str) -> None:
         provider, name = sync.split("/")
-        tags = {"dagster/partition": connection_id, "sync/asset_partition": f"{sync}:{connection_id}:poll", "sync/mode": "full"}
+        tags = {
+            "dagster/partition": connection_id,
+            "sync/asset_partition": f"{sync}:{connection_id}:poll",
+            "sync/mode": "full",
+        }
         subprocess.run(
-            [str(Path(sys.executable).parent / "dagster"), "job", "launch", "-w", str(ROOT / "workspace.yaml"),
-             "-j", f"{provider}__{name}_job", "--tags", json.dumps(tags),
-             "--config-json", json.dumps({"ops": {f"{provider}__{name}": {"config": {"mode": "full"}}}})],
-            env=self.env, cwd=ROOT, check=True, capture_output=True, timeout=180,
+            [
+                str(Path(sys.executable).parent / "dagster"),
+                "job",
+                "launch",
+                "-w",
+                str(ROOT / "workspace.yaml"),
+                "-j",
+                f"{provider}__{name}_job",
+                "--tags",
+                json.dumps(tags),
+                "--config-json",
+                json.dumps({"ops": {f"{provider}__{name}": {"config": {"mode": "full"}}}}),
+            ],
+            env=self.env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            timeout=180,
         )
 
 
@@ -185,9 +221,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--changes", type=int, default=60, help="changes per traffic case")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between sandbox changes")
     parser.add_argument("--settle", type=float, default=30.0, help="seconds to let the first polls finish")
-    parser.add_argument("--quiet", type=float, default=10.0, help="cold case: seconds the partition's drain lease stays free first")
-    parser.add_argument("--cold-rounds", type=int, default=3,
-                        help="cold case: samples per partition (each waits for the partition's drainer to end)")
+    parser.add_argument(
+        "--quiet", type=float, default=10.0, help="cold case: seconds the partition's drain lease stays free first"
+    )
+    parser.add_argument(
+        "--cold-rounds",
+        type=int,
+        default=3,
+        help="cold case: samples per partition (each waits for the partition's drainer to end)",
+    )
     parser.add_argument("--cases", default="steady,polled,cold")
     args = parser.parse_args(argv)
     changes = 20 if args.quick else args.changes
@@ -211,8 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     start_id = store.inbox.high_water_mark()
                     traffic(admin, changes, args.interval)
                     loads.append(f"steady {load_average()}")
-                    figures += case_figures("steady", merged_latencies(store, start_id, changes), changes,
-                                            f"1 change / {args.interval:g} s, 4 partitions")
+                    figures += case_figures(
+                        "steady",
+                        merged_latencies(store, start_id, changes),
+                        changes,
+                        f"1 change / {args.interval:g} s, 4 partitions",
+                    )
                 if "polled" in cases:
                     stop = threading.Event()
                     poller = threading.Thread(target=polling, args=(stack, stop), daemon=True)
@@ -225,8 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     finally:
                         stop.set()
                         poller.join(240)
-                    figures += case_figures("polled", merged_latencies(store, start_id, changes), changes,
-                                            "same traffic, full polls of all 4 partitions resubmitted as soon as submitted")
+                    figures += case_figures(
+                        "polled",
+                        merged_latencies(store, start_id, changes),
+                        changes,
+                        "same traffic, full polls of all 4 partitions resubmitted as soon as submitted",
+                    )
                 if "cold" in cases:
                     cold: list[float] = []
                     samples = args.cold_rounds * len(ACCOUNTS) * len(SYNCS)
@@ -234,17 +284,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                         for sync, share in SYNCS.items():
                             for connection_id, account in ACCOUNTS.items():
                                 if not drain_free_for(store, sync, connection_id, args.quiet, LINGER_S + 180):
-                                    print(f"{sync} {connection_id}: a drainer still stands; no cold sample", file=sys.stderr)
+                                    print(
+                                        f"{sync} {connection_id}: a drainer still stands; no cold sample",
+                                        file=sys.stderr,
+                                    )
                                     continue
                                 start_id = store.inbox.high_water_mark()
-                                admin.apply_changes(1, account_id=account, create=1, update=0, delete=0, deal_share=share)
+                                admin.apply_changes(
+                                    1, account_id=account, create=1, update=0, delete=0, deal_share=share
+                                )
                                 sample = merged_latencies(store, start_id, 1)
                                 cold += sample
-                                print(f"cold round {round_ + 1} {sync} {connection_id}: {sample}", file=sys.stderr, flush=True)
+                                print(
+                                    f"cold round {round_ + 1} {sync} {connection_id}: {sample}",
+                                    file=sys.stderr,
+                                    flush=True,
+                                )
                     loads.append(f"cold {load_average()}")
-                    figures += case_figures("cold", cold, samples,
-                                            f"first event after the drain lease was free {args.quiet:g} s, per partition, "
-                                            f"{args.cold_rounds} round(s)")
+                    figures += case_figures(
+                        "cold",
+                        cold,
+                        samples,
+                        f"first event after the drain lease was free {args.quiet:g} s, per partition, "
+                        f"{args.cold_rounds} round(s)",
+                    )
             store.close()
         finally:
             stack.stop()

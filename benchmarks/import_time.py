@@ -37,7 +37,11 @@ def cpu_seconds(module: str) -> float:
 def breakdown(module: str, top: int = 8) -> list[tuple[str, float]]:
     """Top-level packages by cumulative import time (wall, so only the proportions matter)."""
     output = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", f"import {module}"], check=True, capture_output=True, text=True, timeout=120
+        [sys.executable, "-X", "importtime", "-c", f"import {module}"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     packages: dict[str, float] = {}
     for line in output.stderr.splitlines():
@@ -58,8 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     floor = statistics.median(cpu_seconds("dagster") for _ in range(repeat))
     case = f"median of {repeat} fresh interpreters"
     figures = [
-        figure(BENCHMARK, case, "import sync_project.definitions, CPU", project, "s",
-               baseline="import dagster", baseline_value=floor, value_at_most=TARGET_CPU_S),
+        figure(
+            BENCHMARK,
+            case,
+            "import sync_project.definitions, CPU",
+            project,
+            "s",
+            baseline="import dagster",
+            baseline_value=floor,
+            value_at_most=TARGET_CPU_S,
+        ),
         figure(BENCHMARK, case, "import dagster alone, CPU (the floor)", floor, "s"),
         figure(BENCHMARK, case, "the project's share beyond dagster, CPU", max(0.0, project - floor), "s"),
     ]

@@ -190,9 +190,13 @@ def create_bare_table(engine: sa.Engine) -> None:
             if options:
                 conn.exec_driver_sql(f"ALTER TABLE bare_records SET ({', '.join(options)})")
         else:  # the table and every index of it, as in Postgres' LIKE ... INCLUDING ALL
-            ddl = conn.exec_driver_sql(
-                "SELECT sql FROM sqlite_master WHERE tbl_name = 'records' AND sql IS NOT NULL ORDER BY type DESC"
-            ).scalars().all()
+            ddl = (
+                conn.exec_driver_sql(
+                    "SELECT sql FROM sqlite_master WHERE tbl_name = 'records' AND sql IS NOT NULL ORDER BY type DESC"
+                )
+                .scalars()
+                .all()
+            )
             for statement in ddl:
                 # A table rebuilt by a migration (alembic batch mode) keeps its name quoted.
                 statement = re.sub(r'\b(TABLE|ON) "?records"?(?=[ (])', r"\1 bare_records", statement, count=1)
@@ -345,12 +349,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     outcomes: list[tuple[str, list[PhaseResult]]] = []
     if args.backend in ("postgres", "both"):
         with postgres_url() as url:
-            outcomes.append(("postgres (bare = execute_values INSERT ... ON CONFLICT DO UPDATE ... WHERE)",
-                             run_backend(url, versions, args.page)))
+            outcomes.append(
+                (
+                    "postgres (bare = execute_values INSERT ... ON CONFLICT DO UPDATE ... WHERE)",
+                    run_backend(url, versions, args.page),
+                )
+            )
     if args.backend in ("sqlite", "both"):
         with sqlite_url() as url:
-            outcomes.append(("sqlite (bare = executemany INSERT ... ON CONFLICT DO UPDATE ... WHERE)",
-                             run_backend(url, versions, args.page)))
+            outcomes.append(
+                (
+                    "sqlite (bare = executemany INSERT ... ON CONFLICT DO UPDATE ... WHERE)",
+                    run_backend(url, versions, args.page),
+                )
+            )
     for backend, results in outcomes:
         print_table(backend, results, targets=backend.startswith("postgres"))
     if args.json:

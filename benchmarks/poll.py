@@ -57,7 +57,10 @@ def api_app(total: int):
     async def items(request: Request) -> Response:
         start = int(request.query_params.get("cursor") or 0)
         end = min(start + PAGE_SIZE, total)
-        body = {"items": [synthetic_record(i) for i in range(start, end)], "next_cursor": str(end) if end < total else None}
+        body = {
+            "items": [synthetic_record(i) for i in range(start, end)],
+            "next_cursor": str(end) if end < total else None,
+        }
         return Response(json.dumps(body), media_type="application/json")
 
     return Starlette(routes=[Route("/items", items)])
@@ -174,18 +177,41 @@ def main() -> int:
         print(f"{row['size']:>10,} {row['seconds']:>9.1f} {row['records_per_s']:>11,.0f} {row['peak_rss_mb']:>12.0f}")
     growth = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"] if len(rows) > 1 else None
     if growth is not None:
-        print(f"peak RSS {rows[-1]['size']:,} / {rows[0]['size']:,}: {growth:.2f}x (target: under 300 MB and within 1.20x)")
+        print(
+            f"peak RSS {rows[-1]['size']:,} / {rows[0]['size']:,}: {growth:.2f}x (target: under 300 MB and within 1.20x)"
+        )
     if args.json_path:
         figures = []
         for row in rows:
-            figures.append({"benchmark": "poll", "case": f"full refresh {row['size']:,} ({args.backend})", "metric": "records/s",
-                            "value": row["records_per_s"], "unit": "records/s", "baseline": None, "baseline_value": None,
-                            "ratio": None, "target": None, "met": None})
-            figures.append({"benchmark": "poll", "case": f"full refresh {row['size']:,} ({args.backend})", "metric": "peak RSS",
-                            "value": row["peak_rss_mb"], "unit": "MB", "baseline": f"{rows[0]['size']:,} records" if row is not rows[0] else None,
-                            "baseline_value": rows[0]["peak_rss_mb"] if row is not rows[0] else None,
-                            "ratio": row["peak_rss_mb"] / rows[0]["peak_rss_mb"] if row is not rows[0] else None,
-                            "target": "< 300 MB, within 1.20x", "met": row["peak_rss_mb"] < 300 and (row is rows[0] or row["peak_rss_mb"] / rows[0]["peak_rss_mb"] <= 1.2)})
+            figures.append(
+                {
+                    "benchmark": "poll",
+                    "case": f"full refresh {row['size']:,} ({args.backend})",
+                    "metric": "records/s",
+                    "value": row["records_per_s"],
+                    "unit": "records/s",
+                    "baseline": None,
+                    "baseline_value": None,
+                    "ratio": None,
+                    "target": None,
+                    "met": None,
+                }
+            )
+            figures.append(
+                {
+                    "benchmark": "poll",
+                    "case": f"full refresh {row['size']:,} ({args.backend})",
+                    "metric": "peak RSS",
+                    "value": row["peak_rss_mb"],
+                    "unit": "MB",
+                    "baseline": f"{rows[0]['size']:,} records" if row is not rows[0] else None,
+                    "baseline_value": rows[0]["peak_rss_mb"] if row is not rows[0] else None,
+                    "ratio": row["peak_rss_mb"] / rows[0]["peak_rss_mb"] if row is not rows[0] else None,
+                    "target": "< 300 MB, within 1.20x",
+                    "met": row["peak_rss_mb"] < 300
+                    and (row is rows[0] or row["peak_rss_mb"] / rows[0]["peak_rss_mb"] <= 1.2),
+                }
+            )
         Path(args.json_path).write_text(json.dumps(figures, indent=2))
     return 0
 

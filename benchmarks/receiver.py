@@ -160,7 +160,9 @@ def serve(kind: str, database_url: str | None, max_batch: int, log_path: str, re
 
 
 @contextmanager
-def server(kind: str, database_url: str | None, log_dir: str, max_batch: int = 1000) -> Iterator[tuple[int, dict[str, Any]]]:
+def server(
+    kind: str, database_url: str | None, log_dir: str, max_batch: int = 1000
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """Serve ``kind`` in a child process; on exit, shut it down and put its commit counts in the dict."""
     context = multiprocessing.get_context("spawn")
     ready, stats = context.Queue(), context.Queue()
@@ -373,7 +375,9 @@ def database(backend: str) -> Iterator[str]:
         yield url
 
 
-def run_receiver(name: str, url: str, log_dir: str, requests: list[bytes], args: argparse.Namespace, max_batch: int) -> Phase:
+def run_receiver(
+    name: str, url: str, log_dir: str, requests: list[bytes], args: argparse.Namespace, max_batch: int
+) -> Phase:
     with server("receiver", url, log_dir, max_batch=max_batch) as (port, report):
         drive(port, deliveries(500, f"warmup-{name}"), args.concurrency, 30, "warmup")
         phase = drive(port, requests, args.concurrency, args.max_seconds, name)
@@ -382,14 +386,26 @@ def run_receiver(name: str, url: str, log_dir: str, requests: list[bytes], args:
 
 
 def figure(
-    case: str, metric: str, value: float, unit: str, *, baseline: str | None = None,
-    baseline_value: float | None = None, at_least: float | None = None,
+    case: str,
+    metric: str,
+    value: float,
+    unit: str,
+    *,
+    baseline: str | None = None,
+    baseline_value: float | None = None,
+    at_least: float | None = None,
 ) -> dict[str, Any]:
     """One figure in the JSON shape ``benchmarks/report.py`` reads (see ``_common.Figure``)."""
     ratio = value / baseline_value if baseline_value else None
     return {
-        "benchmark": "receiver", "case": case, "metric": metric, "value": value, "unit": unit,
-        "baseline": baseline, "baseline_value": baseline_value, "ratio": ratio,
+        "benchmark": "receiver",
+        "case": case,
+        "metric": metric,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "baseline_value": baseline_value,
+        "ratio": ratio,
         "target": None if at_least is None else f">= {at_least:g} {unit}",
         "met": None if at_least is None else value >= at_least,
     }
@@ -421,7 +437,9 @@ def main() -> int:
         phases: list[Phase] = []
         with server("bare", None, log_dir) as (port, _):
             drive(port, deliveries(2000, "warmup-bare"), args.concurrency, 30, "warmup")
-            phases.append(drive(port, deliveries(args.requests, "bare"), args.concurrency, args.max_seconds, "bare Starlette"))
+            phases.append(
+                drive(port, deliveries(args.requests, "bare"), args.concurrency, args.max_seconds, "bare Starlette")
+            )
         limit_one, limit_batched = (0.0, 0.0)
         if args.backend == "postgres" and args.limit_seconds > 0:
             # The limit, in the same run: the database alone, same server, same moment.
@@ -466,28 +484,64 @@ def main() -> int:
         )
     if len(phases) > 2:
         print(f"group commit / one commit per delivery: {receiver.per_second / phases[2].per_second:.1f}x")
-    print(f"inbox rows checked: {stored} (one per 202, warm-ups included); mean latency "
-          f"{statistics.fmean(receiver.latencies) * 1000:.1f} ms")
+    print(
+        f"inbox rows checked: {stored} (one per 202, warm-ups included); mean latency "
+        f"{statistics.fmean(receiver.latencies) * 1000:.1f} ms"
+    )
 
     case = f"{args.backend}, {args.concurrency} connections, {args.requests:,} signed deliveries"
     figures = [
-        figure(case, "durable deliveries/s", durable, "deliveries/s", baseline="bare Starlette",
-               baseline_value=bare.per_second, at_least=4000),
-        figure(case, "p99 latency", receiver.percentile(0.99), "ms", baseline="bare Starlette",
-               baseline_value=bare.percentile(0.99)),
+        figure(
+            case,
+            "durable deliveries/s",
+            durable,
+            "deliveries/s",
+            baseline="bare Starlette",
+            baseline_value=bare.per_second,
+            at_least=4000,
+        ),
+        figure(
+            case,
+            "p99 latency",
+            receiver.percentile(0.99),
+            "ms",
+            baseline="bare Starlette",
+            baseline_value=bare.percentile(0.99),
+        ),
     ]
     if limit_one:
-        figures.append(figure(case, "durable deliveries/s", durable, "deliveries/s",
-                              baseline="one-row commit limit (pgbench)", baseline_value=limit_one))
+        figures.append(
+            figure(
+                case,
+                "durable deliveries/s",
+                durable,
+                "deliveries/s",
+                baseline="one-row commit limit (pgbench)",
+                baseline_value=limit_one,
+            )
+        )
         figures[-1]["target"], figures[-1]["met"] = ">= 1x one-row commit limit", durable >= limit_one
-        figures.append(figure(case, "durable deliveries/s", durable, "deliveries/s",
-                              baseline="100-row transaction limit (pgbench, rows/s)", baseline_value=limit_batched))
+        figures.append(
+            figure(
+                case,
+                "durable deliveries/s",
+                durable,
+                "deliveries/s",
+                baseline="100-row transaction limit (pgbench, rows/s)",
+                baseline_value=limit_batched,
+            )
+        )
     if len(phases) > 2:
         naive_phase = phases[2]
         figures.append(
-            figure(f"{args.backend}, one commit per delivery, {args.naive_requests:,} deliveries",
-                   "durable deliveries/s", naive_phase.statuses[202] / naive_phase.seconds, "deliveries/s",
-                   baseline="group commit", baseline_value=durable)
+            figure(
+                f"{args.backend}, one commit per delivery, {args.naive_requests:,} deliveries",
+                "durable deliveries/s",
+                naive_phase.statuses[202] / naive_phase.seconds,
+                "deliveries/s",
+                baseline="group commit",
+                baseline_value=durable,
+            )
         )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

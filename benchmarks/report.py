@@ -68,7 +68,9 @@ class Outcome:
     figures: list[Figure] = field(default_factory=list)
 
 
-def run_benchmark(benchmark: Benchmark, scripts_dir: Path, results_dir: Path, *, quick: bool, timeout: float) -> Outcome:
+def run_benchmark(
+    benchmark: Benchmark, scripts_dir: Path, results_dir: Path, *, quick: bool, timeout: float
+) -> Outcome:
     script = scripts_dir / benchmark.script
     if not script.exists():
         print(f"== {benchmark.script}: absent, skipped", flush=True)
@@ -76,7 +78,13 @@ def run_benchmark(benchmark: Benchmark, scripts_dir: Path, results_dir: Path, *,
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / f"{script.stem}.json"
     json_path.unlink(missing_ok=True)
-    command = [sys.executable, str(script), "--json", str(json_path), *(benchmark.quick_args if quick else benchmark.args)]
+    command = [
+        sys.executable,
+        str(script),
+        "--json",
+        str(json_path),
+        *(benchmark.quick_args if quick else benchmark.args),
+    ]
     print(f"== {benchmark.script}: {' '.join(command[2:])}", flush=True)
     started = time.perf_counter()
     # Output goes straight to ours: a long benchmark shows progress, and `make bench` keeps it.

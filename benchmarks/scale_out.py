@@ -54,8 +54,9 @@ def run_backfill(workers: int, partitions: int, records: int, concurrency: int) 
     from sync_project_tests.support.scale_out import ScaleOutDeployment
 
     with tempfile.TemporaryDirectory(prefix="bench-scale-out-") as tmp:
-        deployment = ScaleOutDeployment(Path(tmp), workers=workers, concurrency=concurrency,
-                                        accounts=partitions, contacts=records)
+        deployment = ScaleOutDeployment(
+            Path(tmp), workers=workers, concurrency=concurrency, accounts=partitions, contacts=records
+        )
         try:
             deployment.start()
             assert deployment.instance is not None
@@ -64,7 +65,11 @@ def run_backfill(workers: int, partitions: int, records: int, concurrency: int) 
             backfill_id = deployment.launch_backfill(deployment.connection_ids, {})
             deadline = time.monotonic() + 1800
             while (status := deployment.backfill_status(backfill_id)) not in (
-                "COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"
+                "COMPLETED",
+                "COMPLETED_SUCCESS",
+                "COMPLETED_FAILED",
+                "FAILED",
+                "CANCELED",
             ):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the backfill did not finish in 30 min: {status}")
@@ -105,19 +110,28 @@ def main() -> int:
     figures = []
     for workers, result in results.items():
         label = f"{case}, {workers} worker host(s)"
-        figures.append(figure(BENCHMARK, label, "wall time (first run start to last run end)",
-                              result["execution_s"], "s"))
-        figures.append(figure(BENCHMARK, label, "wall time (launch to backfill completed)",
-                              result["launch_to_done_s"], "s"))
+        figures.append(
+            figure(BENCHMARK, label, "wall time (first run start to last run end)", result["execution_s"], "s")
+        )
+        figures.append(
+            figure(BENCHMARK, label, "wall time (launch to backfill completed)", result["launch_to_done_s"], "s")
+        )
         figures.append(figure(BENCHMARK, label, "runs/min", result["runs"] / result["execution_s"] * 60, "runs/min"))
         for key, seconds in sorted(result.items()):
             if key.startswith("cpu_"):
                 figures.append(figure(BENCHMARK, label, f"CPU of worker {key[4:]}", seconds, "s"))
     one, two = results[1], results[2]
-    figures.append(figure(
-        BENCHMARK, case, "runs/min, two worker hosts", two["runs"] / two["execution_s"] * 60, "runs/min",
-        baseline="one worker host", baseline_value=one["runs"] / one["execution_s"] * 60,
-    ))
+    figures.append(
+        figure(
+            BENCHMARK,
+            case,
+            "runs/min, two worker hosts",
+            two["runs"] / two["execution_s"] * 60,
+            "runs/min",
+            baseline="one worker host",
+            baseline_value=one["runs"] / one["execution_s"] * 60,
+        )
+    )
     return publish(figures, args.json)
 
 

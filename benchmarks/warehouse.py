@@ -141,7 +141,11 @@ def feed_rows(store: Store, cursor: str | None) -> tuple[list[dict[str, Any]], s
 
 def live_versions(store: Store) -> dict[str, datetime]:
     rows, _ = feed_rows(store, None)
-    return {r["id"]: datetime.fromisoformat(r["updated_at"].replace("Z", "+00:00")) for r in rows if r["_deleted_at"] is None}
+    return {
+        r["id"]: datetime.fromisoformat(r["updated_at"].replace("Z", "+00:00"))
+        for r in rows
+        if r["_deleted_at"] is None
+    }
 
 
 # -- the destinations ---------------------------------------------------------------------------
@@ -167,13 +171,20 @@ class Side:
         import dlt
 
         resource = dlt.resource(
-            rows, name=table_name(SYNC), write_disposition="merge", primary_key=primary_key(SYNC),
+            rows,
+            name=table_name(SYNC),
+            write_disposition="merge",
+            primary_key=primary_key(SYNC),
             columns=table_columns(SYNC, self.warehouse.config.deletes),
         )
         self.peer.run(resource, loader_file_format=self.warehouse.config.file_format()).raise_on_failed_jobs()
 
     def check(self, dataset: str, expected: dict[str, datetime]) -> None:
-        found = {key: updated for key, (updated, deleted) in self.reader(dataset, table_name(SYNC)).items() if deleted is None}
+        found = {
+            key: updated
+            for key, (updated, deleted) in self.reader(dataset, table_name(SYNC)).items()
+            if deleted is None
+        }
         if found != expected:
             missing, extra = len(expected.keys() - found.keys()), len(found.keys() - expected.keys())
             wrong = sum(1 for k in expected.keys() & found.keys() if expected[k] != found[k])
@@ -185,7 +196,10 @@ def duckdb_reader(path: Path) -> Any:
         import duckdb
 
         with duckdb.connect(str(path)) as conn:
-            return {k: (u, d) for k, u, d in conn.execute(f"SELECT id, updated_at, _deleted_at FROM {dataset}.{table}").fetchall()}
+            return {
+                k: (u, d)
+                for k, u, d in conn.execute(f"SELECT id, updated_at, _deleted_at FROM {dataset}.{table}").fetchall()
+            }
 
     return read
 
@@ -236,8 +250,15 @@ def measure_side(side: Side, store: Store, steps: list[tuple[str, Any]]) -> list
             flush=True,
         )
         figures.append(
-            figure(BENCHMARK, case, f"warehouse load, {side.name}", ours_rate, "records/s",
-                   baseline="dlt from a list", baseline_value=theirs_rate)
+            figure(
+                BENCHMARK,
+                case,
+                f"warehouse load, {side.name}",
+                ours_rate,
+                "records/s",
+                baseline="dlt from a list",
+                baseline_value=theirs_rate,
+            )
         )
     return figures
 
@@ -250,10 +271,20 @@ def run_loads(count: int) -> list[Figure]:
         workdir = Path(tmp)
         duck = workdir / "warehouse.duckdb"
         sides = [
-            Side("DuckDB", WarehouseSettings(destination="duckdb", credentials=str(duck), dataset="synced", deletes="soft"),
-                 workdir, duckdb_reader(duck)),
-            Side("Postgres", WarehouseSettings(destination="postgres", credentials=dlt_credentials(pg_url), dataset="synced",
-                                               deletes="soft"), workdir, postgres_reader(pg_url)),
+            Side(
+                "DuckDB",
+                WarehouseSettings(destination="duckdb", credentials=str(duck), dataset="synced", deletes="soft"),
+                workdir,
+                duckdb_reader(duck),
+            ),
+            Side(
+                "Postgres",
+                WarehouseSettings(
+                    destination="postgres", credentials=dlt_credentials(pg_url), dataset="synced", deletes="soft"
+                ),
+                workdir,
+                postgres_reader(pg_url),
+            ),
         ]
         for side in sides:
             # A store of its own per destination, so each side's initial load starts from an empty feed cursor.
@@ -267,10 +298,14 @@ def run_loads(count: int) -> list[Figure]:
                     counts["updated"], counts["deleted"] = change(store, records)  # noqa: B023 - run in this iteration
 
                 updated, deleted = round(count * UPDATED_FRACTION), round(count * DELETED_FRACTION)
-                figures += measure_side(side, store, [
-                    (f"initial load, {count:,} records", initial),
-                    (f"changes: {updated:,} updated + {deleted:,} deleted of {count:,}", changes),
-                ])
+                figures += measure_side(
+                    side,
+                    store,
+                    [
+                        (f"initial load, {count:,} records", initial),
+                        (f"changes: {updated:,} updated + {deleted:,} deleted of {count:,}", changes),
+                    ],
+                )
     return figures
 
 
@@ -286,8 +321,9 @@ def _fill_child(count: int, workdir: str, results: Any) -> None:
 
 def _load_child(count: int, workdir: str, results: Any) -> None:
     with Store(f"sqlite:///{workdir}/store_{count}.db", migrate_schema=False) as store:
-        warehouse = Warehouse(WarehouseSettings(destination="duckdb", credentials=f"{workdir}/memory_{count}.duckdb",
-                                                dataset="synced"))
+        warehouse = Warehouse(
+            WarehouseSettings(destination="duckdb", credentials=f"{workdir}/memory_{count}.duckdb", dataset="synced")
+        )
         warehouse.load(store, SYNC, CONNECTION)
     results.put(_peak_rss_kib())
 
@@ -320,14 +356,22 @@ def run_memory(sizes: Sequence[int]) -> list[Figure]:
         peaks = {}
         for count in sizes:
             peaks[count] = peak_rss_mb(count, tmp)
-            print(f"memory: warehouse load of {count:,} records into DuckDB, peak RSS {peaks[count]:.0f} MB", flush=True)
+            print(
+                f"memory: warehouse load of {count:,} records into DuckDB, peak RSS {peaks[count]:.0f} MB", flush=True
+            )
         small = sizes[0]
         for count in sizes:
             figures.append(
-                figure(BENCHMARK, f"initial load into DuckDB, {count:,} records", "peak RSS", peaks[count], "MB",
-                       baseline=f"peak RSS at {small:,}" if count != small else None,
-                       baseline_value=peaks[small] if count != small else None,
-                       ratio_at_most=1.2 if count != small else None)
+                figure(
+                    BENCHMARK,
+                    f"initial load into DuckDB, {count:,} records",
+                    "peak RSS",
+                    peaks[count],
+                    "MB",
+                    baseline=f"peak RSS at {small:,}" if count != small else None,
+                    baseline_value=peaks[small] if count != small else None,
+                    ratio_at_most=1.2 if count != small else None,
+                )
             )
     return figures
 
@@ -335,10 +379,17 @@ def run_memory(sizes: Sequence[int]) -> list[Figure]:
 def main(argv: Sequence[str] | None = None) -> int:
     exit_cleanly_on_sigterm()
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--records", type=int, default=None,
-                        help=f"dataset size of the loads (default {DATASET_RECORDS:,}; --quick: {QUICK_RECORDS:,})")
-    parser.add_argument("--memory-sizes", default=None,
-                        help="record counts of the memory runs, comma-separated (default 100000,1000000; --quick 10000,50000)")
+    parser.add_argument(
+        "--records",
+        type=int,
+        default=None,
+        help=f"dataset size of the loads (default {DATASET_RECORDS:,}; --quick: {QUICK_RECORDS:,})",
+    )
+    parser.add_argument(
+        "--memory-sizes",
+        default=None,
+        help="record counts of the memory runs, comma-separated (default 100000,1000000; --quick 10000,50000)",
+    )
     parser.add_argument("--skip-memory", action="store_true", help="only the loads")
     parser.add_argument("--skip-loads", action="store_true", help="only the memory runs")
     args = parser.parse_args(argv)
@@ -346,8 +397,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if count < 1000:
         parser.error("--records must be at least 1,000 (1% of it is deleted)")
     try:
-        sizes = tuple(int(s) for s in args.memory_sizes.split(",")) if args.memory_sizes else (
-            QUICK_MEMORY_SIZES if args.quick else DEFAULT_MEMORY_SIZES)
+        sizes = (
+            tuple(int(s) for s in args.memory_sizes.split(","))
+            if args.memory_sizes
+            else (QUICK_MEMORY_SIZES if args.quick else DEFAULT_MEMORY_SIZES)
+        )
     except ValueError:
         parser.error("--memory-sizes takes record counts separated by commas, e.g. 100000,1000000")
     with tempfile.TemporaryDirectory(prefix="dlt-home-") as home:

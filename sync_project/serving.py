@@ -53,7 +53,10 @@ class BackgroundServer:
         self.url = url_of(self._socket)
         self.host, self.port = self._socket.getsockname()[:2]
         config = uvicorn.Config(
-            app, log_level=log_level, lifespan=lifespan, access_log=False,
+            app,
+            log_level=log_level,
+            lifespan=lifespan,
+            access_log=False,
             # uvicorn annotates int but waits with asyncio.wait_for, which takes a fraction too.
             timeout_graceful_shutdown=graceful_shutdown_s,  # type: ignore[arg-type]
         )
@@ -81,5 +84,7 @@ class BackgroundServer:
     def __enter__(self) -> BackgroundServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

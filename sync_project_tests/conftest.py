@@ -36,23 +36,25 @@ def _postgres_problem() -> str | None:
 #: Postgres servers. `make test` runs on two pytest-xdist workers with ``--dist loadgroup``: these
 #: share one group, so they run one at a time on one worker (two at once would starve each other's
 #: deadlines on a 2-core machine) while the other worker takes the in-process tests.
-HEAVY_MODULES = frozenset({
-    "e2e/test_backfill_while_webhooks_flow.py",
-    "e2e/test_convergence.py",
-    "e2e/test_scale_out_celery.py",
-    "cli/test_dev.py",
-    "cli/test_dev_restart.py",
-    "cli/test_readme_commands.py",
-    "cli/test_dagster_cli.py",
-    "orchestration/test_standing_drainers.py",
-    "orchestration/test_killed_run.py",
-    "orchestration/test_run_monitoring.py",
-    "orchestration/test_postgres_instance.py",
-    "orchestration/test_handoff.py",
-    "orchestration/test_partition_faults.py",
-    "orchestration/test_resumable_full_refresh.py",
-    "receiver/test_database_faults.py",
-})
+HEAVY_MODULES = frozenset(
+    {
+        "e2e/test_backfill_while_webhooks_flow.py",
+        "e2e/test_convergence.py",
+        "e2e/test_scale_out_celery.py",
+        "cli/test_dev.py",
+        "cli/test_dev_restart.py",
+        "cli/test_readme_commands.py",
+        "cli/test_dagster_cli.py",
+        "orchestration/test_standing_drainers.py",
+        "orchestration/test_killed_run.py",
+        "orchestration/test_run_monitoring.py",
+        "orchestration/test_postgres_instance.py",
+        "orchestration/test_handoff.py",
+        "orchestration/test_partition_faults.py",
+        "orchestration/test_resumable_full_refresh.py",
+        "receiver/test_database_faults.py",
+    }
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -68,7 +68,9 @@ def test_the_analytics_asset_follows_the_warehouse_tables_by_declarative_automat
         selection = dg.AssetSelection.assets(summary)
 
         def evaluate(cursor: Any) -> Any:
-            return dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection, cursor=cursor)
+            return dg.evaluate_automation_conditions(
+                defs=defs, instance=instance, asset_selection=selection, cursor=cursor
+            )
 
         # The sensor's first tick only records where things stand (eager never fires for state
         # it did not see change).

@@ -116,7 +116,9 @@ def sign(body: bytes, secret: str = SECRET) -> dict[str, str]:
     return {SIGNATURE_HEADER: f"sha256={digest}", "content-type": "application/json"}
 
 
-def event(event_id: str, event_type: str = "contact.updated", account: str | int | None = "acct-1", **data: Any) -> dict[str, Any]:
+def event(
+    event_id: str, event_type: str = "contact.updated", account: str | int | None = "acct-1", **data: Any
+) -> dict[str, Any]:
     return {"id": event_id, "type": event_type, "account": account, "data": data}
 
 
@@ -248,7 +250,9 @@ class TcpProxy:
         self._thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._closed = True
         self.cut()
         _close(self._listener)  # shutdown() wakes the thread blocked in accept()

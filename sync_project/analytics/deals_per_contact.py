@@ -47,7 +47,9 @@ def summarize_deals_per_contact(contacts: "pd.DataFrame", deals: "pd.DataFrame")
     summary = people.merge(totals, on=["connection_id", "contact_id"], how="left")
     summary["deals"] = summary["deals"].fillna(0).astype(int)
     summary["total_amount"] = summary["total_amount"].fillna(0).astype(float)
-    return summary.sort_values(["connection_id", "total_amount", "contact_id"], ascending=[True, False, True])[columns].reset_index(drop=True)
+    return summary.sort_values(["connection_id", "total_amount", "contact_id"], ascending=[True, False, True])[
+        columns
+    ].reset_index(drop=True)
 
 
 @dg.asset(

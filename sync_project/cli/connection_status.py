@@ -383,7 +383,15 @@ def failure_text(failure: RunFailure | None, prefix: str = "", limit: int | None
 
 def table(statuses: Sequence[PartitionStatus], now: datetime) -> list[str]:
     header = (
-        "SYNC", "CONNECTION", "STATUS", "LAST SUCCESS", "COUNTS +~-=", "PENDING", "DEAD", "NEXT POLL", "LAST ERROR"
+        "SYNC",
+        "CONNECTION",
+        "STATUS",
+        "LAST SUCCESS",
+        "COUNTS +~-=",
+        "PENDING",
+        "DEAD",
+        "NEXT POLL",
+        "LAST ERROR",
     )
     rows = [header]
     for s in statuses:
@@ -451,7 +459,9 @@ def full_refresh_text(full: FullRefreshStatus, now: datetime) -> str:
     last = f"last {ago(full.last_completed_at, now)}" if full.last_completed_at else "none yet"
     due = ""
     if full.next_due_at is not None:
-        due = f", due {full.next_due_at:%Y-%m-%d %H:%M:%S}Z" + (" (at the next poll)" if full.next_due_at <= now else "")
+        due = f", due {full.next_due_at:%Y-%m-%d %H:%M:%S}Z" + (
+            " (at the next poll)" if full.next_due_at <= now else ""
+        )
     return f"every {duration(full.every_s)}; {last}{due}"
 
 

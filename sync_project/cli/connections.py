@@ -69,14 +69,22 @@ def _credentials_options(function):  # type: ignore[no-untyped-def]
     """The credentials reference, one of four kinds, resolved by every run (see README)."""
     for option in reversed(
         [
-            click.option("--credentials-env", metavar="VAR", help="An environment variable of the services that run syncs."),
-            click.option("--credentials-file", metavar="PATH", help="A file the runs read (absolute path), e.g. a mounted secret."),
             click.option(
-                "--credentials-secret", metavar="KEY",
+                "--credentials-env", metavar="VAR", help="An environment variable of the services that run syncs."
+            ),
+            click.option(
+                "--credentials-file",
+                metavar="PATH",
+                help="A file the runs read (absolute path), e.g. a mounted secret.",
+            ),
+            click.option(
+                "--credentials-secret",
+                metavar="KEY",
                 help="A key of the secrets directory ($SYNC_SECRETS_DIR, default /run/secrets): Docker or Kubernetes secrets.",
             ),
             click.option(
-                "--store-credentials", is_flag=True,
+                "--store-credentials",
+                is_flag=True,
                 help="Read the secret from stdin (or a hidden prompt) and keep it in the store, encrypted with $SYNC_CREDENTIALS_KEY.",
             ),
         ]
@@ -87,11 +95,14 @@ def _credentials_options(function):  # type: ignore[no-untyped-def]
 
 def _interval_options(function):  # type: ignore[no-untyped-def]
     function = click.option(
-        "--full-refresh-interval", metavar="DURATION",
+        "--full-refresh-interval",
+        metavar="DURATION",
         help="Full refresh (delete detection) this often instead of the sync's (default daily); never, or default.",
     )(function)
     return click.option(
-        "--poll-interval", metavar="DURATION", help="Poll this connection this often instead of the sync's (min 30s), or default."
+        "--poll-interval",
+        metavar="DURATION",
+        help="Poll this connection this often instead of the sync's (min 30s), or default.",
     )(function)
 
 
@@ -99,8 +110,16 @@ def _credentials(
     provider: str, connection_id: str, env: str | None, file: str | None, secret: str | None, stored: bool
 ) -> dict[str, str | None] | None:
     """The reference the options name (``value``: the secret, read here), or None for none."""
-    given = [name for name, value in (("--credentials-env", env), ("--credentials-file", file),
-                                      ("--credentials-secret", secret), ("--store-credentials", stored)) if value]
+    given = [
+        name
+        for name, value in (
+            ("--credentials-env", env),
+            ("--credentials-file", file),
+            ("--credentials-secret", secret),
+            ("--store-credentials", stored),
+        )
+        if value
+    ]
     if len(given) > 1:
         raise click.UsageError(f"give one credentials reference, not {' and '.join(given)}")
     if not given:
@@ -137,7 +156,9 @@ def cadence_text(seconds: int | None) -> str:
 @click.argument("connection_id")
 @click.option("--account-id", help="The provider-side account id webhooks carry (routes them here).")
 @_credentials_options
-@click.option("--config", "config_pairs", multiple=True, metavar="KEY=VALUE", help="Provider settings, e.g. base_url=...")
+@click.option(
+    "--config", "config_pairs", multiple=True, metavar="KEY=VALUE", help="Provider settings, e.g. base_url=..."
+)
 @_interval_options
 def add(
     provider: str,
@@ -161,20 +182,35 @@ def add(
         raise click.ClickException(str(error.args[0])) from None
     config = _parse_config(config_pairs)
     poll_s = parse_duration(poll_interval, "--poll-interval") if poll_interval else None
-    full_s = parse_duration(full_refresh_interval, "--full-refresh-interval", allow_never=True) if full_refresh_interval else None
-    ref = _credentials(provider, connection_id, credentials_env, credentials_file, credentials_secret, store_credentials) or {}
+    full_s = (
+        parse_duration(full_refresh_interval, "--full-refresh-interval", allow_never=True)
+        if full_refresh_interval
+        else None
+    )
+    ref = (
+        _credentials(provider, connection_id, credentials_env, credentials_file, credentials_secret, store_credentials)
+        or {}
+    )
     try:
         with Store() as store:
             row = store.connections.add(
-                provider, connection_id, account_id=account_id, config=config,
-                credentials_env=ref.get("env"), credentials_file=ref.get("file"),
-                credentials_secret=ref.get("secret"), credentials_value=ref.get("value"),
-                poll_interval_s=poll_s, full_refresh_interval_s=full_s,
+                provider,
+                connection_id,
+                account_id=account_id,
+                config=config,
+                credentials_env=ref.get("env"),
+                credentials_file=ref.get("file"),
+                credentials_secret=ref.get("secret"),
+                credentials_value=ref.get("value"),
+                poll_interval_s=poll_s,
+                full_refresh_interval_s=full_s,
             )
     except (StoreError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     dagster_instance().add_dynamic_partitions(partitions_name(provider), [connection_id])
-    click.echo(f"added {provider}/{connection_id} (partition {connection_id} of {partitions_name(provider)}): {_describe(row)}")
+    click.echo(
+        f"added {provider}/{connection_id} (partition {connection_id} of {partitions_name(provider)}): {_describe(row)}"
+    )
     with Store() as store:
         waiting = store.inbox.count(status="pending", provider=provider, connection_id=connection_id)
     if waiting:
@@ -211,8 +247,12 @@ def set_(
     if poll_interval is not None:
         changes["poll_interval_s"] = parse_duration(poll_interval, "--poll-interval")
     if full_refresh_interval is not None:
-        changes["full_refresh_interval_s"] = parse_duration(full_refresh_interval, "--full-refresh-interval", allow_never=True)
-    ref = _credentials(provider, connection_id, credentials_env, credentials_file, credentials_secret, store_credentials)
+        changes["full_refresh_interval_s"] = parse_duration(
+            full_refresh_interval, "--full-refresh-interval", allow_never=True
+        )
+    ref = _credentials(
+        provider, connection_id, credentials_env, credentials_file, credentials_secret, store_credentials
+    )
     if not changes and ref is None:
         raise click.UsageError("nothing to set: give --poll-interval, --full-refresh-interval or a credentials option")
     try:
@@ -288,7 +328,9 @@ def remove(provider: str, connection_id: str) -> None:
     canceled = cancel_queued_runs(instance, provider, connection_id)
     click.echo(f"removed {provider}/{connection_id}")
     if orphaned:
-        click.echo(f"{orphaned} pending webhook event(s) orphaned: `connections add` of {connection_id} makes them pending again")
+        click.echo(
+            f"{orphaned} pending webhook event(s) orphaned: `connections add` of {connection_id} makes them pending again"
+        )
     if canceled:
         click.echo(f"{canceled} queued run(s) of its partition canceled")
 
@@ -343,11 +385,15 @@ def status(provider: str | None, connection_id: str | None, as_json: bool) -> No
         click.echo(json.dumps([s.model_dump(mode="json") for s in statuses], indent=2))
         return
     if not connections:
-        click.echo("no connections" + (f" of provider {provider}" if provider else "") + ": `sync-project connections add`")
+        click.echo(
+            "no connections" + (f" of provider {provider}" if provider else "") + ": `sync-project connections add`"
+        )
         return
     if connection_id is not None:
         click.echo("\n".join(view.detail(statuses, connections[0], now)))
         return
     click.echo("\n".join(view.table(statuses, now)))
     if any(s.next_poll.note and "no daemon" in s.next_poll.note for s in statuses):
-        click.echo("\nno Dagster daemon has reported for 2 minutes: schedules and the inbox sensor run only while one does")
+        click.echo(
+            "\nno Dagster daemon has reported for 2 minutes: schedules and the inbox sensor run only while one does"
+        )

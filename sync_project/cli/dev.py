@@ -182,8 +182,11 @@ def register_demo_connections(sandbox_url: str, token_envs: dict[str, str]) -> N
             if current is not None:  # another --sandbox-port than last time: follow it
                 store.connections.remove("sandbox", connection_id)
             store.connections.add(
-                "sandbox", connection_id, account_id=account_id,
-                credentials_env=token_envs[connection_id], config={"base_url": sandbox_url},
+                "sandbox",
+                connection_id,
+                account_id=account_id,
+                credentials_env=token_envs[connection_id],
+                config={"base_url": sandbox_url},
             )
     dagster_instance().add_dynamic_partitions(partitions_name("sandbox"), list(DEMO_ACCOUNTS))
 
@@ -299,8 +302,13 @@ def stop_the_changes(sandbox_url: str, admin_token: str) -> None:
 @click.option("--ui-port", default=3000, show_default=True, type=int, help="The Dagster UI.")
 @click.option("--receiver-port", default=8000, show_default=True, type=int)
 @click.option("--sandbox-port", default=8765, show_default=True, type=int)
-@click.option("--change-rate", default=0.5, show_default=True, type=click.FloatRange(0, 1000),
-              help="Sandbox changes per second; 0 leaves the change generator off.")
+@click.option(
+    "--change-rate",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, 1000),
+    help="Sandbox changes per second; 0 leaves the change generator off.",
+)
 def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: float) -> None:
     """Run the sandbox, the receiver and the Dagster UI on the embedded default until Ctrl-C."""
     home = settings.dagster_home()
@@ -358,8 +366,22 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
         click.echo("starting the sandbox CRM ...")
         supervisor.start(
             "sandbox",
-            [*cli, "sandbox", "--port", str(sandbox_port), "--accounts", "0", "--rate-limit", "50", "--burst", "100",
-             "--webhook-url", f"{receiver_url}/webhooks/sandbox", "--data", str(sandbox_data)],
+            [
+                *cli,
+                "sandbox",
+                "--port",
+                str(sandbox_port),
+                "--accounts",
+                "0",
+                "--rate-limit",
+                "50",
+                "--burst",
+                "100",
+                "--webhook-url",
+                f"{receiver_url}/webhooks/sandbox",
+                "--data",
+                str(sandbox_data),
+            ],
             env,
         )
         wait_until(http_ok(f"{sandbox_url}/health"), "the sandbox", supervisor)
@@ -379,8 +401,16 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
             click.echo("starting dagster dev (webserver + daemon) ...")
             supervisor.start(
                 "dagster",
-                [str(Path(sys.executable).with_name("dagster")), "dev", "-w",
-                 str(settings.project_root() / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(ui_port)],
+                [
+                    str(Path(sys.executable).with_name("dagster")),
+                    "dev",
+                    "-w",
+                    str(settings.project_root() / "workspace.yaml"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(ui_port),
+                ],
                 {**env, "PYTHONWARNINGS": ",".join(filter(None, (env.get("PYTHONWARNINGS"), DAGSTER_DEV_WARNINGS)))},
                 interrupt_group=False,
             )

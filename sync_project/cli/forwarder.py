@@ -11,9 +11,19 @@ def command() -> None:
 
 
 @command.command("run")
-@click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True, help="Forwards in flight at once.")
-@click.option("--attempt-timeout", "attempt_timeout_s", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True)
-@click.option("--max-attempts", type=click.IntRange(min=1), default=10, show_default=True, help="Then a forward is dead.")
+@click.option(
+    "--concurrency", type=click.IntRange(1, 64), default=4, show_default=True, help="Forwards in flight at once."
+)
+@click.option(
+    "--attempt-timeout",
+    "attempt_timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+)
+@click.option(
+    "--max-attempts", type=click.IntRange(min=1), default=10, show_default=True, help="Then a forward is dead."
+)
 @click.option(
     "--from-beginning",
     is_flag=True,
@@ -31,12 +41,16 @@ def run(concurrency: int, attempt_timeout_s: float, max_attempts: int, from_begi
 
     try:
         settings = ForwarderSettings.from_env(
-            concurrency=concurrency, attempt_timeout_s=attempt_timeout_s, max_attempts=max_attempts,
+            concurrency=concurrency,
+            attempt_timeout_s=attempt_timeout_s,
+            max_attempts=max_attempts,
             start_at="beginning" if from_beginning else "now",
         )
     except ForwardingConfigError as error:
         raise click.UsageError(str(error)) from None
-    logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -77,7 +91,10 @@ def replay() -> None:
 
 @command.command("purge")
 @click.option(
-    "--older-than-days", type=click.FloatRange(min=0, min_open=True), default=7.0, show_default=True,
+    "--older-than-days",
+    type=click.FloatRange(min=0, min_open=True),
+    default=7.0,
+    show_default=True,
     help="Delete delivered forwards created longer ago than this (keep them as long as the inbox keeps events).",
 )
 def purge(older_than_days: float) -> None:

@@ -73,18 +73,22 @@ def _by_connection(rows: list[ConnectionInboxStats], as_json: bool) -> None:
     table = [("PROVIDER", "CONNECTION", *statuses, "OLDEST PENDING")]
     for row in rows:
         oldest = row.oldest_pending_received_at
-        table.append((
-            row.provider,
-            row.connection_id or "(none)",
-            *(str(row.counts[status]) for status in statuses),
-            "-" if oldest is None else f"{max(0.0, (now - oldest).total_seconds()):.0f} s ago",
-        ))
+        table.append(
+            (
+                row.provider,
+                row.connection_id or "(none)",
+                *(str(row.counts[status]) for status in statuses),
+                "-" if oldest is None else f"{max(0.0, (now - oldest).total_seconds()):.0f} s ago",
+            )
+        )
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         click.echo("  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)).rstrip())
     if any(not row.connection_id for row in rows):
-        click.echo("\n(none): events that route to no connection: unroutable (no connection has their account id) "
-                   "or ignored (no sync subscribes to their type)")
+        click.echo(
+            "\n(none): events that route to no connection: unroutable (no connection has their account id) "
+            "or ignored (no sync subscribes to their type)"
+        )
 
 
 @command.command("replay")

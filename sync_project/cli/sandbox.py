@@ -23,34 +23,79 @@ ADMIN_TOKEN_ENV = "SYNC_SANDBOX_ADMIN_TOKEN"
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option("--webhook-url", default=None, help="Where to POST webhooks (e.g. the receiver's sandbox route).")
 @click.option(
-    "--secret", envvar=SECRET_ENV, default=None, show_envvar=True,
+    "--secret",
+    envvar=SECRET_ENV,
+    default=None,
+    show_envvar=True,
     help="Webhook signing secret (whsec_...); generated and printed when not given.",
 )
 @click.option(
-    "--admin-token", envvar=ADMIN_TOKEN_ENV, default=None, show_envvar=True,
+    "--admin-token",
+    envvar=ADMIN_TOKEN_ENV,
+    default=None,
+    show_envvar=True,
     help="Bearer token of the /admin endpoints; generated and printed when not given.",
 )
-@click.option("--accounts", default=2, show_default=True, type=click.IntRange(0, 100), help="Accounts acct-1..acct-N to create.")
-@click.option("--contacts", default=20, show_default=True, type=click.IntRange(0, 100_000), help="Contacts each account starts with.")
-@click.option("--deals", default=10, show_default=True, type=click.IntRange(0, 100_000), help="Deals each account starts with.")
-@click.option("--seed", default=0, show_default=True, help="Seeds the generated data and the chaos decisions.")
-@click.option("--generator-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1000),
-              help="Changes per second by the change generator; 0 leaves it off (toggle via /admin/generator).")
-@click.option("--mix", default="3:6:1", show_default=True, callback=lambda _c, _p, v: _parse_mix(v),
-              help="Relative weights create:update:delete of generated changes.")
-@click.option("--rate-limit", default=10.0, show_default=True, type=click.FloatRange(0),
-              help="API requests per second per token; 0 disables rate limiting.")
-@click.option("--burst", default=20, show_default=True, type=click.IntRange(1), help="Requests per token in a burst.")
-@click.option("--drop-pct", default=0.0, show_default=True, type=click.FloatRange(0, 100), help="Webhooks never delivered.")
-@click.option("--duplicate-pct", default=0.0, show_default=True, type=click.FloatRange(0, 100), help="Webhooks delivered twice.")
-@click.option("--delay-s", default=0.0, show_default=True, type=click.FloatRange(0, 3600),
-              help="Hold each webhook up to this long, so they arrive reordered.")
 @click.option(
-    "--data", "data_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+    "--accounts", default=2, show_default=True, type=click.IntRange(0, 100), help="Accounts acct-1..acct-N to create."
+)
+@click.option(
+    "--contacts",
+    default=20,
+    show_default=True,
+    type=click.IntRange(0, 100_000),
+    help="Contacts each account starts with.",
+)
+@click.option(
+    "--deals", default=10, show_default=True, type=click.IntRange(0, 100_000), help="Deals each account starts with."
+)
+@click.option("--seed", default=0, show_default=True, help="Seeds the generated data and the chaos decisions.")
+@click.option(
+    "--generator-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1000),
+    help="Changes per second by the change generator; 0 leaves it off (toggle via /admin/generator).",
+)
+@click.option(
+    "--mix",
+    default="3:6:1",
+    show_default=True,
+    callback=lambda _c, _p, v: _parse_mix(v),
+    help="Relative weights create:update:delete of generated changes.",
+)
+@click.option(
+    "--rate-limit",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="API requests per second per token; 0 disables rate limiting.",
+)
+@click.option("--burst", default=20, show_default=True, type=click.IntRange(1), help="Requests per token in a burst.")
+@click.option(
+    "--drop-pct", default=0.0, show_default=True, type=click.FloatRange(0, 100), help="Webhooks never delivered."
+)
+@click.option(
+    "--duplicate-pct", default=0.0, show_default=True, type=click.FloatRange(0, 100), help="Webhooks delivered twice."
+)
+@click.option(
+    "--delay-s",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 3600),
+    help="Hold each webhook up to this long, so they arrive reordered.",
+)
+@click.option(
+    "--data",
+    "data_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
     help="Keep accounts and records in this SQLite file across restarts (default: in memory). "
     "Accounts it already holds keep their data and get a new API token.",
 )
-@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
 def command(
     host: str,
     port: int,
@@ -78,7 +123,9 @@ def command(
             webhook_url=webhook_url,
             webhook_secret=secret,
             admin_token=admin_token,
-            accounts=[AccountSpec(account_id=f"acct-{n}", contacts=contacts, deals=deals) for n in range(1, accounts + 1)],
+            accounts=[
+                AccountSpec(account_id=f"acct-{n}", contacts=contacts, deals=deals) for n in range(1, accounts + 1)
+            ],
             rate_limit=RateLimitSettings(enabled=rate_limit > 0, rate_per_s=rate_limit or 1.0, burst=burst),
             chaos=ChaosSettings(drop_pct=drop_pct, duplicate_pct=duplicate_pct, delay_s=delay_s),
             generator=GeneratorSettings(running=generator_rate > 0, rate_per_s=generator_rate or 1.0, mix=mix),

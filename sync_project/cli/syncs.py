@@ -19,11 +19,13 @@ def command() -> None:
 @click.argument("sync_key", metavar="PROVIDER/OBJECT")
 @click.argument("connection_id", metavar="CONNECTION")
 @click.option(
-    "--empty-records", is_flag=True,
+    "--empty-records",
+    is_flag=True,
     help="Also tombstone the partition's records: the change feed shows each as deleted, and the next poll restores what the provider still has.",
 )
 @click.option(
-    "--remove", is_flag=True,
+    "--remove",
+    is_flag=True,
     help="With --empty-records: delete the rows instead of tombstoning them (the change feed tells readers to drop what they hold).",
 )
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation before emptying the records.")
@@ -57,17 +59,13 @@ def reset(sync_key: str, connection_id: str, empty_records: bool, remove: bool, 
         with Store() as store:
             store.connections.get(sync.provider, connection_id)
             if action != "keep":
-                counted = [
-                    (key, store.count(key, connection_id, include_deleted=action == "remove")) for key in keys
-                ]
+                counted = [(key, store.count(key, connection_id, include_deleted=action == "remove")) for key in keys]
                 kind = "record rows" if action == "remove" else "live records"
                 verb = "delete all" if action == "remove" else "tombstone all"
                 what = ", ".join(f"{count} {kind} of {key}" for key, count in counted)
                 if not yes:
                     click.confirm(f"This will {verb} {what} for {connection_id!r}. Continue?", abort=True)
-            results = reset_partition(
-                store, sync, connection_id, records=action, requested_by=f"cli:{_user()}"[:64]
-            )
+            results = reset_partition(store, sync, connection_id, records=action, requested_by=f"cli:{_user()}"[:64])
     except UnknownConnectionError as error:
         raise click.ClickException(f"{error}; `sync-project connections list` shows them") from None
     except StoreError as error:

@@ -82,9 +82,7 @@ class SyncModel:
 
     @property
     def record_spec(self) -> RecordSpec:
-        strategy = self.strategy or (
-            MergeStrategy.NEWEST_SOURCE_WINS if self.updated_field else MergeStrategy.OVERRIDE
-        )
+        strategy = self.strategy or (MergeStrategy.NEWEST_SOURCE_WINS if self.updated_field else MergeStrategy.OVERRIDE)
         return RecordSpec(primary_key=self.primary_key, updated_field=self.updated_field, strategy=strategy)
 
 
@@ -123,7 +121,9 @@ class SyncDefinition:
             raise ValueError(f"{self.key}: webhook_events declared without on_webhook")
         names = [self.name, *(m.name for m in self.models)]
         if len(set(names)) != len(names):
-            raise ValueError(f"{self.key}: model names must differ from each other and from the sync's ({', '.join(names)})")
+            raise ValueError(
+                f"{self.key}: model names must differ from each other and from the sync's ({', '.join(names)})"
+            )
         if self.poll_interval < timedelta(seconds=30):
             raise ValueError(f"{self.key}: poll_interval below 30 s would poll faster than runs start")
         if self.full_refresh_interval is not None and self.full_refresh_interval < self.poll_interval:
@@ -136,17 +136,20 @@ class SyncDefinition:
 
     @property
     def record_spec(self) -> RecordSpec:
-        strategy = self.strategy or (
-            MergeStrategy.NEWEST_SOURCE_WINS if self.updated_field else MergeStrategy.OVERRIDE
-        )
+        strategy = self.strategy or (MergeStrategy.NEWEST_SOURCE_WINS if self.updated_field else MergeStrategy.OVERRIDE)
         return RecordSpec(primary_key=self.primary_key, updated_field=self.updated_field, strategy=strategy)
 
     @property
     def own_model(self) -> SyncModel:
         """The sync's own model, as its fields declare it."""
         return SyncModel(
-            name=self.name, model=self.model, primary_key=self.primary_key, updated_field=self.updated_field,
-            strategy=self.strategy, track_deletes=self.track_deletes, description=self.description,
+            name=self.name,
+            model=self.model,
+            primary_key=self.primary_key,
+            updated_field=self.updated_field,
+            strategy=self.strategy,
+            track_deletes=self.track_deletes,
+            description=self.description,
         )
 
     @property
@@ -182,4 +185,3 @@ class SyncDefinition:
             return f"*/{minutes} * * * *"
         hours = minutes // 60
         return f"0 */{hours} * * *" if hours < 24 else "0 0 * * *"
-

@@ -184,7 +184,10 @@ class Forwarder:
             if result.busy:
                 log.info(
                     "forwarded %d, retrying %d, dead %d, queued %d",
-                    result.delivered, result.retrying, result.dead, result.enqueued,
+                    result.delivered,
+                    result.retrying,
+                    result.dead,
+                    result.enqueued,
                 )
             else:
                 stop.wait(self.settings.idle_s)
@@ -192,6 +195,10 @@ class Forwarder:
     def _attempt(self, forward: Forward) -> Attempt:
         body = ForwardBody.of(forward).model_dump_json().encode()
         return post_signed(
-            self._client, self.settings.url, self.settings.secret, forward.message_id, body,
+            self._client,
+            self.settings.url,
+            self.settings.secret,
+            forward.message_id,
+            body,
             timeout_s=self.settings.attempt_timeout_s,
         )

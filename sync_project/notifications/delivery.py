@@ -73,9 +73,7 @@ class DeliveryOutcome:
         return f"failed after {count} attempt(s){why}: {last}"
 
 
-def post_signed(
-    client: httpx.Client, url: str, secret: str, msg_id: str, body: bytes, *, timeout_s: float
-) -> Attempt:
+def post_signed(client: httpx.Client, url: str, secret: str, msg_id: str, body: bytes, *, timeout_s: float) -> Attempt:
     """One signed POST of ``body``; never raises for what the network or the consumer does."""
     headers = {
         **sign_headers(secret, msg_id, body),

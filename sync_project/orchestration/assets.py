@@ -4,7 +4,6 @@ No `from __future__ import annotations` here: Dagster reads the config and resou
 asset function's parameters at definition time.
 """
 
-
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -172,7 +171,8 @@ def _build_multi_model_asset(
             group_name=sync.provider,
             kinds={sync.provider, storage_kind()},
             partitions_def=connection_partitions(sync.provider),
-            description=model.description or f"{model.name} of {sync.provider} (sync {sync.key}), one partition per connection.",
+            description=model.description
+            or f"{model.name} of {sync.provider} (sync {sync.key}), one partition per connection.",
             metadata={
                 "sync": sync.key,
                 "records": sync.model_key(model.name),
@@ -216,7 +216,9 @@ def run_sync_models(
     partition's checks), then one per further model, each with its own counts and row count."""
     models: dict[str, MergeResult] = {}
     own: dg.MaterializeResult | None = None
-    for event in run_sync(context, config, store, sync, provider, notifier=notifier, check_settings=check_settings, models=models):
+    for event in run_sync(
+        context, config, store, sync, provider, notifier=notifier, check_settings=check_settings, models=models
+    ):
         yield event  # a failed run raises after its checks
         if isinstance(event, dg.MaterializeResult):
             own = event
@@ -228,7 +230,12 @@ def run_sync_models(
         merged = models.get(key, MergeResult())
         yield dg.MaterializeResult(
             asset_key=dg.AssetKey([sync.provider, model.name]),
-            metadata={**merged.as_dict(), "mode": mode, "sync": sync.key, "dagster/row_count": store.count(key, connection_id)},
+            metadata={
+                **merged.as_dict(),
+                "mode": mode,
+                "sync": sync.key,
+                "dagster/row_count": store.count(key, connection_id),
+            },
         )
 
 
@@ -261,7 +268,11 @@ def run_sync(
     selected = {key.name for key in context.selected_asset_check_keys if key.asset_key == own_asset_key(sync)}
     try:
         merged, metadata = _failure_notified(
-            context, config, sync, notifier, started_at,
+            context,
+            config,
+            sync,
+            notifier,
+            started_at,
             lambda: _sync_partition(context, config, store, sync, provider, models),
         )
     except Exception:
@@ -274,7 +285,9 @@ def _checks_of_a_failed_run(
     context: dg.AssetExecutionContext, store: "Store", sync: SyncDefinition, selected: set[str], settings: CheckSettings
 ) -> list[dg.AssetCheckResult]:
     try:
-        return partition_check_results(store, sync, context.partition_key, selected, settings, instance=context.instance)
+        return partition_check_results(
+            store, sync, context.partition_key, selected, settings, instance=context.instance
+        )
     except Exception as error:  # noqa: BLE001 - the run's own error is the one to raise
         context.log.warning(f"checks not evaluated after the run failed: {type(error).__name__}: {error}")
         return []
@@ -364,11 +377,20 @@ def _sync_partition(
         from sync_project.orchestration.partition_run import run_partition
 
         ran = run_partition(
-            store, sync, provider, connection, mode=config.mode, run_id=context.run.run_id, log=context.log,
-            settings=config.settings(), on_batch=batches.record,
+            store,
+            sync,
+            provider,
+            connection,
+            mode=config.mode,
+            run_id=context.run.run_id,
+            log=context.log,
+            settings=config.settings(),
+            on_batch=batches.record,
         )
     except LeaseHeldError as error:
-        raise _RunRefused(description=f"{error}; this run waited {config.poll_lease_wait_s:.0f} s and did nothing.") from None
+        raise _RunRefused(
+            description=f"{error}; this run waited {config.poll_lease_wait_s:.0f} s and did nothing."
+        ) from None
     except (ProviderError, StoreError) as error:
         store.state.record_run(sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, error=str(error))
         raise dg.Failure(
@@ -377,7 +399,11 @@ def _sync_partition(
         ) from error
     except Exception as error:
         store.state.record_run(
-            sync.key, connection_id, run_id=context.run.run_id, mode=config.mode, error=f"{type(error).__name__}: {error}"
+            sync.key,
+            connection_id,
+            run_id=context.run.run_id,
+            mode=config.mode,
+            error=f"{type(error).__name__}: {error}",
         )
         raise
     if ran.deferred_to is not None:
@@ -427,11 +453,19 @@ def _reset_partition(
         from sync_project.orchestration.partition_run import reset_partition
 
         resets = reset_partition(
-            store, sync, connection_id, records=config.empty_records, requested_by=run_id,
-            wait_s=config.poll_lease_wait_s, ttl_s=config.lease_ttl_s, log=context.log,
+            store,
+            sync,
+            connection_id,
+            records=config.empty_records,
+            requested_by=run_id,
+            wait_s=config.poll_lease_wait_s,
+            ttl_s=config.lease_ttl_s,
+            log=context.log,
         )
     except LeaseHeldError as error:
-        raise _RunRefused(description=f"{error}; this run waited {config.poll_lease_wait_s:.0f} s and did nothing.") from None
+        raise _RunRefused(
+            description=f"{error}; this run waited {config.poll_lease_wait_s:.0f} s and did nothing."
+        ) from None
     reset = resets.pop(sync.key)
     for key, other in resets.items():
         context.log.info(other.describe())
@@ -508,7 +542,9 @@ class BatchMaterializations:
         self.recorded = 0
 
     @classmethod
-    def of_asset(cls, context: dg.AssetExecutionContext, store: "Store", sync: SyncDefinition) -> "BatchMaterializations":
+    def of_asset(
+        cls, context: dg.AssetExecutionContext, store: "Store", sync: SyncDefinition
+    ) -> "BatchMaterializations":
         return cls(context.log_event, own_asset_key(sync), context.partition_key, store, sync)
 
     def record(self, batch: "DrainResult") -> None:

@@ -28,7 +28,9 @@ def poll_interval(sync: SyncDefinition, connection: ProviderConnection) -> timed
 
 def has_own_poll_interval(sync: SyncDefinition, connection: ProviderConnection) -> bool:
     """Polled by the per-connection sensor rather than by the sync's schedule."""
-    return connection.poll_interval_s is not None and timedelta(seconds=connection.poll_interval_s) != sync.poll_interval
+    return (
+        connection.poll_interval_s is not None and timedelta(seconds=connection.poll_interval_s) != sync.poll_interval
+    )
 
 
 def full_refresh_interval(sync: SyncDefinition, connection: ProviderConnection) -> timedelta | None:
@@ -53,9 +55,7 @@ def full_refresh_due(
     return "cadence" if now - since >= every else None
 
 
-def next_full_refresh(
-    sync: SyncDefinition, connection: ProviderConnection, state: SyncState | None
-) -> datetime | None:
+def next_full_refresh(sync: SyncDefinition, connection: ProviderConnection, state: SyncState | None) -> datetime | None:
     """From when the next full refresh is due (the first poll tick at or after it runs it)."""
     if state is not None and state.full_window is not None:
         return state.full_window.started_at

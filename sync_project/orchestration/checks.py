@@ -48,7 +48,6 @@ Every query is an indexed read of one sync's pending or dead inbox rows or state
 (``sync_project.store.health``), cheap enough to run after every run.
 """
 
-
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -255,7 +254,8 @@ def evaluate_backlog(
     oldest_due = max(due_ages, default=0.0)
     late = late_backlogs(backlogs, max_wait=max_wait, now=now)
     causes: dict[str, str | None] = {
-        b.connection_id: _UNKNOWN_CAUSE if drain_runs is None
+        b.connection_id: _UNKNOWN_CAUSE
+        if drain_runs is None
         else why_not_draining(drain_runs.get(b.connection_id), max_wait=max_wait, now=now)
         for b in late
     }
@@ -285,7 +285,8 @@ def evaluate_backlog(
             )
             parts.append(
                 f"{len(stuck)} connection(s) not draining, with claimable events waiting over {wait_s:.0f} s: "
-                + named + (" ..." if len(stuck) > 5 else "")
+                + named
+                + (" ..." if len(stuck) > 5 else "")
             )
         if behind:
             names = ", ".join(b.connection_id for b in behind[:5]) + (" ..." if len(behind) > 5 else "")
@@ -357,7 +358,8 @@ def evaluate_freshness(
         rows.append((connection.connection_id, age, what, run.last_error if run else None))
         every = poll_interval(sync, connection)
         limits[connection.connection_id] = (
-            settings.warn_window(sync, every).total_seconds(), settings.fail_window(sync, every).total_seconds()
+            settings.warn_window(sync, every).total_seconds(),
+            settings.fail_window(sync, every).total_seconds(),
         )
     rows.sort(key=lambda row: -row[1])
     failing = [row for row in rows if row[1] > limits[row[0]][1]]
@@ -381,7 +383,9 @@ def evaluate_freshness(
             f"all {len(active)} active connection(s) synced within {warn_s:.0f} s",
             metadata,
         )
-    names = ", ".join(f"{cid} ({age:.0f} s, {what})" for cid, age, what, _ in late[:5]) + (" ..." if len(late) > 5 else "")
+    names = ", ".join(f"{cid} ({age:.0f} s, {what})" for cid, age, what, _ in late[:5]) + (
+        " ..." if len(late) > 5 else ""
+    )
     severity = dg.AssetCheckSeverity.ERROR if failing else dg.AssetCheckSeverity.WARN
     limit = min(limits[row[0]][1 if failing else 0] for row in (failing or warning))
     own = ", or the connection's own" if {limits[row[0]] for row in late} - {(warn_s, fail_s)} else ""
@@ -487,19 +491,27 @@ def partition_check_results(
         outcomes = {
             INBOX_BACKLOG: evaluate_backlog(
                 _health().inbox_backlog(store.engine, sync.key, connection_id, now=now),
-                max_wait=settings.backlog_max_wait, now=now, drain_runs=None,
+                max_wait=settings.backlog_max_wait,
+                now=now,
+                drain_runs=None,
             ),
             DEAD_LETTERS: evaluate_dead_letters(_health().dead_letters(store.engine, sync.key, connection_id)),
         }
         gone = CheckOutcome(
-            False, dg.AssetCheckSeverity.WARN,
+            False,
+            dg.AssetCheckSeverity.WARN,
             f"no connection {connection_id!r} of {sync.provider} is registered: remove the partition, or "
-            f"`sync-project connections add {sync.provider} {connection_id}`", {},
+            f"`sync-project connections add {sync.provider} {connection_id}`",
+            {},
         )
         outcomes[CONNECTIONS_FRESH] = outcomes[INBOX_HEALTHY] = gone
     else:
         outcomes = evaluate_partition(store, sync, connection, settings, now=now, instance=instance)
-    return [outcomes[name].result(name) for name in (INBOX_BACKLOG, DEAD_LETTERS, CONNECTIONS_FRESH, INBOX_HEALTHY) if name in selected]
+    return [
+        outcomes[name].result(name)
+        for name in (INBOX_BACKLOG, DEAD_LETTERS, CONNECTIONS_FRESH, INBOX_HEALTHY)
+        if name in selected
+    ]
 
 
 #: Statuses of a run that will still report its partition's checks.
@@ -525,7 +537,9 @@ def build_checks_job(
     every run of the partition records newer ones itself. A partition with a run in progress is
     left to that run, unless the run is not draining it (stuck: nothing will report but this)."""
 
-    @dg.op(name="evaluate_sync_checks", description="connections_fresh and inbox_healthy of every connection partition.")
+    @dg.op(
+        name="evaluate_sync_checks", description="connections_fresh and inbox_healthy of every connection partition."
+    )
     def _evaluate(context: dg.OpExecutionContext, sync_store: StoreResource) -> None:
         store = sync_store.get_store()
         now = utcnow()
@@ -551,13 +565,21 @@ def build_checks_job(
                     # names only the documented event types).
                     context.log_event(
                         dg.AssetCheckEvaluation(  # type: ignore[arg-type]
-                            asset_key=key, check_name=name, passed=outcome.passed, metadata=outcome.metadata,
-                            severity=outcome.severity, description=outcome.description, blocking=False,
-                            partition=connection_id, target_materialization_data=target,
+                            asset_key=key,
+                            check_name=name,
+                            passed=outcome.passed,
+                            metadata=outcome.metadata,
+                            severity=outcome.severity,
+                            description=outcome.description,
+                            blocking=False,
+                            partition=connection_id,
+                            target_materialization_data=target,
                         )
                     )
                 reported += 1
-            context.log.info(f"{sync.key}: checks of {reported} connection(s) evaluated ({len(live - {None})} left to their runs)")
+            context.log.info(
+                f"{sync.key}: checks of {reported} connection(s) evaluated ({len(live - {None})} left to their runs)"
+            )
 
     job = dg.JobDefinition(
         graph_def=dg.GraphDefinition(name=CHECKS_JOB, node_defs=[_evaluate]),
@@ -577,7 +599,9 @@ def build_checks_job(
 def _latest_materialization(
     instance: dg.DagsterInstance, key: dg.AssetKey, partition: str
 ) -> AssetCheckEvaluationTargetMaterializationData | None:
-    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1)
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    )
     if not records.records:
         return None
     record = records.records[0]
@@ -588,7 +612,9 @@ def _latest_materialization(
 
 def freshness_policy(sync: SyncDefinition, settings: CheckSettings) -> dg.FreshnessPolicy:
     """Asset-level freshness: some connection materialized within the windows (see the docstring)."""
-    return dg.FreshnessPolicy.time_window(fail_window=settings.fail_window(sync), warn_window=settings.warn_window(sync))
+    return dg.FreshnessPolicy.time_window(
+        fail_window=settings.fail_window(sync), warn_window=settings.warn_window(sync)
+    )
 
 
 def asset_key(sync: SyncDefinition) -> dg.AssetKey:
@@ -622,11 +648,15 @@ def _dead_table(dead: Sequence["PartitionDeadLetters"]) -> str:
     ordered = sorted(dead, key=lambda d: -d.dead)[:TABLE_ROWS]
     lines = ["| connection | dead | newest event | newest error |", "|---|---:|---|---|"]
     for d in ordered:
-        lines.append(f"| {_cell(d.connection_id)} | {d.dead} | {d.newest_id} {_cell(d.newest_event_type)} | {_cell(_clip(d.newest_error, 120))} |")
+        lines.append(
+            f"| {_cell(d.connection_id)} | {d.dead} | {d.newest_id} {_cell(d.newest_event_type)} | {_cell(_clip(d.newest_error, 120))} |"
+        )
     return "\n".join(lines)
 
 
-def _freshness_table(rows: Sequence[tuple[str, float, str, str | None]], limits: Mapping[str, tuple[float, float]]) -> str:
+def _freshness_table(
+    rows: Sequence[tuple[str, float, str, str | None]], limits: Mapping[str, tuple[float, float]]
+) -> str:
     lines = ["| connection | since last success (s) | state | last error |", "|---|---:|---|---|"]
     for connection_id, age, what, error in rows:
         warn_s, fail_s = limits[connection_id]

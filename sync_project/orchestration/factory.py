@@ -71,7 +71,10 @@ def build_definitions(
     schedules = [build_poll_schedule(sync, jobs[sync.key], run_limits) for sync in syncs if sync.cron]
     sensors: list[dg.SensorDefinition] = [
         build_inbox_sensor(
-            {s.key: s for s in syncs}, jobs, stall_after_s=inbox_stall_after_s, linger_s=webhook_linger_s,
+            {s.key: s for s in syncs},
+            jobs,
+            stall_after_s=inbox_stall_after_s,
+            linger_s=webhook_linger_s,
             run_limits=run_limits,
         ),
         *(build_poll_sensor(sync, jobs[sync.key], run_limits) for sync in syncs if not sync.cron),

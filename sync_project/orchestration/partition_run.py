@@ -99,9 +99,14 @@ def run_partition(
         try:
             keeper = held.enter_context(
                 store.hold_lease(
-                    sync.key, connection.connection_id, role, run_id,
-                    ttl_s=settings.lease_ttl_s, wait_s=wait_s,
-                    only_for_a_dead_holder=role == "drain" and not successor, log=log,
+                    sync.key,
+                    connection.connection_id,
+                    role,
+                    run_id,
+                    ttl_s=settings.lease_ttl_s,
+                    wait_s=wait_s,
+                    only_for_a_dead_holder=role == "drain" and not successor,
+                    log=log,
                 )
             )
         except LeaseHeldError as error:
@@ -115,7 +120,9 @@ def run_partition(
         # after the sync's own (which decides who runs), in declared order, so runs never deadlock.
         model_keepers = {
             key: held.enter_context(
-                store.hold_lease(key, connection.connection_id, role, run_id, ttl_s=settings.lease_ttl_s, wait_s=wait_s, log=log)
+                store.hold_lease(
+                    key, connection.connection_id, role, run_id, ttl_s=settings.lease_ttl_s, wait_s=wait_s, log=log
+                )
             )
             for key in (sync.model_key(model.name) for model in sync.models)
         }
@@ -127,7 +134,14 @@ def run_partition(
                 result.merge = result.drained.merge
             else:
                 result.polled = poll(
-                    store, sync, connection, client, log, mode=mode, run_id=run_id, keeper=keeper,
+                    store,
+                    sync,
+                    connection,
+                    client,
+                    log,
+                    mode=mode,
+                    run_id=run_id,
+                    keeper=keeper,
                     model_keepers=model_keepers,
                 )
                 result.merge = result.polled.merge
@@ -163,8 +177,16 @@ def drain_lingering(
             if remaining is not None and remaining <= 0:
                 return total
             drained = drain_inbox(
-                store, sync, connection, client, log,
-                max_events=remaining, keeper=keeper, model_keepers=model_keepers, deadline=deadline, on_batch=on_batch,
+                store,
+                sync,
+                connection,
+                client,
+                log,
+                max_events=remaining,
+                keeper=keeper,
+                model_keepers=model_keepers,
+                deadline=deadline,
+                on_batch=on_batch,
             )
             total.add(drained)
             now = time.monotonic()
@@ -191,7 +213,9 @@ def reset_partition(
     between the reset of one model and the next. Results by store key, the sync's own first."""
     with ExitStack() as held:
         keepers = {
-            key: held.enter_context(store.hold_lease(key, connection_id, "poll", requested_by, ttl_s=ttl_s, wait_s=wait_s, log=log))
+            key: held.enter_context(
+                store.hold_lease(key, connection_id, "poll", requested_by, ttl_s=ttl_s, wait_s=wait_s, log=log)
+            )
             for key in (sync.model_key(model.name) for model in sync.all_models)
         }
         return {

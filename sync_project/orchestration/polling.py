@@ -89,7 +89,9 @@ def poll(
         else:
             # Stamped before the first request: delete detection spares whatever was written after.
             window = FullWindow(window_id=run_id, started_at=utcnow())
-        with store.writer(sync.key, connection.connection_id, sync.record_spec, lease=_fence(keeper, sync.key, keepers)) as writer:
+        with store.writer(
+            sync.key, connection.connection_id, sync.record_spec, lease=_fence(keeper, sync.key, keepers)
+        ) as writer:
             writer.save_window(window)
         checkpoint = window.checkpoint
     else:
@@ -157,11 +159,15 @@ def poll(
             key = sync.model_key(model.name)
             deleted = 0
             if model.track_deletes:
-                with store.writer(key, connection.connection_id, model.record_spec, lease=_fence(keepers.get(key), key, keepers)) as writer:
+                with store.writer(
+                    key, connection.connection_id, model.record_spec, lease=_fence(keepers.get(key), key, keepers)
+                ) as writer:
                     deleted = writer.delete_unseen(window.window_id, window.started_at)
             result.models.setdefault(key, MergeResult()).deleted += deleted
             log.info(f"{key} {connection.connection_id}: full refresh tombstoned {deleted} vanished records")
-        with store.writer(sync.key, connection.connection_id, sync.record_spec, lease=_fence(keeper, sync.key, keepers)) as writer:
+        with store.writer(
+            sync.key, connection.connection_id, sync.record_spec, lease=_fence(keeper, sync.key, keepers)
+        ) as writer:
             result.deleted_unseen = writer.close_window(window, detect_deletes=sync.track_deletes)
         result.window_completed = True
         result.merge.deleted += result.deleted_unseen

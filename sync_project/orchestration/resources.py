@@ -26,6 +26,7 @@ def open_store(url: str) -> Store:
     held through the first migration, so two threads of one process never both run it.
     """
     from sync_project.store import Store  # the store (and SQLAlchemy) when a run or tick opens one
+
     with _migrated_lock:
         if url not in _migrated:
             store = Store(url)

@@ -14,7 +14,6 @@ sensor evaluated every 30 s, polls each of those once per interval-long slot of 
 (``poll|sync|connection|<interval>s|<slot>`` as run key): faster or slower than the sync's.
 """
 
-
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
@@ -69,7 +68,8 @@ def poll_requests(
     registered = set(context.instance.get_dynamic_partitions(partitions_name(sync.provider)))
     if connections is None:
         connections = [
-            c for c in store.connections.list(sync.provider, status="active")
+            c
+            for c in store.connections.list(sync.provider, status="active")
             if not cadence.has_own_poll_interval(sync, c)
         ]
     states = store.state.of_sync(sync.key) if connections else {}
@@ -157,7 +157,11 @@ def build_poll_schedule(
     )
     def _poll_schedule(context: dg.ScheduleEvaluationContext, sync_store: StoreResource) -> list[dg.RunRequest]:
         return poll_requests(
-            context, sync, sync_store, context.scheduled_execution_time.isoformat(), run_limits,
+            context,
+            sync,
+            sync_store,
+            context.scheduled_execution_time.isoformat(),
+            run_limits,
             now=context.scheduled_execution_time,
         )
 
@@ -206,5 +210,3 @@ def build_per_connection_sensor(
         )
 
     return _per_connection
-
-

@@ -31,7 +31,6 @@ Only registered connections get runs: events of a connection that was removed ar
 from a snapshot older than the removal), so a removed partition is never re-added nor run.
 """
 
-
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -229,13 +228,21 @@ def build_inbox_sensor(
 
     def run_config(sync: SyncDefinition, *, successor: bool) -> dg.RunConfig:
         config = SyncRunConfig(
-            mode="webhook", linger_s=linger_s, max_linger_run_s=cap_s,
+            mode="webhook",
+            linger_s=linger_s,
+            max_linger_run_s=cap_s,
             handoff_wait_s=handoff_wait_s if successor else 0.0,
         )
         return dg.RunConfig(ops={op_name(sync): config})
 
     def request(
-        sync: SyncDefinition, connection_id: str, slot: int, run_key: str, high_water_mark: str, successor: bool, **tags: str
+        sync: SyncDefinition,
+        connection_id: str,
+        slot: int,
+        run_key: str,
+        high_water_mark: str,
+        successor: bool,
+        **tags: str,
     ) -> dg.RunRequest:
         return dg.RunRequest(
             job_name=jobs[sync.key].name,
@@ -305,10 +312,17 @@ def build_inbox_sensor(
                 if (sync.provider, connection_id) in paused:
                     continue
                 context.log.info(f"{partition}: drainer {found.holder[:8]}'s lease expired: replacing it")
-                requests.append(request(
-                    sync, connection_id, slot, f"replace|{sync_key}|{connection_id}|{found.holder}",
-                    str(high_water_mark), successor=False, **{"sync/replaces": found.holder},
-                ))
+                requests.append(
+                    request(
+                        sync,
+                        connection_id,
+                        slot,
+                        f"replace|{sync_key}|{connection_id}|{found.holder}",
+                        str(high_water_mark),
+                        successor=False,
+                        **{"sync/replaces": found.holder},
+                    )
+                )
                 continue
             if holder is None:
                 if found.holder in standbys:
@@ -316,17 +330,31 @@ def build_inbox_sensor(
                     # quiet spell): its own standing drainer takes over from it, as a successor.
                     handled.add(partition)
                     if (sync.provider, connection_id) not in paused:
-                        requests.append(request(
-                            sync, connection_id, slot, f"promote|{sync_key}|{connection_id}|{found.token}",
-                            str(high_water_mark), successor=True, **{"sync/successor_of": found.holder},
-                        ))
+                        requests.append(
+                            request(
+                                sync,
+                                connection_id,
+                                slot,
+                                f"promote|{sync_key}|{connection_id}|{found.token}",
+                                str(high_water_mark),
+                                successor=True,
+                                **{"sync/successor_of": found.holder},
+                            )
+                        )
                 continue
             handled.add(partition)
             if holder.start_time is not None and now - holder.start_time >= cap_s - lead_s:
-                requests.append(request(
-                    sync, connection_id, slot, f"handoff|{sync_key}|{connection_id}|{holder.dagster_run.run_id}",
-                    str(high_water_mark), successor=True, **{"sync/successor_of": holder.dagster_run.run_id},
-                ))
+                requests.append(
+                    request(
+                        sync,
+                        connection_id,
+                        slot,
+                        f"handoff|{sync_key}|{connection_id}|{holder.dagster_run.run_id}",
+                        str(high_water_mark),
+                        successor=True,
+                        **{"sync/successor_of": holder.dagster_run.run_id},
+                    )
+                )
         by_provider: dict[str, set[str]] = defaultdict(set)
         for due_partition in due:
             sync = syncs[due_partition.sync]
@@ -345,7 +373,9 @@ def build_inbox_sensor(
                 f"{due_partition.sync}|{due_partition.connection_id}", base_run_key(due_partition), now, stall_after_s
             )
             by_provider[sync.provider].add(due_partition.connection_id)
-            requests.append(request(sync, due_partition.connection_id, slot, run_key, str(due_partition.max_id), successor=False))
+            requests.append(
+                request(sync, due_partition.connection_id, slot, run_key, str(due_partition.max_id), successor=False)
+            )
         if not requests:
             context.update_cursor(cursor.model_dump_json())
             if not due:

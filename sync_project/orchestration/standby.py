@@ -89,11 +89,11 @@ class HeldPartition:
 class Standby:
     """One standby drainer's loop; :meth:`run` returns after ``max_run_s``.
 
-    ``on_batch(sync, connection_id, batch)`` is called after each committed batch, ``on_tick()``
-after each round (between waits);
-    ``on_release(held, error)`` when a partition is given up (``error`` set when a store or
-    provider failure ended its drain); ``handed_over()`` returns the ``sync:connection`` of held
-    partitions whose own drainer run has started (it is asked every ``HANDOVER_CHECK_S``).
+        ``on_batch(sync, connection_id, batch)`` is called after each committed batch, ``on_tick()``
+    after each round (between waits);
+        ``on_release(held, error)`` when a partition is given up (``error`` set when a store or
+        provider failure ended its drain); ``handed_over()`` returns the ``sync:connection`` of held
+        partitions whose own drainer run has started (it is asked every ``HANDOVER_CHECK_S``).
     """
 
     def __init__(
@@ -203,8 +203,14 @@ after each round (between waits);
         on_batch = self._on_batch
         try:
             drained = drain_inbox(
-                self.store, held.sync, held.connection, held.client, self.log,
-                keeper=held.keeper, model_keepers=held.model_keepers, deadline=turn_ends,
+                self.store,
+                held.sync,
+                held.connection,
+                held.client,
+                self.log,
+                keeper=held.keeper,
+                model_keepers=held.model_keepers,
+                deadline=turn_ends,
                 on_batch=(lambda batch: on_batch(held.sync, connection_id, batch)) if on_batch is not None else None,
             )
         except LeaseLostError as error:
@@ -233,7 +239,9 @@ after each round (between waits);
         if connection.status != "active":
             return None
         try:
-            lease = self.store.leases.acquire(sync_key, connection_id, "drain", self.run_id, ttl_s=self.settings.lease_ttl_s)
+            lease = self.store.leases.acquire(
+                sync_key, connection_id, "drain", self.run_id, ttl_s=self.settings.lease_ttl_s
+            )
         except LeaseHeldError:
             return None  # another drainer took it meanwhile: it drains these events
         resources = ExitStack()
@@ -245,7 +253,9 @@ after each round (between waits);
             # taken after the sync's own as every drainer takes them (a dead holder's expires).
             model_keepers = {
                 key: resources.enter_context(
-                    self.store.hold_lease(key, connection_id, "drain", self.run_id, ttl_s=ttl_s, wait_s=ttl_s + 5.0, log=self.log)
+                    self.store.hold_lease(
+                        key, connection_id, "drain", self.run_id, ttl_s=ttl_s, wait_s=ttl_s + 5.0, log=self.log
+                    )
                 )
                 for key in (sync.model_key(model.name) for model in sync.models)
             }

@@ -120,7 +120,9 @@ def build_standby_job(
             if error is not None:
                 store.state.record_run(held.sync.key, connection_id, run_id=run_id, mode="webhook", error=error)
             elif held.drained.events_claimed:
-                store.state.record_run(held.sync.key, connection_id, run_id=run_id, mode="webhook", succeeded_at=utcnow())
+                store.state.record_run(
+                    held.sync.key, connection_id, run_id=run_id, mode="webhook", succeeded_at=utcnow()
+                )
             if error is not None or held.drained.events_claimed:
                 results = None if error is not None else SyncResults.of(held.drained.merge)
                 send_notification(
@@ -137,8 +139,13 @@ def build_standby_job(
 
         lease_sync, lease_connection = standby_lease_key(provider_name, config.slot)
         with store.hold_lease(
-            lease_sync, lease_connection, "standby", run_id,
-            ttl_s=config.lease_ttl_s, wait_s=config.lease_ttl_s + 5.0, log=context.log,
+            lease_sync,
+            lease_connection,
+            "standby",
+            run_id,
+            ttl_s=config.lease_ttl_s,
+            wait_s=config.lease_ttl_s + 5.0,
+            log=context.log,
         ) as alive:
 
             def on_tick() -> None:
@@ -148,11 +155,18 @@ def build_standby_job(
                         found.flush()
 
             standby = Standby(
-                store, by_key, provider, run_id=run_id, log=context.log,
+                store,
+                by_key,
+                provider,
+                run_id=run_id,
+                log=context.log,
                 settings=StandbySettings(
                     max_run_s=config.max_run_s, idle_release_s=config.idle_release_s, lease_ttl_s=config.lease_ttl_s
                 ),
-                on_batch=on_batch, on_release=on_release, handed_over=handed_over, on_tick=on_tick,
+                on_batch=on_batch,
+                on_release=on_release,
+                handed_over=handed_over,
+                on_tick=on_tick,
             )
             total = standby.run()
         context.log.info(
@@ -237,7 +251,9 @@ def build_standby_sensor(
         store = sync_store.get_store()
         cursor = StandbySensorCursor.model_validate_json(context.cursor) if context.cursor else StandbySensorCursor()
         now = time.time()
-        runs = context.instance.get_run_records(filters=dg.RunsFilter(statuses=_WILL_RUN, tags={"sync/mode": "standby"}))
+        runs = context.instance.get_run_records(
+            filters=dg.RunsFilter(statuses=_WILL_RUN, tags={"sync/mode": "standby"})
+        )
         leases = [lease for lease in store.leases.list() if lease.role == "standby" and lease.holder]
         # A provider without an active connection has nothing to drain: no process waits for it.
         connected = {connection.provider for connection in store.connections.list(status="active")}
@@ -253,7 +269,8 @@ def build_standby_sensor(
             # On its way to holding its lease: queued, starting, or started recently (not one
             # whose lease expired: that one died).
             waiting = [
-                r for r in own_runs
+                r
+                for r in own_runs
                 if r.dagster_run.run_id not in live_holders | dead_holders
                 and (r.start_time is None or now - r.start_time < start_grace_s)
             ]
@@ -266,12 +283,18 @@ def build_standby_sensor(
                 newest = max(live, key=lambda r: r.start_time or 0.0)
                 if newest.start_time is not None and now - newest.start_time >= cap_s - lead_s:
                     run_id = newest.dagster_run.run_id
-                    requests.append(request(provider, free[0], f"standby|{provider}|successor|{run_id}", **{"sync/successor_of": run_id}))
+                    requests.append(
+                        request(
+                            provider, free[0], f"standby|{provider}|successor|{run_id}", **{"sync/successor_of": run_id}
+                        )
+                    )
                 continue
             if live_holders:
                 continue  # its run has ended, not its lease: it is releasing, or dies within the TTL
             previous = cursor.requested.get(provider)
-            if previous is not None and now - previous.requested_at < min(RETRY_MAX_S, RETRY_BASE_S * 2**previous.failures):
+            if previous is not None and now - previous.requested_at < min(
+                RETRY_MAX_S, RETRY_BASE_S * 2**previous.failures
+            ):
                 continue
             dead = max(own_leases, key=_expires, default=None)
             run_key = f"standby|{provider}|{int(now * 1000)}"

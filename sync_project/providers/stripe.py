@@ -206,6 +206,7 @@ def customer_events(client: httpx.Client, since: int) -> Iterator[list[dict[str,
             yield pending + list(reversed(page.items))
         pending = []
 
+
 def _list(response: httpx.Response) -> StripeList:
     body = json_body(response)
     try:

@@ -200,9 +200,7 @@ def create_app(
         try:
             body = await _read_body(request, max_body_bytes, body_timeout_s)
         except _BodyTooLarge:
-            return answer(
-                413, "too_large", {"error": f"body over {max_body_bytes} bytes"}, {"Connection": "close"}
-            )
+            return answer(413, "too_large", {"error": f"body over {max_body_bytes} bytes"}, {"Connection": "close"})
         except _BodyTimeout:
             return answer(
                 408,
@@ -239,7 +237,9 @@ def create_app(
         except ValueError as error:  # a secret the scheme cannot use (checked at start-up, too)
             entry["fix"] = f"{provider.webhook_secret_env}: {error}"
             return answer(
-                503, "not_configured", {"error": f"deliveries of {name!r} are not accepted yet, retry later"},
+                503,
+                "not_configured",
+                {"error": f"deliveries of {name!r} are not accepted yet, retry later"},
                 unavailable_headers,
             )
         try:
@@ -390,6 +390,6 @@ def _one_line(text: str) -> str:
 
 def _json_answer(content: dict[str, Any], status: int, headers: dict[str, str] | None) -> Response:
     # ASCII-escaped: an error quoting the input may hold a lone surrogate, which UTF-8 cannot encode.
-    return Response(json.dumps(content, separators=(",", ":")), status_code=status, headers=headers,
-                    media_type="application/json")
-
+    return Response(
+        json.dumps(content, separators=(",", ":")), status_code=status, headers=headers, media_type="application/json"
+    )

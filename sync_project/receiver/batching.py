@@ -99,9 +99,7 @@ class GroupCommitter(Generic[Item, Result]):
         self._executor = DaemonThreadPool(self._writers, "inbox-writer")
         self._closed = False
         self._in_flight = {}
-        self._tasks = [
-            asyncio.create_task(self._run(n), name=f"inbox-group-commit-{n}") for n in range(self._writers)
-        ]
+        self._tasks = [asyncio.create_task(self._run(n), name=f"inbox-group-commit-{n}") for n in range(self._writers)]
 
     async def stop(self, timeout_s: float | None = None) -> bool:
         """Commit everything already submitted, then stop the writer.
@@ -184,9 +182,7 @@ class GroupCommitter(Generic[Item, Result]):
                 continue
             self._in_flight[writer] = time.monotonic()
             try:
-                outcomes = await loop.run_in_executor(
-                    self._executor, self._commit_isolating, [p.item for p in batch]
-                )
+                outcomes = await loop.run_in_executor(self._executor, self._commit_isolating, [p.item for p in batch])
             except asyncio.CancelledError:  # stop() gave up on a commit the database never answered
                 for pending in batch:
                     if not pending.future.done():

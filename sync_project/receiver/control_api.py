@@ -175,10 +175,21 @@ def control_routes(
                     run = dagster().submit_poll(sync, body.connection, mode)  # type: ignore[arg-type]
                 except PartitionBusyError as error:
                     raise _Refused(409, str(error)) from None
-            log.info("control: token %s triggered %s for %r (%s): run %s", token.name, sync.key, body.connection, mode, run.run_id)
+            log.info(
+                "control: token %s triggered %s for %r (%s): run %s",
+                token.name,
+                sync.key,
+                body.connection,
+                mode,
+                run.run_id,
+            )
             return {
-                "run_id": run.run_id, "status": run.status.value, "sync": sync.key, "connection": body.connection,
-                "mode": body.mode, "tags": dict(run.tags),
+                "run_id": run.run_id,
+                "status": run.status.value,
+                "sync": sync.key,
+                "connection": body.connection,
+                "mode": body.mode,
+                "tags": dict(run.tags),
             }
 
         return await run_in_threadpool(submit)
@@ -270,4 +281,6 @@ def _no_launcher() -> RunLauncher:
 
 def _json(status: int, content: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     # ASCII-escaped: a message quoting the request may hold what UTF-8 cannot encode.
-    return Response(json.dumps(content, default=str), status_code=status, headers=headers, media_type="application/json")
+    return Response(
+        json.dumps(content, default=str), status_code=status, headers=headers, media_type="application/json"
+    )

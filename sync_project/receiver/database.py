@@ -108,9 +108,7 @@ class DatabaseGate:
             except Exception as error:  # noqa: BLE001 - down, or refused: try again
                 now = time.monotonic()
                 if last_logged is None or now - last_logged >= LOG_EVERY_S:
-                    log.warning(
-                        "database unavailable, answering 503 until it is back: %s", type(error).__name__
-                    )
+                    log.warning("database unavailable, answering 503 until it is back: %s", type(error).__name__)
                     last_logged = now
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)

@@ -106,7 +106,9 @@ def records_routes(
 
         syncs = registry.syncs()
     # Every model's records, a sync of several models included (github/issue_comments).
-    known = {sync.model_key(model.name): (sync, sync.model_key(model.name)) for sync in syncs for model in sync.all_models}
+    known = {
+        sync.model_key(model.name): (sync, sync.model_key(model.name)) for sync in syncs for model in sync.all_models
+    }
     if api_tokens is not None:
         accepted: list[ApiToken] = list(api_tokens)
     else:
@@ -134,7 +136,9 @@ def records_routes(
         if not token.allows(sync.provider, str(query["connection_id"])):
             log.info(
                 "records: token %s refused %s connection %r (out of scope)",
-                token.name, sync.key, query["connection_id"],
+                token.name,
+                sync.key,
+                query["connection_id"],
             )
             return _error(403, f"this token may not read {sync.provider} connection {query['connection_id']!r}")
         try:
@@ -215,7 +219,9 @@ def _page(
         records_key, connection_id, cursor=cursor, limit=limit, actions=actions, modified_after=modified_after
     )
     # "reset" only when there was one: a page is otherwise what it always was.
-    return Response(page.model_dump_json(exclude={"reset"} if page.reset is None else None), media_type="application/json")
+    return Response(
+        page.model_dump_json(exclude={"reset"} if page.reset is None else None), media_type="application/json"
+    )
 
 
 def _check_id(value: str, name: str) -> None:

@@ -30,9 +30,7 @@ class DaemonThreadPool(Executor):
         self._work: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._shutdown = False
         self._lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._serve, name=f"{name}-{n}", daemon=True) for n in range(workers)
-        ]
+        self._threads = [threading.Thread(target=self._serve, name=f"{name}-{n}", daemon=True) for n in range(workers)]
         for thread in self._threads:
             thread.start()
 

@@ -53,7 +53,9 @@ class ApiToken:
     def allows(self, provider: str, connection_id: str, *, control: bool = False) -> bool:
         """Whether the token may read (or, with ``control``, control) this connection."""
         prefix = CONTROL if control else ""
-        return bool({f"{prefix}{scope}" for scope in (EVERYTHING, provider, f"{provider}/{connection_id}")} & self.scopes)
+        return bool(
+            {f"{prefix}{scope}" for scope in (EVERYTHING, provider, f"{provider}/{connection_id}")} & self.scopes
+        )
 
     @property
     def controls_anything(self) -> bool:

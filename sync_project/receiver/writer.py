@@ -194,4 +194,3 @@ def _close(conn: Connection) -> None:
 def _routable_account(event: InboundEvent) -> bool:
     # Other types are refused per delivery by route(); they must not break the batch's lookup.
     return event.account_id is None or isinstance(account_of(event), str)
-

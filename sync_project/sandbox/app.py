@@ -252,8 +252,18 @@ async def apply_changes(request: Request) -> Response:
     accounts = [ask.account_id] if ask.account_id else None
     events = await run_in_threadpool(sandbox.state.apply_random, ask.count, mix=ask.mix, account_ids=accounts)
     return JSONResponse(
-        {"events": [{"id": e.id, "type": e.type, "account_id": e.account_id, "object_id": e.data["id"],
-                     "occurred_at": e.occurred_at} for e in events]}
+        {
+            "events": [
+                {
+                    "id": e.id,
+                    "type": e.type,
+                    "account_id": e.account_id,
+                    "object_id": e.data["id"],
+                    "occurred_at": e.occurred_at,
+                }
+                for e in events
+            ]
+        }
     )
 
 

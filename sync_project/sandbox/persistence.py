@@ -143,10 +143,7 @@ class SandboxJournal:
                     "INSERT INTO objects (account_id, kind, object_id, data, deleted) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT (account_id, kind, object_id) "
                     "DO UPDATE SET data = excluded.data, deleted = excluded.deleted",
-                    [
-                        (row.account_id, row.kind, row.object_id, _json(row.data), int(row.deleted))
-                        for row in objects
-                    ],
+                    [(row.account_id, row.kind, row.object_id, _json(row.data), int(row.deleted)) for row in objects],
                 )
                 self._conn.executemany(
                     "INSERT INTO counters (account_id, kind, issued) VALUES (?, ?, ?) "

@@ -23,7 +23,9 @@ class RateLimitSettings(BaseModel):
 class RateLimiter:
     """Token buckets keyed by API token; thread-safe (routes run in Starlette's thread pool)."""
 
-    def __init__(self, settings: RateLimitSettings | None = None, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, settings: RateLimitSettings | None = None, *, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
         self.settings = settings or RateLimitSettings()
         self._monotonic = monotonic
         self._buckets: dict[str, tuple[float, float]] = {}  # token -> (tokens left, at)

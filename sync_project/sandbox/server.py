@@ -44,10 +44,14 @@ class SandboxServer:
         if self._server is not None:
             return self.base_url
         server = BackgroundServer(
-            create_app(self.sandbox), host=self._host, port=self._port, log_level=self._log_level,
+            create_app(self.sandbox),
+            host=self._host,
+            port=self._port,
+            log_level=self._log_level,
             lifespan="off",
             # A request still waiting (say, on /admin/flush) must not hold the shutdown up.
-            graceful_shutdown_s=GRACEFUL_SHUTDOWN_S, name="sandbox-http",
+            graceful_shutdown_s=GRACEFUL_SHUTDOWN_S,
+            name="sandbox-http",
         )
         self._server = server.start(timeout_s)
         self.base_url = server.url

@@ -77,9 +77,7 @@ class Sandbox:
                 # none, so nobody could use the account otherwise).
                 self.accounts[spec.account_id] = self.state.set_token(spec.account_id, spec.token)
                 continue
-            account = self.state.create_account(
-                spec.account_id, spec.token, contacts=spec.contacts, deals=spec.deals
-            )
+            account = self.state.create_account(spec.account_id, spec.token, contacts=spec.contacts, deals=spec.deals)
             self.accounts[account.account_id] = account.token or ""
         self.generator = ChangeGenerator(self.state, self.config.generator)
 

@@ -198,9 +198,7 @@ class PostgresBulk:
     def advance_source(self, stamps: Sequence[tuple[str, datetime]]) -> None:
         self._update_located("source_updated_at = v.source", stamps)
 
-    def _update_located(
-        self, assignments: str, sources: Sequence[tuple[str, datetime | None]], **params: Any
-    ) -> None:
+    def _update_located(self, assignments: str, sources: Sequence[tuple[str, datetime | None]], **params: Any) -> None:
         """``UPDATE ... SET {assignments}`` on the rows of the given keys, each with its ``v.source``."""
         with self._cursor() as cursor:
             cursor.execute(
@@ -230,9 +228,7 @@ def read_state_sql(with_data: bool, with_modified: bool) -> str:
     columns = ", ".join(
         name if name == "NULL" else f"r.{name}" for name in _state_columns(with_data, with_modified).split(", ")
     )
-    return (
-        f"SELECT {columns} FROM {_KEYS} CROSS JOIN LATERAL ({_ONE_ROW.format(columns='*')}) AS r"
-    )
+    return f"SELECT {columns} FROM {_KEYS} CROSS JOIN LATERAL ({_ONE_ROW.format(columns='*')}) AS r"
 
 
 _HAS_STATISTICS = "records_has_statistics"
@@ -368,8 +364,7 @@ class SqliteBulk:
             chunk = list(keys[start : start + KEY_CHUNK])
             marks = ",".join("?" * len(chunk))
             rows = self._dbapi.execute(
-                f"SELECT {columns} FROM {_TABLE} "
-                f"WHERE sync = ? AND connection_id = ? AND external_id IN ({marks})",
+                f"SELECT {columns} FROM {_TABLE} WHERE sync = ? AND connection_id = ? AND external_id IN ({marks})",
                 (self._sync, self._connection_id, *chunk),
             ).fetchall()
             # A page's rows share their last_modified_at (one stamp per write): parse each text once.
@@ -414,10 +409,7 @@ class SqliteBulk:
         self._dbapi.executemany(
             f"UPDATE {_TABLE} SET deleted_at = ?, last_modified_at = ?, last_action = 'deleted', "
             "source_updated_at = ? WHERE sync = ? AND connection_id = ? AND external_id = ?",
-            [
-                (stamp, stamp, to_sqlite(w.source_updated_at), self._sync, self._connection_id, w.key)
-                for w in writes
-            ],
+            [(stamp, stamp, to_sqlite(w.source_updated_at), self._sync, self._connection_id, w.key) for w in writes],
         )
 
     def advance_source(self, stamps: Sequence[tuple[str, datetime]]) -> None:

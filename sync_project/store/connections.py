@@ -60,7 +60,10 @@ class Connections:
             "account_id": account_id,
             **credential_columns(
                 f"connection {provider}/{connection_id}",
-                env=credentials_env, file=credentials_file, secret=credentials_secret, value=credentials_value,
+                env=credentials_env,
+                file=credentials_file,
+                secret=credentials_secret,
+                value=credentials_value,
             ),
             "config": json.dumps(config or {}, sort_keys=True),
             "status": "active",
@@ -82,11 +85,15 @@ class Connections:
 
     def get(self, provider: str, connection_id: str) -> ProviderConnection:
         with unavailable_as_store_error(), reading(self._engine) as conn:
-            row = conn.execute(
-                select(connections).where(
-                    connections.c.provider == provider, connections.c.connection_id == connection_id
+            row = (
+                conn.execute(
+                    select(connections).where(
+                        connections.c.provider == provider, connections.c.connection_id == connection_id
+                    )
                 )
-            ).mappings().first()
+                .mappings()
+                .first()
+            )
         if row is None:
             raise UnknownConnectionError(f"no connection {connection_id!r} for provider {provider!r}")
         return self._model(row)
@@ -103,9 +110,7 @@ class Connections:
     # builtins.list: inside the class, `list` is the method above.
     def for_account(self, provider: str, account_id: str) -> builtins.list[ProviderConnection]:
         """The connections a webhook naming ``account_id`` routes to."""
-        query = select(connections).where(
-            connections.c.provider == provider, connections.c.account_id == account_id
-        )
+        query = select(connections).where(connections.c.provider == provider, connections.c.account_id == account_id)
         with unavailable_as_store_error(), reading(self._engine) as conn:
             return [self._model(row) for row in conn.execute(query).mappings()]
 
@@ -198,7 +203,9 @@ def _check_poll_interval(seconds: int | None) -> int | None:
 
 def _check_full_refresh_interval(seconds: int | None) -> int | None:
     if seconds is not None and not (isinstance(seconds, int) and (seconds == 0 or seconds >= MIN_POLL_INTERVAL_S)):
-        raise ValueError(f"full-refresh interval must be 0 (never) or at least {MIN_POLL_INTERVAL_S} s, got {seconds!r}")
+        raise ValueError(
+            f"full-refresh interval must be 0 (never) or at least {MIN_POLL_INTERVAL_S} s, got {seconds!r}"
+        )
     return seconds
 
 

@@ -30,8 +30,15 @@ if TYPE_CHECKING:  # pandas costs 0.5 s of CPU to import: only the readers that 
 
 ChangeAction = Literal["added", "updated", "deleted"]
 MAX_PAGE = 10_000
-METADATA_COLUMNS = ("_connection_id", "_id", "_last_action", "_first_seen_at", "_last_modified_at",
-                    "_source_updated_at", "_deleted_at")
+METADATA_COLUMNS = (
+    "_connection_id",
+    "_id",
+    "_last_action",
+    "_first_seen_at",
+    "_last_modified_at",
+    "_source_updated_at",
+    "_deleted_at",
+)
 
 
 class InvalidCursorError(StoreError, ValueError):
@@ -258,6 +265,7 @@ def iter_dataframes(
 
 def _frame(rows: Sequence[Any]) -> pd.DataFrame:
     import pandas as pd
+
     data = pd.DataFrame.from_records([json.loads(row.data) for row in rows], index=range(len(rows)))
     meta = pd.DataFrame(
         {
@@ -276,4 +284,5 @@ def _frame(rows: Sequence[Any]) -> pd.DataFrame:
 
 def empty_frame() -> pd.DataFrame:
     import pandas as pd
+
     return pd.DataFrame({name: pd.Series(dtype="object") for name in METADATA_COLUMNS})

@@ -163,10 +163,7 @@ class Forwards:
         now = now or utcnow()
         with unavailable_as_store_error(), self._engine.begin() as conn:
             query = (
-                select(forwards)
-                .where(forwards.c.status == "pending", _due(now))
-                .order_by(forwards.c.id)
-                .limit(limit)
+                select(forwards).where(forwards.c.status == "pending", _due(now)).order_by(forwards.c.id).limit(limit)
             )
             if conn.dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
@@ -208,7 +205,9 @@ class Forwards:
             raise ValueError("max_attempts must be at least 1")
         now = now or utcnow()
         with unavailable_as_store_error(), self._engine.begin() as conn:
-            row = conn.execute(select(forwards.c.status, forwards.c.attempts).where(forwards.c.id == forward_id)).first()
+            row = conn.execute(
+                select(forwards.c.status, forwards.c.attempts).where(forwards.c.id == forward_id)
+            ).first()
             if row is None:
                 raise LookupError(f"no forward with id {forward_id}")
             if row.status != "pending":
@@ -231,7 +230,9 @@ class Forwards:
             counts = dict.fromkeys(FORWARD_STATUSES, 0)
             for status, count in conn.execute(select(forwards.c.status, func.count()).group_by(forwards.c.status)):
                 counts[status] = int(count)
-            oldest = conn.execute(select(func.min(forwards.c.created_at)).where(forwards.c.status == "pending")).scalar()
+            oldest = conn.execute(
+                select(func.min(forwards.c.created_at)).where(forwards.c.status == "pending")
+            ).scalar()
             cursor = conn.execute(
                 select(forwarder_state.c.inbox_cursor).where(forwarder_state.c.name == self._name)
             ).scalar()

@@ -156,7 +156,17 @@ class ClaimedEvent:
     in, as :class:`RoutedEvent`).
     """
 
-    __slots__ = ("id", "provider", "event_key", "sync", "connection_id", "account_id", "event_type", "payload", "attempts")
+    __slots__ = (
+        "id",
+        "provider",
+        "event_key",
+        "sync",
+        "connection_id",
+        "account_id",
+        "event_type",
+        "payload",
+        "attempts",
+    )
 
     def __init__(
         self,
@@ -416,9 +426,7 @@ class Inbox:
                 found[key].oldest_pending_received_at = _aware(oldest)
         return [found[key] for key in sorted(found)]
 
-    def replay(
-        self, status: ReplayableStatus, *, connections: ConnectionLookup, provider: str | None = None
-    ) -> int:
+    def replay(self, status: ReplayableStatus, *, connections: ConnectionLookup, provider: str | None = None) -> int:
         """Make ``dead``, ``unroutable`` or ``orphaned`` events pending again; returns how many
         became pending.
 
@@ -474,9 +482,7 @@ class Inbox:
         while parked:
             # Bounded deletes: short transactions, so receivers and runs never wait long.
             with unavailable_as_store_error(), self._engine.begin() as conn:
-                ids = select(inbox.c.id).where(
-                    _PARKED, inbox.c.status.in_(parked), inbox.c.received_at < cutoff
-                )
+                ids = select(inbox.c.id).where(_PARKED, inbox.c.status.in_(parked), inbox.c.received_at < cutoff)
                 removed = conn.execute(
                     delete(inbox).where(inbox.c.id.in_(ids.limit(_ID_CHUNK).scalar_subquery()))
                 ).rowcount
@@ -678,9 +684,11 @@ def orphan_pending(conn: Connection, provider: str, connection_id: str, *, only_
 
     The queue rows are deleted first, each returning its id: a drain batch holding one (Postgres
     row lock) commits it as done before this sees it, so an applied event is never orphaned."""
-    owned = select(inbox.c.id).where(
-        inbox.c.id == inbox_pending.c.id, inbox.c.provider == provider, inbox.c.connection_id == connection_id
-    ).exists()
+    owned = (
+        select(inbox.c.id)
+        .where(inbox.c.id == inbox_pending.c.id, inbox.c.provider == provider, inbox.c.connection_id == connection_id)
+        .exists()
+    )
     statement = delete(inbox_pending).where(inbox_pending.c.connection_id == connection_id, owned)
     if only_if_unregistered:
         statement = statement.where(~_connection_exists(literal(provider), literal(connection_id)))
@@ -805,7 +813,9 @@ def _insert_returning(
     dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     statement = (
         dialect_insert(inbox)
-        .on_conflict_do_nothing(index_elements=[inbox.c.provider, inbox.c.event_key, inbox.c.sync, inbox.c.connection_id])
+        .on_conflict_do_nothing(
+            index_elements=[inbox.c.provider, inbox.c.event_key, inbox.c.sync, inbox.c.connection_id]
+        )
         .returning(inbox.c.id, inbox.c.provider, inbox.c.event_key, inbox.c.sync, inbox.c.connection_id, inbox.c.status)
     )
     parameters = [

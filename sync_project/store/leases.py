@@ -118,7 +118,9 @@ def acquire(conn: Connection, sync: str, connection_id: str, role: LeaseRole, ho
         .on_conflict_do_nothing(index_elements=["sync", "connection_id", "role"])
     )
     row = conn.execute(
-        select(leases.c.holder, leases.c.token, leases.c.expires_at).where(*_where(sync, connection_id, role)).with_for_update()
+        select(leases.c.holder, leases.c.token, leases.c.expires_at)
+        .where(*_where(sync, connection_id, role))
+        .with_for_update()
     ).one()
     now = database_now(conn)
     if row.holder is not None and row.expires_at is not None and row.expires_at > now:
@@ -137,7 +139,13 @@ def acquire(conn: Connection, sync: str, connection_id: str, role: LeaseRole, ho
     )
     if row.holder is not None:
         _log.warning(
-            "took over the expired %s lease of %s/%s from %s (token %d -> %d)", role, sync, connection_id, row.holder, row.token, token
+            "took over the expired %s lease of %s/%s from %s (token %d -> %d)",
+            role,
+            sync,
+            connection_id,
+            row.holder,
+            row.token,
+            token,
         )
     return Lease(sync, connection_id, role, holder, token, expires_at)
 
@@ -148,7 +156,11 @@ def renew(conn: Connection, lease: Lease, ttl_s: float) -> Lease:
     expires_at = now + timedelta(seconds=ttl_s)
     renewed = conn.execute(
         update(leases)
-        .where(*_where(lease.sync, lease.connection_id, lease.role), leases.c.token == lease.token, leases.c.holder == lease.holder)
+        .where(
+            *_where(lease.sync, lease.connection_id, lease.role),
+            leases.c.token == lease.token,
+            leases.c.holder == lease.holder,
+        )
         .values(expires_at=expires_at, renewed_at=now)
     ).rowcount
     if not renewed:
@@ -160,7 +172,11 @@ def release(conn: Connection, lease: Lease) -> bool:
     """Give the lease up (if still held); the next run is granted it at once instead of at expiry."""
     released = conn.execute(
         update(leases)
-        .where(*_where(lease.sync, lease.connection_id, lease.role), leases.c.token == lease.token, leases.c.holder == lease.holder)
+        .where(
+            *_where(lease.sync, lease.connection_id, lease.role),
+            leases.c.token == lease.token,
+            leases.c.holder == lease.holder,
+        )
         .values(holder=None, expires_at=None)
     ).rowcount
     return bool(released)
@@ -260,7 +276,9 @@ class Leases:
     def live_holder(self, sync: str, connection_id: str, role: LeaseRole) -> str | None:
         """The run holding the lease now (unexpired, by the database's clock), or None."""
         with unavailable_as_store_error(), reading(self._engine) as conn:
-            row = conn.execute(select(leases.c.holder, leases.c.expires_at).where(*_where(sync, connection_id, role))).first()
+            row = conn.execute(
+                select(leases.c.holder, leases.c.expires_at).where(*_where(sync, connection_id, role))
+            ).first()
             now = database_now(conn)
         if row is None or row.holder is None or row.expires_at is None or row.expires_at <= now:
             return None
@@ -353,7 +371,14 @@ def holding(
             log.info(f"{error}; waiting up to {wait_s:.0f} s for it")
 
     lease = leases_.acquire(
-        sync, connection_id, role, holder, ttl_s=ttl_s, wait_s=wait_s, only_for_a_dead_holder=only_for_a_dead_holder, on_wait=waiting
+        sync,
+        connection_id,
+        role,
+        holder,
+        ttl_s=ttl_s,
+        wait_s=wait_s,
+        only_for_a_dead_holder=only_for_a_dead_holder,
+        on_wait=waiting,
     )
     keeper = LeaseKeeper(leases_, lease, ttl_s=ttl_s, log=log).start()
     try:

@@ -32,4 +32,6 @@ def take_batch_lock(conn: Connection, sync: str, connection_id: str) -> None:
     On SQLite the transaction already holds the database write lock (BEGIN IMMEDIATE).
     """
     if conn.dialect.name == "postgresql":
-        conn.execute(text(f"SELECT pg_advisory_xact_lock({_KEY_SQL})"), {"ident": lock_ident("batch", sync, connection_id)})
+        conn.execute(
+            text(f"SELECT pg_advisory_xact_lock({_KEY_SQL})"), {"ident": lock_ident("batch", sync, connection_id)}
+        )

@@ -88,9 +88,7 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=
 # markers dict is not thread-safe): a cycle ends in RecursionError, which prepare_batch reports.
 _MAKE_C_ENCODER = getattr(json.encoder, "c_make_encoder", None)  # private, untyped; absent off CPython
 _C_ENCODER = (
-    _MAKE_C_ENCODER(
-        None, _not_json, json.encoder.encode_basestring, None, ":", ",", True, False, False
-    )
+    _MAKE_C_ENCODER(None, _not_json, json.encoder.encode_basestring, None, ":", ",", True, False, False)
     if _MAKE_C_ENCODER is not None
     else None
 )
@@ -204,7 +202,7 @@ def supersedes(kept: Incoming, source_updated_at: datetime | None, action: Actio
 
 def _json_problem(error: Exception) -> str:
     if isinstance(error, UnicodeEncodeError):
-        return f"text with an unpaired surrogate ({error.object[error.start:error.end]!r}) is not valid Unicode"
+        return f"text with an unpaired surrogate ({error.object[error.start : error.end]!r}) is not valid Unicode"
     if "Out of range float" in str(error):
         return "NaN and Infinity have no JSON form"
     if isinstance(error, RecursionError):
@@ -247,9 +245,7 @@ def _source_timestamp(
             return fetched_at
         if action == "update" or spec.strategy is not MergeStrategy.NEWEST_SOURCE_WINS:
             return None
-        raise InvalidBatchError(
-            f"record {key!r} has no {spec.updated_field!r}, which newest_source_wins needs"
-        )
+        raise InvalidBatchError(f"record {key!r} has no {spec.updated_field!r}, which newest_source_wins needs")
     try:
         return parse_timestamp(value)
     except (ValueError, OverflowError, OSError) as error:
@@ -292,7 +288,9 @@ def rejects(
 
 def is_stale(incoming: Incoming, stored: Stored, spec: RecordSpec, fetched_at: datetime) -> bool:
     """Whether the guard of ``spec.strategy`` rejects ``incoming`` over ``stored``."""
-    return rejects(spec.strategy, stored.source_updated_at, stored.last_modified_at, incoming.source_updated_at, fetched_at)
+    return rejects(
+        spec.strategy, stored.source_updated_at, stored.last_modified_at, incoming.source_updated_at, fetched_at
+    )
 
 
 def plan_batch(
@@ -317,19 +315,51 @@ def plan_batch(
         if current is None:
             if action == "save":
                 result.added += 1
-                writes.append(Write(item.key, item.data_json, item.data_hash, item.source_updated_at, deleted=False, last_action="added", is_new=True))
+                writes.append(
+                    Write(
+                        item.key,
+                        item.data_json,
+                        item.data_hash,
+                        item.source_updated_at,
+                        deleted=False,
+                        last_action="added",
+                        is_new=True,
+                    )
+                )
             else:  # a tombstone for a key never seen: a stale copy arriving later must not create it
                 result.deleted += 1
-                writes.append(Write(item.key, item.data_json, item.data_hash, item.source_updated_at, deleted=True, last_action="deleted", is_new=True))
+                writes.append(
+                    Write(
+                        item.key,
+                        item.data_json,
+                        item.data_hash,
+                        item.source_updated_at,
+                        deleted=True,
+                        last_action="deleted",
+                        is_new=True,
+                    )
+                )
             continue
-        if guarded and rejects(strategy, current.source_updated_at, current.last_modified_at, item.source_updated_at, fetched_at):
+        if guarded and rejects(
+            strategy, current.source_updated_at, current.last_modified_at, item.source_updated_at, fetched_at
+        ):
             result.skipped_stale += 1
             untouched.append(item.key)
             continue
         if action == "save":
             if current.deleted:
                 result.added += 1
-                writes.append(Write(item.key, item.data_json, item.data_hash, item.source_updated_at, deleted=False, last_action="added", is_new=False))
+                writes.append(
+                    Write(
+                        item.key,
+                        item.data_json,
+                        item.data_hash,
+                        item.source_updated_at,
+                        deleted=False,
+                        last_action="added",
+                        is_new=False,
+                    )
+                )
                 continue
             data_hash = item.data_hash
             if current.data_hash == data_hash:
@@ -339,7 +369,17 @@ def plan_batch(
                     plan.advance.append((item.key, item.source_updated_at))  # type: ignore[arg-type]
             else:
                 result.updated += 1
-                writes.append(Write(item.key, item.data_json, data_hash, item.source_updated_at, deleted=False, last_action="updated", is_new=False))
+                writes.append(
+                    Write(
+                        item.key,
+                        item.data_json,
+                        data_hash,
+                        item.source_updated_at,
+                        deleted=False,
+                        last_action="updated",
+                        is_new=False,
+                    )
+                )
         else:  # delete: a tombstone keeps the last content, so the feed can show what went away
             if current.deleted:
                 result.unchanged += 1
@@ -384,4 +424,6 @@ def _plan_update(
             plan.advance.append((item.key, source))
         return
     plan.result.updated += 1
-    plan.writes.append(Write(item.key, merged_json, merged_hash, source, deleted=False, last_action="updated", is_new=False))
+    plan.writes.append(
+        Write(item.key, merged_json, merged_hash, source, deleted=False, last_action="updated", is_new=False)
+    )

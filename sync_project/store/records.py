@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
 
+
 @dataclass(frozen=True)
 class PreparedBatch:
     """A batch already validated, de-duplicated, encoded and hashed: what :func:`prepare` returns.
@@ -150,15 +151,11 @@ class RecordWriter:
         """Upsert full records."""
         return self.merge("save", batch, fetched_at=fetched_at, seen_by_run=seen_by_run)
 
-    def update(
-        self, batch: Iterable[RecordLike] | PreparedBatch, *, fetched_at: datetime | None = None
-    ) -> MergeResult:
+    def update(self, batch: Iterable[RecordLike] | PreparedBatch, *, fetched_at: datetime | None = None) -> MergeResult:
         """Deep-merge partial records into existing live records; unknown keys are skipped."""
         return self.merge("update", batch, fetched_at=fetched_at)
 
-    def delete(
-        self, batch: Iterable[RecordLike] | PreparedBatch, *, fetched_at: datetime | None = None
-    ) -> MergeResult:
+    def delete(self, batch: Iterable[RecordLike] | PreparedBatch, *, fetched_at: datetime | None = None) -> MergeResult:
         """Tombstone records (each needs only its primary key and, if known, its timestamp)."""
         return self.merge("delete", batch, fetched_at=fetched_at)
 

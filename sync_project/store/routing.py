@@ -92,4 +92,3 @@ class ConnectionSnapshot:
         if provider is None:
             return [c for group in self._by_provider.values() for c in group]
         return list(self._by_provider.get(provider, ()))
-

@@ -69,7 +69,9 @@ class FullWindow(BaseModel):
 def _state(row: Any) -> SyncState:
     values = dict(row)
     values["checkpoint"] = json.loads(row["checkpoint"]) if row["checkpoint"] else None
-    values["full_window_checkpoint"] = json.loads(row["full_window_checkpoint"]) if row["full_window_checkpoint"] else None
+    values["full_window_checkpoint"] = (
+        json.loads(row["full_window_checkpoint"]) if row["full_window_checkpoint"] else None
+    )
     return SyncState.model_validate(values)
 
 
@@ -89,9 +91,13 @@ class SyncStates:
 
     def get(self, sync: str, connection_id: str) -> SyncState | None:
         with unavailable_as_store_error(), reading(self._engine) as conn:
-            row = conn.execute(
-                select(sync_state).where(sync_state.c.sync == sync, sync_state.c.connection_id == connection_id)
-            ).mappings().first()
+            row = (
+                conn.execute(
+                    select(sync_state).where(sync_state.c.sync == sync, sync_state.c.connection_id == connection_id)
+                )
+                .mappings()
+                .first()
+            )
         return None if row is None else _state(row)
 
     def of_sync(self, sync: str) -> dict[str, SyncState]:
@@ -135,10 +141,15 @@ def _json(value: Any) -> str | None:
 
 def open_window(conn: Connection, sync: str, connection_id: str, window: FullWindow) -> None:
     upsert_state(
-        conn, sync, connection_id,
-        full_window_id=window.window_id, full_window_started_at=window.started_at,
-        full_window_checkpoint=_json(window.checkpoint), full_window_pages=window.pages,
-        full_window_records=window.records, full_window_runs=window.runs,
+        conn,
+        sync,
+        connection_id,
+        full_window_id=window.window_id,
+        full_window_started_at=window.started_at,
+        full_window_checkpoint=_json(window.checkpoint),
+        full_window_pages=window.pages,
+        full_window_records=window.records,
+        full_window_runs=window.runs,
     )
 
 

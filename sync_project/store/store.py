@@ -93,13 +93,25 @@ class Store:
             return writer.save(batch, fetched_at=fetched_at)
 
     def update(
-        self, sync: str, connection_id: str, spec: RecordSpec, batch: Iterable[RecordLike], *, fetched_at: datetime | None = None
+        self,
+        sync: str,
+        connection_id: str,
+        spec: RecordSpec,
+        batch: Iterable[RecordLike],
+        *,
+        fetched_at: datetime | None = None,
     ) -> MergeResult:
         with self.writer(sync, connection_id, spec) as writer:
             return writer.update(batch, fetched_at=fetched_at)
 
     def delete(
-        self, sync: str, connection_id: str, spec: RecordSpec, batch: Iterable[RecordLike], *, fetched_at: datetime | None = None
+        self,
+        sync: str,
+        connection_id: str,
+        spec: RecordSpec,
+        batch: Iterable[RecordLike],
+        *,
+        fetched_at: datetime | None = None,
     ) -> MergeResult:
         with self.writer(sync, connection_id, spec) as writer:
             return writer.delete(batch, fetched_at=fetched_at)
@@ -122,8 +134,15 @@ class Store:
         :class:`~sync_project.store.errors.LeaseHeldError`. Pass ``keeper.lease`` to
         :meth:`writer` so every write is fenced (see :meth:`Leases.acquire` for the wait)."""
         with holding(
-            self.leases, sync, connection_id, role, holder,
-            ttl_s=ttl_s, wait_s=wait_s, only_for_a_dead_holder=only_for_a_dead_holder, log=log,
+            self.leases,
+            sync,
+            connection_id,
+            role,
+            holder,
+            ttl_s=ttl_s,
+            wait_s=wait_s,
+            only_for_a_dead_holder=only_for_a_dead_holder,
+            log=log,
         ) as keeper:
             yield keeper
 
@@ -165,8 +184,14 @@ class Store:
             else:
                 stamp = writer.next_stamp()
             result = ResetResult(
-                sync=sync, connection_id=connection_id, reset_at=stamp, records=resets.outcome(action),
-                tombstoned=tombstoned, removed=removed, checkpoint_cleared=cleared, requested_by=requested_by,
+                sync=sync,
+                connection_id=connection_id,
+                reset_at=stamp,
+                records=resets.outcome(action),
+                tombstoned=tombstoned,
+                removed=removed,
+                checkpoint_cleared=cleared,
+                requested_by=requested_by,
             )
             resets.record_reset(writer.conn, result)
         return result
@@ -225,4 +250,3 @@ class Store:
             yield from feed.iter_dataframes(
                 conn, sync, connection_id, include_deleted=include_deleted, chunk_size=chunk_size
             )
-

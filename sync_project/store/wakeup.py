@@ -82,7 +82,9 @@ class _Listening:
                 cursor.execute(f"LISTEN {CHANNEL}")
             self._raw = raw
         except Exception as error:  # noqa: BLE001 - the fallback poll still drains
-            _log.warning(f"inbox wake-up: cannot LISTEN ({type(error).__name__}: {error}); polling every {self._fallback_s} s")
+            _log.warning(
+                f"inbox wake-up: cannot LISTEN ({type(error).__name__}: {error}); polling every {self._fallback_s} s"
+            )
             self._raw = None
         return self
 
@@ -147,7 +149,9 @@ class InboxWakeup(_Listening):
     found nothing and the wait still wakes the wait. Closing releases the listening session.
     """
 
-    def __init__(self, engine: Engine, sync: str, connection_id: str, *, fallback_s: float = DEFAULT_FALLBACK_S) -> None:
+    def __init__(
+        self, engine: Engine, sync: str, connection_id: str, *, fallback_s: float = DEFAULT_FALLBACK_S
+    ) -> None:
         super().__init__(engine, fallback_s=fallback_s)
         self._payload = partition_payload(sync, connection_id)
         self.notified = 0

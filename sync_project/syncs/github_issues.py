@@ -131,9 +131,7 @@ def fetch(ctx: FetchContext) -> Iterator[Page]:
     owner, repo = github.repository(ctx.connection)
     previous = ctx.checkpoint or {}
     checked_at = redeliver_failed_deliveries(ctx)
-    position: dict[str, Any] = {
-        key: previous[key] for key in ("since", "comments_since") if previous.get(key)
-    }
+    position: dict[str, Any] = {key: previous[key] for key in ("since", "comments_since") if previous.get(key)}
 
     def checkpoint() -> dict[str, Any] | None:
         current = dict(position)
@@ -229,7 +227,9 @@ def on_comment(ctx: WebhookContext, event: InboundEvent) -> list[WebhookChange]:
     issue: Any = event.payload.get("issue")
     if isinstance(issue, dict) and "pull_request" not in issue:
         parsed, complete = parse_webhook_issue(issue)
-        changes.append(Save(parsed) if complete else Update(parsed.model_dump(mode="json", include=set(parsed.model_fields_set))))
+        changes.append(
+            Save(parsed) if complete else Update(parsed.model_dump(mode="json", include=set(parsed.model_fields_set)))
+        )
     return changes
 
 

@@ -51,8 +51,11 @@ class WarehouseResource(dg.ConfigurableResource):
     def get_warehouse(self) -> Warehouse:
         if self._warehouse is None:
             given = {
-                "destination": self.destination, "credentials": self.credentials, "dataset": self.dataset,
-                "deletes": self.deletes, "page_size": self.page_size,
+                "destination": self.destination,
+                "credentials": self.credentials,
+                "dataset": self.dataset,
+                "deletes": self.deletes,
+                "page_size": self.page_size,
             }
             self._warehouse = Warehouse(WarehouseSettings(**{k: v for k, v in given.items() if v is not None}))
         return self._warehouse

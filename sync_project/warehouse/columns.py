@@ -35,7 +35,12 @@ LAST_MODIFIED_COLUMN = "_last_modified_at"
 SOURCE_UPDATED_COLUMN = "_source_updated_at"
 DELETED_COLUMN = "_deleted_at"
 METADATA_COLUMNS = (
-    CONNECTION_COLUMN, LAST_ACTION_COLUMN, FIRST_SEEN_COLUMN, LAST_MODIFIED_COLUMN, SOURCE_UPDATED_COLUMN, DELETED_COLUMN,
+    CONNECTION_COLUMN,
+    LAST_ACTION_COLUMN,
+    FIRST_SEEN_COLUMN,
+    LAST_MODIFIED_COLUMN,
+    SOURCE_UPDATED_COLUMN,
+    DELETED_COLUMN,
 )
 
 
@@ -93,8 +98,12 @@ def _pydantic_time_types(model: type[BaseModel]) -> dict[str, str]:
     from dlt.common.typing import extract_inner_type, get_args, is_union_type
 
     kinds = {
-        pydantic.AwareDatetime: "timestamp", pydantic.NaiveDatetime: "timestamp", pydantic.PastDatetime: "timestamp",
-        pydantic.FutureDatetime: "timestamp", pydantic.PastDate: "date", pydantic.FutureDate: "date",
+        pydantic.AwareDatetime: "timestamp",
+        pydantic.NaiveDatetime: "timestamp",
+        pydantic.PastDatetime: "timestamp",
+        pydantic.FutureDatetime: "timestamp",
+        pydantic.PastDate: "date",
+        pydantic.FutureDate: "date",
     }
     found: dict[str, str] = {}
     for field_name, field in model.model_fields.items():
@@ -121,7 +130,10 @@ def table_columns(sync: TableLike, deletes: DeleteMode) -> dict[str, dict[str, A
     columns[LAST_ACTION_COLUMN] = {"name": LAST_ACTION_COLUMN, "data_type": "text", "nullable": False}
     columns[FIRST_SEEN_COLUMN] = {"name": FIRST_SEEN_COLUMN, "data_type": "timestamp", "nullable": False}
     columns[LAST_MODIFIED_COLUMN] = {
-        "name": LAST_MODIFIED_COLUMN, "data_type": "timestamp", "nullable": False, "dedup_sort": "desc",
+        "name": LAST_MODIFIED_COLUMN,
+        "data_type": "timestamp",
+        "nullable": False,
+        "dedup_sort": "desc",
     }
     columns[SOURCE_UPDATED_COLUMN] = {"name": SOURCE_UPDATED_COLUMN, "data_type": "timestamp", "nullable": True}
     columns[DELETED_COLUMN] = {"name": DELETED_COLUMN, "data_type": "timestamp", "nullable": True}

@@ -132,7 +132,12 @@ class Warehouse:
         return result
 
     def _rows(
-        self, pipeline: Any, store: Store, sync: TableLike, connection_id: str, full_rebuild: bool,
+        self,
+        pipeline: Any,
+        store: Store,
+        sync: TableLike,
+        connection_id: str,
+        full_rebuild: bool,
         result: LoadResult,
     ) -> Iterator[list[dict[str, Any]]]:
         """The feed's pages from the committed cursor on, as rows; the cursor goes into the
@@ -169,7 +174,9 @@ class Warehouse:
         the load committed, so a rebuild killed before this leaves extra rows, never fewer."""
         return self._delete_connection(pipeline, sync, connection_id, keep_load_id=load_id)
 
-    def _delete_connection(self, pipeline: Any, sync: TableLike, connection_id: str, *, keep_load_id: str | None) -> int:
+    def _delete_connection(
+        self, pipeline: Any, sync: TableLike, connection_id: str, *, keep_load_id: str | None
+    ) -> int:
         """Deletes the connection's rows (but those of ``keep_load_id``); returns how many."""
         load_id = keep_load_id
         with pipeline.sql_client() as client:
@@ -198,7 +205,9 @@ class Warehouse:
             with pipeline.sql_client() as client:
                 table = client.make_qualified_table_name(table_name(sync))
                 if not client.has_dataset() or not _table_exists(client, table):
-                    return pd.DataFrame({name: pd.Series(dtype="object") for name in (sync.primary_key, *METADATA_COLUMNS)})
+                    return pd.DataFrame(
+                        {name: pd.Series(dtype="object") for name in (sync.primary_key, *METADATA_COLUMNS)}
+                    )
                 where = "" if include_deleted else f" WHERE {DELETED_COLUMN} IS NULL"
                 with client.execute_query(f"SELECT * FROM {table}{where}") as cursor:
                     frame = cursor.df()

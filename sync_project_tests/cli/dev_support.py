@@ -36,7 +36,9 @@ class DevPorts:
 class Dev:
     """One ``sync-project dev`` process; its output is collected on a thread until it exits."""
 
-    def __init__(self, tmp_path: Path, ports: DevPorts, *, change_rate: float = 4.0, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tmp_path: Path, ports: DevPorts, *, change_rate: float = 4.0, env: dict[str, str] | None = None
+    ) -> None:
         self.data = tmp_path / "data"
         self.home = tmp_path / "dagster_home"
         self.ports = ports
@@ -45,10 +47,25 @@ class Dev:
             if env is None or name not in env:
                 self.env.pop(name, None)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sync_project.cli", "dev", "--ui-port", str(ports.ui),
-             "--receiver-port", str(ports.receiver), "--sandbox-port", str(ports.sandbox),
-             "--change-rate", str(change_rate)],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "sync_project.cli",
+                "dev",
+                "--ui-port",
+                str(ports.ui),
+                "--receiver-port",
+                str(ports.receiver),
+                "--sandbox-port",
+                str(ports.sandbox),
+                "--change-rate",
+                str(change_rate),
+            ],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -124,6 +141,8 @@ def differences(store: Store, admin: SandboxAdmin) -> list[str]:
             for key in sorted(set(live) | set(expected)):
                 if live.get(key) != expected.get(key):
                     found.append(f"{sync.key} {connection_id} {key}: store {live.get(key)} sandbox {expected.get(key)}")
-            found += [f"{sync.key} {connection_id} {key}: deleted at the sandbox, not in the store"
-                      for key in sorted(set(truth["deleted"][kind]) - deleted)]
+            found += [
+                f"{sync.key} {connection_id} {key}: deleted at the sandbox, not in the store"
+                for key in sorted(set(truth["deleted"][kind]) - deleted)
+            ]
     return found

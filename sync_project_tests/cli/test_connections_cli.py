@@ -38,8 +38,17 @@ def test_add_list_pause_resume_remove(env: dict[str, str], database_url: str) ->
 
     provider = "sandbox"
     added = cli(
-        "connections", "add", provider, "acme", "--account-id", "acct-1", "--credentials-env", "SECRET_TOKEN",
-        "--config", "base_url=http://127.0.0.1:1", env=env,
+        "connections",
+        "add",
+        provider,
+        "acme",
+        "--account-id",
+        "acct-1",
+        "--credentials-env",
+        "SECRET_TOKEN",
+        "--config",
+        "base_url=http://127.0.0.1:1",
+        env=env,
     )
     assert added.returncode == 0, added.stderr
     with dg.DagsterInstance.from_ref(InstanceRef.from_dir(env["DAGSTER_HOME"])) as instance:
@@ -47,7 +56,12 @@ def test_add_list_pause_resume_remove(env: dict[str, str], database_url: str) ->
 
     listed = cli("connections", "list", "--json", env=env)
     [row] = json.loads(listed.stdout)
-    assert (row["connection_id"], row["account_id"], row["credentials_env"], row["status"]) == ("acme", "acct-1", "SECRET_TOKEN", "active")
+    assert (row["connection_id"], row["account_id"], row["credentials_env"], row["status"]) == (
+        "acme",
+        "acct-1",
+        "SECRET_TOKEN",
+        "active",
+    )
     assert row["config"] == {"base_url": "http://127.0.0.1:1"}
     human = cli("connections", "list", env=env).stdout
     assert "s3cr3t-value" not in human and "s3cr3t-value" not in listed.stdout
@@ -65,11 +79,24 @@ def test_add_list_pause_resume_remove(env: dict[str, str], database_url: str) ->
         assert store.connections.get(provider, "acme").status == "active"
 
     with Store(database_url) as store:
-        store.inbox.receive(provider, [RoutedEvent(event_key="e1", event_type="contact.updated", account_id="acct-1",
-                                                   payload={"id": "1"}, sync="sandbox/contacts", connection_id="acme")])
+        store.inbox.receive(
+            provider,
+            [
+                RoutedEvent(
+                    event_key="e1",
+                    event_type="contact.updated",
+                    account_id="acct-1",
+                    payload={"id": "1"},
+                    sync="sandbox/contacts",
+                    connection_id="acme",
+                )
+            ],
+        )
     with dg.DagsterInstance.from_ref(InstanceRef.from_dir(env["DAGSTER_HOME"])) as instance:
         job = definitions.defs.resolve_job_def("sandbox__contacts_job")
-        queued = instance.create_run_for_job(job, status=dg.DagsterRunStatus.NOT_STARTED, tags={"dagster/partition": "acme"})
+        queued = instance.create_run_for_job(
+            job, status=dg.DagsterRunStatus.NOT_STARTED, tags={"dagster/partition": "acme"}
+        )
     removed = cli("connections", "remove", provider, "acme", env=env)
     assert removed.returncode == 0, removed.stderr
     assert "1 pending webhook event(s) orphaned" in removed.stdout and "1 queued run(s)" in removed.stdout

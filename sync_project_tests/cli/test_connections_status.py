@@ -66,20 +66,36 @@ def acme(instance: dg.DagsterInstance, sandbox: SandboxServer, database_url: str
 def run(instance: dg.DagsterInstance, mode: str) -> dg.ExecuteInProcessResult:
     job = defs.resolve_job_def("sandbox__contacts_job")
     return job.execute_in_process(
-        instance=instance, partition_key="acme", raise_on_error=False,
+        instance=instance,
+        partition_key="acme",
+        raise_on_error=False,
         run_config={"ops": {"sandbox__contacts": {"config": {"mode": mode}}}},
     )
 
 
 def webhook_event(key: str, object_id: str, updated_at: str) -> RoutedEvent:
     payload = {
-        "id": key, "type": "contact.updated", "account_id": "acct-1", "occurred_at": updated_at,
-        "data": {"id": object_id, "email": f"{object_id}@example.com", "first_name": "A", "last_name": "B",
-                 "company": None, "updated_at": updated_at, "created_at": "2020-01-01T00:00:00.000001Z"},
+        "id": key,
+        "type": "contact.updated",
+        "account_id": "acct-1",
+        "occurred_at": updated_at,
+        "data": {
+            "id": object_id,
+            "email": f"{object_id}@example.com",
+            "first_name": "A",
+            "last_name": "B",
+            "company": None,
+            "updated_at": updated_at,
+            "created_at": "2020-01-01T00:00:00.000001Z",
+        },
     }
     return RoutedEvent(
-        event_key=key, event_type="contact.updated", account_id="acct-1", payload=payload,
-        sync="sandbox/contacts", connection_id="acme",
+        event_key=key,
+        event_type="contact.updated",
+        account_id="acct-1",
+        payload=payload,
+        sync="sandbox/contacts",
+        connection_id="acme",
     )
 
 
@@ -105,16 +121,21 @@ def test_status_reports_runs_errors_backlog_dead_letters_and_the_next_poll(
     # A webhook run: two events applied (one new contact, one update of a polled one).
     with Store(database_url) as store:
         polled = store.dataframe("sandbox/contacts", "acme")["_id"].tolist()
-        store.inbox.receive("sandbox", [
-            webhook_event("evt-new", "con_new", "2030-01-01T00:00:00.000001Z"),
-            webhook_event("evt-upd", polled[0], "2030-01-01T00:00:00.000002Z"),
-        ])
+        store.inbox.receive(
+            "sandbox",
+            [
+                webhook_event("evt-new", "con_new", "2030-01-01T00:00:00.000001Z"),
+                webhook_event("evt-upd", polled[0], "2030-01-01T00:00:00.000002Z"),
+            ],
+        )
     assert run(instance, "webhook").success
     # Then: two events wait, one is dead, and a run fails on a revoked token.
     with Store(database_url) as store:
-        store.inbox.receive("sandbox", [
-            webhook_event(f"evt-wait-{n}", f"con_w{n}", "2030-01-01T00:00:01.000001Z") for n in range(2)
-        ] + [webhook_event("evt-dead", "con_d", "2030-01-01T00:00:02.000001Z")])
+        store.inbox.receive(
+            "sandbox",
+            [webhook_event(f"evt-wait-{n}", f"con_w{n}", "2030-01-01T00:00:01.000001Z") for n in range(2)]
+            + [webhook_event("evt-dead", "con_d", "2030-01-01T00:00:02.000001Z")],
+        )
         dead_id = next(e.id for e in store.inbox.events(event_key="evt-dead"))
         store.inbox.mark_failed(dead_id, "KeyError: 'email'", max_attempts=1)
     monkeypatch.setenv(TOKEN_ENV, "revoked-token")
@@ -122,8 +143,14 @@ def test_status_reports_runs_errors_backlog_dead_letters_and_the_next_poll(
 
     row = contacts_row(status_json())
     assert row["last_success"]["mode"] == "webhook"
-    assert row["last_success"]["counts"] == {"added": 1, "updated": 1, "deleted": 0, "unchanged": 0,
-                                             "skipped_stale": 0, "skipped_missing": 0}
+    assert row["last_success"]["counts"] == {
+        "added": 1,
+        "updated": 1,
+        "deleted": 0,
+        "unchanged": 0,
+        "skipped_stale": 0,
+        "skipped_missing": 0,
+    }
     assert row["last_success"]["work"]["events_drained"] == 2
     assert row["last_poll"]["mode"] == "full" and row["last_poll"]["run_id"] == full.run_id
     assert row["last_poll"]["counts"]["added"] == 12 and row["last_poll"]["work"]["records_fetched"] == 12
@@ -181,9 +208,16 @@ def test_status_refuses_an_unknown_provider_or_connection(instance: dg.DagsterIn
 def test_inbox_stats_by_connection(instance: dg.DagsterInstance, acme: str, database_url: str) -> None:
     with Store(database_url) as store:
         store.connections.add("sandbox", "globex", account_id="acct-2")
-        store.inbox.receive("sandbox", [webhook_event("a1", "con_1", "2030-01-01T00:00:00.000001Z"),
-                                        webhook_event("a2", "con_2", "2030-01-01T00:00:00.000001Z")])
-        globex = webhook_event("g1", "con_1", "2030-01-01T00:00:00.000001Z").model_copy(update={"connection_id": "globex"})
+        store.inbox.receive(
+            "sandbox",
+            [
+                webhook_event("a1", "con_1", "2030-01-01T00:00:00.000001Z"),
+                webhook_event("a2", "con_2", "2030-01-01T00:00:00.000001Z"),
+            ],
+        )
+        globex = webhook_event("g1", "con_1", "2030-01-01T00:00:00.000001Z").model_copy(
+            update={"connection_id": "globex"}
+        )
         unroutable = webhook_event("u1", "con_1", "2030-01-01T00:00:00.000001Z").model_copy(
             update={"connection_id": "", "status": "unroutable", "account_id": "acct-9"}
         )
@@ -195,7 +229,9 @@ def test_inbox_stats_by_connection(instance: dg.DagsterInstance, acme: str, data
     header, *rows = result.output.splitlines()
     columns = header.split()
     assert columns[:3] == ["PROVIDER", "CONNECTION", "pending"]
-    table = {tuple(row.split()[:2]): dict(zip(columns[2:], row.split()[2:], strict=False)) for row in rows if row.strip()}
+    table = {
+        tuple(row.split()[:2]): dict(zip(columns[2:], row.split()[2:], strict=False)) for row in rows if row.strip()
+    }
     assert table[("sandbox", "acme")]["pending"] == "2" and table[("sandbox", "acme")]["dead"] == "0"
     assert table[("sandbox", "globex")]["dead"] == "1" and table[("sandbox", "globex")]["pending"] == "0"
     assert table[("sandbox", "(none)")]["unroutable"] == "1"

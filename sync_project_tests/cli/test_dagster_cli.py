@@ -43,18 +43,47 @@ def env(tmp_path: Path, sandbox: SandboxServer) -> dict[str, str]:
         values[f"ACME_{n}_TOKEN"] = f"token-acct-{n}"
     for n in (1, 2, 3):
         subprocess.run(
-            [sys.executable, "-m", "sync_project.cli", "connections", "add", "sandbox", f"acme-{n}",
-             "--account-id", f"acct-{n}", "--credentials-env", f"ACME_{n}_TOKEN", "--config", f"base_url={sandbox.base_url}"],
-            env=values, check=True, capture_output=True, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "sync_project.cli",
+                "connections",
+                "add",
+                "sandbox",
+                f"acme-{n}",
+                "--account-id",
+                f"acct-{n}",
+                "--credentials-env",
+                f"ACME_{n}_TOKEN",
+                "--config",
+                f"base_url={sandbox.base_url}",
+            ],
+            env=values,
+            check=True,
+            capture_output=True,
+            cwd=ROOT,
         )
     return values
 
 
 def test_materialize_one_partition_from_the_command_line(env: dict[str, str], sandbox: SandboxServer) -> None:
     result = subprocess.run(
-        [str(BIN / "dagster"), "asset", "materialize", "-m", "sync_project.definitions",
-         "--select", "sandbox/contacts", "--partition", "acme-1"],
-        env=env, capture_output=True, text=True, cwd=ROOT, timeout=300,
+        [
+            str(BIN / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "sync_project.definitions",
+            "--select",
+            "sandbox/contacts",
+            "--partition",
+            "acme-1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with Store(env["SYNC_DATABASE_URL"]) as store:
@@ -67,14 +96,32 @@ def test_materialize_one_partition_from_the_command_line(env: dict[str, str], sa
 
 def test_backfill_several_partitions_runs_through_the_daemon(env: dict[str, str], sandbox: SandboxServer) -> None:
     submitted = subprocess.run(
-        [str(BIN / "dagster"), "job", "backfill", "-w", str(ROOT / "workspace.yaml"), "-j", "sandbox__deals_job",
-         "--partitions", "acme-2,acme-3", "--noprompt"],
-        env=env, capture_output=True, text=True, cwd=ROOT, timeout=300,
+        [
+            str(BIN / "dagster"),
+            "job",
+            "backfill",
+            "-w",
+            str(ROOT / "workspace.yaml"),
+            "-j",
+            "sandbox__deals_job",
+            "--partitions",
+            "acme-2,acme-3",
+            "--noprompt",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     daemon = subprocess.Popen(
         [str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         with Store(env["SYNC_DATABASE_URL"]) as store:

@@ -57,9 +57,24 @@ def test_dev_runs_everything_and_ctrl_c_stops_every_process(tmp_path: Path) -> N
     env.pop("SYNC_DATABASE_URL", None)
     ports = [str(free_port()) for _ in range(3)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "sync_project.cli", "dev", "--ui-port", ports[0], "--receiver-port", ports[1],
-         "--sandbox-port", ports[2], "--change-rate", "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "sync_project.cli",
+            "dev",
+            "--ui-port",
+            ports[0],
+            "--receiver-port",
+            ports[1],
+            "--sandbox-port",
+            ports[2],
+            "--change-rate",
+            "2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     output: list[str] = []
     started: set[int] = set()
@@ -104,15 +119,22 @@ def test_dev_runs_everything_and_ctrl_c_stops_every_process(tmp_path: Path) -> N
         statuses = {run.run_id: run.status for run in runs}
         # The sync runs (polls, drains, checks); and none of any kind failed as interrupted by it.
         failed = [
-            run.run_id for run in runs
-            if run.status == dg.DagsterRunStatus.FAILURE and run.run_id not in ended_before
-            and ("sync/mode" in run.tags or any(
-                "interrupted unexpectedly" in (e.message or "") for e in instance.all_logs(run.run_id)))
+            run.run_id
+            for run in runs
+            if run.status == dg.DagsterRunStatus.FAILURE
+            and run.run_id not in ended_before
+            and (
+                "sync/mode" in run.tags
+                or any("interrupted unexpectedly" in (e.message or "") for e in instance.all_logs(run.run_id))
+            )
         ]
         assert not failed, [
             (run_id, [e.message for e in instance.all_logs(run_id) if e.is_dagster_event][-3:]) for run_id in failed
         ]
-        assert all(statuses[r.dagster_run.run_id] in (dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.SUCCESS) for r in draining), statuses
+        assert all(
+            statuses[r.dagster_run.run_id] in (dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.SUCCESS)
+            for r in draining
+        ), statuses
     assert "DagsterCodeLocationNotFoundError" not in (data / "logs" / "dagster.log").read_text()
     deadline = time.monotonic() + 10
     while any(alive(pid) for pid in started) and time.monotonic() < deadline:

@@ -32,7 +32,8 @@ def poll_every_demo_partition(dev: Dev) -> dict[tuple[str, str], dict[str, int]]
             op = job_name.removesuffix("_job")
             for connection_id in ("demo-1", "demo-2"):
                 result = defs.resolve_job_def(job_name).execute_in_process(
-                    instance=instance, partition_key=connection_id,
+                    instance=instance,
+                    partition_key=connection_id,
                     run_config={"ops": {op: {"config": {"mode": "incremental"}}}},
                 )
                 [materialization] = result.asset_materializations_for_node(op)
@@ -41,7 +42,9 @@ def poll_every_demo_partition(dev: Dev) -> dict[tuple[str, str], dict[str, int]]
     return counts
 
 
-def test_a_restart_leaves_the_store_and_the_sandbox_in_agreement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_restart_leaves_the_store_and_the_sandbox_in_agreement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ports = DevPorts()
     first = Dev(tmp_path, ports, change_rate=4, env=DEMO_TOKENS)
     monkeypatch.setenv("SYNC_DATABASE_URL", first.store_url)
@@ -94,8 +97,15 @@ def test_a_new_sandbox_beside_an_old_store_is_announced_and_the_store_follows_it
     dev_data = tmp_path / "data"
     dev_data.mkdir()
     stale = [
-        {"id": f"con_{n:06d}", "email": f"old-{n}@example.com", "first_name": "Old", "last_name": "Sandbox",
-         "company": None, "updated_at": "2020-01-01T00:00:00.000001Z", "created_at": "2020-01-01T00:00:00.000001Z"}
+        {
+            "id": f"con_{n:06d}",
+            "email": f"old-{n}@example.com",
+            "first_name": "Old",
+            "last_name": "Sandbox",
+            "company": None,
+            "updated_at": "2020-01-01T00:00:00.000001Z",
+            "created_at": "2020-01-01T00:00:00.000001Z",
+        }
         for n in range(1, 41)  # ids the new sandbox issues again (it seeds 25), and some it does not
     ]
     with Store(f"sqlite:///{dev_data / 'sync.db'}") as store:

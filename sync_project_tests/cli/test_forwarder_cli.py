@@ -26,8 +26,13 @@ def queue(database_url: str, *keys: str) -> list[int]:
     with Store(database_url) as store:
         forwards = Forwards(store.engine)
         forwards.enqueue(start_at="beginning")
-        store.inbox.receive("acme", [RoutedEvent(event_key=k, event_type="t", payload={}, sync="acme/contacts",
-                                                 connection_id="north") for k in keys])
+        store.inbox.receive(
+            "acme",
+            [
+                RoutedEvent(event_key=k, event_type="t", payload={}, sync="acme/contacts", connection_id="north")
+                for k in keys
+            ],
+        )
         forwards.enqueue(now=datetime.now(timezone.utc) - timedelta(days=30))
         return [f.id for f in forwards.list()]
 
@@ -55,7 +60,9 @@ def test_stats_replay_and_purge(cli: CliRunner, database_url: str) -> None:
         assert {f.id: f.status for f in Forwards(store.engine).list()} == {second: "pending", third: "pending"}
 
 
-def test_run_without_a_configured_url_or_secret_says_what_to_set(cli: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_without_a_configured_url_or_secret_says_what_to_set(
+    cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     result = cli.invoke(main, ["forwarder", "run"])
     assert result.exit_code == 2 and "SYNC_FORWARD_URL" in result.output
     monkeypatch.setenv("SYNC_FORWARD_URL", "http://127.0.0.1:9/hook")

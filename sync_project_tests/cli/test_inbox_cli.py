@@ -23,7 +23,12 @@ def cli(database_url: str, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
 
 def routed(key: str, connection_id: str = "north", provider_account: str = "acct-1") -> RoutedEvent:
     return RoutedEvent(
-        event_key=key, event_type="t", account_id=provider_account, payload={}, sync="acme/contacts", connection_id=connection_id
+        event_key=key,
+        event_type="t",
+        account_id=provider_account,
+        payload={},
+        sync="acme/contacts",
+        connection_id=connection_id,
     )
 
 

@@ -80,7 +80,7 @@ def run(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_declared_sync_is_the_sandbox_sync_as_it_is() -> None:
-    """"Declaring a sync" shows sync_project/syncs/sandbox_contacts.py: every line of it."""
+    """ "Declaring a sync" shows sync_project/syncs/sandbox_contacts.py: every line of it."""
     [example] = re.findall(r"```python\n(.*?)```", section("## Declaring a sync"), re.DOTALL)
     source = (ROOT / "sync_project" / "syncs" / "sandbox_contacts.py").read_text()
     lines = [line for line in example.splitlines() if line.strip()]
@@ -99,14 +99,19 @@ def isolated(tmp_path: Path) -> Iterator[tuple[dict[str, str], dict[int, int], S
     home.mkdir()
     (home / "dagster.yaml").write_text(settings.INSTANCE_TEMPLATE.read_text())
     config = SandboxConfig(
-        accounts=[AccountSpec(account_id="acct-1", token="token-of-acct-1", contacts=7, deals=2),
-                  AccountSpec(account_id="acct-2", token="token-of-acct-2", contacts=3)],
+        accounts=[
+            AccountSpec(account_id="acct-1", token="token-of-acct-1", contacts=7, deals=2),
+            AccountSpec(account_id="acct-2", token="token-of-acct-2", contacts=3),
+        ],
         rate_limit=RateLimitSettings(enabled=False),
     )
     with SandboxServer(config) as sandbox:
         env = {
-            **os.environ, "DAGSTER_HOME": str(home), "SYNC_DATABASE_URL": f"sqlite:///{tmp_path / 'sync.db'}",
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "ACME_TOKEN": "token-of-acct-1",
+            **os.environ,
+            "DAGSTER_HOME": str(home),
+            "SYNC_DATABASE_URL": f"sqlite:///{tmp_path / 'sync.db'}",
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "ACME_TOKEN": "token-of-acct-1",
         }
         yield env, {8765: int(sandbox.base_url.rsplit(":", 1)[1])}, sandbox
 
@@ -118,7 +123,15 @@ def test_the_connections_and_command_line_sections_run_as_written(
     [connections, credentials] = shell_blocks(section("### Connections"))
     [command_line] = shell_blocks(section("### From the command line"))
     assert [c.split()[2] for c in connections] == [
-        "add", "list", "set", "set", "pause", "resume", "status", "status", "remove"
+        "add",
+        "list",
+        "set",
+        "set",
+        "pause",
+        "resume",
+        "status",
+        "status",
+        "remove",
     ]
     *before_remove, remove = connections
 
@@ -195,8 +208,9 @@ def test_the_demo_commands_and_the_records_api_run_as_written(tmp_path: Path) ->
         env["SYNC_RECORDS_API_TOKEN"] = token
         # Keyed by the command without its comment and its program: "connections status", ...
         outputs = {
-            " ".join(shlex.split(command, comments=True)[1:3 if command.startswith("curl") else None]):
-            run(here(command, mapping), env).stdout
+            " ".join(shlex.split(command, comments=True)[1 : 3 if command.startswith("curl") else None]): run(
+                here(command, mapping), env
+            ).stdout
             for command in commands
         }
         page = json.loads(next(out for key, out in outputs.items() if key.startswith("-H")))

@@ -39,7 +39,9 @@ def test_the_receiver_command_serves_and_logs_json_lines(database_url: str, tmp_
         assert process.wait(timeout=20) == 0
     lines = [json.loads(line) for line in stderr_path.read_text().splitlines() if line.strip()]
     deliveries = [line for line in lines if line["logger"] == "sync_project.receiver" and "status" in line]
-    assert [(d["provider"], d["status"], d["outcome"]) for d in deliveries] == [("no-such-provider", 404, "unknown_provider")]
+    assert [(d["provider"], d["status"], d["outcome"]) for d in deliveries] == [
+        ("no-such-provider", 404, "unknown_provider")
+    ]
 
 
 def _children(pid: int) -> list[int]:
@@ -67,7 +69,9 @@ def test_receiver_workers_share_a_port_and_store_each_delivery_once(database_url
     with stderr_path.open("w") as stderr:
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "sync-project"), "receiver", "--port", str(port), "--workers", "2"],
-            env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -83,22 +87,34 @@ def test_receiver_workers_share_a_port_and_store_each_delivery_once(database_url
         assert len(_children(process.pid)) >= 2, stderr_path.read_text()
         deliveries = []
         for n in range(5):
-            body = json.dumps({"id": f"evt-{n}", "type": "contact.updated", "account_id": "acct-unknown",
-                               "occurred_at": "2026-01-01T00:00:00Z", "data": {"id": f"c{n}"}}).encode()
+            body = json.dumps(
+                {
+                    "id": f"evt-{n}",
+                    "type": "contact.updated",
+                    "account_id": "acct-unknown",
+                    "occurred_at": "2026-01-01T00:00:00Z",
+                    "data": {"id": f"c{n}"},
+                }
+            ).encode()
             deliveries.append((f"msg-{n}", body))
         stored = duplicates = 0
         for _ in range(4):
             for msg_id, body in deliveries:
                 # A fresh connection each time: the kernel hands it to either worker.
                 with httpx.Client() as client:
-                    answer = client.post(f"{url}/webhooks/sandbox", content=body,
-                                         headers=standard_webhooks.sign_headers(secret, msg_id, body))
+                    answer = client.post(
+                        f"{url}/webhooks/sandbox",
+                        content=body,
+                        headers=standard_webhooks.sign_headers(secret, msg_id, body),
+                    )
                 assert answer.status_code in (200, 202), answer.text
                 stored, duplicates = stored + answer.json()["stored"], duplicates + answer.json()["duplicates"]
         assert (stored, duplicates) == (len(deliveries), 3 * len(deliveries))
-        forged = httpx.post(f"{url}/webhooks/sandbox", content=deliveries[0][1],
-                            headers=standard_webhooks.sign_headers(standard_webhooks.generate_secret(), "msg-x",
-                                                                   deliveries[0][1]))
+        forged = httpx.post(
+            f"{url}/webhooks/sandbox",
+            content=deliveries[0][1],
+            headers=standard_webhooks.sign_headers(standard_webhooks.generate_secret(), "msg-x", deliveries[0][1]),
+        )
         assert forged.status_code == 401
     finally:
         process.send_signal(signal.SIGINT)

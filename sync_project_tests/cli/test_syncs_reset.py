@@ -18,7 +18,9 @@ SYNC = "sandbox/contacts"
 def run(instance: dg.DagsterInstance, **config: object) -> dg.ExecuteInProcessResult:
     job = defs.resolve_job_def("sandbox__contacts_job")
     return job.execute_in_process(
-        instance=instance, partition_key="acme", raise_on_error=False,
+        instance=instance,
+        partition_key="acme",
+        raise_on_error=False,
         run_config={"ops": {"sandbox__contacts": {"config": config}}},
     )
 
@@ -104,7 +106,12 @@ def test_reset_from_the_ui_through_run_config(instance, acme, database_url) -> N
     done = run(instance, mode="reset", empty_records="tombstone", confirm="acme")
     assert done.success
     metadata = materialization(done)
-    assert (metadata["mode"], metadata["records"], metadata["tombstoned"], metadata["deleted"]) == ("reset", "tombstoned", 12, 12)
+    assert (metadata["mode"], metadata["records"], metadata["tombstoned"], metadata["deleted"]) == (
+        "reset",
+        "tombstoned",
+        12,
+        12,
+    )
     assert metadata["checkpoint_cleared"] is True and metadata["dagster/row_count"] == 0
     with Store(database_url) as store:
         assert store.state.get(SYNC, "acme").checkpoint is None  # type: ignore[union-attr]

@@ -64,9 +64,25 @@ def test_a_backfill_and_a_cli_materialize_succeed_while_webhook_runs_drain(tmp_p
     env.pop("SYNC_DATABASE_URL", None)
     ui_url = f"http://127.0.0.1:{ports['ui']}"
     dev = subprocess.Popen(
-        [sys.executable, "-m", "sync_project.cli", "dev", "--ui-port", str(ports["ui"]),
-         "--receiver-port", str(ports["receiver"]), "--sandbox-port", str(ports["sandbox"]), "--change-rate", "4"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "sync_project.cli",
+            "dev",
+            "--ui-port",
+            str(ports["ui"]),
+            "--receiver-port",
+            str(ports["receiver"]),
+            "--sandbox-port",
+            str(ports["sandbox"]),
+            "--change-rate",
+            "4",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     output: list[str] = []
     try:
@@ -85,19 +101,39 @@ def test_a_backfill_and_a_cli_materialize_succeed_while_webhook_runs_drain(tmp_p
                 time.sleep(1)
 
             applied_before = store.inbox.stats().counts["done"]
-            launched = graphql(ui_url, LAUNCH_BACKFILL, {"backfillParams": {
-                "assetSelection": [{"path": ["sandbox", "contacts"]}], "partitionNames": PARTITIONS,
-                "fromFailure": False, "allPartitions": False,
-            }})["launchPartitionBackfill"]
+            launched = graphql(
+                ui_url,
+                LAUNCH_BACKFILL,
+                {
+                    "backfillParams": {
+                        "assetSelection": [{"path": ["sandbox", "contacts"]}],
+                        "partitionNames": PARTITIONS,
+                        "fromFailure": False,
+                        "allPartitions": False,
+                    }
+                },
+            )["launchPartitionBackfill"]
             assert launched["__typename"] == "LaunchBackfillSuccess", launched
             backfill_id = launched["backfillId"]
 
             # Meanwhile, from a shell: one partition, in that process (it bypasses the run queue).
             materialized = subprocess.run(
-                [str(BIN / "dagster"), "asset", "materialize", "-m", "sync_project.definitions",
-                 "--select", "sandbox/contacts", "--partition", "demo-1"],
+                [
+                    str(BIN / "dagster"),
+                    "asset",
+                    "materialize",
+                    "-m",
+                    "sync_project.definitions",
+                    "--select",
+                    "sandbox/contacts",
+                    "--partition",
+                    "demo-1",
+                ],
                 env={**env, "SYNC_DATABASE_URL": f"sqlite:///{data / 'sync.db'}"},
-                capture_output=True, text=True, cwd=ROOT, timeout=300,
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                timeout=300,
             )
             assert materialized.returncode == 0, materialized.stderr[-3000:]
 
@@ -128,7 +164,9 @@ def test_a_backfill_and_a_cli_materialize_succeed_while_webhook_runs_drain(tmp_p
                 for connection_id in PARTITIONS:
                     truth = admin.truth(ACCOUNTS[connection_id])
                     live, deleted = stored_state(store, contacts.key, connection_id)
-                    expected = {o["id"]: contacts.model.model_validate(o).model_dump(mode="json") for o in truth["contacts"]}
+                    expected = {
+                        o["id"]: contacts.model.model_validate(o).model_dump(mode="json") for o in truth["contacts"]
+                    }
                     assert live == expected, connection_id
                     assert set(truth["deleted"]["contacts"]) <= deleted, connection_id
         finally:
@@ -141,4 +179,3 @@ def test_a_backfill_and_a_cli_materialize_succeed_while_webhook_runs_drain(tmp_p
         except subprocess.TimeoutExpired:
             os.killpg(dev.pid, signal.SIGKILL)
             dev.communicate()
-

@@ -37,7 +37,9 @@ class MonotonicWatch:
         with self.store.engine.connect() as conn:
             for sync, connection_id, key, stamp in conn.execute(query):
                 previous = self.seen.get((sync, connection_id, key))
-                assert previous is None or stamp >= previous, f"{sync} {key}: source_updated_at went back {previous} -> {stamp}"
+                assert previous is None or stamp >= previous, (
+                    f"{sync} {key}: source_updated_at went back {previous} -> {stamp}"
+                )
                 self.seen[(sync, connection_id, key)] = stamp
 
 

@@ -47,9 +47,16 @@ def deployment(tmp_path: Path):
             pytest.fail(f"{problem} (CI requires the scale-out test)", pytrace=False)
         pytest.skip(problem)
     deployment = ScaleOutDeployment(
-        tmp_path / "deployment", workers=2, concurrency=3, accounts=12, contacts=50,
-        monitoring={"poll_interval_seconds": POLL_INTERVAL_S, "start_timeout_seconds": 90,
-                    "max_runtime_seconds": 2 * MAX_RUNTIME_S},
+        tmp_path / "deployment",
+        workers=2,
+        concurrency=3,
+        accounts=12,
+        contacts=50,
+        monitoring={
+            "poll_interval_seconds": POLL_INTERVAL_S,
+            "start_timeout_seconds": 90,
+            "max_runtime_seconds": 2 * MAX_RUNTIME_S,
+        },
     )
     try:
         yield deployment.start()
@@ -153,7 +160,11 @@ def test_a_backfill_spreads_over_two_worker_hosts_and_survives_one_dying(deploym
 
             deadline = time.monotonic() + 300
             while (status := d.backfill_status(backfill_id)) not in (
-                "COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"
+                "COMPLETED",
+                "COMPLETED_SUCCESS",
+                "COMPLETED_FAILED",
+                "FAILED",
+                "CANCELED",
             ):
                 assert time.monotonic() < deadline, f"the backfill did not finish: {status}\n{d.tails()}"
                 time.sleep(2)
@@ -178,8 +189,10 @@ def test_a_backfill_spreads_over_two_worker_hosts_and_survives_one_dying(deploym
                 break
             time.sleep(2)
         assert succeeded == set(d.connection_ids), [(r.run_id, r.tags["dagster/partition"], r.status) for r in runs]
-        records = {r.dagster_run.run_id: r for r in instance.get_run_records(
-            filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))}
+        records = {
+            r.dagster_run.run_id: r
+            for r in instance.get_run_records(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+        }
         workers = {r.run_id: d.task_worker(r) for r in runs}
         all_succeeded = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.SUCCESS]))
         assert {d.task_worker(r) for r in all_succeeded} >= {survivor.celery_name, doomed.celery_name}
@@ -229,25 +242,34 @@ def test_a_backfill_spreads_over_two_worker_hosts_and_survives_one_dying(deploym
                 # standby lease expired, on the survivor.
                 def standby_replaced(victim: dg.DagsterRun = victim) -> bool:
                     standbys = instance.get_run_records(
-                        filters=dg.RunsFilter(tags={"sync/mode": "standby", "sync/standby": victim.tags["sync/standby"]})
+                        filters=dg.RunsFilter(
+                            tags={"sync/mode": "standby", "sync/standby": victim.tags["sync/standby"]}
+                        )
                     )
                     return any(
-                        r.start_time is not None and r.start_time > killed_at
-                        and d.task_worker(r.dagster_run) == survivor.celery_name for r in standbys
+                        r.start_time is not None
+                        and r.start_time > killed_at
+                        and d.task_worker(r.dagster_run) == survivor.celery_name
+                        for r in standbys
                     )
 
                 deadline = time.monotonic() + 120
                 while not standby_replaced():
-                    assert time.monotonic() < deadline, f"standby {victim.run_id} died with the host and was not replaced"
+                    assert time.monotonic() < deadline, (
+                        f"standby {victim.run_id} died with the host and was not replaced"
+                    )
                     time.sleep(1.0)
                 continue
             assert victim.tags.get("sync/mode") == "webhook", f"{victim.run_id} died with the host and was left running"
             partition = victim.tags["dagster/partition"]
             replacements = [
-                r for r in webhook_runs
+                r
+                for r in webhook_runs
                 if r.dagster_run.tags.get("dagster/partition") == partition
-                and r.dagster_run.tags.get("sync/asset_partition", "").split(":")[0] == victim.tags.get("sync/asset_partition", "").split(":")[0]
-                and r.start_time is not None and r.start_time > killed_at
+                and r.dagster_run.tags.get("sync/asset_partition", "").split(":")[0]
+                == victim.tags.get("sync/asset_partition", "").split(":")[0]
+                and r.start_time is not None
+                and r.start_time > killed_at
                 and d.task_worker(r.dagster_run) == survivor.celery_name
             ]
             assert replacements, f"{victim.run_id} died with the host and nothing drained {partition} after it"

@@ -64,8 +64,14 @@ def test_each_delivery_is_forwarded_once_per_connection_after_it_was_stored(stor
     with serve(consumer) as url, forwarder(store, url) as worker:
         # contact.created goes to two syncs (contacts, audit): still one forward.
         assert post(receiver, event("evt-1", "contact.created", account="acct-1", id="c1", name="Ada")) == 202
-        assert post(receiver, event("evt-2", "contact.updated", account="acct-2", id="c2", name="Bob"),
-                    event("evt-3", "invoice.paid", account="acct-1", id="i1")) == 202
+        assert (
+            post(
+                receiver,
+                event("evt-2", "contact.updated", account="acct-2", id="c2", name="Bob"),
+                event("evt-3", "invoice.paid", account="acct-1", id="i1"),
+            )
+            == 202
+        )
         result = worker.run_once()
     assert (result.delivered, result.retrying, result.dead) == (3, 0, 0)
     assert all(request.observed is True for request in consumer.received)
@@ -160,5 +166,7 @@ def test_forwarding_settings_come_from_the_environment_and_must_be_signed():
         ForwarderSettings.from_env({"SYNC_FORWARD_URL": "http://127.0.0.1:9/hook"})
     with pytest.raises(ForwardingConfigError, match="whsec_"):
         ForwarderSettings.from_env({"SYNC_FORWARD_URL": "http://127.0.0.1:9/hook", "SYNC_FORWARD_SECRET": "plain"})
-    settings = ForwarderSettings.from_env({"SYNC_FORWARD_URL": "http://127.0.0.1:9/hook", "SYNC_FORWARD_SECRET": FORWARD_SECRET})
+    settings = ForwarderSettings.from_env(
+        {"SYNC_FORWARD_URL": "http://127.0.0.1:9/hook", "SYNC_FORWARD_SECRET": FORWARD_SECRET}
+    )
     assert settings.url == "http://127.0.0.1:9/hook" and FORWARD_SECRET not in repr(settings)

@@ -68,7 +68,12 @@ class FakeApi:
             cursor = request.query_params.get("cursor", "")
             with self.lock:
                 ordered = sorted(self.items.values(), key=lambda i: (i["updated_at"], i["id"]))
-            rows = [i for i in ordered if i["updated_at"] > after and (i["updated_at"], i["id"]) > tuple(cursor.split("|", 1) if cursor else ("", ""))]
+            rows = [
+                i
+                for i in ordered
+                if i["updated_at"] > after
+                and (i["updated_at"], i["id"]) > tuple(cursor.split("|", 1) if cursor else ("", ""))
+            ]
             page = rows[:PAGE_SIZE]
             self.pages_served += 1
             next_cursor = f"{page[-1]['updated_at']}|{page[-1]['id']}" if len(rows) > PAGE_SIZE else None

@@ -18,7 +18,13 @@ def full_refresh(url: str, connection_id: str, run_id: str, lease_ttl_s: float, 
         with Store(url) as store:
             connection = store.connections.get(ITEMS.provider, connection_id)
             ran = run_partition(
-                store, ITEMS, PROVIDER, connection, mode="full", run_id=run_id, log=logging.getLogger(run_id),
+                store,
+                ITEMS,
+                PROVIDER,
+                connection,
+                mode="full",
+                run_id=run_id,
+                log=logging.getLogger(run_id),
                 settings=RunSettings(lease_ttl_s=lease_ttl_s, poll_lease_wait_s=0),
             )
         results.put(("ok", ran.merge.as_dict()))

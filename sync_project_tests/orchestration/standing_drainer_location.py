@@ -19,7 +19,9 @@ from sync_project.orchestration.run_limits import RunLimits
 
 POLL_DELAY_S = 60.0
 RUN_LIMITS = RunLimits(
-    webhook_linger_cap=timedelta(seconds=24), webhook_margin=timedelta(seconds=40), handoff_lead=timedelta(seconds=12),
+    webhook_linger_cap=timedelta(seconds=24),
+    webhook_margin=timedelta(seconds=40),
+    handoff_lead=timedelta(seconds=12),
     # The standby lives the whole test (its successor is the production path, tested in-process).
     standby_cap=timedelta(minutes=10),
 )

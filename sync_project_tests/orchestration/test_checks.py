@@ -53,15 +53,25 @@ def connected(store: Store) -> Iterator[Store]:
 
 def definitions(store: Store) -> dg.Definitions:
     return build_definitions(
-        [SYNC], {"fakeapi": PROVIDER}, store=StoreResource(database_url=store.url), notifier=NotifierResource(),
+        [SYNC],
+        {"fakeapi": PROVIDER},
+        store=StoreResource(database_url=store.url),
+        notifier=NotifierResource(),
         check_settings=CheckSettings(backlog_max_wait=timedelta(minutes=5)),
     )
 
 
-def sync_run(store: Store, instance: dg.DagsterInstance, connection_id: str = "acme", mode: str = "incremental") -> dict[str, dg.AssetCheckEvaluation]:
-    result = definitions(store).resolve_job_def("fakeapi__items_job").execute_in_process(
-        instance=instance, partition_key=connection_id,
-        run_config={"ops": {"fakeapi__items": {"config": {"mode": mode}}}},
+def sync_run(
+    store: Store, instance: dg.DagsterInstance, connection_id: str = "acme", mode: str = "incremental"
+) -> dict[str, dg.AssetCheckEvaluation]:
+    result = (
+        definitions(store)
+        .resolve_job_def("fakeapi__items_job")
+        .execute_in_process(
+            instance=instance,
+            partition_key=connection_id,
+            run_config={"ops": {"fakeapi__items": {"config": {"mode": mode}}}},
+        )
     )
     assert result.success
     return {e.check_name: e for e in result.get_asset_check_evaluations()}
@@ -77,13 +87,27 @@ def scheduled_checks(store: Store, instance: dg.DagsterInstance) -> dict[tuple[s
 
 
 def receive(store: Store, key: str, connection_id: str, *, received_ago: timedelta = timedelta(0)) -> int:
-    store.inbox.receive("fakeapi", [RoutedEvent(event_key=key, event_type="item.updated", account_id=connection_id,
-                                                payload={"id": key, "name": key, "updated_at": "2026-02-01T00:00:00Z"},
-                                                sync="fakeapi/items", connection_id=connection_id)])
+    store.inbox.receive(
+        "fakeapi",
+        [
+            RoutedEvent(
+                event_key=key,
+                event_type="item.updated",
+                account_id=connection_id,
+                payload={"id": key, "name": key, "updated_at": "2026-02-01T00:00:00Z"},
+                sync="fakeapi/items",
+                connection_id=connection_id,
+            )
+        ],
+    )
     [event] = store.inbox.events(event_key=key, connection_id=connection_id)
     if received_ago:
         with store.engine.begin() as conn:
-            conn.execute(update(inbox).where(inbox.c.id == event.id).values(received_at=datetime.now(timezone.utc) - received_ago))
+            conn.execute(
+                update(inbox)
+                .where(inbox.c.id == event.id)
+                .values(received_at=datetime.now(timezone.utc) - received_ago)
+            )
     return event.id
 
 
@@ -147,7 +171,9 @@ def test_scheduled_freshness_judges_every_active_connection(connected, instance)
     assert fresh[("connections_fresh", "acme")].passed and fresh[("connections_fresh", "globex")].passed
 
     now = datetime.now(timezone.utc)
-    connected.state.record_run("fakeapi/items", "acme", run_id="r1", mode="incremental", succeeded_at=now - interval * 2.5)
+    connected.state.record_run(
+        "fakeapi/items", "acme", run_id="r1", mode="incremental", succeeded_at=now - interval * 2.5
+    )
     connected.state.record_run("fakeapi/items", "globex", run_id="r2", mode="incremental", succeeded_at=now)
     checks = scheduled_checks(connected, instance)
     warn = checks[("connections_fresh", "acme")]
@@ -156,7 +182,9 @@ def test_scheduled_freshness_judges_every_active_connection(connected, instance)
     assert "acme" in (warn.description or "")
     assert checks[("connections_fresh", "globex")].passed
 
-    connected.state.record_run("fakeapi/items", "acme", run_id="r3", mode="incremental", succeeded_at=now - interval * 4)
+    connected.state.record_run(
+        "fakeapi/items", "acme", run_id="r3", mode="incremental", succeeded_at=now - interval * 4
+    )
     error = scheduled_checks(connected, instance)[("connections_fresh", "acme")]
     assert not error.passed and error.severity == dg.AssetCheckSeverity.ERROR
 
@@ -167,8 +195,11 @@ def test_scheduled_freshness_judges_every_active_connection(connected, instance)
 
 def test_a_connection_that_never_synced_is_late_once_its_window_has_passed(connected, instance):
     with connected.engine.begin() as conn:
-        conn.execute(update(connections).where(connections.c.connection_id == "globex")
-                     .values(created_at=datetime.now(timezone.utc) - timedelta(hours=2)))
+        conn.execute(
+            update(connections)
+            .where(connections.c.connection_id == "globex")
+            .values(created_at=datetime.now(timezone.utc) - timedelta(hours=2))
+        )
     sync_run(connected, instance, "acme")
     checks = scheduled_checks(connected, instance)
     check = checks[("connections_fresh", "globex")]
@@ -208,24 +239,37 @@ def test_the_asset_carries_a_freshness_policy_of_its_poll_interval():
 
 @pytest.mark.parametrize(
     "settings",
-    [{"backlog_max_wait": timedelta(0)}, {"freshness_warn_factor": 3.0, "freshness_fail_factor": 2.0}, {"freshness_warn_factor": 0.5}],
+    [
+        {"backlog_max_wait": timedelta(0)},
+        {"freshness_warn_factor": 3.0, "freshness_fail_factor": 2.0},
+        {"freshness_warn_factor": 0.5},
+    ],
 )
 def test_nonsense_thresholds_are_refused(settings):
     with pytest.raises(ValueError):
         CheckSettings(**settings)
 
 
-def drain_run(store: Store, instance: dg.DagsterInstance, connection_id: str, *, started_ago: timedelta | None) -> dg.DagsterRun:
+def drain_run(
+    store: Store, instance: dg.DagsterInstance, connection_id: str, *, started_ago: timedelta | None
+) -> dg.DagsterRun:
     """A webhook run of the partition as the inbox sensor requests it; started ``started_ago``."""
     job = definitions(store).resolve_job_def("fakeapi__items_job")
     run = instance.create_run_for_job(
-        job, status=dg.DagsterRunStatus.NOT_STARTED,
-        tags={**drain_tags("fakeapi/items", connection_id), "sync/mode": "webhook", MAX_RUNTIME_TAG: "135",
-              "dagster/partition": connection_id},
+        job,
+        status=dg.DagsterRunStatus.NOT_STARTED,
+        tags={
+            **drain_tags("fakeapi/items", connection_id),
+            "sync/mode": "webhook",
+            MAX_RUNTIME_TAG: "135",
+            "dagster/partition": connection_id,
+        },
     )
     if started_ago is not None:
         started = dg.DagsterEvent(dg.DagsterEventType.RUN_START.value, job_name=run.job_name)
-        instance.report_dagster_event(started, run.run_id, timestamp=(datetime.now(timezone.utc) - started_ago).timestamp())
+        instance.report_dagster_event(
+            started, run.run_id, timestamp=(datetime.now(timezone.utc) - started_ago).timestamp()
+        )
     return instance.get_run_by_id(run.run_id)
 
 
@@ -316,9 +360,15 @@ def test_the_checks_tab_shows_the_scheduled_result_of_a_partition_after_others_m
 def test_a_run_that_fails_before_its_checks_does_not_report_them_failed(connected, instance, ui):
     connected.connections.remove("fakeapi", "globex")
     connected.connections.add("fakeapi", "globex", account_id="globex", config={"base_url": "http://127.0.0.1:9"})
-    result = definitions(connected).resolve_job_def("fakeapi__items_job").execute_in_process(
-        instance=instance, partition_key="globex", raise_on_error=False,
-        run_config={"ops": {"fakeapi__items": {"config": {"mode": "incremental"}}}},
+    result = (
+        definitions(connected)
+        .resolve_job_def("fakeapi__items_job")
+        .execute_in_process(
+            instance=instance,
+            partition_key="globex",
+            raise_on_error=False,
+            run_config={"ops": {"fakeapi__items": {"config": {"mode": "incremental"}}}},
+        )
     )
     assert not result.success  # the provider did not answer
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}

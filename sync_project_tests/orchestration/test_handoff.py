@@ -43,7 +43,9 @@ def test_a_successor_waits_for_its_live_predecessor_and_drains_after_it(store: S
         assert ready.wait(30)
         setup.deliver(event("ev-1", "contact.created", id="c1", name="Ada", updated_at=at(1)))
         settings = RunSettings(handoff_wait_s=30.0, lease_ttl_s=3.0, linger_s=0.0)
-        ran = run_partition(store, setup.sync, setup.provider, setup.north, mode="webhook", run_id="run-b", log=log, settings=settings)
+        ran = run_partition(
+            store, setup.sync, setup.provider, setup.north, mode="webhook", run_id="run-b", log=log, settings=settings
+        )
     finally:
         holder.join(30)
     assert ran.deferred_to is None
@@ -57,7 +59,9 @@ def test_an_ordinary_drain_defers_to_a_live_drainer(store: Store) -> None:
     try:
         assert ready.wait(30)
         settings = RunSettings(lease_ttl_s=3.0)
-        ran = run_partition(store, setup.sync, setup.provider, setup.north, mode="webhook", run_id="run-b", log=log, settings=settings)
+        ran = run_partition(
+            store, setup.sync, setup.provider, setup.north, mode="webhook", run_id="run-b", log=log, settings=settings
+        )
     finally:
         holder.join(30)
     assert ran.deferred_to == "run-a"
@@ -67,18 +71,23 @@ def test_a_drain_past_its_deadline_ends_after_one_batch(store: Store) -> None:
     setup = make_setup(store)
     setup.deliver(*[event(f"ev-{n}", "contact.created", id=f"c{n}", name="Ada", updated_at=at(n)) for n in range(5)])
     batches: list[int] = []
-    drained = setup.drain(batch_size=2, deadline=time.monotonic() - 1, on_batch=lambda batch: batches.append(batch.events_done))
+    drained = setup.drain(
+        batch_size=2, deadline=time.monotonic() - 1, on_batch=lambda batch: batches.append(batch.events_done)
+    )
     assert (drained.batches, drained.events_done, batches) == (1, 2, [2])
     assert store.inbox.count(status="pending") == 3
     rest = setup.drain(batch_size=2, on_batch=lambda batch: batches.append(batch.events_done))
     assert (rest.events_done, batches) == (3, [2, 2, 1])
 
 
-def started_drain_run(ticker: Ticker, instance: dg.DagsterInstance, started_ago: timedelta, slot: int = 0) -> dg.DagsterRun:
+def started_drain_run(
+    ticker: Ticker, instance: dg.DagsterInstance, started_ago: timedelta, slot: int = 0
+) -> dg.DagsterRun:
     instance.add_dynamic_partitions(partitions_name("sandbox"), ["c1"])  # a drainer's partition exists
     job = ticker.defs.resolve_job_def("sandbox__contacts_job")
     run = instance.create_run_for_job(
-        job, status=dg.DagsterRunStatus.NOT_STARTED,
+        job,
+        status=dg.DagsterRunStatus.NOT_STARTED,
         tags={**drain_tags("sandbox/contacts", "c1", slot), "sync/mode": "webhook", MAX_RUNTIME_TAG: "780"},
     )
     started = dg.DagsterEvent(dg.DagsterEventType.RUN_START.value, job_name=run.job_name)
@@ -153,10 +162,16 @@ def test_a_standby_drains_a_partition_without_a_drainer_at_once_and_hands_it_ove
     released: list[tuple[str, int, str | None]] = []
     handed_over: set[str] = set()
     standby = Standby(
-        store, {key: setup.sync}, setup.provider, run_id="standby-1", log=log,
+        store,
+        {key: setup.sync},
+        setup.provider,
+        run_id="standby-1",
+        log=log,
         settings=StandbySettings(max_run_s=60.0, idle_release_s=60.0, lease_ttl_s=3.0, wake_fallback_s=0.5),
         on_batch=lambda sync, connection_id, batch: batches.append((connection_id, batch.events_done)),
-        on_release=lambda held, error: released.append((held.connection.connection_id, held.drained.events_done, error)),
+        on_release=lambda held, error: released.append(
+            (held.connection.connection_id, held.drained.events_done, error)
+        ),
         handed_over=lambda: set(handed_over),
     )
     runner = threading.Thread(target=standby.run, name="standby")
@@ -188,7 +203,8 @@ def test_a_standby_drains_a_partition_without_a_drainer_at_once_and_hands_it_ove
     assert batches == [("north", 1)] and released == [("north", 1, None)]
     assert store.inbox.count(status="pending") == 1  # south's event: its drainer's
     assert {(lease.connection_id, lease.holder) for lease in store.leases.list(key) if lease.role == "drain"} == {
-        ("north", None), ("south", None)
+        ("north", None),
+        ("south", None),
     }
 
 

@@ -32,14 +32,20 @@ class Ticker:
     ) -> None:
         self.store, self.instance, self.cursor, self.sensor = store, instance, None, sensor
         self.defs = build_definitions(
-            sandbox_syncs(), registry.providers(), store=StoreResource(database_url=store.url),
-            inbox_stall_after_s=stall_after_s, webhook_linger_s=0.0,
+            sandbox_syncs(),
+            registry.providers(),
+            store=StoreResource(database_url=store.url),
+            inbox_stall_after_s=stall_after_s,
+            webhook_linger_s=0.0,
         )
 
     def tick(self) -> dg.SensorExecutionData:
         # Entered: the store resource is set up for the tick and closed after it.
         with dg.build_sensor_context(
-            instance=self.instance, instance_ref=self.instance.get_ref(), cursor=self.cursor, definitions=self.defs,
+            instance=self.instance,
+            instance_ref=self.instance.get_ref(),
+            cursor=self.cursor,
+            definitions=self.defs,
             resources={"sync_store": StoreResource(database_url=self.store.url)},
         ) as context:
             data = self.defs.resolve_sensor_def(self.sensor).evaluate_tick(context)
@@ -48,8 +54,19 @@ class Ticker:
 
 
 def deliver(store: Store, key: str, connection_id: str = "c1", sync: str = "sandbox/contacts") -> None:
-    store.inbox.receive("sandbox", [RoutedEvent(event_key=key, event_type="contact.updated", account_id="a1",
-                                                payload={"id": key}, sync=sync, connection_id=connection_id)])
+    store.inbox.receive(
+        "sandbox",
+        [
+            RoutedEvent(
+                event_key=key,
+                event_type="contact.updated",
+                account_id="a1",
+                payload={"id": key},
+                sync=sync,
+                connection_id=connection_id,
+            )
+        ],
+    )
 
 
 def test_no_events_no_runs(store, instance):
@@ -92,8 +109,11 @@ def test_paused_connections_and_waiting_runs_are_skipped(store, instance):
     assert [r.partition_key for r in ticker.tick().run_requests] == ["c1"]
     # A queued webhook run of c1 will claim whatever arrives before it starts.
     job = ticker.defs.resolve_job_def("sandbox__contacts_job")
-    instance.create_run_for_job(job, status=dg.DagsterRunStatus.NOT_STARTED,
-                                tags={"sync/mode": "webhook", "sync/asset_partition": "sandbox/contacts:c1:drain"})
+    instance.create_run_for_job(
+        job,
+        status=dg.DagsterRunStatus.NOT_STARTED,
+        tags={"sync/mode": "webhook", "sync/asset_partition": "sandbox/contacts:c1:drain"},
+    )
     deliver(store, "e3", "c1")
     assert ticker.tick().run_requests == []
 
@@ -150,8 +170,9 @@ def test_a_partition_whose_run_ended_with_its_events_due_is_requested_again(stor
     deliver(store, "e1")
     [request] = ticker.tick().run_requests
     job = ticker.defs.resolve_job_def("sandbox__contacts_job")
-    run = instance.create_run_for_job(job, status=dg.DagsterRunStatus.STARTED,
-                                      tags={**request.tags, "dagster/run_key": request.run_key})
+    run = instance.create_run_for_job(
+        job, status=dg.DagsterRunStatus.STARTED, tags={**request.tags, "dagster/run_key": request.run_key}
+    )
     assert ticker.tick().run_requests == []  # draining (or so Dagster says): left to it
     # Run monitoring fails it (its worker died before committing): the events are due, unchanged.
     instance.report_run_failed(run)

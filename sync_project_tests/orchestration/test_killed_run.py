@@ -146,7 +146,10 @@ def test_a_killed_webhook_run_is_failed_and_its_partition_drains_again(daemon_en
             with log.open("ab") as out:
                 daemon = subprocess.Popen(
                     [str(BIN / "dagster-daemon"), "run", "-w", str(workspace)],
-                    env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                    env={**os.environ, **env},
+                    cwd=ROOT,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
             started = time.monotonic()
@@ -169,7 +172,9 @@ def test_a_killed_webhook_run_is_failed_and_its_partition_drains_again(daemon_en
             wait_for(
                 "the run to be inside a batch",
                 lambda: writing_transactions(store.engine, application_name) > 0,
-                started + 180, daemon, log,
+                started + 180,
+                daemon,
+                log,
             )
 
             os.kill(parent, signal.SIGKILL)  # the parent first: alive, it would report its child's death
@@ -186,8 +191,11 @@ def test_a_killed_webhook_run_is_failed_and_its_partition_drains_again(daemon_en
                 return found if found and found.dagster_run.is_finished else None
 
             failed = wait_for(
-                "run monitoring to fail the dead run", finished, time.monotonic() + max(0.0, bound - time.time()),
-                daemon, log,
+                "run monitoring to fail the dead run",
+                finished,
+                time.monotonic() + max(0.0, bound - time.time()),
+                daemon,
+                log,
             )
             assert failed.dagster_run.status == dg.DagsterRunStatus.FAILURE
             assert failed.end_time is not None and failed.end_time <= bound

@@ -71,7 +71,9 @@ def test_connections_added_while_running_sync_with_every_kind_of_reference(
             store.connections.add("fakeapi", connection_id, config={"base_url": url}, **reference)
             instance.add_dynamic_partitions(partitions_name("fakeapi"), [connection_id])
             result = job.execute_in_process(
-                instance=instance, partition_key=connection_id, raise_on_error=False,
+                instance=instance,
+                partition_key=connection_id,
+                raise_on_error=False,
                 run_config=dg.RunConfig(ops={op_name(ITEMS): SyncRunConfig(mode="incremental")}),
             )
             assert result.success, connection_id
@@ -111,7 +113,9 @@ def test_connections_added_while_running_sync_with_every_kind_of_reference(
         fake.token = "tok_rotated"
         token_file.write_text("tok_rotated")
         rotated = job.execute_in_process(
-            instance=instance, partition_key="by-file", raise_on_error=False,
+            instance=instance,
+            partition_key="by-file",
+            raise_on_error=False,
             run_config=dg.RunConfig(ops={op_name(ITEMS): SyncRunConfig(mode="full")}),
         )
         assert rotated.success

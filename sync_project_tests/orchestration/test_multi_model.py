@@ -61,7 +61,9 @@ def materialize(instance: dg.DagsterInstance, store: Store, github: FakeGitHub, 
     events = result.get_asset_materialization_events()
     materialized[:] = [event.asset_key for event in events]
     # The run's own result for each asset comes last (a webhook run records batches before it).
-    return {event.asset_key: {key: value.value for key, value in event.materialization.metadata.items()} for event in events}
+    return {
+        event.asset_key: {key: value.value for key, value in event.materialization.metadata.items()} for event in events
+    }
 
 
 #: The asset keys of the last run's materializations, in order.
@@ -71,8 +73,12 @@ materialized: list[dg.AssetKey] = []
 def comment_event(name: str, key: str) -> RoutedEvent:
     payload = fixture(f"github/{name}")
     return RoutedEvent(
-        event_key=key, event_type="issue_comment", account_id="octocat/Hello-World", payload=payload,
-        sync=SYNC.key, connection_id=CONNECTION,
+        event_key=key,
+        event_type="issue_comment",
+        account_id="octocat/Hello-World",
+        payload=payload,
+        sync=SYNC.key,
+        connection_id=CONNECTION,
     )
 
 
@@ -115,8 +121,10 @@ def test_one_run_materializes_every_model_with_its_own_counts(
     with BackgroundServer(create_app(connected, providers={}, syncs=[SYNC])) as server:
         for path, expected in (("github/issue_comments", 5), ("github/issues", 5)):
             answer = httpx.get(
-                f"{server.url}/records/{path}", params={"connection": CONNECTION},
-                headers={"authorization": "Bearer rec_multi_model_1f"}, timeout=30,
+                f"{server.url}/records/{path}",
+                params={"connection": CONNECTION},
+                headers={"authorization": "Bearer rec_multi_model_1f"},
+                timeout=30,
             )
             assert answer.status_code == 200 and len(answer.json()["records"]) == expected
 

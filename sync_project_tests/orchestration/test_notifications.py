@@ -46,8 +46,12 @@ def connected(store: Store, api: FakeApi) -> Iterator[Store]:
         yield store
 
 
-def run(store: Store, instance: dg.DagsterInstance, notifier: NotifierResource, mode: str = "incremental") -> dg.ExecuteInProcessResult:
-    defs = build_definitions([ITEMS], {"fakeapi": PROVIDER}, store=StoreResource(database_url=store.url), notifier=notifier)
+def run(
+    store: Store, instance: dg.DagsterInstance, notifier: NotifierResource, mode: str = "incremental"
+) -> dg.ExecuteInProcessResult:
+    defs = build_definitions(
+        [ITEMS], {"fakeapi": PROVIDER}, store=StoreResource(database_url=store.url), notifier=notifier
+    )
     return defs.resolve_job_def("fakeapi__items_job").execute_in_process(
         instance=instance,
         partition_key=CONNECTION,
@@ -87,9 +91,20 @@ def test_a_run_that_changed_records_notifies_with_counts_and_a_verifiable_signat
     body = incremental.json
     assert body["type"] == "sync" and body["success"] is True and body["error"] is None
     assert (body["provider"], body["sync"], body["model"], body["connection_id"], body["mode"]) == (
-        "fakeapi", "fakeapi/items", "Item", CONNECTION, "incremental",
+        "fakeapi",
+        "fakeapi/items",
+        "Item",
+        CONNECTION,
+        "incremental",
     )
-    assert body["results"] == {"added": 1, "updated": 1, "deleted": 0, "unchanged": 0, "skipped_stale": 0, "skipped_missing": 0}
+    assert body["results"] == {
+        "added": 1,
+        "updated": 1,
+        "deleted": 0,
+        "unchanged": 0,
+        "skipped_stale": 0,
+        "skipped_missing": 0,
+    }
     assert initial.json["results"]["added"] == 12
     assert body["records_path"].startswith("/records/fakeapi/items?connection=acme&modified_after=")
     # modified_after finds exactly what the run changed.
@@ -130,7 +145,9 @@ def test_an_endpoint_that_is_down_neither_fails_nor_holds_the_run(connected, ins
     assert connected.count("fakeapi/items", CONNECTION) == 12
     recorded = materialization_metadata(result)["notification"]
     assert recorded.startswith("failed after 3 attempt(s): ConnectError")
-    assert any("sync notification" in message and "failed" in message for message in warnings_logged(instance, result.run_id))
+    assert any(
+        "sync notification" in message and "failed" in message for message in warnings_logged(instance, result.run_id)
+    )
 
 
 def test_an_endpoint_that_hangs_is_given_up_on_when_the_time_budget_is_spent(connected, instance):
@@ -181,7 +198,9 @@ def test_the_consumer_reads_what_the_run_changed_through_the_records_api(connect
         api.put("item-200", name="added")
         assert run(connected, instance, notifier(url)).success
         notification = consumer.received[-1].json
-        response = httpx.get(receiver.url + notification["records_path"], headers={"authorization": "Bearer consumer-token"})
+        response = httpx.get(
+            receiver.url + notification["records_path"], headers={"authorization": "Bearer consumer-token"}
+        )
     assert response.status_code == 200
     changed = {record["id"]: record["last_action"] for record in response.json()["records"]}
     assert changed == {"item-005": "updated", "item-200": "added"}

@@ -145,7 +145,9 @@ def assert_store_matches_provider(store: Store, fake: FakeApi) -> None:
     assert store.count(ITEMS.key, CONNECTION, include_deleted=True) == ITEM_COUNT
     assert store.count(ITEMS.key, CONNECTION) == ITEM_COUNT, "live records were tombstoned"
     frame = store.dataframe(ITEMS.key, CONNECTION)
-    stored = {row["id"]: (row["name"], row["updated_at"]) for row in frame[["id", "name", "updated_at"]].to_dict("records")}
+    stored = {
+        row["id"]: (row["name"], row["updated_at"]) for row in frame[["id", "name", "updated_at"]].to_dict("records")
+    }
     assert stored == {key: (item["name"], item["updated_at"]) for key, item in fake.items.items()}
 
 
@@ -174,8 +176,13 @@ def test_a_refresh_frozen_past_its_lease_is_fenced_and_tombstones_nothing(
         def second_refresh() -> None:
             try:
                 second["result"] = run_partition(
-                    store, ITEMS, PROVIDER, store.connections.get(ITEMS.provider, CONNECTION),
-                    mode="full", run_id="run-second", log=_quiet,
+                    store,
+                    ITEMS,
+                    PROVIDER,
+                    store.connections.get(ITEMS.provider, CONNECTION),
+                    mode="full",
+                    run_id="run-second",
+                    log=_quiet,
                     settings=RunSettings(lease_ttl_s=30, poll_lease_wait_s=30),
                 )
             except Exception as error:  # noqa: BLE001 - asserted below
@@ -227,8 +234,14 @@ def test_terminated_sessions_do_not_end_ownership(
             os.kill(child.pid, signal.SIGCONT)
         with pytest.raises(LeaseHeldError, match=f"another run \\({FIRST}\\) holds the poll lease of fakeapi/items"):
             run_partition(
-                store, ITEMS, PROVIDER, store.connections.get(ITEMS.provider, CONNECTION),
-                mode="full", run_id="run-second", log=_quiet, settings=RunSettings(poll_lease_wait_s=0),
+                store,
+                ITEMS,
+                PROVIDER,
+                store.connections.get(ITEMS.provider, CONNECTION),
+                mode="full",
+                run_id="run-second",
+                log=_quiet,
+                settings=RunSettings(poll_lease_wait_s=0),
             )
         outcome = results.get(timeout=60)
     finally:

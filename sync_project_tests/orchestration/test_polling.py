@@ -101,7 +101,9 @@ def test_the_next_page_is_fetched_while_the_current_one_commits(store, connectio
     # to the scheduler, so either count is right.
     requested = source.committed_when_requested
     assert requested[:2] == [0, 0]
-    assert all(number - 2 <= committed <= number - 1 for number, committed in enumerate(requested, start=1) if number > 2), requested
+    assert all(
+        number - 2 <= committed <= number - 1 for number, committed in enumerate(requested, start=1) if number > 2
+    ), requested
     assert store.count("memory/items", CONNECTION) == PAGES * PER_PAGE
     assert store.state.get("memory/items", CONNECTION).checkpoint == {"page": PAGES}
 

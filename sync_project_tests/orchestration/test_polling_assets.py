@@ -45,7 +45,9 @@ def connected_store(store: Store, api_url: str) -> Store:
     return store
 
 
-def materialize(instance: dg.DagsterInstance, store: Store, mode: str | None, partition: str = CONNECTION) -> dg.ExecuteInProcessResult:
+def materialize(
+    instance: dg.DagsterInstance, store: Store, mode: str | None, partition: str = CONNECTION
+) -> dg.ExecuteInProcessResult:
     run_config = dg.RunConfig(ops={op_name(ITEMS): SyncRunConfig(mode=mode)}) if mode else None
     return dg.materialize(
         [build_sync_asset(ITEMS, PROVIDER)],
@@ -134,7 +136,9 @@ def test_a_record_written_after_the_full_refresh_started_survives_it(instance, c
         # A webhook run writes a record the refresh's listing will not contain (created after the
         # listing passed its position) while the refresh is under way.
         if page == second_page:
-            connected_store.save(ITEMS.key, CONNECTION, spec, [{"id": "late", "name": "late", "updated_at": "2026-06-01T00:00:00+00:00"}])
+            connected_store.save(
+                ITEMS.key, CONNECTION, spec, [{"id": "late", "name": "late", "updated_at": "2026-06-01T00:00:00+00:00"}]
+            )
 
     api.on_page = webhook_arrives
     result = materialize(instance, connected_store, "full")
@@ -214,7 +218,9 @@ def test_a_poll_waits_for_the_partitions_poll_lease_then_gives_up_naming_its_hol
             raise_on_error=False,
         )
     assert not result.success
-    assert "another run (other-run) holds the poll lease of fakeapi/items for connection 'acme'" in failure_message(result)
+    assert "another run (other-run) holds the poll lease of fakeapi/items for connection 'acme'" in failure_message(
+        result
+    )
     assert "waited 1 s and did nothing" in failure_message(result)
     assert connected_store.count(ITEMS.key, CONNECTION) == 0
 

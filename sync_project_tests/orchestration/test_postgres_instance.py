@@ -33,7 +33,9 @@ def test_materialize_a_partition_on_a_postgres_backed_instance(postgres_url, mon
     admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{database}"'))
-    dagster_url = sa.make_url(POSTGRES_URL).set(drivername="postgresql", database=database).render_as_string(hide_password=False)
+    dagster_url = (
+        sa.make_url(POSTGRES_URL).set(drivername="postgresql", database=database).render_as_string(hide_password=False)
+    )
     monkeypatch.setenv("DAGSTER_PG_URL", dagster_url)
     overrides = yaml.safe_load(DEPLOY_CONFIG.read_text())
     overrides.pop("telemetry", None)
@@ -41,7 +43,11 @@ def test_materialize_a_partition_on_a_postgres_backed_instance(postgres_url, mon
     for n in range(12):
         api.put(f"i{n}", name=str(n))
     try:
-        with BackgroundServer(api.app()) as server, dg.instance_for_test(overrides=overrides) as instance, Store(postgres_url) as store:
+        with (
+            BackgroundServer(api.app()) as server,
+            dg.instance_for_test(overrides=overrides) as instance,
+            Store(postgres_url) as store,
+        ):
             assert type(instance.run_storage).__name__ == "PostgresRunStorage"
             assert instance.run_monitoring_enabled and "MONITORING" in instance.get_required_daemon_types()
             store.connections.add("fakeapi", "prod", config={"base_url": server.url})

@@ -54,7 +54,9 @@ def test_deliveries_become_merged_records_and_done_events(harness: RealtimeHarne
     assert harness.store.inbox.stats().counts["done"] == 65
     assert_store_matches_truth(harness, "demo-1", "acct-1")
     assert_store_matches_truth(harness, "demo-2", "acct-2")
-    [first] = [r for r in harness.results if r.dagster_run.tags["sync/asset_partition"] == "sandbox/contacts:demo-1:drain"]
+    [first] = [
+        r for r in harness.results if r.dagster_run.tags["sync/asset_partition"] == "sandbox/contacts:demo-1:drain"
+    ]
     assert first.dagster_run.tags["sync/mode"] == "webhook"
     # One materialization as the batch committed (the UI shows it while the run still lingers),
     # then the run's own with its totals.
@@ -86,8 +88,10 @@ def test_two_connections_proceed_independently(harness: RealtimeHarness) -> None
     release = threading.Event()
 
     def hold_lock() -> None:
-        with harness.store.hold_lease("sandbox/contacts", "demo-1", "drain", "live-drainer", ttl_s=2), \
-                harness.store.hold_lease("sandbox/deals", "demo-1", "drain", "live-drainer", ttl_s=2):
+        with (
+            harness.store.hold_lease("sandbox/contacts", "demo-1", "drain", "live-drainer", ttl_s=2),
+            harness.store.hold_lease("sandbox/deals", "demo-1", "drain", "live-drainer", ttl_s=2),
+        ):
             holding.set()
             release.wait(60)
 
@@ -101,12 +105,16 @@ def test_two_connections_proceed_independently(harness: RealtimeHarness) -> None
         holder.join()
     by_connection = {}
     for result in results:
-        by_connection.setdefault(result.dagster_run.tags["sync/asset_partition"].split(":")[1], []).append(result.success)
+        by_connection.setdefault(result.dagster_run.tags["sync/asset_partition"].split(":")[1], []).append(
+            result.success
+        )
     assert by_connection["demo-2"] and all(by_connection["demo-2"])
     # demo-1's runs saw the live drainer renew, left it the events, and drained nothing themselves.
     for result in results:
         if result.dagster_run.tags["sync/asset_partition"].split(":")[1] == "demo-1":
-            *_, materialization = result.asset_materializations_for_node(result.dagster_run.job_name.removesuffix("_job"))
+            *_, materialization = result.asset_materializations_for_node(
+                result.dagster_run.job_name.removesuffix("_job")
+            )
             assert materialization.metadata["deferred_to_run"].value == "live-drainer"
     assert harness.store.inbox.count(status="pending", connection_id="demo-1") > 0
     assert harness.store.inbox.count(status="pending", connection_id="demo-2") == 0
@@ -128,7 +136,9 @@ def test_a_run_that_dies_before_committing_loses_nothing(harness: RealtimeHarnes
         return original(self, conn, ids, **kwargs)
 
     monkeypatch.setattr(Inbox, "mark_done", crash_once)
-    before = {kind: harness.store.count(f"sandbox/{kind}", "demo-1", include_deleted=True) for kind in ("contacts", "deals")}
+    before = {
+        kind: harness.store.count(f"sandbox/{kind}", "demo-1", include_deleted=True) for kind in ("contacts", "deals")
+    }
     first = harness.step()
     assert [r.success for r in first].count(False) == 1
     crashed = next(r for r in first if not r.success)
@@ -186,7 +196,8 @@ def test_a_lingering_webhook_run_applies_events_that_arrive_while_it_runs(harnes
 
     def run() -> None:
         outcome["result"] = job.execute_in_process(
-            instance=harness.instance, partition_key="demo-1",
+            instance=harness.instance,
+            partition_key="demo-1",
             run_config={"ops": {"sandbox__contacts": {"config": {"mode": "webhook", "linger_s": 3.0}}}},
         )
 
@@ -227,8 +238,13 @@ def test_a_lingering_run_ends_at_its_cap_while_events_keep_coming(harness: Realt
     job = harness.defs.resolve_job_def("sandbox__contacts_job")
     try:
         result = job.execute_in_process(
-            instance=harness.instance, partition_key="demo-1",
-            run_config={"ops": {"sandbox__contacts": {"config": {"mode": "webhook", "linger_s": 600.0, "max_linger_run_s": 2.0}}}},
+            instance=harness.instance,
+            partition_key="demo-1",
+            run_config={
+                "ops": {
+                    "sandbox__contacts": {"config": {"mode": "webhook", "linger_s": 600.0, "max_linger_run_s": 2.0}}
+                }
+            },
         )
     finally:
         stop.set()

@@ -47,7 +47,13 @@ def live_ids(store: Store) -> set[str]:
 def full_run(store: Store, run_id: str):
     connection = store.connections.get(ITEMS.provider, CONNECTION)
     return run_partition(
-        store, ITEMS, PROVIDER, connection, mode="full", run_id=run_id, log=LOG,
+        store,
+        ITEMS,
+        PROVIDER,
+        connection,
+        mode="full",
+        run_id=run_id,
+        log=LOG,
         settings=RunSettings(lease_ttl_s=2.0, poll_lease_wait_s=30),
     )
 

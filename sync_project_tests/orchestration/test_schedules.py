@@ -52,7 +52,9 @@ def test_schedule_requests_incremental_runs_for_active_registered_connections(in
 
 
 def test_sub_minute_syncs_poll_through_a_sensor(instance, store):
-    fast = SyncDefinition(provider="fakeapi", name="fast", model=Item, fetch=fetch_items, poll_interval=timedelta(seconds=30))
+    fast = SyncDefinition(
+        provider="fakeapi", name="fast", model=Item, fetch=fetch_items, poll_interval=timedelta(seconds=30)
+    )
     assert fast.cron is None
     defs = build_definitions([fast], {"fakeapi": PROVIDER}, store=StoreResource(database_url=store.url))
     sensor = defs.resolve_sensor_def("poll_fakeapi__fast")
@@ -70,7 +72,9 @@ def test_sub_minute_syncs_poll_through_a_sensor(instance, store):
 
 
 def test_a_poll_may_run_for_two_intervals_of_a_slow_sync():
-    hourly = SyncDefinition(provider="fakeapi", name="hourly", model=Item, fetch=fetch_items, poll_interval=timedelta(hours=1))
+    hourly = SyncDefinition(
+        provider="fakeapi", name="hourly", model=Item, fetch=fetch_items, poll_interval=timedelta(hours=1)
+    )
     assert RunLimits().poll_tags(hourly) == {MAX_RUNTIME_TAG: "7200"}
     assert RunLimits(poll_floor=timedelta(hours=3)).poll_max_runtime(hourly) == timedelta(hours=3)
 

@@ -68,7 +68,14 @@ def drain_holder(store: Store, connection_id: str) -> str | None:
 
 def standby_holder(store: Store) -> str | None:
     """The sandbox standby drainer that holds its lease (any slot)."""
-    return next((h for slot in range(STANDBY_SLOTS) if (h := live_holder(store, *standby_lease_key("sandbox", slot), "standby"))), None)
+    return next(
+        (
+            h
+            for slot in range(STANDBY_SLOTS)
+            if (h := live_holder(store, *standby_lease_key("sandbox", slot), "standby"))
+        ),
+        None,
+    )
 
 
 def mode_of(instance: dg.DagsterInstance, run_id: str | None) -> str | None:
@@ -89,7 +96,9 @@ def daemon_env(tmp_path: Path, postgres_url: str) -> Iterator[tuple[dict[str, st
     (home / "dagster.yaml").write_text(settings.INSTANCE_TEMPLATE.read_text())
     workspace = tmp_path / "workspace.yaml"
     location = {
-        "relative_path": standing_drainer_location.__file__, "working_directory": str(ROOT), "location_name": "standing",
+        "relative_path": standing_drainer_location.__file__,
+        "working_directory": str(ROOT),
+        "location_name": "standing",
     }
     workspace.write_text(yaml.safe_dump({"load_from": [{"python_file": location}]}))
     env = {**os.environ, "DAGSTER_HOME": str(home), "SYNC_DATABASE_URL": postgres_url}
@@ -99,19 +108,41 @@ def daemon_env(tmp_path: Path, postgres_url: str) -> Iterator[tuple[dict[str, st
 
 def first_materialization(instance: dg.DagsterInstance, connection_id: str) -> dg.EventLogRecord | None:
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(SYNC.split("/")), asset_partitions=[connection_id]), limit=1, ascending=True
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(SYNC.split("/")), asset_partitions=[connection_id]),
+        limit=1,
+        ascending=True,
     ).records
     return records[0] if records else None
 
 
 def launch_poll(env: dict[str, str], workspace: Path, connection_id: str) -> None:
     """An incremental poll of the partition, submitted to the daemon's queue as a schedule's is."""
-    tags = {**concurrency_tag(SYNC, connection_id, "poll"), "dagster/partition": connection_id, "sync/mode": "incremental", **TEST_POLL}
+    tags = {
+        **concurrency_tag(SYNC, connection_id, "poll"),
+        "dagster/partition": connection_id,
+        "sync/mode": "incremental",
+        **TEST_POLL,
+    }
     config = {"ops": {"sandbox__contacts": {"config": {"mode": "incremental"}}}}
     subprocess.run(
-        [str(BIN / "dagster"), "job", "launch", "-w", str(workspace), "-j", "sandbox__contacts_job",
-         "--tags", json.dumps(tags), "--config-json", json.dumps(config)],
-        env=env, cwd=ROOT, check=True, capture_output=True, timeout=120,
+        [
+            str(BIN / "dagster"),
+            "job",
+            "launch",
+            "-w",
+            str(workspace),
+            "-j",
+            "sandbox__contacts_job",
+            "--tags",
+            json.dumps(tags),
+            "--config-json",
+            json.dumps(config),
+        ],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
 
 
@@ -132,7 +163,11 @@ def test_standing_drainers_apply_every_event_beside_polls_and_survive_a_killed_r
             with log.open("ab") as out:
                 daemon = subprocess.Popen(
                     [str(BIN / "dagster-daemon"), "run", "-w", str(workspace)],
-                    env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                    env=env,
+                    cwd=ROOT,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
             started = time.monotonic()
             launches = [
@@ -162,11 +197,23 @@ def test_standing_drainers_apply_every_event_beside_polls_and_survive_a_killed_r
             producer = threading.Thread(target=keep_changing, name="webhook traffic")
             producer.start()
             for c in CONNECTIONS:
-                wait_for(f"a batch of {c} applied", lambda c=c: first_materialization(instance, c), time.monotonic() + 90, daemon, log)
+                wait_for(
+                    f"a batch of {c} applied",
+                    lambda c=c: first_materialization(instance, c),
+                    time.monotonic() + 90,
+                    daemon,
+                    log,
+                )
             # The polls are still running: webhooks did not wait for them.
             assert polls_in_progress()
             holders = {
-                c: wait_for(f"a drainer of {c}", lambda c=c: partition_drainer(store, instance, c), time.monotonic() + 90, daemon, log)
+                c: wait_for(
+                    f"a drainer of {c}",
+                    lambda c=c: partition_drainer(store, instance, c),
+                    time.monotonic() + 90,
+                    daemon,
+                    log,
+                )
                 for c in CONNECTIONS
             }
 
@@ -176,31 +223,45 @@ def test_standing_drainers_apply_every_event_beside_polls_and_survive_a_killed_r
             quiet_id, quiet_account = QUIET
             harness.admin.apply_changes(1, account_id=quiet_account, create=1, update=0, delete=0, deal_share=0)
             first = wait_for(
-                "the quiet partition's first materialization", lambda: first_materialization(instance, quiet_id),
-                time.monotonic() + 60, daemon, log,
+                "the quiet partition's first materialization",
+                lambda: first_materialization(instance, quiet_id),
+                time.monotonic() + 60,
+                daemon,
+                log,
             )
             assert mode_of(instance, first.run_id) == "standby"
             started_before = [
-                r for r in drain_runs(instance, quiet_id) if r.start_time is not None and r.start_time <= first.timestamp
+                r
+                for r in drain_runs(instance, quiet_id)
+                if r.start_time is not None and r.start_time <= first.timestamp
             ]
             assert not started_before, "a drain run was started for the quiet partition before its event was applied"
 
             victim = "demo-2"
             dead_run = holders[victim]
-            worker = wait_for("the drainer's pid", lambda: worker_pid(instance, dead_run), time.monotonic() + 30, daemon, log)
+            worker = wait_for(
+                "the drainer's pid", lambda: worker_pid(instance, dead_run), time.monotonic() + 30, daemon, log
+            )
             standby = standby_holder(store) or standby
-            standby_worker = wait_for("the standby's pid", lambda: worker_pid(instance, standby), time.monotonic() + 30, daemon, log)
+            standby_worker = wait_for(
+                "the standby's pid", lambda: worker_pid(instance, standby), time.monotonic() + 30, daemon, log
+            )
             os.kill(worker, signal.SIGKILL)
             os.kill(standby_worker, signal.SIGKILL)
             killed_at = time.monotonic()
             replacement = wait_for(
                 "a new drainer of the killed run's partition",
                 lambda: (h := drain_holder(store, victim)) and h != dead_run and h,
-                killed_at + REPLACED_WITHIN_S, daemon, log,
+                killed_at + REPLACED_WITHIN_S,
+                daemon,
+                log,
             )
             wait_for(
-                "a new standby", lambda: (h := standby_holder(store)) and h != standby and h,
-                killed_at + REPLACED_WITHIN_S, daemon, log,
+                "a new standby",
+                lambda: (h := standby_holder(store)) and h != standby and h,
+                killed_at + REPLACED_WITHIN_S,
+                daemon,
+                log,
             )
             # The new drainer took the dead one's expired lease: a replacement, the successor the
             # sensor had requested if the dead drainer was near its cap, or the run the next
@@ -228,7 +289,9 @@ def test_standing_drainers_apply_every_event_beside_polls_and_survive_a_killed_r
             runs = {c: drain_runs(instance, c) for c in CONNECTIONS}
             standbys = list(instance.get_run_records(filters=dg.RunsFilter(tags={"sync/mode": "standby"})))
             materializations = {
-                r.dagster_run.run_id: len(instance.all_logs(r.dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION))
+                r.dagster_run.run_id: len(
+                    instance.all_logs(r.dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+                )
                 for r in [*(r for rs in runs.values() for r in rs), *standbys]
             }
             elapsed = time.monotonic() - started
@@ -246,7 +309,9 @@ def test_standing_drainers_apply_every_event_beside_polls_and_survive_a_killed_r
         contacts = next(s for s in harness.syncs if s.key == SYNC)
         for connection_id, account_id in CONNECTIONS.items():
             live, deleted = stored_state(store, SYNC, connection_id)
-            expected = {o["id"]: contacts.model.model_validate(o).model_dump(mode="json") for o in truth[account_id]["contacts"]}
+            expected = {
+                o["id"]: contacts.model.model_validate(o).model_dump(mode="json") for o in truth[account_id]["contacts"]
+            }
             assert live == expected, connection_id
             assert deleted == set(truth[account_id]["deleted"]["contacts"])
         # A standing drainer is one run per cap, not one per event: a first drainer, its successor(s)

@@ -42,21 +42,26 @@ class Executions:
 
     def run(self) -> None:
         result = self.defs.resolve_job_def("fakeapi__items_job").execute_in_process(
-            instance=self.instance, partition_key="c1",
+            instance=self.instance,
+            partition_key="c1",
             run_config={"ops": {"fakeapi__items": {"config": {"mode": "incremental"}}}},
         )
         assert result.success
 
     def sensor_tick(self) -> dg.SensorExecutionData:
         with dg.build_sensor_context(
-            instance=self.instance, instance_ref=self.instance.get_ref(), definitions=self.defs,
+            instance=self.instance,
+            instance_ref=self.instance.get_ref(),
+            definitions=self.defs,
             resources=self.resources(),
         ) as context:
             return self.defs.resolve_sensor_def("inbox_sensor").evaluate_tick(context)
 
     def schedule_tick(self) -> list[dg.RunRequest]:
         with dg.build_schedule_context(
-            instance=self.instance, scheduled_execution_time=datetime.now(timezone.utc), resources=self.resources(),
+            instance=self.instance,
+            scheduled_execution_time=datetime.now(timezone.utc),
+            resources=self.resources(),
             repository_def=self.defs.get_repository_def(),
         ) as context:
             return list(self.defs.resolve_schedule_def("poll_fakeapi__items").evaluate_tick(context).run_requests or [])

@@ -60,8 +60,11 @@ def tick(defs: dg.Definitions, instance: dg.DagsterInstance, store: Store, at: d
 def execute(defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
     """The run the daemon would launch for ``request``: its job, partition, config and tags."""
     return defs.resolve_job_def(request.job_name).execute_in_process(
-        instance=instance, partition_key=request.partition_key, run_config=request.run_config,
-        tags=request.tags, raise_on_error=False,
+        instance=instance,
+        partition_key=request.partition_key,
+        run_config=request.run_config,
+        tags=request.tags,
+        raise_on_error=False,
     )
 
 
@@ -121,7 +124,9 @@ def test_a_connections_own_poll_interval_is_honoured_by_the_sensor(store, api, i
 
     sensor = defs.resolve_sensor_def(PER_CONNECTION_SENSOR)
     with dg.build_sensor_context(
-        instance=instance, instance_ref=instance.get_ref(), definitions=defs,
+        instance=instance,
+        instance_ref=instance.get_ref(),
+        definitions=defs,
         resources={"sync_store": StoreResource(database_url=store.url)},
     ) as context:
         requested = sensor.evaluate_tick(context).run_requests
@@ -147,9 +152,15 @@ def test_a_connections_own_poll_interval_is_honoured_by_the_sensor(store, api, i
     assert listed.exit_code == 0, listed.output
     lines = {line.split()[1]: line for line in listed.output.splitlines()}
     assert "poll=1m" in lines["fast"] and "poll=1h" in lines["slow"] and "poll=default" in lines["acme"]
-    set_back = runner.invoke(main, ["connections", "set", "fakeapi", "slow", "--poll-interval", "default"], env={"SYNC_DATABASE_URL": store.url})
+    set_back = runner.invoke(
+        main,
+        ["connections", "set", "fakeapi", "slow", "--poll-interval", "default"],
+        env={"SYNC_DATABASE_URL": store.url},
+    )
     assert set_back.exit_code == 0 and "poll=default" in set_back.output, set_back.output
-    refused = runner.invoke(main, ["connections", "set", "fakeapi", "fast", "--poll-interval", "10s"], env={"SYNC_DATABASE_URL": store.url})
+    refused = runner.invoke(
+        main, ["connections", "set", "fakeapi", "fast", "--poll-interval", "10s"], env={"SYNC_DATABASE_URL": store.url}
+    )
     assert refused.exit_code != 0 and "at least 30 s" in refused.output and "Traceback" not in refused.output
 
 

@@ -142,9 +142,7 @@ def test_a_batch_split_into_several_merges_writes_one_feed_entry_and_the_feed_re
     assert setup.record("c2").last_modified_at > setup.record("c1").last_modified_at
 
 
-def test_a_drain_applies_the_default_retention_to_done_events(
-    setup: Setup, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_drain_applies_the_default_retention_to_done_events(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
     setup.deliver(event("evt-old", id="c1", name="Ada", updated_at=at(1)))
     setup.drain()
     with setup.store.engine.begin() as conn:
@@ -340,4 +338,3 @@ def test_each_batch_logs_one_line(setup: Setup, caplog: pytest.LogCaptureFixture
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert len(lines) == 3
     assert lines[0].startswith("inbox acme/contacts/north: batch of 2 events: 2 done, 0 retrying, 0 dead; added 2")
-

@@ -69,7 +69,8 @@ class FakeGitHub:
             return self.scripted.pop(0)
         if comments:
             assert request.url.path in (
-                "/repos/octocat/Hello-World/issues/comments", f"/repositories/{REPO_ID}/issues/comments"
+                "/repos/octocat/Hello-World/issues/comments",
+                f"/repositories/{REPO_ID}/issues/comments",
             )
         else:
             assert request.url.path in ("/repos/octocat/Hello-World/issues", f"/repositories/{REPO_ID}/issues")
@@ -445,7 +446,9 @@ def test_the_actions_in_sequence_converge_and_a_pin_keeps_the_stored_state(store
         apply(action, minutes)
     stored = store.get(sync.key, "c1", "444500041")  # as the last (untyped) payload shows it
     assert (stored.data["state"], stored.data["locked"], stored.data["updated_at"]) == (
-        "open", False, "2019-05-15T15:33:00Z"
+        "open",
+        False,
+        "2019-05-15T15:33:00Z",
     )
     apply("deleted", 20)
     assert store.get(sync.key, "c1", "444500041").deleted_at is not None
@@ -499,10 +502,14 @@ def comment_event_of(name: str) -> InboundEvent:
 
 
 def test_a_comment_webhook_changes_the_comment_and_its_issue(conn) -> None:
-    created, issue = github_issues.on_webhook(webhook_context(None, conn), comment_event_of("github/webhook_issue_comment_created.json"))  # type: ignore[arg-type]
+    created, issue = github_issues.on_webhook(
+        webhook_context(None, conn), comment_event_of("github/webhook_issue_comment_created.json")
+    )  # type: ignore[arg-type]
     assert isinstance(created, Save) and created.model == github_issues.COMMENTS
     assert (created.record.id, created.record.issue_number, created.record.user.login) == (2001, 1, "Codertocat")
     assert isinstance(issue, Save) and issue.model is None and issue.record.comments == 1
-    deleted, issue = github_issues.on_webhook(webhook_context(None, conn), comment_event_of("github/webhook_issue_comment_deleted.json"))  # type: ignore[arg-type]
+    deleted, issue = github_issues.on_webhook(
+        webhook_context(None, conn), comment_event_of("github/webhook_issue_comment_deleted.json")
+    )  # type: ignore[arg-type]
     assert isinstance(deleted, Delete) and deleted.model == github_issues.COMMENTS and deleted.record == {"id": 2001}
     assert issue.record.comments == 0

@@ -78,7 +78,9 @@ class FakeGitHub:
     deliveries_status: int = 200
     next_id: int = 1000
 
-    def add(self, guid: str, status_code: int, *, age: timedelta = timedelta(minutes=5), redelivery: bool = False) -> Attempt:
+    def add(
+        self, guid: str, status_code: int, *, age: timedelta = timedelta(minutes=5), redelivery: bool = False
+    ) -> Attempt:
         self.next_id += 1
         attempt = Attempt(self.next_id, guid, datetime.now(timezone.utc) - age, status_code, redelivery)
         self.attempts.append(attempt)
@@ -87,12 +89,14 @@ class FakeGitHub:
 
     def app(self) -> Starlette:
         prefix = f"/repos/octocat/Hello-World/hooks/{HOOK_ID}"
-        return Starlette(routes=[
-            Route(f"{prefix}/deliveries", self.list_deliveries, methods=["GET"]),
-            Route(prefix + "/deliveries/{delivery_id:int}/attempts", self.redeliver, methods=["POST"]),
-            Route("/repos/octocat/Hello-World/issues", self.issues, methods=["GET"]),
-            Route("/repos/octocat/Hello-World/issues/comments", self.no_comments, methods=["GET"]),
-        ])
+        return Starlette(
+            routes=[
+                Route(f"{prefix}/deliveries", self.list_deliveries, methods=["GET"]),
+                Route(prefix + "/deliveries/{delivery_id:int}/attempts", self.redeliver, methods=["POST"]),
+                Route("/repos/octocat/Hello-World/issues", self.issues, methods=["GET"]),
+                Route("/repos/octocat/Hello-World/issues/comments", self.no_comments, methods=["GET"]),
+            ]
+        )
 
     def _authorized(self, request: Request) -> bool:
         return request.headers.get("authorization") == f"Bearer {TOKEN}"
@@ -101,7 +105,9 @@ class FakeGitHub:
         if not self._authorized(request):
             return JSONResponse({"message": "Requires authentication"}, status_code=401)
         if self.deliveries_status != 200:
-            return JSONResponse({"message": "Resource not accessible by personal access token"}, status_code=self.deliveries_status)
+            return JSONResponse(
+                {"message": "Resource not accessible by personal access token"}, status_code=self.deliveries_status
+            )
         per_page = min(int(request.query_params.get("per_page", "30")), 100)
         newest_first = sorted(self.attempts, key=lambda a: a.id, reverse=True)
         cursor = request.query_params.get("cursor")
@@ -110,7 +116,9 @@ class FakeGitHub:
         page, rest = newest_first[:per_page], newest_first[per_page:]
         headers = {}
         if rest:
-            headers["link"] = f'<{request.url.replace(query=f"per_page={per_page}&cursor=v1_{page[-1].id}")}>; rel="next"'
+            headers["link"] = (
+                f'<{request.url.replace(query=f"per_page={per_page}&cursor=v1_{page[-1].id}")}>; rel="next"'
+            )
         return JSONResponse([a.as_github_lists_it() for a in page], headers=headers)
 
     async def redeliver(self, request: Request) -> Response:
@@ -154,7 +162,9 @@ class Setup:
     def poll(self, checkpoint: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """One incremental poll of github/issues, as a run does it; its last checkpoint."""
         with github.PROVIDER.client(self.connection) as client:
-            ctx = FetchContext(client=client, connection=self.connection, mode="incremental", checkpoint=checkpoint, log=LOG)
+            ctx = FetchContext(
+                client=client, connection=self.connection, mode="incremental", checkpoint=checkpoint, log=LOG
+            )
             pages = list(github_issues.fetch(ctx))
         return pages[-1].checkpoint
 
@@ -171,7 +181,10 @@ def setup(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
     with BackgroundServer(receiver_app, lifespan="on") as receiver, BackgroundServer(fake.app()) as api:
         fake.receiver_url = receiver.url
         connection = store.connections.add(
-            "github", "hello", account_id="octocat/Hello-World", credentials_env=TOKEN_ENV,
+            "github",
+            "hello",
+            account_id="octocat/Hello-World",
+            credentials_env=TOKEN_ENV,
             config={"hook_id": HOOK_ID, "base_url": api.url},
         )
         yield Setup(fake, store, connection)
@@ -223,13 +236,19 @@ def test_without_permission_to_read_deliveries_the_poll_still_runs(
         checkpoint = setup.poll({"since": "2026-01-01T00:00:00Z"})
     assert setup.fake.redeliver_requests == []
     assert checkpoint is None or "deliveries_checked_at" not in checkpoint
-    assert any("redelivery of failed webhooks skipped" in r.getMessage() and "HTTP 403" in r.getMessage() for r in caplog.records)
+    assert any(
+        "redelivery of failed webhooks skipped" in r.getMessage() and "HTTP 403" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_a_connection_without_a_hook_id_checks_no_deliveries(setup: Setup) -> None:
     setup.fake.add("guid-503", 503)
     connection = setup.store.connections.add(
-        "github", "no-hook", account_id="octocat/Hello-World", credentials_env=TOKEN_ENV,
+        "github",
+        "no-hook",
+        account_id="octocat/Hello-World",
+        credentials_env=TOKEN_ENV,
         config={"base_url": setup.connection.config["base_url"]},
     )
     Setup(setup.fake, setup.store, connection).poll()

@@ -55,7 +55,11 @@ def delivery(
 
 def test_signing_reproduces_the_spec_vector() -> None:
     headers = standard_webhooks.sign_headers(SPEC_SECRET, SPEC_ID, SPEC_BODY, timestamp=SPEC_TIMESTAMP)
-    assert headers == {"webhook-id": SPEC_ID, "webhook-timestamp": str(SPEC_TIMESTAMP), "webhook-signature": SPEC_SIGNATURE}
+    assert headers == {
+        "webhook-id": SPEC_ID,
+        "webhook-timestamp": str(SPEC_TIMESTAMP),
+        "webhook-signature": SPEC_SIGNATURE,
+    }
     assert standard_webhooks.verify(headers, SPEC_BODY, [SPEC_SECRET], now=SPEC_TIMESTAMP) == SPEC_ID
     # The prefix is optional, as in the reference libraries.
     assert standard_webhooks.verify(headers, SPEC_BODY, [SPEC_SECRET[6:]], now=SPEC_TIMESTAMP) == SPEC_ID
@@ -80,8 +84,16 @@ def test_a_valid_delivery_verifies() -> None:
         (delivery(**{"webhook-signature": "v1,bm90IGEgc2lnbmF0dXJl"}), "no signature matches"),
     ],
     ids=[
-        "wrong-secret", "stale", "future", "no-signature", "no-id", "no-timestamp", "bad-timestamp",
-        "other-id", "no-v1", "forged",
+        "wrong-secret",
+        "stale",
+        "future",
+        "no-signature",
+        "no-id",
+        "no-timestamp",
+        "bad-timestamp",
+        "other-id",
+        "no-v1",
+        "forged",
     ],
 )
 def test_bad_deliveries_are_refused_with_a_reason(request_: WebhookRequest, message: str) -> None:
@@ -173,12 +185,20 @@ def test_parse_needs_the_webhook_id_header() -> None:
 
 def connection(**fields: Any) -> ProviderConnection:
     now = datetime.now(timezone.utc)
-    values: dict[str, Any] = {"provider": "sandbox", "connection_id": "c1", "account_id": "acct-1",
-                              "credentials_env": "TEST_SANDBOX_TOKEN", "created_at": now, "updated_at": now}
+    values: dict[str, Any] = {
+        "provider": "sandbox",
+        "connection_id": "c1",
+        "account_id": "acct-1",
+        "credentials_env": "TEST_SANDBOX_TOKEN",
+        "created_at": now,
+        "updated_at": now,
+    }
     return ProviderConnection.model_validate({**values, **fields})
 
 
-def test_the_client_talks_to_the_connection_account(make_sandbox: SandboxFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_client_talks_to_the_connection_account(
+    make_sandbox: SandboxFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server, admin = make_sandbox(accounts=[{"account_id": "acct-1", "token": "token-of-acct-1", "contacts": 2}])
     _, token_2 = admin.create_account("acct-2", contacts=1)
     monkeypatch.setenv("TEST_SANDBOX_TOKEN", "token-of-acct-1")

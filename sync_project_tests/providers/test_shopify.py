@@ -62,7 +62,9 @@ class FakeShopify:
         chunk, more = rows[start : start + size], len(rows) > start + size
         headers = {}
         if more:
-            token = base64.b64encode(json.dumps({"since": params.get("updated_at_min"), "start": start + size}).encode())
+            token = base64.b64encode(
+                json.dumps({"since": params.get("updated_at_min"), "start": start + size}).encode()
+            )
             headers["Link"] = f'<{BASE}/customers.json?limit={params["limit"]}&page_info={token.decode()}>; rel="next"'
         return json_response(200, {"customers": chunk}, now=NOW, headers=headers)
 
@@ -115,11 +117,17 @@ def test_webhooks_verify_route_by_shop_and_update_or_tombstone_the_record(conn, 
     request = webhook(update, signed(update, topic="customers/update"), received_at=received)
     provider.verify(request, ["old-secret", SECRET])  # either secret of a rotation
     with pytest.raises(SignatureError, match="does not match"):
-        provider.verify(webhook(update + b" ", signed(update, topic="customers/update"), received_at=received), [SECRET])
+        provider.verify(
+            webhook(update + b" ", signed(update, topic="customers/update"), received_at=received), [SECRET]
+        )
     with pytest.raises(SignatureError, match="missing X-Shopify-Hmac-Sha256"):
         provider.verify(webhook(update, {"X-Shopify-Topic": "customers/update"}, received_at=received), [SECRET])
     [event] = provider.parse(request)
-    assert (event.account_id, event.event_type, event.event_key) == (SHOP, "customers/update", "b54557e4-bdd9-4b37-8a5f-bf7d70bcd043")
+    assert (event.account_id, event.event_type, event.event_key) == (
+        SHOP,
+        "customers/update",
+        "b54557e4-bdd9-4b37-8a5f-bf7d70bcd043",
+    )
 
     sync = shopify_customers.customers
     fetched = datetime.now(timezone.utc) - timedelta(minutes=5)

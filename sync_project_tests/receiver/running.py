@@ -78,7 +78,9 @@ def receiver_process(
                 process.wait(timeout=10)
 
 
-def sandbox_delivery(event_id: str, *, account_id: str = "acct-1", secret: str = SANDBOX_SECRET) -> tuple[bytes, dict[str, str]]:
+def sandbox_delivery(
+    event_id: str, *, account_id: str = "acct-1", secret: str = SANDBOX_SECRET
+) -> tuple[bytes, dict[str, str]]:
     """A signed ``contact.updated`` delivery of the sandbox provider, as the sandbox sends it."""
     now = datetime.now(timezone.utc).isoformat()
     body = json.dumps(
@@ -87,8 +89,14 @@ def sandbox_delivery(event_id: str, *, account_id: str = "acct-1", secret: str =
             "type": "contact.updated",
             "account_id": account_id,
             "occurred_at": now,
-            "data": {"id": f"con_{event_id}", "email": "ada@example.com", "first_name": "Ada",
-                     "last_name": "Lovelace", "updated_at": now, "created_at": now},
+            "data": {
+                "id": f"con_{event_id}",
+                "email": "ada@example.com",
+                "first_name": "Ada",
+                "last_name": "Lovelace",
+                "updated_at": now,
+                "created_at": now,
+            },
         }
     ).encode()
     headers = standard_webhooks.sign_headers(secret, event_id, body)

@@ -71,7 +71,11 @@ def test_a_verified_delivery_is_committed_before_the_202(receiver: Receiver) -> 
     assert response.json() == {"outcome": "stored", "stored": 1, "duplicates": 0}
     (row,) = receiver.store.inbox.events()
     assert (row.provider, row.event_key, row.sync, row.connection_id, row.status) == (
-        "acme", "evt-1", "acme/contacts", "north", "pending"
+        "acme",
+        "evt-1",
+        "acme/contacts",
+        "north",
+        "pending",
     )
     assert row.payload == {"name": "Ada"}
 
@@ -100,7 +104,10 @@ def test_an_unroutable_delivery_is_kept_and_replayable_once_the_connection_exist
     assert (row.status, row.connection_id, row.account_id) == ("unroutable", "", "acct-new")
     receiver.store.connections.add("acme", "newco", account_id="acct-new")
     assert receiver.store.inbox.replay("unroutable", connections=receiver.store.connections) == 1
-    assert [(e.connection_id, e.status) for e in receiver.store.inbox.events()] == [("", "routed"), ("newco", "pending")]
+    assert [(e.connection_id, e.status) for e in receiver.store.inbox.events()] == [
+        ("", "routed"),
+        ("newco", "pending"),
+    ]
 
 
 def test_an_event_no_sync_subscribes_to_is_kept_as_ignored(receiver: Receiver) -> None:
@@ -177,7 +184,9 @@ def test_a_bad_or_missing_signature_is_refused_with_401_and_nothing_stored(recei
         pytest.param(body_of(event("evt-1", account={"id": 7})), "account id is a dict", id="account-not-text"),
     ],
 )
-def test_a_malformed_delivery_is_refused_with_400_and_nothing_stored(receiver: Receiver, body: bytes, message: str) -> None:
+def test_a_malformed_delivery_is_refused_with_400_and_nothing_stored(
+    receiver: Receiver, body: bytes, message: str
+) -> None:
     response = receiver.post(body)
     assert response.status_code == 400
     assert message in response.json()["error"]
@@ -255,7 +264,9 @@ def test_a_missing_secret_is_a_503_that_names_the_variable_in_the_log_only(
 
 class ParserWithABug(AcmeProvider):
     def parse(self, request: WebhookRequest) -> list[InboundEvent]:
-        return [InboundEvent(event_key=json.loads(request.body)["missing"], event_type="t", account_id=None, payload={})]
+        return [
+            InboundEvent(event_key=json.loads(request.body)["missing"], event_type="t", account_id=None, payload={})
+        ]
 
 
 def test_a_provider_bug_while_parsing_is_a_500_so_the_provider_retries(
@@ -356,14 +367,20 @@ def test_a_kept_connection_that_died_while_idle_is_replaced_without_a_503(
 # -- observability -------------------------------------------------------------------------------
 
 
-def test_each_delivery_logs_one_json_line_without_secret_or_body(receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+def test_each_delivery_logs_one_json_line_without_secret_or_body(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="sync_project.receiver")
     stored = body_of(event("evt-1", email="ada@example.com"), event("evt-2"))
     receiver.post(stored)
     receiver.post(stored, headers={})
     receiver.post(b"{", provider="acme")
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "sync_project.receiver"]
-    assert [(line["status"], line["outcome"]) for line in lines] == [(202, "stored"), (401, "bad_signature"), (400, "malformed")]
+    assert [(line["status"], line["outcome"]) for line in lines] == [
+        (202, "stored"),
+        (401, "bad_signature"),
+        (400, "malformed"),
+    ]
     first = lines[0]
     assert first["provider"] == "acme" and first["events"] == 2 and first["event_keys"] == ["evt-1", "evt-2"]
     assert first["stored"] == 2 and first["bytes"] == len(stored) and first["duration_ms"] >= 0

@@ -57,7 +57,9 @@ UNSTORABLE = [
     pytest.param(raw_event("evt-1", account="acct\u00001"), "account id contains a NUL", id="nul-in-account-id"),
     pytest.param(raw_event("evt-1", name="Ada\u0000"), "payload.name contains a NUL", id="nul-in-payload"),
     pytest.param(raw_event("evt-1", **{"na\u0000me": "Ada"}), "(a key) contains a NUL", id="nul-in-a-key"),
-    pytest.param(b'{"id": "evt-1", "type": "t", "data": {"n": "\\ud800"}}', "lone UTF-16 surrogate", id="lone-surrogate"),
+    pytest.param(
+        b'{"id": "evt-1", "type": "t", "data": {"n": "\\ud800"}}', "lone UTF-16 surrogate", id="lone-surrogate"
+    ),
     pytest.param(b'{"id": "evt-\\udfff", "type": "t", "data": {}}', "event key contains a lone", id="surrogate-in-key"),
     pytest.param(b'{"id": "evt-1", "type": "t", "data": {"n": Infinity}}', "not storable JSON", id="infinity"),
     pytest.param(body_of(event("evt-1", "t" * 256)), "event type is longer than 255", id="long-event-type"),
@@ -75,7 +77,9 @@ def test_a_value_no_database_stores_is_a_400_naming_it(receiver: Receiver, body:
 @pytest.mark.parametrize(
     "body",
     [
-        pytest.param(b'{"id": "evt-1", "type": "contact.updated", "data": {"n": "\\ud83d\\ude00"}}', id="surrogate-pair"),
+        pytest.param(
+            b'{"id": "evt-1", "type": "contact.updated", "data": {"n": "\\ud83d\\ude00"}}', id="surrogate-pair"
+        ),
         pytest.param(raw_event("evt-1", name="back\\u0000slash"), id="literal-backslash-u0000"),
         pytest.param(raw_event("evt-1", name="Zoë 名前 \U0001f600"), id="non-ascii"),
     ],
@@ -94,7 +98,7 @@ def test_json_nested_past_the_limit_is_a_400_and_at_the_limit_is_stored(receiver
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting(receiver: Receiver) -> None:
-    assert receiver.post(body_of(event("evt-1", name="[[[[[[[[[[{{{{{{{{{{ \\\" [[[[[["))).status_code == 202
+    assert receiver.post(body_of(event("evt-1", name='[[[[[[[[[[{{{{{{{{{{ \\" [[[[[['))).status_code == 202
 
 
 def test_json_deeper_than_pythons_parser_recurses_is_a_400_not_a_recursion_error(

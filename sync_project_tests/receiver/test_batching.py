@@ -152,7 +152,9 @@ def test_several_writers_commit_batches_concurrently() -> None:
             await committer.stop()
 
     assert asyncio.run(scenario()) == [f"committed d{i}" for i in range(10)]
-    assert batches[0] == ["d0"] and sorted(item for batch in batches for item in batch) == sorted(f"d{i}" for i in range(10))
+    assert batches[0] == ["d0"] and sorted(item for batch in batches for item in batch) == sorted(
+        f"d{i}" for i in range(10)
+    )
 
 
 # -- the commit deadline: a database that never answers ------------------------------------------

@@ -32,11 +32,18 @@ CONTROL_GLOBEX = "ctl_globex_77aa"
 READER = "rec_reads_all_3e9d"
 SYNC = get_sync("sandbox/contacts")
 BASE = "/syncs/sandbox/contacts"
-ENDPOINTS = [("POST", f"{BASE}/trigger"), ("POST", f"{BASE}/pause"), ("POST", f"{BASE}/resume"), ("GET", f"{BASE}/status")]
+ENDPOINTS = [
+    ("POST", f"{BASE}/trigger"),
+    ("POST", f"{BASE}/pause"),
+    ("POST", f"{BASE}/resume"),
+    ("GET", f"{BASE}/status"),
+]
 
 
 @pytest.fixture
-def api(instance: dg.DagsterInstance, acme: str, database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[httpx.Client]:  # noqa: F811
+def api(
+    instance: dg.DagsterInstance, acme: str, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[httpx.Client]:  # noqa: F811
     monkeypatch.setenv(
         "SYNC_RECORDS_API_TOKENS", f"{CONTROL_ALL}=control:*; {CONTROL_GLOBEX}=control:sandbox/globex; {READER}=*"
     )
@@ -52,14 +59,18 @@ def _bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-def call(client: httpx.Client, method: str, path: str, connection: str = "acme", token: str | None = CONTROL_ALL, **body: str) -> httpx.Response:
+def call(
+    client: httpx.Client, method: str, path: str, connection: str = "acme", token: str | None = CONTROL_ALL, **body: str
+) -> httpx.Response:
     headers = _bearer(token) if token else {"authorization": ""}
     if method == "GET":
         return client.get(path, params={"connection": connection}, headers=headers)
     return client.post(path, json={"connection": connection, **body}, headers=headers)
 
 
-def test_every_endpoint_refuses_a_missing_or_wrong_token_a_token_out_of_scope_and_unknown_things(api: httpx.Client) -> None:
+def test_every_endpoint_refuses_a_missing_or_wrong_token_a_token_out_of_scope_and_unknown_things(
+    api: httpx.Client,
+) -> None:
     for method, path in ENDPOINTS:
         for token in (None, "wrong-token"):
             refused = call(api, method, path, token=token)
@@ -68,7 +79,10 @@ def test_every_endpoint_refuses_a_missing_or_wrong_token_a_token_out_of_scope_an
         # A token that reads every record controls nothing; one for globex does not control acme.
         for token in (READER, CONTROL_GLOBEX):
             forbidden = call(api, method, path, token=token)
-            assert forbidden.status_code == 403 and "may not control sandbox connection 'acme'" in forbidden.json()["error"]
+            assert (
+                forbidden.status_code == 403
+                and "may not control sandbox connection 'acme'" in forbidden.json()["error"]
+            )
         missing = call(api, method, path, connection="initech")
         assert missing.status_code == 404 and "no connection 'initech'" in missing.json()["error"]
         # In scope but not registered: the globex token learns only what the acme one would.
@@ -88,7 +102,9 @@ def test_every_endpoint_refuses_a_missing_or_wrong_token_a_token_out_of_scope_an
 
 
 def test_trigger_queues_the_schedules_poll_and_409s_while_the_partition_is_taken(
-    api: httpx.Client, instance: dg.DagsterInstance, database_url: str  # noqa: F811
+    api: httpx.Client,
+    instance: dg.DagsterInstance,
+    database_url: str,  # noqa: F811
 ) -> None:
     queued = call(api, "POST", f"{BASE}/trigger", mode="full_refresh")
     assert queued.status_code == 200, queued.text
@@ -133,12 +149,21 @@ def test_pause_resume_and_status(api: httpx.Client, instance: dg.DagsterInstance
     assert body["last_success"]["mode"] == "full" and body["last_success"]["counts"]["added"] == 12
     assert body["last_success"]["row_count"] == 12
     assert body["checkpoint"] and "updated_after" in body["checkpoint"]
-    assert (body["pending"], body["dead"], body["poll_lease_holder"], body["queued_or_running_poll"]) == (1, 0, None, None)
+    assert (body["pending"], body["dead"], body["poll_lease_holder"], body["queued_or_running_poll"]) == (
+        1,
+        0,
+        None,
+        None,
+    )
 
     paused = call(api, "POST", f"{BASE}/pause")
     assert paused.status_code == 200
-    assert paused.json() == {"provider": "sandbox", "connection": "acme", "status": "paused",
-                             "syncs": ["sandbox/contacts", "sandbox/deals"]}
+    assert paused.json() == {
+        "provider": "sandbox",
+        "connection": "acme",
+        "status": "paused",
+        "syncs": ["sandbox/contacts", "sandbox/deals"],
+    }
     with Store(database_url) as store:
         assert store.connections.get("sandbox", "acme").status == "paused"
     assert call(api, "GET", f"{BASE}/status").json()["next_poll"]["note"] == "paused"
@@ -151,7 +176,9 @@ def test_pause_resume_and_status(api: httpx.Client, instance: dg.DagsterInstance
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_triggered_run_is_launched_by_the_instance_and_syncs(
-    api: httpx.Client, instance: dg.DagsterInstance, database_url: str  # noqa: F811
+    api: httpx.Client,
+    instance: dg.DagsterInstance,
+    database_url: str,  # noqa: F811
 ) -> None:
     """What the daemon's run queue does with the queued run: launch it through the workspace's
     code location (a code server and a run process, as in production), here without a daemon."""

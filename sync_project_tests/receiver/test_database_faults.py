@@ -139,8 +139,13 @@ async def _stream_through_a_freeze(url: str, pg: PrivatePostgres) -> tuple[list[
                 started = time.monotonic()
                 response = await client.post(f"{url}/webhooks/acme", content=body, headers=sign(body))
                 answers.append(
-                    Answer(event_id, response.status_code, time.monotonic() - started,
-                           response.headers.get("retry-after"), phase)
+                    Answer(
+                        event_id,
+                        response.status_code,
+                        time.monotonic() - started,
+                        response.headers.get("retry-after"),
+                        phase,
+                    )
                 )
                 await asyncio.sleep(0.05)
 
@@ -225,7 +230,9 @@ def test_the_receiver_starts_while_its_database_is_down_and_stores_once_it_is_up
     with log_path.open("w") as stderr:
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "sync-project"), "receiver", "--port", "0"],
-            env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
         )
     try:
         url = _served_url(process, log_path)

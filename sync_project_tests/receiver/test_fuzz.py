@@ -136,10 +136,12 @@ def deliveries(draw: st.DrawFn) -> Delivery:
     provider = draw(st.sampled_from(["sandbox", "sandbox", "sandbox", "github", "hubspot", "stripe", "nope"]))
     body = draw(bodies)
     # Ids travel in a header: printable ASCII (of any length) is what one can carry and sign.
-    event_id = draw(st.one_of(
-        st.integers(min_value=0, max_value=10**9).map(lambda n: f"evt-{n}"),
-        st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=300),
-    ))
+    event_id = draw(
+        st.one_of(
+            st.integers(min_value=0, max_value=10**9).map(lambda n: f"evt-{n}"),
+            st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=300),
+        )
+    )
     sign = draw(st.sampled_from([True, True, True, False]))
     overrides: dict[str, str] = {}
     if provider == "sandbox":
@@ -159,8 +161,13 @@ def deliveries(draw: st.DrawFn) -> Delivery:
 
 
 def sandbox_body(**fields: Any) -> bytes:
-    envelope = {"id": "evt-ok", "type": "contact.updated", "account_id": "acct-1",
-                "occurred_at": "2026-01-01T00:00:00Z", "data": {"id": "con_1"}}
+    envelope = {
+        "id": "evt-ok",
+        "type": "contact.updated",
+        "account_id": "acct-1",
+        "occurred_at": "2026-01-01T00:00:00Z",
+        "data": {"id": "con_1"},
+    }
     envelope.update(fields)
     return json.dumps(envelope).encode()
 
@@ -178,8 +185,19 @@ FOUND = [
 
 record_parameter_values = st.one_of(
     nasty_text,
-    st.sampled_from(["north", "0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "10001", "0", "9" * 400,
-                     "added,updated", ",", "2026-01-01T00:00:00Z"]),
+    st.sampled_from(
+        [
+            "north",
+            "0001-01-01T00:00:00+14:00",
+            "9999-12-31T23:59:59-14:00",
+            "10001",
+            "0",
+            "9" * 400,
+            "added,updated",
+            ",",
+            "2026-01-01T00:00:00Z",
+        ]
+    ),
     json_values.map(lambda value: base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")),
     st.just(base64.urlsafe_b64encode(b"[" * 700 + b"]" * 700).decode()),
 )
@@ -187,8 +205,11 @@ record_parameter_values = st.one_of(
 
 @st.composite
 def record_queries(draw: st.DrawFn) -> tuple[str, list[tuple[str, str]]]:
-    path = draw(st.sampled_from(["/records/sandbox/contacts", "/records/sandbox/deals", "/records/github/issues",
-                                 "/records/nope/x"]))
+    path = draw(
+        st.sampled_from(
+            ["/records/sandbox/contacts", "/records/sandbox/deals", "/records/github/issues", "/records/nope/x"]
+        )
+    )
     names = st.sampled_from(["connection", "cursor", "limit", "filter", "modified_after", "other"])
     params = draw(st.lists(st.tuples(names, record_parameter_values), max_size=5))
     if draw(st.booleans()):
@@ -203,10 +224,17 @@ def test_no_generated_delivery_gets_a_5xx_or_stores_anything_when_refused(databa
     with Store(database_url) as store:
         store.connections.add("sandbox", "north", account_id="acct-1")
         with (
-            receiver_process(database_url, tmp_path, "--max-body-bytes", "65536",
-                             env={"SYNC_GITHUB_WEBHOOK_SECRET": GITHUB_SECRET,
-                                  "SYNC_HUBSPOT_CLIENT_SECRET": "hubspot-fuzz-secret",
-                                  "SYNC_STRIPE_WEBHOOK_SECRET": "whsec_stripefuzz"}) as receiver,
+            receiver_process(
+                database_url,
+                tmp_path,
+                "--max-body-bytes",
+                "65536",
+                env={
+                    "SYNC_GITHUB_WEBHOOK_SECRET": GITHUB_SECRET,
+                    "SYNC_HUBSPOT_CLIENT_SECRET": "hubspot-fuzz-secret",
+                    "SYNC_STRIPE_WEBHOOK_SECRET": "whsec_stripefuzz",
+                },
+            ) as receiver,
             httpx.Client(timeout=10) as client,
         ):
             rss: list[int] = []

@@ -26,8 +26,7 @@ def half_sent_request(host: str, port: int, path: str = "/webhooks/sandbox") -> 
     """A connection that sent its headers and 100 of the 1,000 body bytes it announced, then stalls."""
     sock = socket.create_connection((host, port), timeout=10)
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        "Content-Length: 1000\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
     ).encode()
     sock.sendall(head + b"{" + b" " * 99)
     sock.setblocking(False)
@@ -81,7 +80,9 @@ def test_500_half_sent_requests_are_all_closed_by_the_deadline_and_deliveries_go
                 sock.close()
         answers = {data.split(b"\r\n", 1)[0] for data in received.values()}
         assert answers == {b"HTTP/1.1 408 Request Timeout"}
-        outcomes = [line.get("outcome") for line in receiver.log_lines() if line.get("logger") == "sync_project.receiver"]
+        outcomes = [
+            line.get("outcome") for line in receiver.log_lines() if line.get("logger") == "sync_project.receiver"
+        ]
         assert outcomes.count("body_timeout") == HALF_SENT
         assert outcomes.count("stored") == 20
     with Store(database_url) as store:

@@ -52,7 +52,12 @@ def seeded(store: Store) -> Store:
 
 def test_a_request_without_a_valid_token_is_refused(seeded: Store, monkeypatch: pytest.MonkeyPatch):
     with api(seeded, monkeypatch) as client:
-        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": f"Basic {TOKEN}"}, {"authorization": "Bearer"}):
+        for headers in (
+            {},
+            {"authorization": "Bearer wrong"},
+            {"authorization": f"Basic {TOKEN}"},
+            {"authorization": "Bearer"},
+        ):
             response = httpx.get(f"{client.base_url}{PATH}", params={"connection": "north"}, headers=headers)
             assert response.status_code == 401
             assert response.headers["www-authenticate"].startswith("Bearer")
@@ -63,7 +68,9 @@ def test_a_request_without_a_valid_token_is_refused(seeded: Store, monkeypatch: 
 def test_several_tokens_can_be_valid_during_a_rotation(seeded: Store, monkeypatch: pytest.MonkeyPatch):
     with api(seeded, monkeypatch, token=f"old_token_1, {TOKEN}") as client:
         assert client.get(PATH, params={"connection": "north"}).status_code == 200
-        old = httpx.get(f"{client.base_url}{PATH}", params={"connection": "north"}, headers={"authorization": "Bearer old_token_1"})
+        old = httpx.get(
+            f"{client.base_url}{PATH}", params={"connection": "north"}, headers={"authorization": "Bearer old_token_1"}
+        )
         assert old.status_code == 200
 
 
@@ -88,8 +95,16 @@ def test_pages_of_one_connection_with_cursor_and_limit(seeded: Store, monkeypatc
     ids = [r["id"] for r in first["records"] + second["records"]]
     assert sorted(ids) == [f"c{n:03d}" for n in range(30)]
     record = first["records"][0]
-    assert set(record) == {"id", "connection_id", "data", "last_action", "first_seen_at", "last_modified_at",
-                           "source_updated_at", "deleted_at"}
+    assert set(record) == {
+        "id",
+        "connection_id",
+        "data",
+        "last_action",
+        "first_seen_at",
+        "last_modified_at",
+        "source_updated_at",
+        "deleted_at",
+    }
     assert record["connection_id"] == "north" and record["last_action"] == "added"
 
 
@@ -128,9 +143,13 @@ def test_filter_and_modified_after_narrow_the_feed(seeded: Store, monkeypatch: p
         since = client.get(PATH, params={"connection": "north", "modified_after": cut.isoformat()}).json()["records"]
         assert sorted(r["id"] for r in since) == ["c001", "c002", "x1"]
         zulu = cut.isoformat().replace("+00:00", "Z")
-        deleted = client.get(PATH, params={"connection": "north", "modified_after": zulu, "filter": "deleted"}).json()["records"]
+        deleted = client.get(PATH, params={"connection": "north", "modified_after": zulu, "filter": "deleted"}).json()[
+            "records"
+        ]
         assert [(r["id"], r["last_action"]) for r in deleted] == [("c002", "deleted")]
-        both = client.get(PATH, params={"connection": "north", "modified_after": zulu, "filter": "added,updated"}).json()["records"]
+        both = client.get(
+            PATH, params={"connection": "north", "modified_after": zulu, "filter": "added,updated"}
+        ).json()["records"]
         assert sorted((r["id"], r["last_action"]) for r in both) == [("c001", "updated"), ("x1", "added")]
         south = client.get(PATH, params={"connection": "south"}).json()["records"]
         assert [r["id"] for r in south] == ["s1"]
@@ -188,7 +207,10 @@ def test_bad_parameters_are_refused_with_400(seeded: Store, monkeypatch: pytest.
 def test_a_cursor_of_another_page_shape_still_pages_forward(seeded: Store, monkeypatch: pytest.MonkeyPatch):
     cursor = encode_cursor(datetime(2000, 1, 1, tzinfo=timezone.utc), "")
     with api(seeded, monkeypatch) as client:
-        assert len(client.get(PATH, params={"connection": "north", "cursor": cursor, "limit": 100}).json()["records"]) == 30
+        assert (
+            len(client.get(PATH, params={"connection": "north", "cursor": cursor, "limit": 100}).json()["records"])
+            == 30
+        )
 
 
 def test_unknown_syncs_and_connections_are_404(seeded: Store, monkeypatch: pytest.MonkeyPatch):
@@ -276,7 +298,9 @@ def two_providers(seeded: Store) -> Store:
     return seeded
 
 
-def test_a_token_scoped_to_a_connection_reads_it_and_gets_403_elsewhere(two_providers: Store, monkeypatch: pytest.MonkeyPatch):
+def test_a_token_scoped_to_a_connection_reads_it_and_gets_403_elsewhere(
+    two_providers: Store, monkeypatch: pytest.MonkeyPatch
+):
     tokens = "tok_north=acme/north; tok_acme=acme tok_all=*"
     with scoped_api(two_providers, monkeypatch, SYNC_RECORDS_API_TOKENS=tokens) as url:
         assert read(url, "tok_north", "north").status_code == 200
@@ -297,9 +321,19 @@ def test_tokens_from_a_file_are_stored_as_hashes_and_scoped(
 ):
     secret = "tok_from_file_91c2"
     path = tmp_path / "tokens.json"
-    path.write_text(json.dumps({"tokens": [
-        {"name": "crm-app", "sha256": hashlib.sha256(secret.encode()).hexdigest(), "scopes": ["acme/south", "globex"]},
-    ]}))
+    path.write_text(
+        json.dumps(
+            {
+                "tokens": [
+                    {
+                        "name": "crm-app",
+                        "sha256": hashlib.sha256(secret.encode()).hexdigest(),
+                        "scopes": ["acme/south", "globex"],
+                    },
+                ]
+            }
+        )
+    )
     assert secret not in path.read_text()
     with scoped_api(two_providers, monkeypatch, SYNC_RECORDS_API_TOKENS_FILE=str(path)) as url:
         assert read(url, secret, "south").json()["records"][0]["id"] == "s1"
@@ -329,7 +363,9 @@ def test_unreadable_token_configuration_stops_the_receiver_at_start_up(
     assert "tok_secret_x" not in str(raised.value)
 
 
-def test_a_tokens_file_holding_a_token_instead_of_its_hash_is_refused(store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path):
+def test_a_tokens_file_holding_a_token_instead_of_its_hash_is_refused(
+    store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path
+):
     path = tmp_path / "tokens.json"
     path.write_text(json.dumps({"tokens": [{"sha256": "rec_plain_token", "scopes": ["*"]}]}))
     monkeypatch.setenv("SYNC_RECORDS_API_TOKENS_FILE", str(path))

@@ -65,7 +65,12 @@ def test_no_subscriber_gives_one_ignored_row(store: Store) -> None:
 
 def test_numeric_ids_are_routed_as_text(store: Store) -> None:
     store.connections.add("acme", "north", account_id="62515")
-    routed = route("acme", [InboundEvent(event_key=987, event_type="contact.updated", account_id=62515, payload={})], store.connections, subscribers=SUBSCRIBERS)  # type: ignore[arg-type]
+    routed = route(
+        "acme",
+        [InboundEvent(event_key=987, event_type="contact.updated", account_id=62515, payload={})],
+        store.connections,
+        subscribers=SUBSCRIBERS,
+    )  # type: ignore[arg-type]
     assert rows(routed) == [("987", "acme/contacts", "north", "pending")]
 
 
@@ -74,10 +79,15 @@ def test_numeric_ids_are_routed_as_text(store: Store) -> None:
     [
         (inbound("k" * 300), "event_key"),
         (inbound("e1", account={"id": 1}), "account id is a dict"),
-        (InboundEvent(event_key="e1", event_type="contact.updated", account_id=None, payload={"x": {1, 2}}), "payload is not JSON"),  # type: ignore[dict-item]
+        (
+            InboundEvent(event_key="e1", event_type="contact.updated", account_id=None, payload={"x": {1, 2}}),
+            "payload is not JSON",
+        ),  # type: ignore[dict-item]
     ],
 )
-def test_an_event_the_inbox_cannot_hold_is_refused_as_malformed(store: Store, event: InboundEvent, message: str) -> None:
+def test_an_event_the_inbox_cannot_hold_is_refused_as_malformed(
+    store: Store, event: InboundEvent, message: str
+) -> None:
     with pytest.raises(InvalidEventError, match=message):
         route("acme", [event], store.connections, subscribers=SUBSCRIBERS)
 
@@ -86,7 +96,12 @@ def test_a_snapshot_routes_exactly_like_the_live_connections(store: Store) -> No
     store.connections.add("acme", "north", account_id="acct-1")
     store.connections.add("acme", "south")
     store.connections.add("acme", "east", account_id="acct-2")
-    events = [inbound("e1"), inbound("e2", account=None), inbound("e3", account="acct-2"), inbound("e4", account="nope")]
+    events = [
+        inbound("e1"),
+        inbound("e2", account=None),
+        inbound("e3", account="acct-2"),
+        inbound("e4", account="nope"),
+    ]
     with store.engine.begin() as conn:
         snapshot = ConnectionSnapshot.load(conn, {("acme", e.account_id) for e in events})
     live = route("acme", events, store.connections, subscribers=SUBSCRIBERS)

@@ -189,8 +189,13 @@ def test_the_provider_client_waits_out_429s(make_sandbox: SandboxFactory, monkey
     monkeypatch.setenv("TEST_SANDBOX_TOKEN", TOKEN)
     now = datetime.now(timezone.utc)
     connection = ProviderConnection(
-        provider="sandbox", connection_id="c1", account_id="acct-1", credentials_env="TEST_SANDBOX_TOKEN",
-        config={"base_url": server.base_url}, created_at=now, updated_at=now,
+        provider="sandbox",
+        connection_id="c1",
+        account_id="acct-1",
+        credentials_env="TEST_SANDBOX_TOKEN",
+        config={"base_url": server.base_url},
+        created_at=now,
+        updated_at=now,
     )
     with PROVIDER.client(connection) as client:
         bodies = [json_body(client.get("/v1/contacts")) for _ in range(3)]

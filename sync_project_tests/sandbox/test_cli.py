@@ -24,9 +24,27 @@ SECRET = "whsec_c2FuZGJveC1zZWNyZXQtZm9yLXRlc3Rz"
 def sandbox_process(receiver: Receiver) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
     env = {**os.environ, "SYNC_SANDBOX_WEBHOOK_SECRET": SECRET, "SYNC_SANDBOX_ADMIN_TOKEN": "admin-token-for-tests"}
     process = subprocess.Popen(
-        [*CLI, "--port", "0", "--accounts", "2", "--contacts", "4", "--deals", "3", "--webhook-url", receiver.url,
-         "--rate-limit", "0", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        [
+            *CLI,
+            "--port",
+            "0",
+            "--accounts",
+            "2",
+            "--contacts",
+            "4",
+            "--deals",
+            "3",
+            "--webhook-url",
+            receiver.url,
+            "--rate-limit",
+            "0",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     banner: list[str] = []
     assert process.stdout is not None

@@ -33,7 +33,9 @@ def test_clock_strictly_increases_when_the_wall_clock_stalls_or_steps_back() -> 
     # 12:00:01.000000 would print without a fraction; the clock skips it.
     assert third.microsecond != 0
     assert [format_timestamp(t) for t in (first, second, third)] == [
-        "2024-05-01T12:00:00.999998Z", "2024-05-01T12:00:00.999999Z", "2024-05-01T12:00:01.000001Z"
+        "2024-05-01T12:00:00.999998Z",
+        "2024-05-01T12:00:00.999999Z",
+        "2024-05-01T12:00:01.000001Z",
     ]
 
 

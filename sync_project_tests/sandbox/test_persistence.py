@@ -106,9 +106,7 @@ def test_a_webhook_is_queued_only_after_its_change_is_on_disk(tmp_path: Path) ->
 
     def announce(event: ChangeEvent) -> None:
         with sqlite3.connect(path) as reader:  # another connection sees only what was committed
-            row = reader.execute(
-                "SELECT deleted FROM objects WHERE object_id = ?", (event.data["id"],)
-            ).fetchone()
+            row = reader.execute("SELECT deleted FROM objects WHERE object_id = ?", (event.data["id"],)).fetchone()
         # A later change of the same call may have superseded a create or update; a delete is final.
         on_disk.append(row is not None and (bool(row[0]) or not event.type.endswith(".deleted")))
 
@@ -123,9 +121,26 @@ def test_a_webhook_is_queued_only_after_its_change_is_on_disk(tmp_path: Path) ->
 
 def serve(data: Path, env_token: str = "admin-token-for-tests") -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [*CLI, "--port", "0", "--accounts", "1", "--contacts", "6", "--rate-limit", "0", "--log-level", "warning",
-         "--data", str(data), "--admin-token", env_token],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            *CLI,
+            "--port",
+            "0",
+            "--accounts",
+            "1",
+            "--contacts",
+            "6",
+            "--rate-limit",
+            "0",
+            "--log-level",
+            "warning",
+            "--data",
+            str(data),
+            "--admin-token",
+            env_token,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     banner = []
     assert process.stdout is not None

@@ -147,7 +147,9 @@ def test_a_receiver_that_is_down_receives_everything_once_it_is_back(make_sandbo
         late.stop()
 
 
-def test_deliveries_that_exhaust_their_attempts_count_as_failed(make_sandbox: SandboxFactory, receiver: Receiver) -> None:
+def test_deliveries_that_exhaust_their_attempts_count_as_failed(
+    make_sandbox: SandboxFactory, receiver: Receiver
+) -> None:
     _, admin = make_sandbox(
         accounts=ACCOUNTS, webhook_url=receiver.url, retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01)
     )
@@ -194,5 +196,8 @@ def test_without_a_subscription_nothing_is_sent(make_sandbox: SandboxFactory, re
 
 def test_the_admin_client_names_a_wrong_admin_token(make_sandbox: SandboxFactory) -> None:
     server, _ = make_sandbox(accounts=ACCOUNTS)
-    with SandboxAdmin(server.base_url, "wrong-admin-token") as admin, pytest.raises(ProviderAuthError, match="HTTP 401"):
+    with (
+        SandboxAdmin(server.base_url, "wrong-admin-token") as admin,
+        pytest.raises(ProviderAuthError, match="HTTP 401"),
+    ):
         admin.deliveries()

@@ -22,11 +22,21 @@ from sync_project.store.errors import StoreUnavailableError
 from sync_project_tests.store.helpers import CONN, NEWEST, contact
 
 SERVER_SETTINGS = (
-    "statement_timeout", "lock_timeout", "search_path",
-    "tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout",
+    "statement_timeout",
+    "lock_timeout",
+    "search_path",
+    "tcp_keepalives_idle",
+    "tcp_keepalives_interval",
+    "tcp_keepalives_count",
+    "tcp_user_timeout",
 )
 LIBPQ_PARAMETERS = (
-    "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout",
+    "connect_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
 )
 
 
@@ -179,4 +189,3 @@ def _terminate_later(engine: Engine, pid: int, after_s: float = 20.0) -> threadi
     timer.daemon = True
     timer.start()
     return timer
-

@@ -155,7 +155,12 @@ def test_each_write_is_one_feed_entry_and_compaction_keeps_only_current_ids(
 
     changes = read_all(store)
     assert [(c.id, c.last_action) for c in changes] == [
-        ("e", "added"), ("f", "added"), ("a", "deleted"), ("b", "deleted"), ("c", "deleted"), ("d", "updated")
+        ("e", "added"),
+        ("f", "added"),
+        ("a", "deleted"),
+        ("b", "deleted"),
+        ("c", "deleted"),
+        ("d", "updated"),
     ]
     resumed = store.changes(SYNC, CONN, cursor=before.next_cursor, limit=100)
     assert [c.id for c in resumed.records] == ["e", "f", "a", "b", "c", "d"]  # d again: it changed since

@@ -13,10 +13,21 @@ from sync_project.store.inbox import RoutedEvent
 from sync_project.store.schema import inbox
 
 
-def routed(key: str, connection_id: str = "north", sync: str = "acme/contacts", account: str | None = "acct-1",
-           event_type: str = "contact.updated") -> RoutedEvent:
-    return RoutedEvent(event_key=key, event_type=event_type, account_id=account, payload={"id": key},
-                       sync=sync, connection_id=connection_id)
+def routed(
+    key: str,
+    connection_id: str = "north",
+    sync: str = "acme/contacts",
+    account: str | None = "acct-1",
+    event_type: str = "contact.updated",
+) -> RoutedEvent:
+    return RoutedEvent(
+        event_key=key,
+        event_type=event_type,
+        account_id=account,
+        payload={"id": key},
+        sync=sync,
+        connection_id=connection_id,
+    )
 
 
 class Clock:
@@ -36,10 +47,15 @@ def test_one_forward_per_event_and_connection_whatever_the_fan_out(store: Store)
     store.connections.add("acme", "south", account_id="acct-1")
     forwards = Forwards(store.engine)
     assert forwards.enqueue(start_at="beginning") == 0
-    store.inbox.receive("acme", [
-        routed("e1", "north"), routed("e1", "south"), routed("e1", "north", sync="acme/audit"),  # 2 syncs x 2 connections
-        routed("e2", "north"),
-    ])
+    store.inbox.receive(
+        "acme",
+        [
+            routed("e1", "north"),
+            routed("e1", "south"),
+            routed("e1", "north", sync="acme/audit"),  # 2 syncs x 2 connections
+            routed("e2", "north"),
+        ],
+    )
     assert forwards.enqueue() == 3
     assert keyed(forwards) == {("e1", "north"), ("e1", "south"), ("e2", "north")}
     [first] = [f for f in forwards.list() if f.event_key == "e2"]
@@ -51,11 +67,14 @@ def test_ignored_events_are_routed_now_and_unroutable_ones_once_replayed(store: 
     store.connections.add("acme", "north", account_id="acct-1")
     forwards = Forwards(store.engine)
     forwards.enqueue()
-    store.inbox.receive("acme", [
-        RoutedEvent(event_key="i1", event_type="invoice.paid", account_id="acct-1", payload={}),  # no sync wants it
-        RoutedEvent(event_key="i2", event_type="invoice.paid", account_id="nobody", payload={}),
-        routed("u1", connection_id="", account="acct-2"),  # no connection has acct-2 yet
-    ])
+    store.inbox.receive(
+        "acme",
+        [
+            RoutedEvent(event_key="i1", event_type="invoice.paid", account_id="acct-1", payload={}),  # no sync wants it
+            RoutedEvent(event_key="i2", event_type="invoice.paid", account_id="nobody", payload={}),
+            routed("u1", connection_id="", account="acct-2"),  # no connection has acct-2 yet
+        ],
+    )
     forwards.enqueue()
     assert keyed(forwards) == {("i1", "north"), ("i2", "")}
 
@@ -106,17 +125,39 @@ def test_a_gap_holds_the_cursor_until_it_settles(store: Store):
     base = forwards.stats().inbox_cursor
     # Ids base+1 and base+2 are taken by transactions still in flight; base+3 is committed.
     with store.engine.begin() as conn:
-        conn.execute(insert(inbox).values(id=base + 3, provider="acme", event_key="late-1", sync="acme/contacts",
-                                          connection_id="north", event_type="t", payload="{}", status="pending",
-                                          attempts=0, received_at=datetime.now(timezone.utc)))
+        conn.execute(
+            insert(inbox).values(
+                id=base + 3,
+                provider="acme",
+                event_key="late-1",
+                sync="acme/contacts",
+                connection_id="north",
+                event_type="t",
+                payload="{}",
+                status="pending",
+                attempts=0,
+                received_at=datetime.now(timezone.utc),
+            )
+        )
     forwards.enqueue()
     assert ("late-1", "north") in keyed(forwards)
     assert forwards.stats().inbox_cursor == base and forwards.open_gaps == 1
     # One of them commits: forwarded from the gap, not lost behind the cursor.
     with store.engine.begin() as conn:
-        conn.execute(insert(inbox).values(id=base + 1, provider="acme", event_key="late-0", sync="acme/contacts",
-                                          connection_id="north", event_type="t", payload="{}", status="pending",
-                                          attempts=0, received_at=datetime.now(timezone.utc)))
+        conn.execute(
+            insert(inbox).values(
+                id=base + 1,
+                provider="acme",
+                event_key="late-0",
+                sync="acme/contacts",
+                connection_id="north",
+                event_type="t",
+                payload="{}",
+                status="pending",
+                attempts=0,
+                received_at=datetime.now(timezone.utc),
+            )
+        )
     clock.now = 10
     forwards.enqueue()
     assert ("late-0", "north") in keyed(forwards)
@@ -133,9 +174,19 @@ def test_postgres_out_of_order_commits_are_not_skipped(postgres_url: str):
         forwards.enqueue()
         slow = store.engine.connect()
         transaction = slow.begin()
-        slow.execute(insert(inbox).values(provider="acme", event_key="slow", sync="acme/contacts", connection_id="north",
-                                          event_type="t", payload="{}", status="pending", attempts=0,
-                                          received_at=datetime.now(timezone.utc)))
+        slow.execute(
+            insert(inbox).values(
+                provider="acme",
+                event_key="slow",
+                sync="acme/contacts",
+                connection_id="north",
+                event_type="t",
+                payload="{}",
+                status="pending",
+                attempts=0,
+                received_at=datetime.now(timezone.utc),
+            )
+        )
         store.inbox.receive("acme", [routed("fast")])  # a later id, committed first
         forwards.enqueue()
         assert keyed(forwards) == {("fast", "north")}

@@ -16,9 +16,16 @@ from sync_project.store.schema import inbox
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 
 
-def pending(key: str, connection_id: str = "c1", sync: str = "acme/contacts", account: str | None = "a1") -> RoutedEvent:
+def pending(
+    key: str, connection_id: str = "c1", sync: str = "acme/contacts", account: str | None = "a1"
+) -> RoutedEvent:
     return RoutedEvent(
-        event_key=key, event_type="contact.updated", account_id=account, payload={"id": key}, sync=sync, connection_id=connection_id
+        event_key=key,
+        event_type="contact.updated",
+        account_id=account,
+        payload={"id": key},
+        sync=sync,
+        connection_id=connection_id,
     )
 
 
@@ -62,7 +69,13 @@ def test_unroutable_and_ignored_rows_keep_their_payload(store: Store) -> None:
     store.inbox.receive(
         "acme",
         [
-            RoutedEvent(event_key="u1", event_type="contact.updated", account_id="nobody", payload={"x": 1}, sync="acme/contacts"),
+            RoutedEvent(
+                event_key="u1",
+                event_type="contact.updated",
+                account_id="nobody",
+                payload={"x": 1},
+                sync="acme/contacts",
+            ),
             RoutedEvent(event_key="i1", event_type="ping", account_id=None, payload={"y": [1, 2]}),
         ],
     )
@@ -321,10 +334,19 @@ def test_orphaned_events_are_replayable_once_the_connection_exists(store: Store)
     store.connections.remove("acme", "c1")
     # Added back by hand, bypassing Connections.add (an older version, a restore from backup).
     with store.engine.begin() as conn:
-        conn.execute(sa.insert(sa.table("connections", sa.column("provider"), sa.column("connection_id"),
-                                        sa.column("config"), sa.column("status"), sa.column("created_at"),
-                                        sa.column("updated_at"))).values(
-            provider="acme", connection_id="c1", config="{}", status="active", created_at=T0, updated_at=T0))
+        conn.execute(
+            sa.insert(
+                sa.table(
+                    "connections",
+                    sa.column("provider"),
+                    sa.column("connection_id"),
+                    sa.column("config"),
+                    sa.column("status"),
+                    sa.column("created_at"),
+                    sa.column("updated_at"),
+                )
+            ).values(provider="acme", connection_id="c1", config="{}", status="active", created_at=T0, updated_at=T0)
+        )
     assert store.inbox.replay("orphaned", connections=store.connections, provider="other") == 0
     assert store.inbox.replay("orphaned", connections=store.connections, provider="acme") == 1
     assert ids_of(store.inbox.events(status="pending")) == ["e1"]

@@ -59,7 +59,12 @@ def test_a_claim_hands_back_plain_rows_with_their_payload_decoded(store: Store) 
     with store.engine.begin() as conn:
         [event] = store.inbox.claim(conn, "acme/contacts", "c1")
     assert (event.provider, event.event_key, event.sync, event.connection_id) == ("acme", "e1", "acme/contacts", "c1")
-    assert (event.account_id, event.event_type, event.payload, event.attempts) == ("a1", "contact.updated", {"id": "e1"}, 0)
+    assert (event.account_id, event.event_type, event.payload, event.attempts) == (
+        "a1",
+        "contact.updated",
+        {"id": "e1"},
+        0,
+    )
 
 
 def test_a_redelivery_of_a_done_event_is_a_duplicate_and_is_not_queued_again(store: Store) -> None:
@@ -91,9 +96,7 @@ def test_purge_deletes_old_done_events_with_their_acknowledgements_and_keeps_the
     events = {e.event_key: e for e in store.inbox.events()}
     with store.engine.begin() as conn:
         old = datetime.now(timezone.utc) - timedelta(days=30)
-        conn.execute(
-            sa.update(inbox).where(inbox.c.event_key.in_(["old-done", "old-pending"])).values(received_at=old)
-        )
+        conn.execute(sa.update(inbox).where(inbox.c.event_key.in_(["old-done", "old-pending"])).values(received_at=old))
         store.inbox.mark_done(conn, [events["old-done"].id, events["new-done"].id])
 
     assert store.inbox.purge(timedelta(days=7)) == 1
@@ -109,8 +112,14 @@ def test_a_database_at_0006_migrates_its_pending_and_done_events(database_url: s
     try:
         migrate.upgrade(engine, "0006")
         row = {
-            "provider": "acme", "sync": "acme/contacts", "connection_id": "c1", "account_id": "a1",
-            "event_type": "contact.updated", "payload": '{"id": "x"}', "attempts": 0, "received_at": T0,
+            "provider": "acme",
+            "sync": "acme/contacts",
+            "connection_id": "c1",
+            "account_id": "a1",
+            "event_type": "contact.updated",
+            "payload": '{"id": "x"}',
+            "attempts": 0,
+            "received_at": T0,
         }
         with engine.begin() as conn:
             conn.execute(

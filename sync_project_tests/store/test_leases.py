@@ -80,7 +80,10 @@ def test_a_holder_that_lost_its_lease_writes_nothing(store: Store) -> None:
         "delete detection": lambda w: w.delete_unseen("run-old", store.leases.list()[0].granted_at),
     }
     for name, attempt in attempts.items():
-        with pytest.raises(LeaseLostError, match=r"the poll lease of crm/contacts for connection 'acme' \(token 1\) was lost: run run-new holds it with token 2"):
+        with pytest.raises(
+            LeaseLostError,
+            match=r"the poll lease of crm/contacts for connection 'acme' \(token 1\) was lost: run run-new holds it with token 2",
+        ):
             with store.writer(SYNC, "acme", NEWEST, lease=old) as writer:
                 attempt(writer)
         assert snapshot(store) == before, f"{name} wrote under a lost lease"
@@ -107,7 +110,12 @@ def test_an_expired_lease_nobody_took_is_still_current(store: Store) -> None:
 
 def test_failed_inbox_attempts_are_fenced_too(store: Store) -> None:
     event = RoutedEvent(
-        event_key="e1", event_type="contact.updated", account_id="a1", payload={"id": "e1"}, sync=SYNC, connection_id="acme"
+        event_key="e1",
+        event_type="contact.updated",
+        account_id="a1",
+        payload={"id": "e1"},
+        sync=SYNC,
+        connection_id="acme",
     )
     store.inbox.receive("crm", [event])
     [pending] = store.inbox.events(status="pending")
@@ -175,7 +183,9 @@ def test_a_grant_waits_for_the_fenced_transaction_in_flight(postgres_url: str) -
             renewer.join(10)
             assert not renewer.is_alive(), "a renewal waited for its own holder's write"
             expire(store)
-            taker = threading.Thread(target=lambda: granted.append(store.leases.acquire(SYNC, "acme", "poll", "run-new").token))
+            taker = threading.Thread(
+                target=lambda: granted.append(store.leases.acquire(SYNC, "acme", "poll", "run-new").token)
+            )
             taker.start()
             taker.join(1.0)
             assert taker.is_alive() and not granted, "a grant slipped in while a fenced write was open"

@@ -78,9 +78,7 @@ def test_newest_source_wins_compares_instants_not_text(store: Store) -> None:
     as_paris = at(10 - 1).astimezone(timezone(timedelta(hours=2))).isoformat()  # 1 s older, other zone
     as_epoch_ms = int(at(10 - 2).timestamp() * 1000)
 
-    result = store.save(
-        SYNC, CONN, NEWEST, [{**contact("a", 9), "updated_at": as_paris}]
-    )
+    result = store.save(SYNC, CONN, NEWEST, [{**contact("a", 9), "updated_at": as_paris}])
     result += store.save(SYNC, CONN, NEWEST, [{**contact("a", 8), "updated_at": as_epoch_ms}])
 
     assert counts(result) == {"skipped_stale": 2}

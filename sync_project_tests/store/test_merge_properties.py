@@ -150,7 +150,10 @@ class World:
         expected = {
             key
             for key, record in before.items()
-            if record is not None and record.deleted_at is None and key not in seen and record.last_modified_at < started_at
+            if record is not None
+            and record.deleted_at is None
+            and key not in seen
+            and record.last_modified_at < started_at
         }
         assert tombstoned == len(expected)
         for key in KEYS:

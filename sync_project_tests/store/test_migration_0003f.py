@@ -22,13 +22,24 @@ def test_upgrading_keeps_the_inbox_and_downgrading_removes_the_queue(database_ur
             conn.execute(
                 insert(inbox),
                 [
-                    {"provider": "acme", "event_key": f"e{n}", "sync": "acme/contacts", "connection_id": "north",
-                     "event_type": "t", "payload": f'{{"n": {n}}}', "status": "pending", "attempts": 0,
-                     "received_at": datetime.now(timezone.utc)}
+                    {
+                        "provider": "acme",
+                        "event_key": f"e{n}",
+                        "sync": "acme/contacts",
+                        "connection_id": "north",
+                        "event_type": "t",
+                        "payload": f'{{"n": {n}}}',
+                        "status": "pending",
+                        "attempts": 0,
+                        "received_at": datetime.now(timezone.utc),
+                    }
                     for n in range(3)
                 ],
             )
-            before = [(i, k, {"n": n}) for n, (i, k) in enumerate(conn.execute(select(inbox.c.id, inbox.c.event_key).order_by(inbox.c.id)))]
+            before = [
+                (i, k, {"n": n})
+                for n, (i, k) in enumerate(conn.execute(select(inbox.c.id, inbox.c.event_key).order_by(inbox.c.id)))
+            ]
 
         migrate.upgrade(engine)
         tables = inspect(engine)
@@ -38,8 +49,10 @@ def test_upgrading_keeps_the_inbox_and_downgrading_removes_the_queue(database_ur
         store = Store(engine=engine, migrate_schema=False)
         assert [(e.id, e.event_key, e.payload) for e in store.inbox.events()] == before
         assert {e.status for e in store.inbox.events()} == {"pending"}
-        store.inbox.receive("acme", [RoutedEvent(event_key="e3", event_type="t", payload={}, sync="acme/contacts",
-                                                 connection_id="north")])
+        store.inbox.receive(
+            "acme",
+            [RoutedEvent(event_key="e3", event_type="t", payload={}, sync="acme/contacts", connection_id="north")],
+        )
         assert store.inbox.events(event_key="e3")[0].id > before[-1][0]
 
         with engine.begin() as conn:

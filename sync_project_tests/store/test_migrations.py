@@ -74,7 +74,9 @@ def test_opening_an_old_database_migrates_it_and_keeps_its_data(url_at_0001: str
         # The old rows merge like new ones: same content is unchanged, the tombstone holds, and
         # the column 0002 added (delete detection) works on them.
         again = store.save("crm/contacts", "acme", SPEC, [a.data])
-        stale = store.save("crm/contacts", "acme", SPEC, [{"id": "b", "name": "Bob", "updated_at": "2024-01-01T09:00:00Z"}])
+        stale = store.save(
+            "crm/contacts", "acme", SPEC, [{"id": "b", "name": "Bob", "updated_at": "2024-01-01T09:00:00Z"}]
+        )
         with store.writer("crm/contacts", "acme", SPEC) as writer:
             writer.save([a.data], seen_by_run="run-42")
             removed = writer.delete_unseen("run-42", datetime.now(UTC))

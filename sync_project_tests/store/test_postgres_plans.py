@@ -20,7 +20,8 @@ def plan_of_page_read(store: Store, keys: list[str]) -> str:
         assert dbapi is not None
         with dbapi.cursor() as cursor:
             cursor.execute(
-                "EXPLAIN " + read_state_sql(False, False), {"keys": json.dumps(keys), "sync": SYNC, "connection_id": CONN}
+                "EXPLAIN " + read_state_sql(False, False),
+                {"keys": json.dumps(keys), "sync": SYNC, "connection_id": CONN},
             )
             return "\n".join(row[0] for row in cursor.fetchall())
 
@@ -51,7 +52,9 @@ def test_merges_update_records_without_new_index_entries(postgres_url: str) -> N
         store.save(SYNC, CONN, NEWEST, [contact(f"k{i:03d}", 1) for i in range(200)])
         with store.writer(SYNC, CONN, NEWEST) as writer:
             result = writer.save([contact(f"k{i:03d}", 2) for i in range(0, 200, 20)])
-            writer.delete([{"id": f"k{i:03d}", "updated_at": contact("x", 3)["updated_at"]} for i in range(10, 200, 20)])
+            writer.delete(
+                [{"id": f"k{i:03d}", "updated_at": contact("x", 3)["updated_at"]} for i in range(10, 200, 20)]
+            )
             updated, hot = writer.conn.exec_driver_sql(
                 "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relname = 'records' AND schemaname = current_schema()"
             ).one()

@@ -95,7 +95,10 @@ def test_a_reset_never_runs_beside_a_poll_holding_the_lease(store: Store) -> Non
             store.reset(SYNC, "acme", records="remove", requested_by="cli:test")
         assert snapshot(store) == before
         # The run that holds it may reset under it (a run in reset mode does).
-        assert store.reset(SYNC, "acme", records="tombstone", requested_by="run-polling", lease=keeper.lease).tombstoned == 3
+        assert (
+            store.reset(SYNC, "acme", records="tombstone", requested_by="run-polling", lease=keeper.lease).tombstoned
+            == 3
+        )
     # A drain of the same partition is another role and does not stop a reset.
     with store.hold_lease(SYNC, "acme", "drain", "run-draining"):
         assert store.reset(SYNC, "acme", requested_by="cli:test").records == "kept"

@@ -14,8 +14,14 @@ from sync_project.store.wakeup import InboxWakeup, notify_inserted
 
 
 def routed(key: str, connection_id: str = "c1", sync: str = "sandbox/contacts") -> RoutedEvent:
-    return RoutedEvent(event_key=key, event_type="contact.updated", account_id="a1", payload={"id": key},
-                       sync=sync, connection_id=connection_id)
+    return RoutedEvent(
+        event_key=key,
+        event_type="contact.updated",
+        account_id="a1",
+        payload={"id": key},
+        sync=sync,
+        connection_id=connection_id,
+    )
 
 
 @pytest.fixture

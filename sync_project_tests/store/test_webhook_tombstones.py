@@ -48,8 +48,12 @@ def deliver_and_drain(store: Store, connection: ProviderConnection, *events: Cha
         "sandbox",
         [
             RoutedEvent(
-                event_key=e.id, event_type=e.type, account_id=e.account_id, payload=e.as_dict(),
-                sync=contacts.key, connection_id=CONNECTION,
+                event_key=e.id,
+                event_type=e.type,
+                account_id=e.account_id,
+                payload=e.as_dict(),
+                sync=contacts.key,
+                connection_id=CONNECTION,
             )
             for e in events
         ],

@@ -46,7 +46,10 @@ def meet_inside_writer(url: str, connection_id: str, barrier: Barrier, results: 
 def hold_lease(url: str, connection_id: str, ttl_s: float, acquired: Event, release: Event, results: Any) -> None:
     """Hold the poll lease (renewed on its thread) until ``release``, then write once under it and
     report what the fence said: a frozen holder learns only at its next write that it lost."""
-    with Store(url) as store, store.hold_lease(SYNC, connection_id, "poll", f"child-{connection_id}", ttl_s=ttl_s) as keeper:
+    with (
+        Store(url) as store,
+        store.hold_lease(SYNC, connection_id, "poll", f"child-{connection_id}", ttl_s=ttl_s) as keeper,
+    ):
         results.put(("granted", keeper.lease.token))
         acquired.set()
         release.wait(60)

@@ -31,8 +31,11 @@ def round_robin_app(upstreams: Sequence[str], served: Counter[str]) -> Starlette
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         try:
             answer = await client.request(
-                request.method, f"{upstream}{request.url.path}", params=request.query_params,
-                headers=headers, content=await request.body(),
+                request.method,
+                f"{upstream}{request.url.path}",
+                params=request.query_params,
+                headers=headers,
+                content=await request.body(),
             )
         except httpx.HTTPError:
             return Response(status_code=502)  # the sender retries, as it would behind any proxy

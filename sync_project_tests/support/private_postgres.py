@@ -103,8 +103,21 @@ class PrivatePostgres:
         try:
             if os.geteuid() == 0:
                 shutil.chown(self._root, "postgres", "postgres")
-            self._run(self._command("initdb", "-D", str(self._data), "-U", "postgres", "-A", "trust", "-N",
-                                    "-E", "UTF8", "--locale=C.UTF-8"))
+            self._run(
+                self._command(
+                    "initdb",
+                    "-D",
+                    str(self._data),
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-N",
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
+                )
+            )
             if start:
                 self.start()
         except BaseException:
@@ -124,8 +137,12 @@ class PrivatePostgres:
     def start(self) -> None:
         """Start the server and wait (bounded) until it accepts connections."""
         options = " ".join(
-            [f"-p {self.port}", "-c listen_addresses=127.0.0.1", f"-k {self._root}",
-             *(f"-c {name}={value}" for name, value in self._settings.items())]
+            [
+                f"-p {self.port}",
+                "-c listen_addresses=127.0.0.1",
+                f"-k {self._root}",
+                *(f"-c {name}={value}" for name, value in self._settings.items()),
+            ]
         )
         self._run(self._pg_ctl("-l", str(self._log), "-o", options, "-w", "-t", str(int(self._timeout_s)), "start"))
 
@@ -250,8 +267,9 @@ def _cleanup(pg_ctl: list[str], root: Path) -> None:
             for target in [pid, *_children(pid)]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(target, signal.SIGCONT)
-            done = subprocess.run([*pg_ctl, "-m", "immediate", "-w", "-t", "20", "stop"],
-                                  capture_output=True, timeout=30)
+            done = subprocess.run(
+                [*pg_ctl, "-m", "immediate", "-w", "-t", "20", "stop"], capture_output=True, timeout=30
+            )
             if done.returncode != 0 and _alive(pid):
                 _kill_tree(pid)
     shutil.rmtree(root, ignore_errors=True)

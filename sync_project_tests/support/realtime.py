@@ -49,9 +49,7 @@ class RealtimeHarness:
         self.instance = instance
         self.syncs = list(syncs or sandbox_syncs())
         os.environ[SECRET_ENV] = secret = generate_secret()
-        self.receiver = BackgroundServer(
-            create_app(store, providers=registry.providers(), syncs=self.syncs)
-        ).start()
+        self.receiver = BackgroundServer(create_app(store, providers=registry.providers(), syncs=self.syncs)).start()
         self.sandbox = SandboxServer(
             SandboxConfig(
                 seed=seed,
@@ -65,8 +63,11 @@ class RealtimeHarness:
         self.sandbox_url = self.sandbox.start()
         self.admin = SandboxAdmin(self.sandbox_url, self.sandbox.admin_token)
         self.defs = build_definitions(
-            self.syncs, registry.providers(), store=StoreResource(database_url=store.url),
-            inbox_stall_after_s=stall_after_s, webhook_linger_s=0.0,
+            self.syncs,
+            registry.providers(),
+            store=StoreResource(database_url=store.url),
+            inbox_stall_after_s=stall_after_s,
+            webhook_linger_s=0.0,
         )
         self.sensor = self.defs.resolve_sensor_def("inbox_sensor")
         self.cursor: str | None = None
@@ -83,7 +84,10 @@ class RealtimeHarness:
         token_env = f"TEST_SANDBOX_TOKEN_{connection_id.upper().replace('-', '_')}"
         _, os.environ[token_env] = self.admin.create_account(account_id)
         self.store.connections.add(
-            "sandbox", connection_id, account_id=account_id, credentials_env=token_env,
+            "sandbox",
+            connection_id,
+            account_id=account_id,
+            credentials_env=token_env,
             config={"base_url": self.sandbox_url},
         )
         self.instance.add_dynamic_partitions(partitions_name("sandbox"), [connection_id])
@@ -91,8 +95,11 @@ class RealtimeHarness:
     def tick(self) -> list[dg.RunRequest]:
         # Entered: the store resource is set up for the tick and closed after it.
         with dg.build_sensor_context(
-            instance=self.instance, instance_ref=self.instance.get_ref(), cursor=self.cursor,
-            definitions=self.defs, resources={"sync_store": StoreResource(database_url=self.store.url)},
+            instance=self.instance,
+            instance_ref=self.instance.get_ref(),
+            cursor=self.cursor,
+            definitions=self.defs,
+            resources={"sync_store": StoreResource(database_url=self.store.url)},
         ) as context:
             data = self.sensor.evaluate_tick(context)
             self.cursor = data.cursor if data.cursor is not None else context.cursor
@@ -109,7 +116,9 @@ class RealtimeHarness:
                 continue
             job = self.defs.resolve_job_def(request.job_name)
             result = job.execute_in_process(
-                instance=self.instance, partition_key=request.partition_key, run_config=request.run_config,
+                instance=self.instance,
+                partition_key=request.partition_key,
+                run_config=request.run_config,
                 tags={**request.tags, "dagster/run_key": request.run_key, "dagster/sensor_name": "inbox_sensor"},
                 raise_on_error=False,
             )
@@ -134,7 +143,8 @@ class RealtimeHarness:
         sync = next(s for s in self.syncs if s.key == sync_key)
         job = self.defs.resolve_job_def(f"{sync.provider}__{sync.name}_job")
         return job.execute_in_process(
-            instance=self.instance, partition_key=connection_id,
+            instance=self.instance,
+            partition_key=connection_id,
             run_config={"ops": {f"{sync.provider}__{sync.name}": {"config": {"mode": mode}}}},
         )
 

@@ -193,19 +193,35 @@ class ScaleOutDeployment:
         self.instance = dg.DagsterInstance.from_config(str(self.root / "home"))
         self._closers.append(self.instance.dispose)
         for connection_id in self.connection_ids:
-            _, self.tokens[connection_id] = self.admin.create_account(self.account_of[connection_id], contacts=self.contacts)
+            _, self.tokens[connection_id] = self.admin.create_account(
+                self.account_of[connection_id], contacts=self.contacts
+            )
             self.store.connections.add(
-                "sandbox", connection_id, account_id=self.account_of[connection_id],
+                "sandbox",
+                connection_id,
+                account_id=self.account_of[connection_id],
                 credentials_env=self.token_env(connection_id),
                 config={"base_url": f"http://{hosts.SERVICES_HOSTNAME}:{self.sandbox_port}"},
             )
         self.instance.add_dynamic_partitions(partitions_name("sandbox"), self.connection_ids)
 
         self.ui_port = free_port()
-        self._spawn("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.ui_port),
-                                  "-w", str(DEPLOY / "workspace.yaml")], self.services_env())
-        self._spawn("daemon", [str(BIN / "dagster-daemon"), "run", "-w", str(DEPLOY / "workspace.yaml")],
-                    self.services_env())
+        self._spawn(
+            "webserver",
+            [
+                str(BIN / "dagster-webserver"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.ui_port),
+                "-w",
+                str(DEPLOY / "workspace.yaml"),
+            ],
+            self.services_env(),
+        )
+        self._spawn(
+            "daemon", [str(BIN / "dagster-daemon"), "run", "-w", str(DEPLOY / "workspace.yaml")], self.services_env()
+        )
         for worker in self.worker_hosts:
             self.start_worker(worker)
         self._wait_http(f"{self.ui_url}/server_info", "webserver", 180)
@@ -248,26 +264,44 @@ class ScaleOutDeployment:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = self.root / f"{name}.log"
         with log.open("ab") as out:
-            process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+            )
         self.processes[name], self.logs[name] = process, log
         return process
 
     def _start_receiver(self, n: int) -> str:
         port = free_port()
-        self._spawn(f"receiver{n + 1}", [str(BIN / "sync-project"), "receiver", "--port", str(port), "--workers", "2"],
-                    self.services_env())
+        self._spawn(
+            f"receiver{n + 1}",
+            [str(BIN / "sync-project"), "receiver", "--port", str(port), "--workers", "2"],
+            self.services_env(),
+        )
         url = f"http://127.0.0.1:{port}"
         self._wait_http(f"{url}/healthz", f"receiver{n + 1}", 90)
         return url
 
     def start_worker(self, worker: Worker) -> None:
         env = {**self._env(worker.host.host_ip, worker.home), "DAGSTER_HOME": str(worker.home)}
-        argv = worker.host.argv([
-            str(BIN / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app", "-y", str(DEPLOY / "worker.yaml"),
-            "-n", worker.name, "-q", "dagster", "--", f"--concurrency={self.concurrency}", "--without-gossip",
-            "--without-mingle",
-        ])
+        argv = worker.host.argv(
+            [
+                str(BIN / "dagster-celery"),
+                "worker",
+                "start",
+                "-A",
+                "dagster_celery.app",
+                "-y",
+                str(DEPLOY / "worker.yaml"),
+                "-n",
+                worker.name,
+                "-q",
+                "dagster",
+                "--",
+                f"--concurrency={self.concurrency}",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
         worker.process = self._spawn(f"worker-{worker.name}", argv, env)
         worker.log = self.logs[f"worker-{worker.name}"]
 
@@ -299,8 +333,9 @@ class ScaleOutDeployment:
         """Changes to the first accounts all the time, each announced by a signed webhook."""
         accounts = [self.account_of[c] for c in self.connection_ids[: self.generator_accounts]]
         # Contacts only: the backfilled sync, whose store the test compares with the truth.
-        settings_ = GeneratorSettings(running=True, rate_per_s=rate_per_s, account_ids=accounts,
-                                      mix=ChangeMix(deal_share=0.0))
+        settings_ = GeneratorSettings(
+            running=True, rate_per_s=rate_per_s, account_ids=accounts, mix=ChangeMix(deal_share=0.0)
+        )
         self.admin.set_generator(**settings_.model_dump(mode="json"))
 
     def stop_webhook_stream(self) -> None:
@@ -316,11 +351,18 @@ class ScaleOutDeployment:
 
     def launch_backfill(self, partitions: list[str], tags: dict[str, str]) -> str:
         """An asset backfill of sandbox/contacts, launched as the UI's "Materialize..." does."""
-        launched = self.graphql(LAUNCH_BACKFILL, {"backfillParams": {
-            "assetSelection": [{"path": ["sandbox", "contacts"]}], "partitionNames": partitions,
-            "fromFailure": False, "allPartitions": False,
-            "tags": [{"key": key, "value": value} for key, value in tags.items()],
-        }})["launchPartitionBackfill"]
+        launched = self.graphql(
+            LAUNCH_BACKFILL,
+            {
+                "backfillParams": {
+                    "assetSelection": [{"path": ["sandbox", "contacts"]}],
+                    "partitionNames": partitions,
+                    "fromFailure": False,
+                    "allPartitions": False,
+                    "tags": [{"key": key, "value": value} for key, value in tags.items()],
+                }
+            },
+        )["launchPartitionBackfill"]
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         return str(launched["backfillId"])
 

@@ -35,14 +35,21 @@ def connection(monkeypatch: pytest.MonkeyPatch) -> Any:
     def make(base_url: str) -> ProviderConnection:
         now = datetime.now(timezone.utc)
         return ProviderConnection(
-            provider="sandbox", connection_id="demo-1", account_id="acct-1", credentials_env="TEST_SANDBOX_TOKEN",
-            config={"base_url": base_url}, created_at=now, updated_at=now,
+            provider="sandbox",
+            connection_id="demo-1",
+            account_id="acct-1",
+            credentials_env="TEST_SANDBOX_TOKEN",
+            config={"base_url": base_url},
+            created_at=now,
+            updated_at=now,
         )
 
     return make
 
 
-def run_fetch(sync: SyncDefinition, conn: ProviderConnection, mode: str, checkpoint: dict[str, Any] | None) -> list[Page]:
+def run_fetch(
+    sync: SyncDefinition, conn: ProviderConnection, mode: str, checkpoint: dict[str, Any] | None
+) -> list[Page]:
     with PROVIDER.client(conn) as client:
         return list(sync.fetch(FetchContext(client, conn, mode, checkpoint, LOG)))  # type: ignore[arg-type]
 
@@ -61,7 +68,9 @@ def test_the_syncs_are_registered_as_declared() -> None:
 
 
 @pytest.mark.parametrize("sync", [contacts, deals], ids=lambda s: s.key)
-def test_a_full_fetch_returns_the_truth_exactly(make_sandbox: SandboxFactory, connection: Any, sync: SyncDefinition) -> None:
+def test_a_full_fetch_returns_the_truth_exactly(
+    make_sandbox: SandboxFactory, connection: Any, sync: SyncDefinition
+) -> None:
     server, admin = make_sandbox(accounts=[{"account_id": "acct-1", "token": TOKEN, "contacts": 230, "deals": 205}])
     admin.apply_changes(20)
     stale = {"updated_after": "2999-01-01T00:00:00Z", "cursor": None}
@@ -97,7 +106,9 @@ def test_a_fetch_resumes_from_a_mid_way_checkpoint(make_sandbox: SandboxFactory,
     assert dumped(resumed) == dumped(first_pages[1:])
 
 
-def test_a_fetch_with_a_revoked_token_fails_clearly(make_sandbox: SandboxFactory, connection: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fetch_with_a_revoked_token_fails_clearly(
+    make_sandbox: SandboxFactory, connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server, _ = make_sandbox(accounts=[{"account_id": "acct-1", "token": TOKEN, "contacts": 1}])
     monkeypatch.setenv("TEST_SANDBOX_TOKEN", "revoked-token")
     with pytest.raises(ProviderAuthError, match=r"GET http://127\.0\.0\.1:\d+/v1/contacts: HTTP 401"):

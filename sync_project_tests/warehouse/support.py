@@ -45,7 +45,9 @@ def _no_fetch(ctx: FetchContext) -> Iterator[Page]:
 
 
 PRODUCTS = SyncDefinition(provider="shop", name="products", model=Product, fetch=_no_fetch, updated_field="updated_at")
-PRODUCTS_V2 = SyncDefinition(provider="shop", name="products", model=ProductV2, fetch=_no_fetch, updated_field="updated_at")
+PRODUCTS_V2 = SyncDefinition(
+    provider="shop", name="products", model=ProductV2, fetch=_no_fetch, updated_field="updated_at"
+)
 
 
 def product(index: int, at: datetime, *, price: float | None = None, region: str | None = None) -> dict[str, Any]:
@@ -68,7 +70,9 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def live_records(store: Store, sync: SyncDefinition, connection_ids: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
+def live_records(
+    store: Store, sync: SyncDefinition, connection_ids: list[str]
+) -> dict[tuple[str, str], dict[str, Any]]:
     """The store's live records, read through the change feed: (connection, id) -> fields + metadata."""
     found: dict[tuple[str, str], dict[str, Any]] = {}
     for connection_id in connection_ids:

@@ -96,7 +96,10 @@ class Postgres(Destination):
 
     def rows(self, sync: SyncDefinition) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(sa.text(f'SELECT * FROM "{self.dataset}".{table_name(sync)}'))]
+            return [
+                dict(row._mapping)
+                for row in conn.execute(sa.text(f'SELECT * FROM "{self.dataset}".{table_name(sync)}'))
+            ]
 
     def columns(self, sync: SyncDefinition) -> dict[str, str]:
         with self.engine.connect() as conn:
@@ -126,7 +129,9 @@ def postgres_destination() -> Iterator[Postgres]:
     credentials = url.set(drivername="postgresql", password=url.password or "unused-with-trust-auth", query={})
     engine = sa.create_engine(POSTGRES_URL)
     settings = WarehouseSettings(
-        destination="postgres", credentials=credentials.render_as_string(hide_password=False), dataset=dataset,
+        destination="postgres",
+        credentials=credentials.render_as_string(hide_password=False),
+        dataset=dataset,
         deletes="soft",
     )
     try:
@@ -183,9 +188,16 @@ def test_postgres_table_follows_the_store(tmp_path: Path, postgres_destination: 
         with destination.engine.connect() as holder:
             holder.execute(sa.text(f"LOCK TABLE {loads} IN SHARE MODE"))  # reads pass, the completing insert waits
             worker = subprocess.Popen(
-                [sys.executable, "-m", "sync_project_tests.warehouse.support", store.url,
-                 destination.settings.model_dump_json(), "acme"],
-                cwd=PROJECT_ROOT, env={**os.environ, "RUNTIME__LOG_LEVEL": "WARNING"},
+                [
+                    sys.executable,
+                    "-m",
+                    "sync_project_tests.warehouse.support",
+                    store.url,
+                    destination.settings.model_dump_json(),
+                    "acme",
+                ],
+                cwd=PROJECT_ROOT,
+                env={**os.environ, "RUNTIME__LOG_LEVEL": "WARNING"},
             )
             try:
                 waiting = _wait_for_lock_waiter(destination.engine, loads, worker, deadline_s=90)

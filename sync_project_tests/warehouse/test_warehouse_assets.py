@@ -51,8 +51,12 @@ def test_warehouse_partition_follows_its_sync(tmp_path: Path, monkeypatch: pytes
         warehouse=WarehouseResource(destination="duckdb", credentials=str(warehouse_path)),
     )
     contact = {
-        "id": "c-1", "email": "ada@example.com", "first_name": "Ada", "last_name": "Lovelace",
-        "updated_at": "2024-06-01T00:00:00Z", "created_at": "2024-05-01T00:00:00Z",
+        "id": "c-1",
+        "email": "ada@example.com",
+        "first_name": "Ada",
+        "last_name": "Lovelace",
+        "updated_at": "2024-06-01T00:00:00Z",
+        "created_at": "2024-05-01T00:00:00Z",
     }
     with dg.instance_for_test() as instance, Store(store_url) as store:
         instance.add_dynamic_partitions("sandbox_connections", ["acme"])

@@ -40,9 +40,7 @@ def upgrade() -> None:
         sa.Column("last_action", sa.String(16), nullable=False),
         sa.PrimaryKeyConstraint("sync", "connection_id", "external_id", name="pk_records"),
     )
-    op.create_index(
-        "ix_records_feed", "records", ["sync", "connection_id", "last_modified_at", "external_id"]
-    )
+    op.create_index("ix_records_feed", "records", ["sync", "connection_id", "last_modified_at", "external_id"])
     op.create_table(
         "sync_state",
         sa.Column("sync", sa.String(128), nullable=False),
