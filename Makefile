@@ -19,9 +19,9 @@ run: $(STAMP)
 
 # The gates: style (ruff), types (mypy, configured in pyproject.toml) and the package's layers
 # (import-linter's contracts). `make test`, and so CI, runs them first: keep them green.
-# `ruff format --check` joins once the code base has been formatted in one commit.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sync_project sync_project_tests benchmarks
+	$(VENV)/bin/ruff format --check sync_project sync_project_tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
