@@ -13,6 +13,10 @@ single-host database SQLite is meant for here.
 
 A provider's standby drainer listens for every partition of its syncs (:class:`InboxListener`),
 one session for all of them.
+
+Notifications are database-wide, but a store lives in a schema (the session's ``search_path``):
+the channel is named after the schema (``sync_inbox:<schema>``, cut to Postgres' 63 bytes), so two
+stores in one database (two deployments, or tests side by side) never wake each other's drainers.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 CHANNEL = "sync_inbox"
+#: The channel of the session's store, computed by the server on both sides so they always agree.
+_CHANNEL_SQL = f"left('{CHANNEL}:' || current_schema(), 63)"
 #: Postgres: the longest an idle drainer sleeps without a notification before it claims anyway.
 DEFAULT_FALLBACK_S = 2.0
 #: SQLite: how often an idle drainer claims (no cross-process notifications).
@@ -47,13 +53,13 @@ def notify_inserted(conn: Connection, partitions: Iterable[tuple[str, str]]) -> 
         return
     for sync, connection_id in sorted(set(partitions)):
         conn.execute(
-            text("SELECT pg_notify(:channel, :payload)"),
-            {"channel": CHANNEL, "payload": partition_payload(sync, connection_id)},
+            text(f"SELECT pg_notify({_CHANNEL_SQL}, :payload)"),
+            {"payload": partition_payload(sync, connection_id)},
         )
 
 
 class _Listening:
-    """A session of its own in ``LISTEN sync_inbox`` (Postgres); on SQLite, nothing to listen on."""
+    """A session of its own in ``LISTEN "sync_inbox:<schema>"`` (Postgres); on SQLite, nothing to listen on."""
 
     def __init__(self, engine: Engine, *, fallback_s: float = DEFAULT_FALLBACK_S) -> None:
         self._engine = engine
@@ -79,7 +85,9 @@ class _Listening:
             raw: Any = proxy.dbapi_connection  # psycopg2's connection; SQLAlchemy types it as the DBAPI protocol
             raw.autocommit = True
             with raw.cursor() as cursor:
-                cursor.execute(f"LISTEN {CHANNEL}")
+                cursor.execute(f"SELECT {_CHANNEL_SQL}")
+                channel = cursor.fetchone()[0]
+                cursor.execute('LISTEN "{}"'.format(channel.replace('"', '""')))
             self._raw = raw
         except Exception as error:  # noqa: BLE001 - the fallback poll still drains
             _log.warning(
