@@ -86,6 +86,13 @@ WORKER_HEALTHCHECK_S = 30
     type=click.IntRange(min=1),
     help="Receiver processes sharing the port (each with its own store); they hold no state.",
 )
+@click.option(
+    "--writers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Group commits in flight at once per process, each on its own database connection.",
+)
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning"]))
 def command(
     host: str,
@@ -98,6 +105,7 @@ def command(
     max_connections: int,
     keep_alive_s: int,
     workers: int,
+    writers: int,
     log_level: str,
 ) -> None:
     """Receive webhooks: POST /webhooks/{provider}, GET /healthz. Logs are JSON lines on stderr.
@@ -123,6 +131,7 @@ def command(
         "commit_deadline_s": commit_deadline_s,
         "body_timeout_s": body_timeout_s,
         "max_json_depth": max_json_depth,
+        "writers": writers,
     }
     server_options: dict[str, Any] = {
         "host": host,

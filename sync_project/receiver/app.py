@@ -140,9 +140,11 @@ def create_app(
     commit, ``max_queue`` the deliveries waiting for one (beyond it: 503). ``writers`` > 1 overlap
     commits: while one batch waits for its WAL flush the next is routed and sent, each writer
     thread on its own connection, and each delivery is still answered after its own batch's
-    commit. One by default: on this 2-core machine two measured no faster, and two batches racing
-    over the same events (a redelivery sent while its original is being committed) can deadlock on
-    Postgres, which fails one of them with 503 for the provider to retry. ``commit_deadline_s`` (default
+    commit. Two batches racing over the same events (a redelivery sent while its original is being
+    committed) can deadlock on Postgres; the batch rolled back is run again (see receiver.writer).
+    One by default: on a 2-core machine, where the receiver is CPU-bound, two split the load into
+    smaller batches and measured slower (issue 18's note); more cores and a slower disk favour
+    more. ``commit_deadline_s`` (default
     ``SYNC_RECEIVER_COMMIT_DEADLINE_S`` or 5 s) bounds the wait for a commit and for ``/healthz``.
 
     ``store`` need not be reachable yet, nor migrated: open it with ``migrate_schema=False`` and

@@ -36,6 +36,12 @@ from sync_project.store.inbox import ReceiveResult, insert_events
 from sync_project.store.routing import ConnectionSnapshot
 from sync_project.store.schema import connections as connections_table
 
+#: Postgres's SQLSTATE for a transaction rolled back to break a deadlock.
+DEADLOCK_DETECTED = "40P01"
+#: Times one batch is run again after being a deadlock's victim (each deadlock costs the server's
+#: ``deadlock_timeout``, 1 s by default, so a few are already a slow answer).
+DEADLOCK_RETRIES = 3
+
 
 class RoutingCache:
     """The connections snapshot shared by the writer threads; see the module docstring."""
@@ -128,21 +134,29 @@ class InboxWriter:
 
     def _commit_retrying(self, batch: Sequence[Delivery]) -> list[ReceiveResult | Exception]:
         with unavailable_as_store_error():
-            for attempt in (1, 2):
+            reconnected = False
+            deadlocks = 0
+            while True:
                 reused = getattr(self._local, "conn", None) is not None
                 try:
                     return self._commit(batch)
                 except DBAPIError as error:
+                    # Two writers inserting the same event keys in opposite orders (a redelivery
+                    # racing its original) deadlock; Postgres rolls one back. Nothing of it was
+                    # committed and its connection is fine: run it again rather than answer 503.
+                    if _is_deadlock(error) and deadlocks < DEADLOCK_RETRIES:
+                        deadlocks += 1
+                        continue
                     self._drop()
                     # A kept connection may have died while idle (server restart, idle timeout).
                     # Nothing was committed, so one retry on a fresh connection is safe.
-                    if attempt == 1 and reused and error.connection_invalidated:
+                    if not reconnected and reused and error.connection_invalidated:
+                        reconnected = True
                         continue
                     raise
                 except Exception:
                     self._drop()
                     raise
-        raise AssertionError("unreachable")
 
     def _park(self) -> None:
         conn: Connection | None = getattr(self._local, "conn", None)
@@ -184,6 +198,10 @@ class InboxWriter:
         for (index, _), result in zip(routed, results, strict=True):
             outcomes[index] = result
         return outcomes
+
+
+def _is_deadlock(error: DBAPIError) -> bool:
+    return getattr(error.orig, "pgcode", None) == DEADLOCK_DETECTED
 
 
 def _close(conn: Connection) -> None:

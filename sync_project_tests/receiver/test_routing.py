@@ -137,3 +137,55 @@ def test_the_receivers_writer_routes_from_a_kept_snapshot_and_sees_new_connectio
         assert {e.status for e in store.inbox.events(event_key="after")} == {"unroutable"}
     finally:
         writer.close()
+
+
+def test_a_batch_rolled_back_to_break_a_deadlock_is_committed_again(postgres_url: str) -> None:
+    """Two transactions inserting the same event keys in opposite orders (with several writers: a
+    redelivery racing its original) deadlock, and Postgres rolls one back. The writer's batch is
+    the victim here (its deadlock_timeout expires first); it runs again and is stored, not 503."""
+    import threading
+
+    import sqlalchemy as sa
+
+    from sync_project.receiver.writer import Delivery, InboxWriter
+    from sync_project.store.inbox import RoutedEvent, insert_events
+
+    def routed(key: str) -> RoutedEvent:
+        return RoutedEvent(
+            event_key=key, event_type="contact.updated", account_id="acct-1", payload={"id": key},
+            sync="acme/contacts", connection_id="north",
+        )  # fmt: skip
+
+    with Store(postgres_url) as store:
+        store.connections.add("acme", "north", account_id="acct-1")
+        writer = InboxWriter(store, SUBSCRIBERS)
+        other = store.engine.connect()
+        try:
+            other.exec_driver_sql("SET deadlock_timeout = '60s'")  # so the writer is the victim
+            other_pid = other.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            other.commit()
+            other.begin()
+            insert_events(other, [("acme", [routed("k2")])])
+            outcome: list[object] = []
+            batch = [Delivery("acme", (inbound("k1"),)), Delivery("acme", (inbound("k2"),))]
+            thread = threading.Thread(target=lambda: outcome.append(writer(batch)))
+            thread.start()
+
+            def writer_waits_for_other() -> bool:
+                with store.engine.connect() as probe:
+                    blocked = sa.text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))")
+                    return bool(probe.execute(blocked, {"pid": other_pid}).scalar_one())
+
+            while not writer_waits_for_other():  # the writer has k1 and waits for k2
+                assert thread.is_alive(), outcome
+                threading.Event().wait(0.05)
+            insert_events(other, [("acme", [routed("k1")])])  # a cycle: the writer is rolled back
+            other.rollback()  # the writer's second attempt now takes both keys
+            thread.join(60)
+            assert not thread.is_alive()
+            [results] = outcome
+            assert [(r.stored, r.duplicates) for r in results] == [(1, 0), (1, 0)]  # type: ignore[union-attr, attr-defined]
+            assert {e.event_key for e in store.inbox.events()} == {"k1", "k2"}
+        finally:
+            other.close()
+            writer.close()
