@@ -16,6 +16,7 @@ dataset of ~500-byte JSON records the merge benchmarks share, and a description 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,8 +25,9 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -399,28 +401,116 @@ class ChildDiedError(RuntimeError):
     """A benchmark's child process exited before it answered: the benchmark stops, saying so."""
 
 
+@dataclass(frozen=True)
+class ChildFailure:
+    """What a child put on its results queue instead of an answer: its traceback (see :class:`Reporting`)."""
+
+    child: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Reporting:
+    """A child's target that, when it raises, puts a :class:`ChildFailure` on ``results`` first.
+
+    ``context.Process(target=Reporting(fn, results), args=...)``: the parent's
+    :func:`get_from_child` then raises with the child's own traceback, not only its exit code.
+    Picklable (a module-level class holding a module-level function), as ``spawn`` needs.
+    """
+
+    target: Callable[..., Any]
+    results: Any
+
+    def __call__(self, *args: Any) -> None:
+        import multiprocessing
+        import traceback
+
+        try:
+            self.target(*args)
+        except BaseException:
+            self.results.put(ChildFailure(multiprocessing.current_process().name, traceback.format_exc()))
+            raise
+
+
+def _answer(value: Any, what: str) -> Any:
+    if isinstance(value, ChildFailure):
+        raise ChildDiedError(f"{what}: child process {value.child} failed:\n{value.traceback}")
+    return value
+
+
 def get_from_child(results: Any, children: Sequence[Any], timeout_s: float, what: str) -> Any:
     """``results.get()``, but give up within about a second of any of ``children`` exiting.
 
     A child that dies (an exception, the OOM killer, "too many clients") puts nothing on the
-    queue; waiting the whole timeout for it made a benchmark hang for an hour. Its traceback is on
-    the inherited stderr; the error here names the child and its exit code.
+    queue; waiting the whole timeout for it made a benchmark hang for an hour. The error names the
+    child and its exit code, and carries its traceback when it ran under :class:`Reporting`.
     """
     import queue as queue_module
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return results.get(timeout=0.5)
+            return _answer(results.get(timeout=0.5), what)
         except queue_module.Empty:
             pass
         for child in children:
             if not child.is_alive():
                 try:  # it may have put its answer just before exiting
-                    return results.get(timeout=0.5)
+                    return _answer(results.get(timeout=0.5), what)
                 except queue_module.Empty:
-                    raise ChildDiedError(
-                        f"{what}: child process {child.name} exited with code {child.exitcode} before answering"
-                    ) from None
+                    raise _died(child, what) from None
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: no answer within {timeout_s:g} s")
+
+
+def check_children(children: Sequence[Any], what: str, results: Any = None) -> None:
+    """Raise :class:`ChildDiedError` if any of ``children`` has exited, with the failure it
+    reported on ``results`` if it did. For waits that are not a read of that queue (a load phase)."""
+    import queue as queue_module
+
+    for child in children:
+        if child.is_alive():
+            continue
+        if results is not None:
+            with contextlib.suppress(queue_module.Empty):
+                _answer(results.get(timeout=0.5), what)  # raises with its traceback if it reported one
+        raise _died(child, what)
+
+
+def _died(child: Any, what: str) -> ChildDiedError:
+    return ChildDiedError(f"{what}: child process {child.name} exited with code {child.exitcode}")
+
+
+async def watch_children(children: Sequence[Any], what: str, results: Any = None, every_s: float = 0.5) -> None:
+    """Never returns: raises :class:`ChildDiedError` within ``every_s`` of a child's exit. Run it
+    beside a load phase (``asyncio.wait(..., return_when=FIRST_COMPLETED)``) so a server that dies
+    mid-phase ends the benchmark at once, not at the phase's time limit."""
+    import asyncio
+
+    while True:
+        await asyncio.sleep(every_s)
+        check_children(children, what, results)
+
+
+# -- database connections -------------------------------------------------------------------------
+
+
+def free_connections(url: str | None = None) -> int:
+    """Connections the Postgres server can still open now (``max_connections`` less the reserved
+    ones and those in use). The server is shared (tests, other benchmarks): a benchmark sizes its
+    clients to fit instead of failing with "too many clients" half-way."""
+    engine = sa.create_engine(url or postgres_url(), poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            limit = int(conn.execute(sa.text("SHOW max_connections")).scalar_one())
+            reserved = int(conn.execute(sa.text("SHOW superuser_reserved_connections")).scalar_one())
+            used = int(conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity")).scalar_one())
+    finally:
+        engine.dispose()
+    return max(0, limit - reserved - used)
+
+
+def bounded_clients(wanted: int, url: str | None = None, *, keep_free: int = 20) -> int:
+    """``wanted`` database clients, or fewer so that ``keep_free`` connections stay free for the
+    rest of the machine (and the benchmark's own store); at least 1."""
+    return max(1, min(wanted, free_connections(url) - keep_free))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import exit_cleanly_on_sigterm, get_from_child, private_postgres_schema  # noqa: E402
+from _common import Reporting, exit_cleanly_on_sigterm, get_from_child, private_postgres_schema  # noqa: E402
 
 PAGE_SIZE = 1000
 EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -148,14 +148,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             port_queue = context.Queue()
-            api = context.Process(target=serve_api, args=(size, port_queue), daemon=True)
+            api = context.Process(target=Reporting(serve_api, port_queue), args=(size, port_queue), daemon=True)
             api.start()
             base_url = f"http://127.0.0.1:{get_from_child(port_queue, [api], 30, 'the API server')}"
             print(f"full refresh of {size:,} records on {args.backend} ...", file=sys.stderr, flush=True)
             try:
                 with private_database(args.backend, Path(tmp), str(size)) as database_url:
                     result_queue = context.Queue()
-                    run = context.Process(target=run_full_refresh, args=(base_url, database_url, result_queue))
+                    run = context.Process(
+                        target=Reporting(run_full_refresh, result_queue), args=(base_url, database_url, result_queue)
+                    )
                     run.start()
                     try:
                         # Within a second of the run's (or the API's) death, with its exit code.

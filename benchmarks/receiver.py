@@ -19,7 +19,8 @@ signed delivery of about 500 bytes, prepared before the clock starts. A phase st
 request count or ``--max-seconds``, whichever comes first.
 
 The limit is measured in the same run, on the same server (Postgres only): pgbench (Debian's
-``postgresql-contrib``; ``--limit-clients`` connections, 32) inserting durable one-row
+``postgresql-contrib``; ``--limit-clients`` connections, 64, or fewer when the shared server has not that
+many free) inserting durable one-row
 transactions, then 100-row ones (8 connections), into a table shaped like the inbox. The
 receiver's durable deliveries/s are printed as a ratio to both.
 
@@ -54,9 +55,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import get_from_child, private_postgres_schema  # noqa: E402
+from _common import (  # noqa: E402
+    Reporting,
+    bounded_clients,
+    check_children,
+    get_from_child,
+    private_postgres_schema,
+    watch_children,
+)
 
 SECRET = "bench-secret"
+#: Deliveries sent to a receiver before its phase's clock starts.
+WARMUP = 500
 SECRET_ENV = "BENCH_WEBHOOK_SECRET"
 SIGNATURE_HEADER = "x-bench-signature"
 
@@ -123,7 +133,9 @@ def _bare_app() -> Any:
     return Starlette(routes=[Route("/webhooks/{provider}", accept, methods=["POST"])])
 
 
-def serve(kind: str, database_url: str | None, max_batch: int, log_path: str, ready: Any, stats: Any) -> None:
+def serve(
+    kind: str, database_url: str | None, max_batch: int, writers: int | None, log_path: str, ready: Any, stats: Any
+) -> None:
     """Child process: serve one app on a free port, report the port, serve until SIGTERM/SIGINT."""
     import uvicorn
 
@@ -141,8 +153,11 @@ def serve(kind: str, database_url: str | None, max_batch: int, log_path: str, re
         from sync_project.receiver import create_app
         from sync_project.store import Store
 
-        store = Store(database_url)
-        app = create_app(store, providers={"bench": _bench_provider()}, syncs=[_bench_sync()], max_batch=max_batch)
+        store = Store(database_url)  # its pool: the writers' connections and the health probe's
+        options: dict[str, Any] = {} if writers is None else {"writers": writers}  # else the receiver's default
+        app = create_app(
+            store, providers={"bench": _bench_provider()}, syncs=[_bench_sync()], max_batch=max_batch, **options
+        )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -161,19 +176,24 @@ def serve(kind: str, database_url: str | None, max_batch: int, log_path: str, re
 
 @contextmanager
 def server(
-    kind: str, database_url: str | None, log_dir: str, max_batch: int = 1000
+    kind: str, database_url: str | None, log_dir: str, max_batch: int = 1000, writers: int | None = None
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Serve ``kind`` in a child process; on exit, shut it down and put its commit counts in the dict."""
+    """Serve ``kind`` in a child process; on exit, shut it down and put its commit counts in the dict.
+
+    The dict's ``watch`` is what :func:`drive` watches: the phase ends within a second of the
+    server's death, with its traceback, instead of at its time limit.
+    """
     context = multiprocessing.get_context("spawn")
     ready, stats = context.Queue(), context.Queue()
+    log_path = f"{log_dir}/{kind}-{max_batch}.log"
     process = context.Process(
-        target=serve, args=(kind, database_url, max_batch, f"{log_dir}/{kind}-{max_batch}.log", ready, stats)
+        target=Reporting(serve, ready), args=(kind, database_url, max_batch, writers, log_path, ready, stats)
     )
     process.start()
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"watch": ([process], f"the {kind} server", ready)}
     try:
         port = get_from_child(ready, [process], 60, f"the {kind} server")
-        _wait_listening(port)
+        _wait_listening(port, process)
         yield port, report
     finally:
         if process.pid is not None and process.is_alive():
@@ -187,9 +207,9 @@ def server(
             process.join(10)
 
 
-def _wait_listening(port: int) -> None:
+def _wait_listening(port: int, process: Any) -> None:
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.is_alive():
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -237,10 +257,18 @@ class Phase:
     statuses: Counter[int] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
     batches: tuple[int, int] | None = None
+    #: CPU seconds the server process and this one (the load generator) used during the phase.
+    server_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
 
     @property
     def answered(self) -> int:
         return sum(self.statuses.values())
+
+    @property
+    def server_cpu_us(self) -> float:
+        """The server's CPU time per answer: what the cores cost, whatever else runs on them."""
+        return self.server_cpu_s / self.answered * 1e6 if self.answered else float("nan")
 
     @property
     def per_second(self) -> float:
@@ -251,7 +279,9 @@ class Phase:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
 
 
-async def _load(port: int, requests: list[bytes], concurrency: int, max_seconds: float, phase: Phase) -> None:
+async def _load(
+    port: int, requests: list[bytes], concurrency: int, max_seconds: float, phase: Phase, watch: Any
+) -> None:
     pending = iter(requests)
     deadline = time.perf_counter() + max_seconds
 
@@ -284,11 +314,25 @@ async def _load(port: int, requests: list[bytes], concurrency: int, max_seconds:
             writer.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    load = asyncio.ensure_future(asyncio.gather(*(connection() for _ in range(concurrency))))
+    watcher = asyncio.ensure_future(watch_children(*watch))
+    try:
+        await asyncio.wait([load, watcher], return_when=asyncio.FIRST_COMPLETED)
+        if watcher.done():
+            load.cancel()
+            watcher.result()  # raises ChildDiedError, with the server's traceback
+        if load.exception() is not None:  # a reset socket: if the server is dying, say why it died
+            for _ in range(4):
+                check_children(*watch)
+                await asyncio.sleep(0.5)
+        load.result()
+    finally:
+        watcher.cancel()
     phase.seconds = time.perf_counter() - started
 
 
-def drive(port: int, requests: list[bytes], concurrency: int, max_seconds: float, name: str) -> Phase:
+def drive(port: int, requests: list[bytes], concurrency: int, max_seconds: float, name: str, watch: Any) -> Phase:
+    """Send ``requests`` over ``concurrency`` connections; ``watch`` is the server's (see :func:`server`)."""
     phase = Phase(name)
     try:
         import uvloop
@@ -296,8 +340,20 @@ def drive(port: int, requests: list[bytes], concurrency: int, max_seconds: float
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
         runner = asyncio.run
-    runner(_load(port, requests, concurrency, max_seconds, phase))
+    pid = watch[0][0].pid
+    server_cpu, client_cpu = _cpu_seconds(pid), time.process_time()
+    runner(_load(port, requests, concurrency, max_seconds, phase, watch))
+    phase.server_cpu_s, phase.client_cpu_s = _cpu_seconds(pid) - server_cpu, time.process_time() - client_cpu
     return phase
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux's /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the limit: the database alone ----------------------------------------------------------------------
@@ -362,6 +418,36 @@ def measure_limit(url: str, clients: int, seconds: float, log_dir: str) -> tuple
     return one_row, batched
 
 
+def fill_done_events(url: str, count: int) -> float:
+    """Add ``count`` applied (done) events to the inbox as the drain leaves them, in 100k-row
+    transactions, then VACUUM ANALYZE as autovacuum would; returns the seconds it took.
+
+    Written as the schema stores them: an inbox row (stored status 'pending', taken out of
+    ``inbox_pending``) and its id in ``inbox_done``.
+    """
+    import sqlalchemy as sa
+
+    fill = sa.text(
+        "WITH ins AS (INSERT INTO inbox (provider, event_key, sync, connection_id, account_id, event_type, payload, "
+        "status, attempts, received_at) SELECT 'bench', 'done-' || g, 'bench/contacts', 'bench-conn', 'acct-1', "
+        "'contact.updated', '{\"id\": \"c' || (g % 5000) || '\", \"notes\": \"' || repeat('n', 450) || '\"}', "
+        "'pending', 1, now() - interval '1 day' FROM generate_series(:start, :stop) AS g RETURNING id) "
+        "INSERT INTO inbox_done (id, processed_at) SELECT id, now() FROM ins"
+    )
+    started = time.perf_counter()
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        for start in range(0, count, 100_000):
+            with engine.begin() as conn:
+                conn.execute(fill, {"start": start, "stop": min(count, start + 100_000) - 1})
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(sa.text("VACUUM ANALYZE inbox"))
+            conn.execute(sa.text("VACUUM ANALYZE inbox_done"))
+    finally:
+        engine.dispose()
+    return time.perf_counter() - started
+
+
 # -- the run -----------------------------------------------------------------------------------------
 
 
@@ -378,9 +464,9 @@ def database(backend: str) -> Iterator[str]:
 def run_receiver(
     name: str, url: str, log_dir: str, requests: list[bytes], args: argparse.Namespace, max_batch: int
 ) -> Phase:
-    with server("receiver", url, log_dir, max_batch=max_batch) as (port, report):
-        drive(port, deliveries(500, f"warmup-{name}"), args.concurrency, 30, "warmup")
-        phase = drive(port, requests, args.concurrency, args.max_seconds, name)
+    with server("receiver", url, log_dir, max_batch=max_batch, writers=args.writers) as (port, report):
+        drive(port, deliveries(WARMUP, f"warmup-{name}"), args.concurrency, 30, "warmup", report["watch"])
+        phase = drive(port, requests, args.concurrency, args.max_seconds, name, report["watch"])
     phase.batches = report.get("batches")
     return phase
 
@@ -421,7 +507,19 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=30.0)
     parser.add_argument("--backend", choices=["postgres", "sqlite"], default="postgres")
     parser.add_argument("--naive-requests", type=int, default=2000, help="0 skips the one-commit-per-delivery phase")
-    parser.add_argument("--limit-clients", type=int, default=32, help="pgbench connections for the one-row limit")
+    parser.add_argument(
+        "--limit-clients",
+        type=int,
+        default=64,
+        help="pgbench connections for the one-row limit (fewer if the server has not that many free)",
+    )
+    parser.add_argument("--writers", type=int, default=None, help="the receiver's writers (default: its own default)")
+    parser.add_argument(
+        "--done-events",
+        type=int,
+        default=0,
+        help="then fill the inbox with this many done events and measure the receiver again (0: skip)",
+    )
     parser.add_argument("--limit-seconds", type=float, default=10.0, help="each pgbench phase; 0 skips the limit")
     parser.add_argument("--json", metavar="PATH", type=Path, help="write the figures there as a JSON list")
     parser.add_argument("--quick", action="store_true", help="5,000 deliveries per phase, 500 without group commit")
@@ -435,26 +533,45 @@ def main() -> int:
         with Store(url) as store:
             store.connections.add("bench", "bench-conn", account_id="acct-1")
         phases: list[Phase] = []
-        with server("bare", None, log_dir) as (port, _):
-            drive(port, deliveries(2000, "warmup-bare"), args.concurrency, 30, "warmup")
+        with server("bare", None, log_dir) as (port, report):
+            drive(port, deliveries(2000, "warmup-bare"), args.concurrency, 30, "warmup", report["watch"])
             phases.append(
-                drive(port, deliveries(args.requests, "bare"), args.concurrency, args.max_seconds, "bare Starlette")
+                drive(
+                    port,
+                    deliveries(args.requests, "bare"),
+                    args.concurrency,
+                    args.max_seconds,
+                    "bare Starlette",
+                    report["watch"],
+                )
             )
         limit_one, limit_batched = (0.0, 0.0)
+        limit_clients = 0
         if args.backend == "postgres" and args.limit_seconds > 0:
-            # The limit, in the same run: the database alone, same server, same moment.
-            limit_one, limit_batched = measure_limit(url, args.limit_clients, args.limit_seconds, log_dir)
+            # The limit, in the same run: the database alone, same server, same moment. The server
+            # is shared: fewer clients than asked if that many would leave it none to spare.
+            limit_clients = bounded_clients(args.limit_clients, url)
+            limit_one, limit_batched = measure_limit(url, limit_clients, args.limit_seconds, log_dir)
         receiver = run_receiver("receiver", url, log_dir, deliveries(args.requests, "durable"), args, max_batch=1000)
         phases.append(receiver)
         if args.naive_requests:
             naive = deliveries(args.naive_requests, "naive")
             phases.append(run_receiver("one commit per delivery", url, log_dir, naive, args, max_batch=1))
+        crowded: Phase | None = None
+        if args.done_events:
+            print(f"filling the inbox with {args.done_events:,} done events ...", file=sys.stderr, flush=True)
+            fill_seconds = fill_done_events(url, args.done_events)
+            print(f"  filled in {fill_seconds:.0f} s", file=sys.stderr, flush=True)
+            crowded = run_receiver(
+                f"receiver, {args.done_events:,} done", url, log_dir, deliveries(args.requests, "crowded"), args, 1000
+            )
+            phases.append(crowded)
         with Store(url) as store:
             stored = store.inbox.count(provider="bench")
-        warmups = 500 * (1 + bool(args.naive_requests))
-        accepted = sum(p.statuses[202] for p in phases[1:])
-        if stored != accepted + warmups:
-            print(f"durability check failed: {stored} inbox rows for {accepted + warmups} answers 202", file=sys.stderr)
+        receiver_phases = phases[1:]
+        expected = sum(p.statuses[202] for p in receiver_phases) + WARMUP * len(receiver_phases) + args.done_events
+        if stored != expected:
+            print(f"durability check failed: {stored} inbox rows, expected {expected}", file=sys.stderr)
             return 1
 
     bare = phases[0]
@@ -463,7 +580,7 @@ def main() -> int:
         f"{args.requests} distinct signed deliveries per phase, {os.cpu_count()} cores shared by all "
         f"(load average {os.getloadavg()[0]:.1f} at the end)"
     )
-    print(f"  {'phase':<24} {'answered/s':>11} {'p50 ms':>8} {'p99 ms':>8}  statuses")
+    print(f"  {'phase':<24} {'answered/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'server CPU µs/answer':>21}  statuses")
     for phase in phases:
         extra = ""
         if phase.batches:
@@ -471,25 +588,37 @@ def main() -> int:
             extra = f"  ({items / max(commits, 1):.1f} deliveries per commit)"
         print(
             f"  {phase.name:<24} {phase.per_second:>11,.0f} {phase.percentile(0.50):>8.1f} "
-            f"{phase.percentile(0.99):>8.1f}  {dict(phase.statuses)}{extra}"
+            f"{phase.percentile(0.99):>8.1f} {phase.server_cpu_us:>21,.0f}  {dict(phase.statuses)}{extra}"
         )
     durable = receiver.statuses[202] / receiver.seconds
     print(f"durable deliveries/s: {durable:,.0f} (target >= 4,000); p99 {receiver.percentile(0.99):.1f} ms")
     print(f"receiver / bare Starlette: {receiver.per_second / bare.per_second:.2f}")
+    print(
+        f"load generator CPU per request: {receiver.client_cpu_s / max(receiver.answered, 1) * 1e6:,.0f} µs "
+        "(it shares the cores with the server)"
+    )
     if limit_one:
         print(
-            f"limit (pgbench, {args.limit_clients} clients, inbox-shaped rows): {limit_one:,.0f} one-row commits/s, "
+            f"limit (pgbench, {limit_clients} clients, inbox-shaped rows): {limit_one:,.0f} one-row commits/s, "
             f"{limit_batched:,.0f} rows/s in 100-row transactions; receiver / one-row limit "
             f"{durable / limit_one:.2f}x, / batched limit {durable / limit_batched:.3f}x (target >= 1.0x one-row)"
         )
-    if len(phases) > 2:
+    if args.naive_requests:
         print(f"group commit / one commit per delivery: {receiver.per_second / phases[2].per_second:.1f}x")
+    if crowded is not None:
+        crowded_durable = crowded.statuses[202] / crowded.seconds
+        print(
+            f"with {args.done_events:,} done events in the inbox: {crowded_durable:,.0f} durable deliveries/s, "
+            f"{crowded_durable / durable:.2f}x the empty inbox's (target >= 0.90x); p99 {crowded.percentile(0.99):.1f} ms"
+        )
     print(
         f"inbox rows checked: {stored} (one per 202, warm-ups included); mean latency "
         f"{statistics.fmean(receiver.latencies) * 1000:.1f} ms"
     )
 
     case = f"{args.backend}, {args.concurrency} connections, {args.requests:,} signed deliveries"
+    if args.writers is not None:
+        case += f", {args.writers} writers"
     figures = [
         figure(
             case,
@@ -509,6 +638,16 @@ def main() -> int:
             baseline_value=bare.percentile(0.99),
         ),
     ]
+    figures.append(
+        figure(
+            case,
+            "server CPU per delivery",
+            receiver.server_cpu_us,
+            "µs",
+            baseline="bare Starlette",
+            baseline_value=bare.server_cpu_us,
+        )
+    )
     if limit_one:
         figures.append(
             figure(
@@ -516,7 +655,7 @@ def main() -> int:
                 "durable deliveries/s",
                 durable,
                 "deliveries/s",
-                baseline="one-row commit limit (pgbench)",
+                baseline=f"one-row commit limit (pgbench, {limit_clients} clients)",
                 baseline_value=limit_one,
             )
         )
@@ -531,7 +670,20 @@ def main() -> int:
                 baseline_value=limit_batched,
             )
         )
-    if len(phases) > 2:
+    if crowded is not None:
+        figures.append(
+            figure(
+                f"{case}, {args.done_events:,} done events in the inbox",
+                "durable deliveries/s",
+                crowded.statuses[202] / crowded.seconds,
+                "deliveries/s",
+                baseline="empty inbox",
+                baseline_value=durable,
+            )
+        )
+        figures[-1]["target"] = ">= 0.9x empty inbox"
+        figures[-1]["met"] = figures[-1]["ratio"] is not None and figures[-1]["ratio"] >= 0.9
+    if args.naive_requests:
         naive_phase = phases[2]
         figures.append(
             figure(

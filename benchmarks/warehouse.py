@@ -46,10 +46,12 @@ from _common import (
     PAGE_SIZE,
     SEED,
     Figure,
+    Reporting,
     Stopwatch,
     benchmark_parser,
     exit_cleanly_on_sigterm,
     figure,
+    get_from_child,
     make_dataset,
     modified,
     private_postgres_database,
@@ -341,9 +343,10 @@ def peak_rss_mb(count: int, workdir: str) -> float:
     context = multiprocessing.get_context("spawn")
     for target in (_fill_child, _load_child):
         results = context.Queue()
-        child = context.Process(target=target, args=(count, workdir, results), name=target.__name__)
+        child = context.Process(target=Reporting(target, results), args=(count, workdir, results), name=target.__name__)
         child.start()
-        value = results.get(timeout=1800)
+        # Within a second of the child's death, with its traceback (a bare get() waited 30 minutes).
+        value = get_from_child(results, [child], 1800, f"{target.__name__}({count})")
         child.join(timeout=60)
         if child.exitcode != 0:
             raise RuntimeError(f"{target.__name__}({count}) exited with {child.exitcode}")
