@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,7 +30,6 @@ from sync_project.core import (
     Delete,
     InboundEvent,
     MergeResult,
-    MergeStrategy,
     ProviderConnection,
     RecordSpec,
     Save,
@@ -44,14 +42,7 @@ from sync_project.store import Store
 from sync_project.store.errors import StoreError
 from sync_project.store.inbox import DEFAULT_MAX_ATTEMPTS, ClaimedEvent, InboxEvent
 from sync_project.store.leases import LeaseKeeper
-from sync_project.store.merge import Action, Incoming, prepare_batch, supersedes
-from sync_project.store.records import PreparedBatch, RecordWriter
-
-_ACTIONS: tuple[Action, ...] = ("save", "update", "delete")
-#: A repeated key in one merge batch is collapsed by the store; for these actions the collapse
-#: ends where applying the changes one by one would (last copy, or newest provider version).
-#: Partial updates are not collapsible (a deep merge of patches differs when a field changes type).
-_COLLAPSIBLE: frozenset[Action] = frozenset({"save", "delete"})
+from sync_project.store.merge import Action, Step, prepare_batch
 
 
 @dataclass
@@ -84,15 +75,6 @@ class DrainResult:
     def __iadd__(self, other: DrainResult) -> DrainResult:
         self.add(other)
         return self
-
-
-@dataclass(frozen=True)
-class _Change:
-    #: The store key of the model it changes.
-    key: str
-    action: Action
-    #: Validated, encoded and hashed once, by the handler's event; merged as it is.
-    incoming: Incoming
 
 
 def drain_inbox(
@@ -133,6 +115,8 @@ def drain_inbox(
         raise ValueError("batch_size must be at least 1")
     context = WebhookContext(client=client, connection=connection, log=log)
     spec = sync.record_spec
+    #: Each model's spec by store key, built once per drain (a RecordSpec is built per call).
+    specs: dict[str, RecordSpec] = {sync.key: spec}
     extra_keepers = dict(model_keepers or {})
     result = DrainResult()
     claimed = 0
@@ -150,39 +134,35 @@ def drain_inbox(
             if not events:
                 break
             done: list[int] = []
-            # One stamp and one change-feed row per model for the whole batch, however many
-            # merges its event order splits it into.
-            with ExitStack() as feeds:
-                feeds.enter_context(writer.one_feed_entry())
-                buffers = {sync.key: _ChangeBuffer(writer, spec)}
-
-                # This batch's buffers, bound here: the closure must not see a later batch's.
-                def buffer_of(key: str, buffers: dict[str, _ChangeBuffer] = buffers) -> _ChangeBuffer:
-                    # Another model's partition joins the transaction at its first change, under
-                    # its own batch lock and lease.
-                    if key not in buffers:
-                        keeper_of = extra_keepers.get(key)
-                        if keeper_of is not None:
-                            keeper_of.check()
-                        model_spec = sync.model_spec(key.split("/", 1)[1])
-                        joined = store.writer_beside(
-                            writer, key, model_spec, lease=keeper_of.lease if keeper_of is not None else None
-                        )
-                        feeds.enter_context(joined.one_feed_entry())
-                        buffers[key] = _ChangeBuffer(joined, model_spec)
-                    return buffers[key]
-
-                for event in events:
-                    handled_at = utcnow()
-                    try:
-                        changes = _handle(sync, context, event, handled_at)
-                    except Exception as error:  # noqa: BLE001 - the event fails, not the batch
-                        failures.append((event.id, f"{type(error).__name__}: {error}"))
-                        continue
-                    for change in changes:
-                        buffer_of(change.key).add([change], handled_at)
-                    done.append(event.id)
-                merged_by_key = {key: buffer.finish() for key, buffer in buffers.items()}
+            # Each model's changes in event order: one plan and one execution per model, after
+            # every handler of the batch ran (see RecordWriter.merge_in_order).
+            steps: dict[str, list[Step]] = {sync.key: []}
+            for event in events:
+                handled_at = utcnow()
+                try:
+                    changes = _handle(sync, context, event, handled_at, specs)
+                except Exception as error:  # noqa: BLE001 - the event fails, not the batch
+                    failures.append((event.id, f"{type(error).__name__}: {error}"))
+                    continue
+                for key, step in changes:
+                    steps.setdefault(key, []).append(step)
+                done.append(event.id)
+            merged_by_key: dict[str, MergeResult] = {}
+            # One stamp and one change-feed row per model for the whole batch.
+            for key, model_steps in steps.items():
+                if key == sync.key:
+                    model_writer = writer
+                else:
+                    # Another model's partition joins the transaction, under its own batch lock
+                    # and lease.
+                    keeper_of = extra_keepers.get(key)
+                    if keeper_of is not None:
+                        keeper_of.check()
+                    model_writer = store.writer_beside(
+                        writer, key, specs[key], lease=keeper_of.lease if keeper_of is not None else None
+                    )
+                with model_writer.one_feed_entry():
+                    merged_by_key[key] = model_writer.merge_in_order(model_steps)
             store.inbox.mark_done(writer.conn, done)
         merged = merged_by_key.pop(sync.key)
         for model in sync.models:
@@ -249,10 +229,18 @@ def inbound_event(event: ClaimedEvent | InboxEvent) -> InboundEvent:
     )
 
 
-def _handle(sync: SyncDefinition, context: WebhookContext, event: ClaimedEvent, handled_at: datetime) -> list[_Change]:
-    """Run the handler and validate every change it returns, so a bad one fails only this event."""
+def _handle(
+    sync: SyncDefinition,
+    context: WebhookContext,
+    event: ClaimedEvent,
+    handled_at: datetime,
+    specs: dict[str, RecordSpec],
+) -> list[tuple[str, Step]]:
+    """Run the handler and validate every change it returns, so a bad one fails only this event.
+
+    Returns each change as (the store key of its model, its step)."""
     assert sync.on_webhook is not None
-    changes: list[_Change] = []
+    changes: list[tuple[str, Step]] = []
     returned: Iterable[object] | None = sync.on_webhook(context, inbound_event(event))
     for change in returned or ():
         if isinstance(change, Save):
@@ -265,63 +253,10 @@ def _handle(sync: SyncDefinition, context: WebhookContext, event: ClaimedEvent, 
             raise TypeError(f"on_webhook returned a {type(change).__name__}; expected Save, Update or Delete")
         # Raises ValueError for a model the sync does not declare, and InvalidBatchError (no
         # primary key, not JSON, bad timestamp), before any SQL runs.
-        key, spec = sync.model_key(change.model), sync.model_spec(change.model)
+        key = sync.model_key(change.model)
+        spec = specs.get(key)
+        if spec is None:
+            spec = specs[key] = sync.model_spec(change.model)
         (incoming,) = prepare_batch(action, [change.record], spec, handled_at)
-        changes.append(_Change(key, action, incoming))
+        changes.append((key, Step(action, incoming, handled_at)))
     return changes
-
-
-class _ChangeBuffer:
-    """Accumulates one batch's changes into as few merges as applying them in event order allows.
-
-    Changes go into one save, one update and one delete batch while their keys are disjoint. When a
-    key comes back under another action (a Save then a Delete of one record), or as a second
-    partial update, the buffer is merged first, so the later change lands after the earlier one.
-
-    ``fetched_at`` of a merge is the time its newest handler ran, and never earlier than the end
-    of this transaction's previous merge: the writer holds the batch lock since before the first
-    handler ran, so the only writes after a handler read its data are this batch's own earlier
-    (older) events, which must not make later events look stale. Each change keeps what it was
-    prepared with, by its own event: a delete without a timestamp is dated when its handler ran.
-    """
-
-    def __init__(self, writer: RecordWriter, spec: RecordSpec) -> None:
-        self._writer = writer
-        self._spec = spec
-        self._newest_wins = spec.strategy is MergeStrategy.NEWEST_SOURCE_WINS
-        self._batches: dict[Action, dict[str, Incoming]] = {action: {} for action in _ACTIONS}
-        self._keys: dict[str, Action] = {}
-        self._newest_handled: datetime | None = None
-        self._previous_merge_end: datetime | None = None
-        self.result = MergeResult()
-
-    def add(self, changes: list[_Change], handled_at: datetime) -> None:
-        for change in changes:
-            action, incoming = change.action, change.incoming
-            earlier = self._keys.get(incoming.key)
-            if earlier is not None and not (earlier == action and earlier in _COLLAPSIBLE):
-                self._merge()
-            batch = self._batches[action]
-            kept = batch.get(incoming.key)
-            if kept is None or not supersedes(kept, incoming.source_updated_at, action, self._newest_wins):
-                batch[incoming.key] = incoming
-            self._keys[incoming.key] = action
-            self._newest_handled = handled_at
-
-    def finish(self) -> MergeResult:
-        self._merge()
-        return self.result
-
-    def _merge(self) -> None:
-        if not self._keys or self._newest_handled is None:
-            return
-        fetched_at = self._newest_handled
-        if self._previous_merge_end is not None and self._previous_merge_end > fetched_at:
-            fetched_at = self._previous_merge_end
-        for action in _ACTIONS:
-            if self._batches[action]:
-                prepared = PreparedBatch(action, self._spec, fetched_at, list(self._batches[action].values()))
-                self.result += self._writer.merge(action, prepared)
-                self._batches[action] = {}
-        self._keys.clear()
-        self._previous_merge_end = utcnow()

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import Connection
 
-from sync_project.store.merge import Incoming, MergeStrategy, Stored, Write
+from sync_project.store.merge import Incoming, MergeStrategy, Stored, Write, guard_sql
 from sync_project.store.schema import records
 
 #: Keys per read or marking statement: well under SQLite's 32,766 bound-parameter limit.
@@ -36,7 +36,21 @@ _UTC = timezone.utc
 
 
 class BulkWriter(Protocol):
-    """What :class:`~sync_project.store.records.RecordWriter` needs from a backend."""
+    """What :class:`~sync_project.store.records.RecordWriter` needs from a backend: the Python
+    plan's execution (read state, then write what :func:`~sync_project.store.merge.plan_batch`
+    decided) and, where ``writes_first``, the set-based one (``save_unread``)."""
+
+    #: Whether ``save_unread`` (the guarded upsert) is available.
+    writes_first: bool
+
+    def save_unread(
+        self,
+        items: Sequence[Incoming],
+        now: datetime,
+        strategy: MergeStrategy,
+        fetched_at: datetime,
+        seen_by_run: str | None,
+    ) -> list[tuple[str, str, bool]]: ...
 
     def read_state(self, keys: Sequence[str], *, with_data: bool, with_modified: bool) -> dict[str, Stored]: ...
 
@@ -84,19 +98,14 @@ _ON_CONFLICT_GUARDED = _CONFLICT_SET.format(
     last_action=f"CASE WHEN {_TABLE}.deleted_at IS NULL THEN 'updated' ELSE 'added' END",
     table=_TABLE,
 )
-#: Each strategy's guard (merge.rejects) as the condition under which a stored row may be
-#: overwritten; ``excluded`` is the incoming copy. Unknown provider time is never newer.
-_GUARDS = {
-    MergeStrategy.OVERRIDE: "TRUE",
-    MergeStrategy.NEWEST_SOURCE_WINS: (
-        f"({_TABLE}.source_updated_at IS NULL OR excluded.source_updated_at IS NULL "
-        f"OR {_TABLE}.source_updated_at <= excluded.source_updated_at)"
-    ),
-    MergeStrategy.IGNORE_IF_MODIFIED_AFTER: f"{_TABLE}.last_modified_at <= %(fetched_at)s",
-}
+#: Each strategy's guard (merge.GUARDS, the one definition) as the condition under which a stored
+#: row may be overwritten by the incoming copy (``excluded``).
+_GUARDS = {strategy: guard_sql(strategy, _TABLE) for strategy in MergeStrategy}
 
 
 class PostgresBulk:
+    writes_first = True
+
     def __init__(self, conn: Connection, sync: str, connection_id: str) -> None:
         self._conn = conn
         self._dbapi = conn.connection.dbapi_connection
@@ -351,10 +360,23 @@ def _copy_text(value: str) -> str:
 
 
 class SqliteBulk:
+    #: In-process, a read costs SQLite no round trip and no parse: it always reads first.
+    writes_first = False
+
     def __init__(self, conn: Connection, sync: str, connection_id: str) -> None:
         self._dbapi = conn.connection.dbapi_connection
         self._sync = sync
         self._connection_id = connection_id
+
+    def save_unread(
+        self,
+        items: Sequence[Incoming],
+        now: datetime,
+        strategy: MergeStrategy,
+        fetched_at: datetime,
+        seen_by_run: str | None,
+    ) -> list[tuple[str, str, bool]]:
+        raise NotImplementedError("SQLite reads first (writes_first is False)")
 
     def read_state(self, keys: Sequence[str], *, with_data: bool, with_modified: bool) -> dict[str, Stored]:
         assert self._dbapi is not None

@@ -196,8 +196,13 @@ def prepare_batch(
 
 def supersedes(kept: Incoming, source_updated_at: datetime | None, action: Action, newest_wins: bool) -> bool:
     """Whether ``kept`` stays when a later full copy or delete of its key, with this provider
-    timestamp, joins the same batch (see :func:`prepare_batch`; partial updates never collapse)."""
-    return (newest_wins or action == "delete") and _newer(kept.source_updated_at, source_updated_at)
+    timestamp, joins the same batch (see :func:`prepare_batch`; partial updates never collapse).
+
+    The same guard as across batches: inside one batch a newer provider version wins under
+    ``newest_source_wins``, and a delete is always dated, so an older one never displaces it."""
+    return (newest_wins or action == "delete") and GUARDS[MergeStrategy.NEWEST_SOURCE_WINS].rejects(
+        kept.source_updated_at, None, source_updated_at, None
+    )
 
 
 def _json_problem(error: Exception) -> str:
@@ -269,6 +274,43 @@ def deep_merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, A
     return merged
 
 
+class Guard(NamedTuple):
+    """A strategy's guard, declared once: reject an incoming copy when the stored row's ``stored``
+    value is later than the incoming side's ``incoming`` value (both known). The Python plan
+    evaluates it (:func:`rejects`) and the set-based SQL execution renders it (:func:`guard_sql`),
+    so the two executions cannot drift apart."""
+
+    #: The stored row's column compared, or None: the strategy never rejects.
+    stored: Literal["source_updated_at", "last_modified_at"] | None
+    #: The incoming side: the copy's provider timestamp, or the batch's fetched_at.
+    incoming: Literal["source_updated_at", "fetched_at"] | None
+
+    def rejects(
+        self,
+        stored_source: datetime | None,
+        stored_modified: datetime | None,
+        incoming_source: datetime | None,
+        fetched_at: datetime | None,
+    ) -> bool:
+        if self.stored is None:
+            return False
+        stored: datetime | None = stored_source
+        if self.stored == "last_modified_at":
+            if stored_modified is None:
+                raise AssertionError("ignore_if_modified_after needs the stored last_modified_at")
+            stored = stored_modified
+        return _newer(stored, fetched_at if self.incoming == "fetched_at" else incoming_source)
+
+
+GUARDS: dict[MergeStrategy, Guard] = {
+    MergeStrategy.OVERRIDE: Guard(None, None),
+    # Nango's: someone wrote the record after we read our copy.
+    MergeStrategy.IGNORE_IF_MODIFIED_AFTER: Guard("last_modified_at", "fetched_at"),
+    # The provider's own version order: unknown provider time is never newer.
+    MergeStrategy.NEWEST_SOURCE_WINS: Guard("source_updated_at", "source_updated_at"),
+}
+
+
 def rejects(
     strategy: MergeStrategy,
     stored_source: datetime | None,
@@ -277,20 +319,23 @@ def rejects(
     fetched_at: datetime,
 ) -> bool:
     """Whether the guard of ``strategy`` rejects an incoming copy over the stored one."""
-    if strategy is MergeStrategy.IGNORE_IF_MODIFIED_AFTER:
-        if stored_modified is None:
-            raise AssertionError("ignore_if_modified_after needs the stored last_modified_at")
-        return stored_modified > fetched_at
-    if strategy is MergeStrategy.NEWEST_SOURCE_WINS:
-        return _newer(stored_source, incoming_source)
-    return False
+    return GUARDS[strategy].rejects(stored_source, stored_modified, incoming_source, fetched_at)
 
 
-def is_stale(incoming: Incoming, stored: Stored, spec: RecordSpec, fetched_at: datetime) -> bool:
-    """Whether the guard of ``spec.strategy`` rejects ``incoming`` over ``stored``."""
-    return rejects(
-        spec.strategy, stored.source_updated_at, stored.last_modified_at, incoming.source_updated_at, fetched_at
-    )
+def guard_sql(
+    strategy: MergeStrategy, table: str, *, incoming: str = "excluded", fetched_at: str = "%(fetched_at)s"
+) -> str:
+    """The guard of ``strategy`` as SQL that is true when the stored row (``table``) may be
+    overwritten by the incoming row (``incoming``, e.g. an upsert's ``excluded``): the negation
+    of :func:`rejects`, with unknown (NULL) values never newer."""
+    guard = GUARDS[strategy]
+    if guard.stored is None or guard.incoming is None:
+        return "TRUE"
+    stored = f"{table}.{guard.stored}"
+    if guard.incoming == "fetched_at":
+        return f"({stored} IS NULL OR {stored} <= {fetched_at})"
+    other = f"{incoming}.{guard.incoming}"
+    return f"({stored} IS NULL OR {other} IS NULL OR {stored} <= {other})"
 
 
 def plan_batch(
@@ -305,81 +350,39 @@ def plan_batch(
     result = plan.result
     writes = plan.writes
     untouched = plan.untouched
-    strategy = spec.strategy
-    guarded = strategy is not MergeStrategy.OVERRIDE
+    guard = GUARDS[spec.strategy]
     for item in batch:
         current = stored.get(item.key)
         if action == "update":
-            _plan_update(item, current, strategy, fetched_at, plan)
+            _plan_update(item, current, guard, fetched_at, plan)
             continue
         if current is None:
-            if action == "save":
-                result.added += 1
-                writes.append(
-                    Write(
-                        item.key,
-                        item.data_json,
-                        item.data_hash,
-                        item.source_updated_at,
-                        deleted=False,
-                        last_action="added",
-                        is_new=True,
-                    )
-                )
-            else:  # a tombstone for a key never seen: a stale copy arriving later must not create it
+            # A tombstone for a key never seen is written too: a stale copy arriving later must
+            # not create the record.
+            deleting = action == "delete"
+            if deleting:
                 result.deleted += 1
-                writes.append(
-                    Write(
-                        item.key,
-                        item.data_json,
-                        item.data_hash,
-                        item.source_updated_at,
-                        deleted=True,
-                        last_action="deleted",
-                        is_new=True,
-                    )
-                )
+            else:
+                result.added += 1
+            writes.append(_content_write(item, deleted=deleting, last_action="deleted" if deleting else "added"))
             continue
-        if guarded and rejects(
-            strategy, current.source_updated_at, current.last_modified_at, item.source_updated_at, fetched_at
-        ):
+        if guard.rejects(current.source_updated_at, current.last_modified_at, item.source_updated_at, fetched_at):
             result.skipped_stale += 1
             untouched.append(item.key)
             continue
         if action == "save":
             if current.deleted:
                 result.added += 1
-                writes.append(
-                    Write(
-                        item.key,
-                        item.data_json,
-                        item.data_hash,
-                        item.source_updated_at,
-                        deleted=False,
-                        last_action="added",
-                        is_new=False,
-                    )
-                )
+                writes.append(_content_write(item, deleted=False, last_action="added", is_new=False))
                 continue
-            data_hash = item.data_hash
-            if current.data_hash == data_hash:
+            if current.data_hash == item.data_hash:
                 result.unchanged += 1
                 untouched.append(item.key)
                 if _newer(item.source_updated_at, current.source_updated_at):
                     plan.advance.append((item.key, item.source_updated_at))  # type: ignore[arg-type]
             else:
                 result.updated += 1
-                writes.append(
-                    Write(
-                        item.key,
-                        item.data_json,
-                        data_hash,
-                        item.source_updated_at,
-                        deleted=False,
-                        last_action="updated",
-                        is_new=False,
-                    )
-                )
+                writes.append(_content_write(item, deleted=False, last_action="updated", is_new=False))
         else:  # delete: a tombstone keeps the last content, so the feed can show what went away
             if current.deleted:
                 result.unchanged += 1
@@ -395,9 +398,14 @@ def plan_batch(
     return plan
 
 
-def _plan_update(
-    item: Incoming, current: Stored | None, strategy: MergeStrategy, fetched_at: datetime, plan: Plan
-) -> None:
+def _content_write(
+    item: Incoming, *, deleted: bool, last_action: Literal["added", "updated", "deleted"], is_new: bool = True
+) -> Write:
+    """The row of ``item`` as it came (content, hash, provider timestamp)."""
+    return Write(item.key, item.data_json, item.data_hash, item.source_updated_at, deleted, last_action, is_new)
+
+
+def _plan_update(item: Incoming, current: Stored | None, guard: Guard, fetched_at: datetime, plan: Plan) -> None:
     """Apply each patch of ``item`` that passes the guard against the state so far."""
     if current is None or current.deleted:
         plan.result.skipped_missing += 1
@@ -406,7 +414,7 @@ def _plan_update(
     source = current.source_updated_at
     applied = False
     for patch, stamp in item.patches:
-        if rejects(strategy, source, current.last_modified_at, stamp, fetched_at):
+        if guard.rejects(source, current.last_modified_at, stamp, fetched_at):
             continue
         content = deep_merge(content, patch)
         source = _max_time(source, stamp)
@@ -427,3 +435,108 @@ def _plan_update(
     plan.writes.append(
         Write(item.key, merged_json, merged_hash, source, deleted=False, last_action="updated", is_new=False)
     )
+
+
+class Step(NamedTuple):
+    """One change of an event-ordered batch (a webhook batch): its action, its record prepared by
+    :func:`prepare_batch` on its own, and when it was produced (its handler ran)."""
+
+    action: Action
+    incoming: Incoming
+    produced_at: datetime
+
+
+#: For these actions a repeated key collapses as :func:`prepare_batch` collapses it (last copy, or
+#: the newest provider version), which ends where applying them one by one would. Partial updates
+#: do not collapse: a deep merge of patches differs when a field changes type.
+_COLLAPSIBLE: frozenset[Action] = frozenset({"save", "delete"})
+_ACTIONS: tuple[Action, ...] = ("save", "update", "delete")
+
+
+def segments(steps: Sequence[Step], spec: RecordSpec) -> list[tuple[datetime, dict[Action, list[Incoming]]]]:
+    """Cut event-ordered ``steps`` into as few plain batches as their order allows.
+
+    Steps go into one save, one update and one delete batch while their keys are disjoint; a key
+    that comes back under another action (a save then a delete of one record), or as a second
+    partial update, starts the next segment, so the later change lands after the earlier one.
+    Each segment carries its ``fetched_at``: the time its newest step was produced, and never
+    earlier than the previous segment's, so a batch's own earlier changes never make its later
+    ones look stale (the writer holds the batch lock since before the first step was produced).
+    """
+    newest_wins = spec.strategy is MergeStrategy.NEWEST_SOURCE_WINS
+    cut: list[tuple[datetime, dict[Action, list[Incoming]]]] = []
+    batches: dict[Action, dict[str, Incoming]] = {action: {} for action in _ACTIONS}
+    keys: dict[str, Action] = {}
+    newest: datetime | None = None
+
+    def close() -> None:
+        nonlocal newest
+        if newest is None or not keys:
+            return
+        fetched_at = max(newest, cut[-1][0]) if cut else newest
+        cut.append((fetched_at, {action: list(batches[action].values()) for action in _ACTIONS if batches[action]}))
+        for batch in batches.values():
+            batch.clear()
+        keys.clear()
+
+    for action, incoming, produced_at in steps:
+        earlier = keys.get(incoming.key)
+        if earlier is not None and not (earlier == action and earlier in _COLLAPSIBLE):
+            close()
+        batch = batches[action]
+        kept = batch.get(incoming.key)
+        if kept is None or not supersedes(kept, incoming.source_updated_at, action, newest_wins):
+            batch[incoming.key] = incoming
+        keys[incoming.key] = action
+        newest = produced_at
+    close()
+    return cut
+
+
+def plan_in_order(steps: Sequence[Step], stored: Mapping[str, Stored], spec: RecordSpec) -> Plan:
+    """One plan for event-ordered ``steps`` over the stored state of all their keys.
+
+    The same rules as applying each segment (see :func:`segments`) as its own merge, one after
+    another: each segment is planned by :func:`plan_batch` against the state the earlier ones
+    left, kept here in memory, so the whole batch costs one read and one write of each row it
+    changes. The counts are the segments' counts summed. The plan's writes are the final state
+    of every key written (in order of first write; ``is_new`` when the key was not stored before
+    the batch); ``advance`` holds the keys only whose provider timestamp moved.
+
+    ``stored`` must hold the content (``data_json``) of the keys a partial update touches.
+    """
+    state = dict(stored)
+    final = Plan()
+    written: dict[str, Literal["added", "updated", "deleted"]] = {}
+    advanced: dict[str, None] = {}
+    for fetched_at, batches in segments(steps, spec):
+        for action, items in batches.items():
+            plan = plan_batch(action, items, state, spec, fetched_at)
+            final.result += plan.result
+            final.untouched.extend(plan.untouched)
+            for write in plan.writes:
+                before = state.get(write.key)
+                if write.data_json is None:  # a tombstone keeps the content it had
+                    assert before is not None
+                    content, data_hash = before.data_json, before.data_hash
+                else:
+                    content, data_hash = write.data_json, write.data_hash or ""
+                # Written in this batch: stamped after every earlier write, and never after a
+                # later segment's fetched_at (see segments), so it is never stale to those.
+                state[write.key] = Stored(data_hash, write.source_updated_at, fetched_at, write.deleted, content)
+                written[write.key] = write.last_action
+            for key, source in plan.advance:
+                state[key] = state[key]._replace(source_updated_at=source)
+                advanced[key] = None
+    for key, last_action in written.items():
+        row = state[key]
+        is_new = key not in stored
+        if row.data_json is None or (row.deleted and not is_new and row.data_json == stored[key].data_json):
+            # Deleted with the content it had before the batch: a tombstone, its content not re-sent.
+            final.writes.append(Write(key, None, None, row.source_updated_at, True, "deleted", is_new))
+        else:
+            final.writes.append(
+                Write(key, row.data_json, row.data_hash, row.source_updated_at, row.deleted, last_action, is_new)
+            )
+    final.advance = [(key, state[key].source_updated_at) for key in advanced if key not in written]  # type: ignore[misc]
+    return final

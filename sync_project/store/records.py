@@ -11,7 +11,7 @@ nothing.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from sync_project.core.clock import utcnow
 from sync_project.core.records import RecordLike
 from sync_project.store import feed
-from sync_project.store.bulk import KEY_CHUNK, PostgresBulk, bulk_writer
+from sync_project.store.bulk import KEY_CHUNK, bulk_writer
 from sync_project.store.errors import InvalidBatchError
 from sync_project.store.leases import Lease, check_lease
 from sync_project.store.locks import take_batch_lock
@@ -34,8 +34,12 @@ from sync_project.store.merge import (
     MergeStrategy,
     Plan,
     RecordSpec,
+    Step,
+    Stored,
     plan_batch,
+    plan_in_order,
     prepare_batch,
+    segments,
 )
 from sync_project.store.schema import feed_entries, records
 
@@ -182,13 +186,47 @@ class RecordWriter:
             if action != "save":
                 result += self._read_plan_apply(action, chunk, fetched_at, seen_by_run)
                 continue
-            if isinstance(self._bulk, PostgresBulk) and self._hints.write_first(self.sync, self.connection_id):
-                chunk_result = self._save_unread(self._bulk, chunk, fetched_at, seen_by_run)
+            # The plan's two executions: the set-based one (the guards in SQL) when the backend
+            # has it and the partition's saves mostly write; else read, plan in Python, write.
+            if self._bulk.writes_first and self._hints.write_first(self.sync, self.connection_id):
+                chunk_result = self._save_unread(chunk, fetched_at, seen_by_run)
             else:
                 chunk_result = self._read_plan_apply(action, chunk, fetched_at, seen_by_run)
             self._hints.observe(self.sync, self.connection_id, len(chunk), chunk_result.added + chunk_result.updated)
             result += chunk_result
         return result
+
+    def merge_in_order(self, steps: Sequence[Step]) -> MergeResult:
+        """Merge event-ordered changes (a webhook batch) as if each segment of them were merged
+        one after another (see :func:`~sync_project.store.merge.segments`), in one execution.
+
+        A batch that is one plain batch (one action, its keys collapsible) goes through
+        :meth:`merge`, which may write first. Any other is planned in Python over one read of
+        all its keys (:func:`~sync_project.store.merge.plan_in_order`) and written with one
+        statement per kind of write: one stamp and one change-feed entry for the whole batch.
+        """
+        cut = segments(steps, self.spec)
+        if not cut:
+            return MergeResult()
+        if len(cut) == 1 and len(cut[0][1]) == 1:
+            fetched_at, batches = cut[0]
+            ((action, items),) = batches.items()
+            return self.merge(action, PreparedBatch(action, self.spec, fetched_at, items))
+        keys = list(dict.fromkeys(step.incoming.key for step in steps))
+        stored: dict[str, Stored] = {}
+        with_data = any(step.action == "update" for step in steps)
+        with_modified = self.spec.strategy is MergeStrategy.IGNORE_IF_MODIFIED_AFTER
+        for start in range(0, len(keys), KEY_CHUNK):
+            stored.update(
+                self._bulk.read_state(keys[start : start + KEY_CHUNK], with_data=with_data, with_modified=with_modified)
+            )
+        plan = plan_in_order(steps, stored, self.spec)
+        for start in range(0, max(len(plan.writes), len(plan.advance)), KEY_CHUNK):
+            self._apply(
+                Plan(writes=plan.writes[start : start + KEY_CHUNK], advance=plan.advance[start : start + KEY_CHUNK]),
+                None,
+            )
+        return plan.result
 
     @contextmanager
     def one_feed_entry(self) -> Iterator[None]:
@@ -333,14 +371,12 @@ class RecordWriter:
         self._apply(plan, seen_by_run)
         return plan.result
 
-    def _save_unread(
-        self, bulk: PostgresBulk, chunk: list[Incoming], fetched_at: datetime, seen_by_run: str | None
-    ) -> MergeResult:
+    def _save_unread(self, chunk: list[Incoming], fetched_at: datetime, seen_by_run: str | None) -> MergeResult:
         """A save that writes first (see :class:`WriteHints`), then reads and plans only the keys
         the guarded upsert left: their counts, source advances and seen marks come from the same
         rules as ever, on state this transaction has not changed."""
         now = self._stamp()
-        written = bulk.save_unread(chunk, now, self.spec.strategy, fetched_at, seen_by_run)
+        written = self._bulk.save_unread(chunk, now, self.spec.strategy, fetched_at, seen_by_run)
         result = MergeResult()
         keys = []
         superseded = 0
