@@ -139,13 +139,12 @@ def serve(
     """Child process: serve one app on a free port, report the port, serve until SIGTERM/SIGINT."""
     import uvicorn
 
-    from sync_project.cli.receiver import SWITCH_INTERVAL_S
+    from sync_project.receiver.factory import tune_serving_process
     from sync_project.receiver.logs import configure_json_logging
 
     os.environ[SECRET_ENV] = SECRET
     log_file = open(log_path, "w")  # noqa: SIM115 - closed when the server stops
     listener = configure_json_logging(logging.INFO, log_file)
-    sys.setswitchinterval(SWITCH_INTERVAL_S)  # as `sync-project receiver` does
     store = None
     if kind == "bare":
         app = _bare_app()
@@ -158,6 +157,7 @@ def serve(
         app = create_app(
             store, providers={"bench": _bench_provider()}, syncs=[_bench_sync()], max_batch=max_batch, **options
         )
+    tune_serving_process()  # as `sync-project receiver` does (the bare app too: the same process)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

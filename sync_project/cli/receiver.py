@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 import click
@@ -13,7 +12,6 @@ from sync_project.receiver.intake import DEFAULT_MAX_JSON_DEPTH, MAX_JSON_DEPTH_
 from sync_project.settings import COMMIT_DEADLINE_ENV, DEFAULT_COMMIT_DEADLINE_S
 
 DEFAULT_PORT = 8000  # what `make run` serves it on too: one address in every example
-SWITCH_INTERVAL_S = 0.0005
 #: Connections (and requests in flight) one receiver process serves at once; uvicorn answers
 #: 503 beyond it. Below the common 1024 open-files limit, with room for database connections.
 DEFAULT_MAX_CONNECTIONS = 900
@@ -121,9 +119,6 @@ def command(
     from sync_project.store import Store
 
     listener = configure_json_logging(getattr(logging, log_level.upper()))
-    # The group commit's thread waits for the GIL after every database round trip; the default
-    # 5 ms switch interval would let a saturated event loop hold it that long each time.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     # Not migrated here: the app does it once the database answers, so services start in any order.
     store = Store(migrate_schema=False)
     app_options: dict[str, Any] = {
@@ -161,6 +156,7 @@ def command(
                 **server_options,
             )
         else:
+            factory.tune_serving_process()
             uvicorn.run(app, **server_options)
     finally:
         store.close()

@@ -70,6 +70,7 @@ from sync_project.receiver.intake import (
     check_json_depth,
     check_storable,
 )
+from sync_project.receiver.logs import DeliveryLog
 from sync_project.receiver.records_api import records_routes
 from sync_project.receiver.routing import registry_subscribers, subscribers_from
 from sync_project.receiver.tokens import TokenConfigError, load_tokens
@@ -88,6 +89,7 @@ MAX_ERROR_CHARS = 300
 LOGGED_KEYS = 20
 
 log = logging.getLogger("sync_project.receiver")
+delivery_log = DeliveryLog(log)
 
 
 class _BodyTooLarge(Exception):
@@ -100,22 +102,6 @@ class _BodyTimeout(Exception):
 
 class ReceiverConfigError(ValueError):
     """The receiver's configuration cannot work (an unusable webhook secret): it refuses to start."""
-
-
-class _JsonLine:
-    """A delivery's log fields, serialised only if a handler renders the plain message.
-
-    :class:`~sync_project.receiver.logs.JsonFormatter` reads ``fields`` directly, so the event
-    loop does not pay for a JSON encoding nobody reads.
-    """
-
-    __slots__ = ("fields",)
-
-    def __init__(self, fields: dict[str, Any]) -> None:
-        self.fields = fields
-
-    def __str__(self) -> str:
-        return json.dumps(self.fields)
 
 
 def create_app(
@@ -193,7 +179,7 @@ def create_app(
             entry.update(status=status, outcome=outcome, duration_ms=round((time.perf_counter() - started) * 1000, 3))
             if "error" in body:
                 body["error"] = entry["error"] = _one_line(str(body["error"]))
-            log.log(logging.WARNING if status >= 500 else logging.INFO, "%s", _JsonLine(entry), extra={"fields": entry})
+            delivery_log(logging.WARNING if status >= 500 else logging.INFO, entry)
             return _json_answer({"outcome": outcome, **body}, status, headers)
 
         provider = known.get(name)
