@@ -98,8 +98,7 @@ from pydantic import BaseModel, ConfigDict
 from sync_project.core.clock import utcnow
 from sync_project.core.sync import Page, SyncDefinition
 from sync_project.orchestration.polling import poll
-from sync_project.store import MergeStrategy, ProviderConnection, RecordSpec, Store
-from sync_project.store.merge import parse_timestamp
+from sync_project.store import MergeStrategy, ProviderConnection, RecordSpec, Store, parse_timestamp
 
 BENCHMARK = "dlt_merge"
 QUICK_RECORDS = 20_000

@@ -54,8 +54,7 @@ from _common import private_postgres_schema  # noqa: E402
 
 from sync_project.core import Delete, InboundEvent, Page, Save, SyncDefinition, Update, WebhookContext  # noqa: E402
 from sync_project.orchestration.webhook_drain import DEFAULT_BATCH_SIZE, drain_inbox  # noqa: E402
-from sync_project.store import Store  # noqa: E402
-from sync_project.store.inbox import RoutedEvent  # noqa: E402
+from sync_project.store import RoutedEvent, Store  # noqa: E402
 
 EPOCH = datetime(2030, 1, 1, tzinfo=timezone.utc)
 

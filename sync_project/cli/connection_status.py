@@ -34,7 +34,6 @@ from sync_project.orchestration.cadence import (
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.orchestration.schedules import PER_CONNECTION_SENSOR
 from sync_project.store import Store, SyncState
-from sync_project.store.health import dead_letters, inbox_backlog
 
 #: The run modes that poll the provider (the others drain the inbox).
 POLL_MODES = ("full", "incremental")
@@ -129,8 +128,8 @@ def partition_statuses(
         mine = [c for c in connections if c.provider == sync.provider]
         if not mine:
             continue
-        backlog = {b.connection_id: b for b in inbox_backlog(store.engine, sync.key, now=now)}
-        dead = {d.connection_id: d for d in dead_letters(store.engine, sync.key)}
+        backlog = {b.connection_id: b for b in store.health.inbox_backlog(sync.key, now=now)}
+        dead = {d.connection_id: d for d in store.health.dead_letters(sync.key)}
         for connection in mine:
             cid = connection.connection_id
             last_success, last_poll = _last_runs(instance, sync, cid)

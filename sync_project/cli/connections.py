@@ -12,7 +12,6 @@ import dagster as dg
 from sync_project import registry, settings
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.store import ProviderConnection, Store, StoreError
-from sync_project.store.connections import credential_columns
 
 
 def dagster_instance() -> dg.DagsterInstance:
@@ -257,7 +256,7 @@ def set_(
         raise click.UsageError("nothing to set: give --poll-interval, --full-refresh-interval or a credentials option")
     try:
         if ref is not None:
-            changes["credentials"] = credential_columns(f"connection {provider}/{connection_id}", **ref)
+            changes["credentials"] = ref
         with Store() as store:
             row = store.connections.configure(provider, connection_id, **changes)  # type: ignore[arg-type]
     except (StoreError, ValueError) as error:

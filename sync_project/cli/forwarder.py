@@ -54,7 +54,7 @@ def run(concurrency: int, attempt_timeout_s: float, max_attempts: int, from_begi
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with Store() as store, Forwarder(store.engine, settings) as forwarder:
+    with Store() as store, Forwarder(store, settings) as forwarder:
         forwarder.run(stop)
     click.echo("forwarder stopped")
 
@@ -64,10 +64,9 @@ def run(concurrency: int, attempt_timeout_s: float, max_attempts: int, from_begi
 def stats(as_json: bool) -> None:
     """Forwards by status, the oldest pending one's age, and the inbox cursor."""
     from sync_project.store import Store
-    from sync_project.store.forwards import Forwards
 
     with Store() as store:
-        figures = Forwards(store.engine).stats()
+        figures = store.forwards().stats()
     if as_json:
         click.echo(figures.model_dump_json())
         return
@@ -82,10 +81,9 @@ def stats(as_json: bool) -> None:
 def replay() -> None:
     """Make dead forwards pending again (the running forwarder retries them from zero attempts)."""
     from sync_project.store import Store
-    from sync_project.store.forwards import Forwards
 
     with Store() as store:
-        count = Forwards(store.engine).replay_dead()
+        count = store.forwards().replay_dead()
     click.echo(f"{count} dead forward(s) became pending")
 
 
@@ -102,8 +100,7 @@ def purge(older_than_days: float) -> None:
     from datetime import timedelta
 
     from sync_project.store import Store
-    from sync_project.store.forwards import Forwards
 
     with Store() as store:
-        count = Forwards(store.engine).purge(timedelta(days=older_than_days))
+        count = store.forwards().purge(timedelta(days=older_than_days))
     click.echo(f"{count} delivered forward(s) purged")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from sync_project.store.inbox import ConnectionInboxStats
+    from sync_project.store import ConnectionInboxStats
 
 
 @click.group("inbox")

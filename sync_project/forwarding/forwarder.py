@@ -26,12 +26,10 @@ from typing import Literal
 
 import httpx
 from pydantic import BaseModel, Field, field_validator
-from sqlalchemy.engine import Engine
 
 from sync_project.core.standard_webhooks import WebhookSecretError, decode_secret
 from sync_project.notifications.delivery import Attempt, post_signed
-from sync_project.store.errors import StoreUnavailableError
-from sync_project.store.forwards import Forward, Forwards, StartAt
+from sync_project.store import Forward, Forwards, StartAt, Store, StoreUnavailableError
 
 URL_ENV = "SYNC_FORWARD_URL"
 SECRET_ENV = "SYNC_FORWARD_SECRET"
@@ -129,9 +127,9 @@ class RoundResult:
 
 
 class Forwarder:
-    def __init__(self, engine: Engine, settings: ForwarderSettings, *, forwards: Forwards | None = None) -> None:
+    def __init__(self, store: Store, settings: ForwarderSettings, *, forwards: Forwards | None = None) -> None:
         self.settings = settings
-        self.forwards = forwards or Forwards(engine, settle_s=settings.settle_s)
+        self.forwards = forwards or store.forwards(settle_s=settings.settle_s)
         self._client = httpx.Client(follow_redirects=False)
         self._pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="forward")
 

@@ -22,7 +22,7 @@ from urllib.parse import quote, urlencode
 from pydantic import BaseModel
 
 from sync_project.notifications.delivery import DeliveryOutcome, deliver
-from sync_project.store.merge import MergeResult
+from sync_project.store import MergeResult
 
 log = logging.getLogger(__name__)
 

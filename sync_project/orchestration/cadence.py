@@ -15,7 +15,7 @@ from sync_project.core.sync import SyncDefinition
 from sync_project.store import ProviderConnection
 
 if TYPE_CHECKING:
-    from sync_project.store.state import SyncState
+    from sync_project.store import SyncState
 
 FullRefreshReason = Literal["resume", "cadence"]
 

@@ -45,14 +45,13 @@ records stay consistent (polling reconciles what a dead event missed), so an ale
 response, not stopping analytics.
 
 Every query is an indexed read of one sync's pending or dead inbox rows or state rows
-(``sync_project.store.health``), cheap enough to run after every run.
+(``store.health``), cheap enough to run after every run.
 """
 
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -68,16 +67,7 @@ from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import MAX_RUNTIME_TAG
 
 if TYPE_CHECKING:
-    from sync_project.store import Store
-    from sync_project.store.health import LastRun, PartitionBacklog, PartitionDeadLetters
-
-
-def _health() -> ModuleType:
-    """The store's health queries, imported when a check runs, not with the code location (every
-    run process imports it: benchmarks/import_time.py)."""
-    from sync_project.store import health
-
-    return health
+    from sync_project.store import LastRun, PartitionBacklog, PartitionDeadLetters, Store
 
 
 INBOX_BACKLOG = "inbox_backlog"
@@ -451,12 +441,12 @@ def evaluate_partition(
     With ``instance``, a backlog that is too old names why it is not draining (the partition's
     newest webhook run); without, it lists what to look for."""
     connection_id = connection.connection_id
-    backlogs = _health().inbox_backlog(store.engine, sync.key, connection_id, now=now)
+    backlogs = store.health.inbox_backlog(sync.key, connection_id, now=now)
     late = [b.connection_id for b in late_backlogs(backlogs, max_wait=settings.backlog_max_wait, now=now)]
     runs = last_drain_runs(instance, sync, late) if instance is not None else None
     backlog = evaluate_backlog(backlogs, max_wait=settings.backlog_max_wait, now=now, drain_runs=runs)
-    dead = evaluate_dead_letters(_health().dead_letters(store.engine, sync.key, connection_id))
-    state = {k: v for k, v in _health().last_runs(store.engine, sync.key).items() if k == connection_id}
+    dead = evaluate_dead_letters(store.health.dead_letters(sync.key, connection_id))
+    state = {k: v for k, v in store.health.last_runs(sync.key).items() if k == connection_id}
     return {
         INBOX_BACKLOG: backlog,
         DEAD_LETTERS: dead,
@@ -490,12 +480,12 @@ def partition_check_results(
     if connection is None:
         outcomes = {
             INBOX_BACKLOG: evaluate_backlog(
-                _health().inbox_backlog(store.engine, sync.key, connection_id, now=now),
+                store.health.inbox_backlog(sync.key, connection_id, now=now),
                 max_wait=settings.backlog_max_wait,
                 now=now,
                 drain_runs=None,
             ),
-            DEAD_LETTERS: evaluate_dead_letters(_health().dead_letters(store.engine, sync.key, connection_id)),
+            DEAD_LETTERS: evaluate_dead_letters(store.health.dead_letters(sync.key, connection_id)),
         }
         gone = CheckOutcome(
             False,

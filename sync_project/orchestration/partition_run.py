@@ -29,11 +29,17 @@ from sync_project.core.provider import Provider
 from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.polling import PollResult, poll
 from sync_project.orchestration.webhook_drain import DrainResult, drain_inbox
-from sync_project.store import MergeResult, ProviderConnection, Store
-from sync_project.store.errors import LeaseHeldError
-from sync_project.store.leases import LeaseKeeper, LeaseRole
-from sync_project.store.resets import RecordsAction, ResetResult
-from sync_project.store.wakeup import DEFAULT_FALLBACK_S, InboxWakeup
+from sync_project.store import (
+    DEFAULT_FALLBACK_S,
+    LeaseHeldError,
+    LeaseKeeper,
+    LeaseRole,
+    MergeResult,
+    ProviderConnection,
+    RecordsAction,
+    ResetResult,
+    Store,
+)
 
 RunMode = Literal["full", "incremental", "webhook"]
 
@@ -164,14 +170,14 @@ def drain_lingering(
     nothing new, ``settings.max_linger_run_s`` is up, or ``max_events`` is reached.
 
     Between claims the run sleeps on the partition's wake-up (Postgres ``LISTEN``, see
-    :mod:`sync_project.store.wakeup`), so a new event is claimed as soon as it commits and an
+    :meth:`Store.wakeup <sync_project.store.Store.wakeup>`), so a new event is claimed as soon as it commits and an
     idle drainer costs one claim per fallback interval. It listens before the first claim: an
     event committed between a claim that found nothing and the wait still wakes it.
     """
     total = DrainResult()
     started = quiet_since = time.monotonic()
     deadline = started + settings.max_linger_run_s
-    with InboxWakeup(store.engine, sync.key, connection.connection_id, fallback_s=settings.wake_fallback_s) as wakeup:
+    with store.wakeup(sync.key, connection.connection_id, fallback_s=settings.wake_fallback_s) as wakeup:
         while True:
             remaining = None if settings.max_events is None else settings.max_events - total.events_claimed
             if remaining is not None and remaining <= 0:

@@ -8,7 +8,7 @@ prepares it (validates, encodes, hashes). The provider's latency and the encodin
 database's work instead of adding to it, and memory holds at most two pages. Pages still commit in
 order, and a fetch error surfaces only after every page before it has committed.
 
-A full refresh is a *window* (:class:`~sync_project.store.state.FullWindow`): opened by its first
+A full refresh is a *window* (:class:`~sync_project.store.FullWindow`): opened by its first
 run, checkpointed with every page in a state of its own (incremental runs keep theirs meanwhile),
 and closed by the run that commits its last page, which then detects deletes over the whole
 window. A full run that finds a window open resumes it; one killed, failed or fenced off leaves it
@@ -27,8 +27,16 @@ import httpx
 
 from sync_project.core.clock import utcnow
 from sync_project.core.sync import FetchContext, FetchMode, Page, SyncDefinition
-from sync_project.store import FullWindow, Lease, MergeResult, PreparedBatch, ProviderConnection, Store, prepare
-from sync_project.store.leases import LeaseKeeper
+from sync_project.store import (
+    FullWindow,
+    Lease,
+    LeaseKeeper,
+    MergeResult,
+    PreparedBatch,
+    ProviderConnection,
+    Store,
+    prepare,
+)
 
 
 @dataclass

@@ -55,8 +55,7 @@ from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import RunLimits
 
 if TYPE_CHECKING:
-    from sync_project.store import Store
-    from sync_project.store.inbox import DuePartition
+    from sync_project.store import DuePartition, Store
 
 #: Partitions requested per tick: keeps a tick (and its partition checks) far below the 60 s limit.
 MAX_RUNS_PER_TICK = 200

@@ -3,7 +3,7 @@
 
 A partition's first webhook after a quiet spell used to pay a sensor tick, the run queue and a new
 run process before anything claimed it. The standby is already up: it listens for wake-ups of every
-partition of its syncs on one session (:class:`~sync_project.store.wakeup.InboxListener`; SQLite:
+partition of its syncs on one session (:meth:`Store.listener <sync_project.store.Store.listener>`; SQLite:
 a scan of the due partitions every half second), and for a named partition whose drain lease is
 free it takes that lease (fenced, as any drainer's), drains with the same
 :func:`~sync_project.orchestration.webhook_drain.drain_inbox` a webhook run uses, and reports each
@@ -36,16 +36,21 @@ from typing import Any
 import httpx
 from sqlalchemy.exc import SQLAlchemyError
 
-from sync_project.core import ProviderConnection
+from sync_project.core import ProviderConnection, utcnow
 from sync_project.core.http import ProviderError
 from sync_project.core.provider import Provider
 from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.webhook_drain import DrainResult, drain_inbox
-from sync_project.store import Store
-from sync_project.store.errors import LeaseHeldError, LeaseLostError, StoreError, UnknownConnectionError
-from sync_project.store.leases import DEFAULT_TTL_S, LeaseKeeper
-from sync_project.store.records import utcnow
-from sync_project.store.wakeup import DEFAULT_FALLBACK_S, InboxListener
+from sync_project.store import (
+    DEFAULT_FALLBACK_S,
+    DEFAULT_TTL_S,
+    LeaseHeldError,
+    LeaseKeeper,
+    LeaseLostError,
+    Store,
+    StoreError,
+    UnknownConnectionError,
+)
 
 Partition = tuple[str, str]
 #: Due partitions read per scan: a scan is one grouped query over the narrow pending table.
@@ -137,7 +142,7 @@ class Standby:
         last_scan = last_handover_check = float("-inf")
         behind: set[Partition] = set()
         try:
-            with InboxListener(self.store.engine, self.syncs, fallback_s=settings.wake_fallback_s) as listener:
+            with self.store.listener(self.syncs, fallback_s=settings.wake_fallback_s) as listener:
                 # Listening before the first scan: an event committed after it still wakes the wait.
                 named: set[Partition] | None = None
                 while True:

@@ -34,7 +34,7 @@ from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import RunLimits
 
 if TYPE_CHECKING:
-    from sync_project.store.leases import LeaseState
+    from sync_project.store import LeaseState
 
 #: Run slots per provider: the standby, its successor, a replacement beside a dead one still
 #: counted as started (each slot is a value of the one-run-per-value concurrency tag).
@@ -87,6 +87,7 @@ def build_standby_job(
     )
     def standby_op(context: dg.OpExecutionContext, config: StandbyConfig) -> None:
         # The drain machinery is imported by the run that uses it, not with the code location.
+        from sync_project.core import utcnow
         from sync_project.orchestration.standby import (
             HeldPartition,
             Partition,
@@ -95,7 +96,6 @@ def build_standby_job(
             standby_lease_key,
         )
         from sync_project.orchestration.webhook_drain import DrainResult
-        from sync_project.store.records import utcnow
 
         store = getattr(context.resources, STORE_KEY).get_store()
         notifier = getattr(context.resources, NOTIFIER_KEY).get_notifier() if notify else None

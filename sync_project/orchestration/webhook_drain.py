@@ -38,11 +38,17 @@ from sync_project.core import (
     WebhookContext,
     utcnow,
 )
-from sync_project.store import Store
-from sync_project.store.errors import StoreError
-from sync_project.store.inbox import DEFAULT_MAX_ATTEMPTS, ClaimedEvent, InboxEvent
-from sync_project.store.leases import LeaseKeeper
-from sync_project.store.merge import Action, Step, prepare_batch
+from sync_project.store import (
+    DEFAULT_MAX_ATTEMPTS,
+    Action,
+    ClaimedEvent,
+    InboxEvent,
+    LeaseKeeper,
+    Step,
+    Store,
+    StoreError,
+    prepare_batch,
+)
 
 #: Events claimed per batch (one transaction): each batch pays a fixed cost (batch lock, lease
 #: check, claim, the feed's stamp, commit) of a few milliseconds, so 2,000 events spend it on four

@@ -75,9 +75,7 @@ from sync_project.receiver.records_api import records_routes
 from sync_project.receiver.routing import registry_subscribers, subscribers_from
 from sync_project.receiver.tokens import TokenConfigError, load_tokens
 from sync_project.receiver.writer import Delivery, InboxWriter
-from sync_project.store import Store
-from sync_project.store.errors import StoreUnavailableError
-from sync_project.store.inbox import ReceiveResult
+from sync_project.store import ReceiveResult, Store, StoreUnavailableError
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 #: A provider sends a whole delivery in well under a second; a client that has not finished

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from sync_project.receiver.threads import DaemonThreadPool
-from sync_project.store.errors import StoreUnavailableError
+from sync_project.store import StoreUnavailableError
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

@@ -52,8 +52,7 @@ from starlette.routing import Route
 
 from sync_project.core.sync import SyncDefinition
 from sync_project.receiver.tokens import ApiToken, authenticate
-from sync_project.store import Store
-from sync_project.store.errors import StoreUnavailableError, UnknownConnectionError
+from sync_project.store import Store, StoreUnavailableError, UnknownConnectionError
 
 if TYPE_CHECKING:  # importing it loads Dagster: only a receiver with the API on pays for that
     from sync_project.orchestration.control import RunLauncher

@@ -20,12 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import select
-
 from sync_project.receiver.threads import DaemonThreadPool
-from sync_project.store import Store, migrate
-from sync_project.store.engine import unavailable_as_store_error
-from sync_project.store.schema import inbox
+from sync_project.store import Store
 
 T = TypeVar("T")
 
@@ -104,7 +100,7 @@ class DatabaseGate:
             try:
                 # Unbounded on purpose: a database that is slow to answer or migrating is waited
                 # for here, in the background; deliveries meanwhile get their 503 at once.
-                await self._in_thread(migrate.upgrade, self._store.engine)
+                await self._in_thread(self._store.upgrade_schema)
             except Exception as error:  # noqa: BLE001 - down, or refused: try again
                 now = time.monotonic()
                 if last_logged is None or now - last_logged >= LOG_EVERY_S:
@@ -121,8 +117,7 @@ class DatabaseGate:
     def _answers(self) -> None:
         # A write transaction, like a delivery's: on SQLite it takes the write lock (BEGIN
         # IMMEDIATE), so a database too busy to accept deliveries is reported as such.
-        with unavailable_as_store_error(), self._store.engine.connect() as conn:
-            conn.execute(select(inbox.c.id).limit(1)).all()
+        self._store.inbox.answers()
 
     def _in_thread(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

@@ -1,7 +1,7 @@
 """The records API on the receiver service: a sync's change feed over HTTP, for the customer's app.
 
 ``GET /records/{provider}/{object}?connection=...`` answers one page of
-:meth:`Store.changes <sync_project.store.store.Store.changes>`, ordered by
+:meth:`Store.changes <sync_project.store.Store.changes>`, ordered by
 ``(last_modified_at, id)``::
 
     {"records": [{"id", "connection_id", "data", "last_action", "first_seen_at",
@@ -70,9 +70,15 @@ from sync_project.receiver.tokens import (
     load_tokens,
     tokens_from,
 )
-from sync_project.store import Store
-from sync_project.store.errors import StoreUnavailableError, UnknownConnectionError
-from sync_project.store.feed import MAX_PAGE, ChangeAction, InvalidCursorError, decode_cursor
+from sync_project.store import (
+    MAX_PAGE,
+    ChangeAction,
+    InvalidCursorError,
+    Store,
+    StoreUnavailableError,
+    UnknownConnectionError,
+    decode_cursor,
+)
 
 DEFAULT_LIMIT = 100
 PARAMETERS = ("connection", "cursor", "limit", "filter", "modified_after")

@@ -1,7 +1,7 @@
 """Routing: which inbox rows one verified delivery becomes.
 
 An event becomes one row per (subscribed sync x connection its account routes to). The same
-function serves the receiver and, through :func:`sync_project.store.routing.connections_for`,
+function serves the receiver and, through :func:`sync_project.store.connections_for`,
 ``inbox replay --status unroutable``, so a replayed event lands where a fresh one would.
 """
 
@@ -14,8 +14,7 @@ from pydantic import ValidationError
 
 from sync_project.core.provider import InboundEvent, MalformedWebhookError
 from sync_project.core.sync import SyncDefinition
-from sync_project.store.inbox import RoutedEvent
-from sync_project.store.routing import ConnectionLookup, connections_for
+from sync_project.store import ConnectionLookup, RoutedEvent, connections_for
 
 #: ``(provider, event_type) -> subscribed syncs``; the registry's by default.
 SubscribersFn = Callable[[str, str], Sequence[SyncDefinition]]

@@ -23,18 +23,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from sync_project.core.provider import InboundEvent, MalformedWebhookError
 from sync_project.receiver.routing import SubscribersFn, account_of, route
-from sync_project.store import Store
-from sync_project.store.engine import unavailable_as_store_error
-from sync_project.store.errors import StoreUnavailableError
-from sync_project.store.inbox import ReceiveResult, insert_events
-from sync_project.store.routing import ConnectionSnapshot
-from sync_project.store.schema import connections as connections_table
+from sync_project.store import (
+    Connections,
+    ConnectionSnapshot,
+    ReceiveResult,
+    Store,
+    StoreUnavailableError,
+    unavailable_as_store_error,
+)
 
 #: Postgres's SQLSTATE for a transaction rolled back to break a deadlock.
 DEADLOCK_DETECTED = "40P01"
@@ -46,7 +47,8 @@ DEADLOCK_RETRIES = 3
 class RoutingCache:
     """The connections snapshot shared by the writer threads; see the module docstring."""
 
-    def __init__(self, check_interval_s: float = 0.5) -> None:
+    def __init__(self, connections: Connections, check_interval_s: float = 0.5) -> None:
+        self._connections = connections
         self._check_interval_s = check_interval_s
         self._lock = threading.Lock()
         self._snapshot: ConnectionSnapshot | None = None
@@ -61,7 +63,7 @@ class RoutingCache:
             now = time.monotonic()
             snapshot = self._snapshot
             if snapshot is None or now - self._checked_at >= self._check_interval_s:
-                version = tuple(conn.execute(_VERSION).one())
+                version = self._connections.version(conn)
                 if snapshot is None or version != self._version:
                     snapshot = self._load(conn)
                 self._version, self._checked_at = version, now
@@ -72,19 +74,15 @@ class RoutingCache:
             ]
             # An account the snapshot does not know: unroutable, or a connection added since. Only
             # those are looked up (as every batch once was); a hit re-reads the whole table.
-            if unknown and ConnectionSnapshot.load(conn, unknown).list():
+            if unknown and self._connections.snapshot(conn, unknown).list():
                 snapshot = self._load(conn)
-                self._version, self._checked_at = tuple(conn.execute(_VERSION).one()), now
+                self._version, self._checked_at = self._connections.version(conn), now
             return snapshot
 
     def _load(self, conn: Connection) -> ConnectionSnapshot:
-        self._snapshot = ConnectionSnapshot.load_all(conn)
+        self._snapshot = self._connections.snapshot(conn)
         self.loads += 1
         return self._snapshot
-
-
-#: What changes whenever a connection is added, removed or updated (every write sets updated_at).
-_VERSION = select(func.count(), func.max(connections_table.c.updated_at)).select_from(connections_table)
 
 
 @dataclass(frozen=True)
@@ -106,7 +104,7 @@ class InboxWriter:
     def __init__(self, store: Store, subscribers: SubscribersFn) -> None:
         self._store = store
         self._subscribers = subscribers
-        self.routing = RoutingCache()
+        self.routing = RoutingCache(store.connections)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._idle: set[Connection] = set()
@@ -176,7 +174,7 @@ class InboxWriter:
 
     def _commit(self, batch: Sequence[Delivery]) -> list[ReceiveResult | Exception]:
         if getattr(self._local, "conn", None) is None:
-            self._local.conn = self._store.engine.connect()
+            self._local.conn = self._store.connect()
         conn: Connection = self._local.conn
         with conn.begin():
             return self._route_and_insert(conn, batch)
@@ -194,7 +192,7 @@ class InboxWriter:
                 continue
             outcomes.append(ReceiveResult())  # replaced by the insert's counts below
             routed.append((len(outcomes) - 1, (delivery.provider, rows)))
-        results = insert_events(conn, [item for _, item in routed])
+        results = self._store.inbox.insert(conn, [item for _, item in routed])
         for (index, _), result in zip(routed, results, strict=True):
             outcomes[index] = result
         return outcomes

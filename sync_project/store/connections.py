@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import builtins
 import json
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, insert, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from sync_project.core import credentials as secrets
@@ -16,6 +17,9 @@ from sync_project.core.connection import ConnectionStatus, ProviderConnection
 from sync_project.store.engine import reading, unavailable_as_store_error
 from sync_project.store.errors import StoreError, UnknownConnectionError
 from sync_project.store.schema import connections
+
+if TYPE_CHECKING:
+    from sync_project.store.routing import ConnectionSnapshot
 
 #: Polling faster than this would poll faster than runs start (the same floor as a sync's).
 MIN_POLL_INTERVAL_S = 30
@@ -135,15 +139,16 @@ class Connections:
         credentials: dict[str, str | None] | None = None,
     ) -> ProviderConnection:
         """Change a connection's own settings; a keyword left out keeps its value, None returns an
-        interval to its sync's. ``credentials`` (the columns of :func:`credential_columns`)
-        replaces the reference. Runs read these when they start, so nothing restarts."""
+        interval to its sync's. ``credentials`` (at most one of ``env``, ``file``, ``secret`` or
+        ``value``, the secret itself, sealed here) replaces the reference. Runs read these when
+        they start, so nothing restarts."""
         values: dict[str, Any] = {}
         if poll_interval_s is not UNSET:
             values["poll_interval_s"] = _check_poll_interval(poll_interval_s)
         if full_refresh_interval_s is not UNSET:
             values["full_refresh_interval_s"] = _check_full_refresh_interval(full_refresh_interval_s)
         if credentials is not None:
-            values.update(credentials)
+            values.update(credential_columns(f"connection {provider}/{connection_id}", **credentials))
         if not values:
             return self.get(provider, connection_id)
         with unavailable_as_store_error(), self._engine.begin() as conn:
@@ -155,6 +160,18 @@ class Connections:
         if not changed:
             raise UnknownConnectionError(f"no connection {connection_id!r} for provider {provider!r}")
         return self.get(provider, connection_id)
+
+    def snapshot(self, conn: Connection, wanted: Iterable[tuple[str, str | None]] | None = None) -> ConnectionSnapshot:
+        """The connections (all, or of the (provider, account) pairs in ``wanted``) read in
+        ``conn``'s transaction, for routing many events without a query each."""
+        from sync_project.store.routing import ConnectionSnapshot
+
+        return ConnectionSnapshot.load_all(conn) if wanted is None else ConnectionSnapshot.load(conn, wanted)
+
+    def version(self, conn: Connection) -> tuple[Any, ...]:
+        """What changes whenever a connection is added, removed or updated (every write sets
+        ``updated_at``): one cheap aggregate that says a snapshot is out of date."""
+        return tuple(conn.execute(_VERSION).one())
 
     def remove(self, provider: str, connection_id: str) -> int:
         """Remove the connection; its pending webhook events become ``orphaned`` in the same
@@ -176,6 +193,9 @@ class Connections:
         values = dict(row)
         values["config"] = json.loads(values["config"] or "{}")
         return ProviderConnection.model_validate(values)
+
+
+_VERSION = select(func.count(), func.max(connections.c.updated_at)).select_from(connections)
 
 
 def credential_columns(

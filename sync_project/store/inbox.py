@@ -248,6 +248,17 @@ class Inbox:
         with unavailable_as_store_error(), self._engine.begin() as conn:
             return insert_events(conn, deliveries)
 
+    def insert(self, conn: Connection, deliveries: Sequence[tuple[str, Sequence[RoutedEvent]]]) -> list[ReceiveResult]:
+        """:meth:`receive_many` in ``conn``'s transaction (a receiver routes and inserts in one)."""
+        return insert_events(conn, deliveries)
+
+    def answers(self) -> None:
+        """One read of the inbox on a connection of its own, the receiver's probe: on SQLite the
+        transaction takes the write lock (BEGIN IMMEDIATE), as a delivery's does, so a database
+        too busy to accept deliveries does not answer either. Raises ``StoreError`` otherwise."""
+        with unavailable_as_store_error(), self._engine.connect() as conn:
+            conn.execute(select(inbox.c.id).limit(1)).all()
+
     # -- the sensor ---------------------------------------------------------------------------
 
     def due_partitions(self, *, limit: int = 500, now: datetime | None = None) -> list[DuePartition]:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from sync_project import settings
 from sync_project.store import feed, migrate, resets
 from sync_project.store.connections import Connections
 from sync_project.store.engine import make_engine, reading, unavailable_as_store_error
+from sync_project.store.forwards import DEFAULT_SETTLE_S, DEFAULT_STATE_NAME, Forwards
+from sync_project.store.health import Health
 from sync_project.store.inbox import Inbox
 from sync_project.store.leases import DEFAULT_TTL_S, Lease, LeaseKeeper, LeaseRole, Leases, holding
 from sync_project.store.merge import MergeResult, RecordSpec
@@ -21,6 +24,7 @@ from sync_project.store.records import RecordLike, RecordWriter, WriteHints
 from sync_project.store.resets import RecordsAction, ResetResult, Resets
 from sync_project.store.schema import records
 from sync_project.store.state import NO_WINDOW, SyncStates, upsert_state
+from sync_project.store.wakeup import DEFAULT_FALLBACK_S, InboxListener, InboxWakeup
 
 if TYPE_CHECKING:  # imported where frames are built (see feed.py)
     import pandas as pd
@@ -29,7 +33,9 @@ if TYPE_CHECKING:  # imported where frames are built (see feed.py)
 class Store:
     """Records, connections, sync state and inbox in one database (SQLite or Postgres).
 
-    Opening a store migrates its schema to the newest version.
+    Opening a store migrates its schema to the newest version. This object is the store's only
+    way in: its attributes (``connections``, ``state``, ``inbox``, ``leases``, ``resets``,
+    ``health``) and methods; nothing outside the package builds on ``engine``.
     """
 
     def __init__(self, url: str | None = None, *, engine: Engine | None = None, migrate_schema: bool = True) -> None:
@@ -42,6 +48,7 @@ class Store:
         self.inbox = Inbox(self.engine)
         self.leases = Leases(self.engine)
         self.resets = Resets(self.engine)
+        self.health = Health(self.engine)
         #: Shared by this store's writers: how each save should start (a cost hint, see WriteHints).
         self._write_hints = WriteHints()
 
@@ -51,6 +58,35 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def upgrade_schema(self) -> None:
+        """Migrate the schema to the newest revision (a store opened with ``migrate_schema=False``
+        does it here, when its database can be reached)."""
+        migrate.upgrade(self.engine)
+
+    def connect(self) -> Connection:
+        """A connection of the store's own, for a caller that keeps one for its whole life (a
+        receiver worker thread) and runs the store's ``conn``-taking operations in it."""
+        return self.engine.connect()
+
+    def forwards(
+        self,
+        *,
+        name: str = DEFAULT_STATE_NAME,
+        settle_s: float = DEFAULT_SETTLE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Forwards:
+        """The forwarding queue. A new view per call: a forwarder keeps the one it runs on, since
+        the view holds the gaps it waits on in memory."""
+        return Forwards(self.engine, name=name, settle_s=settle_s, clock=clock)
+
+    def wakeup(self, sync: str, connection_id: str, *, fallback_s: float = DEFAULT_FALLBACK_S) -> InboxWakeup:
+        """A wait for new inbox events of (sync, connection); see :class:`InboxWakeup`."""
+        return InboxWakeup(self.engine, sync, connection_id, fallback_s=fallback_s)
+
+    def listener(self, syncs: Iterable[str], *, fallback_s: float = DEFAULT_FALLBACK_S) -> InboxListener:
+        """A wait for new inbox events of any partition of ``syncs``; see :class:`InboxListener`."""
+        return InboxListener(self.engine, syncs, fallback_s=fallback_s)
 
     def __enter__(self) -> Store:
         return self

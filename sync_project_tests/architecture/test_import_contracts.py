@@ -54,3 +54,19 @@ def test_core_importing_orchestration_fails_the_gate(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "core is the vocabulary" in result.stdout and "BROKEN" in result.stdout
     assert "sync_project.core.planted -> sync_project.orchestration" in result.stdout
+
+
+def test_reaching_into_a_store_module_fails_the_gate(tmp_path: Path) -> None:
+    root = _copy_of_the_package(tmp_path)
+    (root / "sync_project" / "receiver" / "planted.py").write_text(
+        '"""A planted violation: the receiver reaching past the store\'s surface into its inbox module."""\n\n'
+        "from sync_project.store import Store\n"
+        "from sync_project.store.inbox import insert_events\n\n"
+        "__all__ = ['Store', 'insert_events']\n"
+    )
+    result = _lint_imports(root)
+    assert result.returncode != 0
+    assert "The store is one surface" in result.stdout and "BROKEN" in result.stdout
+    assert "sync_project.receiver.planted -> sync_project.store.inbox" in result.stdout
+    # Only the planted module broke it: the surface itself is fine to import.
+    assert "sync_project.receiver.planted -> sync_project.store\n" not in result.stdout

@@ -14,8 +14,7 @@ from dagster._core.instance.ref import InstanceRef
 
 from sync_project import definitions
 from sync_project.orchestration.partitions import partitions_name
-from sync_project.store import Store
-from sync_project.store.inbox import RoutedEvent
+from sync_project.store import RoutedEvent, Store
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -24,8 +24,7 @@ from sync_project.orchestration.partitions import partitions_name
 from sync_project.sandbox.ratelimit import RateLimitSettings
 from sync_project.sandbox.server import SandboxServer
 from sync_project.sandbox.service import AccountSpec, SandboxConfig
-from sync_project.store import Store
-from sync_project.store.inbox import RoutedEvent
+from sync_project.store import RoutedEvent, Store
 
 TOKEN = "token-of-acct-1"
 TOKEN_ENV = "STATUS_TEST_TOKEN"

@@ -9,9 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from sync_project.cli import main
-from sync_project.store import Store
-from sync_project.store.forwards import Forwards
-from sync_project.store.inbox import RoutedEvent
+from sync_project.store import RoutedEvent, Store
 
 
 @pytest.fixture
@@ -24,7 +22,7 @@ def cli(database_url: str, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
 
 def queue(database_url: str, *keys: str) -> list[int]:
     with Store(database_url) as store:
-        forwards = Forwards(store.engine)
+        forwards = store.forwards()
         forwards.enqueue(start_at="beginning")
         store.inbox.receive(
             "acme",
@@ -40,7 +38,7 @@ def queue(database_url: str, *keys: str) -> list[int]:
 def test_stats_replay_and_purge(cli: CliRunner, database_url: str) -> None:
     first, second, third = queue(database_url, "a", "b", "c")
     with Store(database_url) as store:
-        forwards = Forwards(store.engine)
+        forwards = store.forwards()
         forwards.mark_delivered(first)
         forwards.mark_failed(second, "HTTP 500", max_attempts=1)
     stats = cli.invoke(main, ["forwarder", "stats", "--json"])
@@ -57,7 +55,7 @@ def test_stats_replay_and_purge(cli: CliRunner, database_url: str) -> None:
     purge = cli.invoke(main, ["forwarder", "purge", "--older-than-days", "7"])
     assert purge.output.strip() == "1 delivered forward(s) purged"
     with Store(database_url) as store:
-        assert {f.id: f.status for f in Forwards(store.engine).list()} == {second: "pending", third: "pending"}
+        assert {f.id: f.status for f in store.forwards().list()} == {second: "pending", third: "pending"}
 
 
 def test_run_without_a_configured_url_or_secret_says_what_to_set(

@@ -10,8 +10,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from sync_project.cli import main
-from sync_project.store import Store
-from sync_project.store.inbox import RoutedEvent
+from sync_project.store import RoutedEvent, Store
 from sync_project.store.schema import inbox
 
 

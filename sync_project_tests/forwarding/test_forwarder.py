@@ -17,7 +17,6 @@ from sync_project.forwarding.forwarder import Forwarder, ForwarderSettings, Forw
 from sync_project.receiver.app import create_app
 from sync_project.serving import BackgroundServer
 from sync_project.store import Store
-from sync_project.store.forwards import Forwards
 from sync_project_tests.support.consumer import Consumer, closed_port_url, serve
 from sync_project_tests.webhook_support import (
     SECRET,
@@ -51,7 +50,7 @@ def post(receiver: str, *events: dict) -> int:
 @contextmanager
 def forwarder(store: Store, url: str, **options: object) -> Iterator[Forwarder]:
     settings = ForwarderSettings(url=url, secret=FORWARD_SECRET, start_at="beginning", **options)  # type: ignore[arg-type]
-    with Forwarder(store.engine, settings) as worker:
+    with Forwarder(store, settings) as worker:
         yield worker
 
 
@@ -93,7 +92,7 @@ def test_an_app_that_is_down_gets_its_forwards_later(store: Store, receiver: str
         assert post(receiver, event("evt-1", account="acct-1", id="c1")) == 202
         down = worker.run_once(now=t0)
         assert (down.delivered, down.retrying) == (0, 1)
-        [waiting] = Forwards(store.engine).list(status="pending")
+        [waiting] = store.forwards().list(status="pending")
         assert waiting.attempts == 1 and "ConnectError" in (waiting.last_error or "")
 
         consumer = Consumer()
@@ -105,7 +104,7 @@ def test_an_app_that_is_down_gets_its_forwards_later(store: Store, receiver: str
             app_server.stop()
     [request] = consumer.received
     assert request.json["event_key"] == "evt-1" and request.verified_by(FORWARD_SECRET)
-    assert Forwards(store.engine).stats().counts["delivered"] == 1
+    assert store.forwards().stats().counts["delivered"] == 1
 
 
 def test_a_forward_is_dead_after_max_attempts_and_can_be_replayed(store: Store, receiver: str):
@@ -115,12 +114,12 @@ def test_a_forward_is_dead_after_max_attempts_and_can_be_replayed(store: Store, 
         assert post(receiver, event("evt-1", account="acct-1", id="c1")) == 202
         outcomes = [worker.run_once(now=t0 + timedelta(hours=hour)) for hour in range(4)]
         assert [(o.retrying, o.dead) for o in outcomes] == [(1, 0), (1, 0), (0, 1), (0, 0)]
-        [dead] = Forwards(store.engine).list(status="dead")
+        [dead] = store.forwards().list(status="dead")
         assert (dead.attempts, dead.last_error) == (3, "HTTP 500")
         assert len({request.verified_by(FORWARD_SECRET) for request in consumer.received}) == 1  # one id, 3 tries
 
         consumer.default_status = 204
-        assert Forwards(store.engine).replay_dead() == 1
+        assert store.forwards().replay_dead() == 1
         assert worker.run_once(now=t0 + timedelta(hours=5)).delivered == 1
     assert len(consumer.received) == 4
 
@@ -141,7 +140,7 @@ def test_a_hanging_app_neither_slows_the_receiver_nor_loses_forwards(store: Stor
         finally:
             consumer.hang = False
             consumer.release()
-            while Forwards(store.engine).stats().counts["delivered"] < 11:
+            while store.forwards().stats().counts["delivered"] < 11:
                 stop.wait(0.05)
             stop.set()
             runner.join()

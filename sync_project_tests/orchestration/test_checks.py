@@ -23,8 +23,7 @@ from sync_project.orchestration.partitions import drain_tags, partitions_name
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import MAX_RUNTIME_TAG
 from sync_project.serving import BackgroundServer
-from sync_project.store import Store
-from sync_project.store.inbox import RoutedEvent
+from sync_project.store import RoutedEvent, Store
 from sync_project.store.schema import connections, inbox
 from sync_project_tests.orchestration.checks_location import SYNC
 from sync_project_tests.orchestration.fake_api import PROVIDER, FakeApi

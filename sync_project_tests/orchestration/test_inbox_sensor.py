@@ -15,8 +15,7 @@ from sync_project.orchestration.partitions import partitions_name
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import MAX_RUNTIME_TAG, RunLimits
 from sync_project.orchestration.sensors import DEFAULT_STALL_AFTER_S, InboxSensorCursor, retry_delay_s
-from sync_project.store import Store
-from sync_project.store.inbox import RoutedEvent
+from sync_project.store import RoutedEvent, Store
 from sync_project_tests.support.realtime import sandbox_syncs
 
 

@@ -18,8 +18,7 @@ from sync_project.orchestration.resources import StoreResource
 from sync_project.providers.github import GitHubProvider
 from sync_project.receiver.app import create_app
 from sync_project.serving import BackgroundServer
-from sync_project.store import Store
-from sync_project.store.inbox import RoutedEvent
+from sync_project.store import RoutedEvent, Store
 from sync_project.syncs import github_issues
 from sync_project_tests.providers._support import fixture
 from sync_project_tests.providers.test_github import FakeGitHub

@@ -26,8 +26,7 @@ from sync_project.orchestration.partitions import partitions_name
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.schedules import PER_CONNECTION_SENSOR, per_connection_requests
 from sync_project.serving import BackgroundServer
-from sync_project.store import Store
-from sync_project.store.health import LastRun
+from sync_project.store import LastRun, Store
 from sync_project_tests.orchestration.fake_api import ITEMS, PROVIDER, FakeApi
 
 

@@ -24,8 +24,7 @@ from sync_project.core import (
     WebhookContext,
     WebhookRequest,
 )
-from sync_project.store import Store
-from sync_project.store.merge import MergeResult
+from sync_project.store import MergeResult, Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LOG = logging.getLogger("sync_project_tests.providers")

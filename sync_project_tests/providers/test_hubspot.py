@@ -19,7 +19,7 @@ from sync_project.core import Delete, InboundEvent, MalformedWebhookError, Page,
 from sync_project.core.http import ProviderAuthError, ProviderError
 from sync_project.providers import hubspot
 from sync_project.providers.hubspot import HubSpotProvider
-from sync_project.store.errors import StoreError
+from sync_project.store import StoreError
 from sync_project.syncs import hubspot_contacts
 from sync_project_tests.providers._support import (
     Sleeps,

@@ -13,7 +13,7 @@ from sync_project.core.http import ProviderAuthError, json_body
 from sync_project.core.provider import MalformedWebhookError, SignatureError, WebhookRequest
 from sync_project.providers.sandbox import DEFAULT_URL, PROVIDER, URL_ENV
 from sync_project.registry import get_provider
-from sync_project.store.errors import StoreError
+from sync_project.store import StoreError
 from sync_project_tests.sandbox.support import SandboxFactory, make_sandbox  # noqa: F401
 
 # The reference vector published with the Standard Webhooks spec (and used by the svix libraries).

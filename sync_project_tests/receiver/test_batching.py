@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from sync_project.receiver.batching import CommitDeadlineError, CommitterClosedError, GroupCommitter, QueueFullError
-from sync_project.store.errors import StoreUnavailableError
+from sync_project.store import StoreUnavailableError
 
 
 class Recorder:

@@ -128,7 +128,7 @@ def test_the_receivers_writer_routes_from_a_kept_snapshot_and_sees_new_connectio
         assert writer.routing.loads == 2
 
         # A removal is seen at the next check (here: every batch).
-        writer.routing = RoutingCache(check_interval_s=0.0)
+        writer.routing = RoutingCache(store.connections, check_interval_s=0.0)
         writer([Delivery("acme", (inbound("before"),))])
         store.connections.remove("acme", "north")
         writer([Delivery("acme", (inbound("after"),))])
