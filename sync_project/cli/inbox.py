@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 import click
+
+#: ``inbox purge`` shows a progress bar (on a terminal) from this many rows to delete: two chunks.
+PROGRESS_FROM = 10_000
 
 if TYPE_CHECKING:
     from sync_project.store import ConnectionInboxStats
@@ -130,6 +134,17 @@ def purge(older_than_days: float) -> None:
 
     from sync_project.store import Store
 
+    older_than = timedelta(days=older_than_days)
+    purged = 0
     with Store() as store:
-        purged = store.inbox.purge(timedelta(days=older_than_days))
+        # A bar only when there is much to do (the count is one pass; the chunks are 5,000 rows).
+        total = store.inbox.purgeable(older_than)
+        chunks = store.inbox.purge_chunks(older_than)
+        if total < PROGRESS_FROM:
+            purged = sum(chunks)
+        else:
+            with click.progressbar(length=total, label="purging finished events", file=sys.stderr) as bar:
+                for removed in chunks:
+                    purged += removed
+                    bar.update(removed)
     click.echo(f"{purged} finished event(s) purged")

@@ -8,7 +8,8 @@ the batch is applied, and that event is retried with backoff after the commit, u
 dead-lettered after ``max_attempts``.
 
 Retention: after draining, a run deletes done events older than ``SYNC_INBOX_RETENTION_DAYS``
-(default 7; 0 keeps them), as ``sync-project inbox purge`` does. The purge walks the oldest
+(default 7; 0 keeps them), as ``sync-project inbox purge`` does, at most
+``RETENTION_ROWS_PER_DRAIN`` per call. The purge walks the oldest
 acknowledgements first and stops at the first young one, so with nothing to purge it is one index
 probe; a failed purge is logged, never a failed run (the next run tries again).
 """
@@ -216,13 +217,20 @@ def drain_inbox(
     return result
 
 
+#: Rows the automatic retention deletes per drain, at most: a backlog (retention enabled on an
+#: inbox of millions, or shortened) is spread over the drains that follow, a few 5,000-row
+#: transactions each, instead of holding up one drainer for minutes.
+RETENTION_ROWS_PER_DRAIN = 50_000
+
+
 def purge_expired(store: Store, log: logging.Logger | Any) -> int:
-    """Delete done (and ignored, routed) events past the retention; 0 if none or disabled."""
+    """Delete done (and ignored, routed) events past the retention, at most
+    :data:`RETENTION_ROWS_PER_DRAIN` of them; 0 if none or disabled."""
     days = settings.inbox_retention_days()
     if days is None:
         return 0
     try:
-        purged = store.inbox.purge(timedelta(days=days))
+        purged = store.inbox.purge(timedelta(days=days), limit=RETENTION_ROWS_PER_DRAIN)
     except (StoreError, SQLAlchemyError) as error:  # retention is housekeeping: the drained events are committed
         log.warning(f"inbox retention: purge of events older than {days:g} days failed: {type(error).__name__}")
         return 0

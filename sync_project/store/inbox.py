@@ -33,7 +33,7 @@ both tables in step in one transaction.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, get_args
 
@@ -471,40 +471,98 @@ class Inbox:
         *,
         statuses: Sequence[InboxStatus] = ("done", "ignored", "routed"),
         now: datetime | None = None,
+        limit: int | None = None,
     ) -> int:
         """Delete finished rows received more than ``older_than`` ago; returns how many.
 
         A kept row is also what recognises a redelivery as a duplicate, so keep rows for longer
         than providers redeliver (Stripe retries for 3 days, GitHub redelivers by hand for 3).
-        Pending, dead and unroutable rows are never purged by default: they are work not done.
+        A redelivery of a purged event is stored and applied again; the merge guards make a copy
+        older than what the store holds a no-op (identical) or stale (``skipped_stale``).
+        Pending, dead, unroutable and orphaned rows are never purged by default: they are work
+        not done. ``limit`` stops after about that many rows (a whole chunk at a time): the
+        automatic retention spreads a backlog over runs instead of holding one up.
         """
-        if older_than <= timedelta(0):
-            raise ValueError("older_than must be positive")
-        unknown = set(statuses) - set(INBOX_STATUSES)
-        if unknown:
-            raise ValueError(f"unknown status(es) {sorted(unknown)}; expected some of {list(INBOX_STATUSES)}")
-        cutoff = (now or utcnow()) - older_than
-        purged = 0
+        return sum(self.purge_chunks(older_than, statuses=statuses, now=now, limit=limit))
+
+    def purgeable(
+        self,
+        older_than: timedelta,
+        *,
+        statuses: Sequence[InboxStatus] = ("done", "ignored", "routed"),
+        now: datetime | None = None,
+    ) -> int:
+        """How many rows :meth:`purge` would delete now (one counting pass: for a progress bar)."""
+        cutoff = (now or utcnow()) - _check_purge(older_than, statuses)
+        total = 0
+        with unavailable_as_store_error(), reading(self._engine) as conn:
+            if "done" in statuses and self._oldest_done_before(conn, cutoff):
+                total += int(
+                    conn.execute(
+                        select(func.count())
+                        .select_from(inbox_done.outerjoin(inbox, inbox.c.id == inbox_done.c.id))
+                        .where(inbox.c.received_at.is_(None) | (inbox.c.received_at < cutoff))
+                    ).scalar_one()
+                )
+            if "pending" in statuses:
+                total += int(
+                    conn.execute(
+                        select(func.count())
+                        .select_from(inbox_pending.join(inbox, inbox.c.id == inbox_pending.c.id))
+                        .where(inbox.c.received_at < cutoff)
+                    ).scalar_one()
+                )
+            parked = [status for status in statuses if status not in ("done", "pending")]
+            if parked:
+                total += int(
+                    conn.execute(
+                        select(func.count()).where(_PARKED, inbox.c.status.in_(parked), inbox.c.received_at < cutoff)
+                    ).scalar_one()
+                )
+        return total
+
+    def purge_chunks(
+        self,
+        older_than: timedelta,
+        *,
+        statuses: Sequence[InboxStatus] = ("done", "ignored", "routed"),
+        now: datetime | None = None,
+        limit: int | None = None,
+    ) -> Iterator[int]:
+        """:meth:`purge`, one committed chunk at a time: yields the rows each chunk deleted."""
+        cutoff = (now or utcnow()) - _check_purge(older_than, statuses)
+        left = limit
+        parts: list[Callable[[datetime], Iterator[int]]] = []
         if "done" in statuses:
-            purged += self._purge_done(cutoff)
-        parked = [status for status in statuses if status not in ("done", "pending")]
+            parts.append(self._purge_done)
         if "pending" in statuses:
-            purged += self._purge_pending(cutoff)
-        while parked:
+            parts.append(self._purge_pending)
+        parked = [status for status in statuses if status not in ("done", "pending")]
+        if parked:
+            parts.append(lambda cutoff: self._purge_parked(cutoff, parked))
+        for part in parts:
+            for removed in part(cutoff):
+                if removed:
+                    yield removed
+                if left is not None:
+                    left -= removed
+                    if left <= 0:
+                        return
+
+    def _purge_parked(self, cutoff: datetime, parked: Sequence[str]) -> Iterator[int]:
+        while True:
             # Bounded deletes: short transactions, so receivers and runs never wait long.
             with unavailable_as_store_error(), self._engine.begin() as conn:
                 ids = select(inbox.c.id).where(_PARKED, inbox.c.status.in_(parked), inbox.c.received_at < cutoff)
-                removed = conn.execute(
-                    delete(inbox).where(inbox.c.id.in_(ids.limit(_ID_CHUNK).scalar_subquery()))
-                ).rowcount
-            purged += removed
+                removed = int(
+                    conn.execute(delete(inbox).where(inbox.c.id.in_(ids.limit(_ID_CHUNK).scalar_subquery()))).rowcount
+                )
+            yield removed
             if removed < _ID_CHUNK:
-                break
-        return purged
+                return
 
-    def _purge_pending(self, cutoff: datetime) -> int:
+    def _purge_pending(self, cutoff: datetime) -> Iterator[int]:
         """Only when asked for by name: pending events are work not done."""
-        purged = 0
         while True:
             with unavailable_as_store_error(), self._engine.begin() as conn:
                 ids = list(
@@ -516,11 +574,23 @@ class Inbox:
                     ).scalars()
                 )
                 conn.execute(delete(inbox_pending).where(inbox_pending.c.id.in_(ids)))
-                purged += conn.execute(delete(inbox).where(inbox.c.id.in_(ids))).rowcount
+                removed = int(conn.execute(delete(inbox).where(inbox.c.id.in_(ids))).rowcount)
+            yield removed
             if len(ids) < _ID_CHUNK:
-                return purged
+                return
 
-    def _purge_done(self, cutoff: datetime) -> int:
+    @staticmethod
+    def _oldest_done_before(conn: Connection, cutoff: datetime) -> bool:
+        """Whether the oldest acknowledgement (by id, so by receipt) may be past ``cutoff``."""
+        oldest = conn.execute(
+            select(inbox.c.received_at)
+            .select_from(inbox_done.join(inbox, inbox.c.id == inbox_done.c.id))
+            .order_by(inbox_done.c.id)
+            .limit(1)
+        ).scalar()
+        return oldest is None or oldest < cutoff
+
+    def _purge_done(self, cutoff: datetime) -> Iterator[int]:
         """Delete done events received before ``cutoff`` with their acknowledgements, in chunks
         taken in id order off ``inbox_done``.
 
@@ -528,17 +598,10 @@ class Inbox:
         a purge costs what it removes, not the size of the inbox. (A replayed unroutable event's
         copies have new ids and the original's receipt time; they go once their neighbours do.)
         """
-        purged = 0
         after_id = 0
         with unavailable_as_store_error(), reading(self._engine) as conn:
-            oldest = conn.execute(
-                select(inbox.c.received_at)
-                .select_from(inbox_done.join(inbox, inbox.c.id == inbox_done.c.id))
-                .order_by(inbox_done.c.id)
-                .limit(1)
-            ).scalar()
-        if oldest is not None and oldest >= cutoff:
-            return 0  # the common case of the automatic retention: one index probe
+            if not self._oldest_done_before(conn, cutoff):
+                return  # the common case of the automatic retention: one index probe
         while True:
             with unavailable_as_store_error(), self._engine.begin() as conn:
                 chunk = conn.execute(
@@ -549,16 +612,18 @@ class Inbox:
                     .limit(_ID_CHUNK)
                 ).all()
                 if not chunk:
-                    return purged
+                    return
                 after_id = chunk[-1][0]
                 # An acknowledgement whose row is gone (deleted by hand) goes too.
                 old = [row_id for row_id, received_at in chunk if received_at is None or received_at < cutoff]
+                removed = 0
                 if old:
-                    purged += conn.execute(delete(inbox).where(inbox.c.id.in_(old))).rowcount
+                    removed = int(conn.execute(delete(inbox).where(inbox.c.id.in_(old))).rowcount)
                     conn.execute(delete(inbox_done).where(inbox_done.c.id.in_(old)))
+            yield removed
             newest = chunk[-1][1]
             if len(chunk) < _ID_CHUNK or (newest is not None and newest >= cutoff):
-                return purged
+                return
 
     def events(
         self,
@@ -856,6 +921,15 @@ def _insert_returning(
     if queued:
         conn.execute(insert(inbox_pending), queued)
     return inserted
+
+
+def _check_purge(older_than: timedelta, statuses: Sequence[str]) -> timedelta:
+    if older_than <= timedelta(0):
+        raise ValueError("older_than must be positive")
+    unknown = set(statuses) - set(INBOX_STATUSES)
+    if unknown:
+        raise ValueError(f"unknown status(es) {sorted(unknown)}; expected some of {list(INBOX_STATUSES)}")
+    return older_than
 
 
 def _aware(value: datetime | str | None) -> datetime | None:

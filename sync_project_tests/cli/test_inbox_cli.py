@@ -91,3 +91,23 @@ def test_purge_removes_old_finished_events_only(cli: CliRunner, database_url: st
     with Store(database_url) as store:
         assert [e.event_key for e in store.inbox.events()] == ["done-new", "pending-old"]
     assert cli.invoke(main, ["inbox", "purge", "--older-than-days", "0"]).exit_code == 2
+
+
+def test_purge_shows_progress_when_there_is_much_to_delete(
+    cli: CliRunner, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sync_project.cli.inbox as inbox_cli
+
+    monkeypatch.setattr(inbox_cli, "PROGRESS_FROM", 2)  # a bar from two rows to delete, not 10,000
+    with Store(database_url) as store:
+        store.inbox.receive("acme", [routed("a"), routed("b"), routed("c")])
+        with store.engine.begin() as conn:
+            store.inbox.mark_done(conn, [e.id for e in store.inbox.events()])
+            conn.execute(sa.update(inbox).values(received_at=datetime.now(timezone.utc) - timedelta(days=9)))
+    result = cli.invoke(main, ["inbox", "purge", "--older-than-days", "7"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("purging finished events")  # off a terminal, click shows the label once
+    assert lines[-1] == "3 finished event(s) purged"
+    with Store(database_url) as store:
+        assert store.inbox.events() == []

@@ -149,3 +149,87 @@ def test_a_database_at_0006_migrates_its_pending_and_done_events(database_url: s
         assert "inbox_done" not in sa.inspect(engine).get_table_names()
     finally:
         engine.dispose()
+
+
+# -- retention ---------------------------------------------------------------------------------------
+
+
+def age(store: Store, days: float, *keys: str) -> None:
+    """Make these events (all, if none named) look received ``days`` ago."""
+    statement = sa.update(inbox).values(received_at=datetime.now(timezone.utc) - timedelta(days=days))
+    if keys:
+        statement = statement.where(inbox.c.event_key.in_(keys))
+    with store.engine.begin() as conn:
+        conn.execute(statement)
+
+
+def acknowledge(store: Store, sync: str = "acme/contacts", connection_id: str = "c1") -> None:
+    with store.engine.begin() as conn:
+        store.inbox.mark_done(conn, [e.id for e in store.inbox.claim(conn, sync, connection_id)])
+
+
+def test_retention_never_purges_work_not_done_however_old(store: Store) -> None:
+    store.connections.add("acme", "c1", account_id="a1")
+    store.connections.add("acme", "gone", account_id="a2")
+    store.inbox.receive(
+        "acme",
+        [
+            pending("waiting"),
+            pending("retrying"),
+            pending("dead"),
+            pending("orphaned", connection_id="gone"),
+            pending("unroutable", connection_id=""),
+        ],
+    )
+    by_key = {e.event_key: e for e in store.inbox.events()}
+    assert store.inbox.mark_failed(by_key["retrying"].id, "boom", now=T0) == "pending"
+    assert store.inbox.mark_failed(by_key["dead"].id, "boom", max_attempts=1) == "dead"
+    store.connections.remove("acme", "gone")
+    age(store, 365)
+
+    assert store.inbox.purgeable(timedelta(days=1)) == 0
+    assert store.inbox.purge(timedelta(days=1)) == 0
+    assert {e.event_key: e.status for e in store.inbox.events()} == {
+        "waiting": "pending",
+        "retrying": "pending",
+        "dead": "dead",
+        "orphaned": "orphaned",
+        "unroutable": "unroutable",
+    }
+    assert table_count(store, inbox_pending) == 2
+
+
+def test_a_redelivery_is_a_duplicate_while_the_retention_keeps_the_event_and_is_new_work_after(
+    store: Store,
+) -> None:
+    store.inbox.receive("acme", [pending("e1")])
+    acknowledge(store)
+    age(store, 6)  # inside a 7-day retention: kept, so the provider's redelivery is a duplicate
+    assert store.inbox.purge(timedelta(days=7)) == 0
+    again = store.inbox.receive("acme", [pending("e1")])
+    assert (again.stored, again.duplicates) == (0, 1)
+    assert store.inbox.due_partitions() == []
+
+    age(store, 8)  # past it: purged, and a redelivery after that is stored and queued again
+    assert store.inbox.purgeable(timedelta(days=7)) == 1
+    assert store.inbox.purge(timedelta(days=7)) == 1
+    late = store.inbox.receive("acme", [pending("e1")])
+    assert (late.stored, late.duplicates) == (1, 0)
+    assert [(e.event_key, e.status) for e in store.inbox.events()] == [("e1", "pending")]
+
+
+def test_purge_goes_in_committed_chunks_and_stops_at_its_limit(store: Store) -> None:
+    events = [pending(f"e{i}") for i in range(12_000)]
+    for start in range(0, len(events), 4000):
+        store.inbox.receive("acme", events[start : start + 4000])
+    with store.engine.begin() as conn:
+        store.inbox.mark_done(conn, [e.id for e in store.inbox.claim(conn, "acme/contacts", "c1", limit=12_000)])
+    store.inbox.receive("acme", [pending("young")])
+    acknowledge(store)
+    age(store, 30, *(f"e{i}" for i in range(12_000)))
+
+    assert store.inbox.purgeable(timedelta(days=7)) == 12_000
+    assert store.inbox.purge(timedelta(days=7), limit=6000) == 10_000  # whole chunks of 5,000
+    assert list(store.inbox.purge_chunks(timedelta(days=7))) == [2000]
+    assert [e.event_key for e in store.inbox.events()] == ["young"]
+    assert table_count(store, inbox_done) == 1
