@@ -45,6 +45,9 @@ class WarehouseResource(dg.ConfigurableResource):
     #: ``soft`` or ``hard`` (validated by :class:`WarehouseSettings`; Dagster config has no Literal).
     deletes: str | None = None
     page_size: int | None = None
+    #: DuckDB's ``memory_limit`` (``"256MB"``) and ``threads`` for the embedded destination.
+    duckdb_memory_limit: str | None = None
+    duckdb_threads: int | None = None
 
     _warehouse: Warehouse | None = PrivateAttr(default=None)
 
@@ -56,6 +59,8 @@ class WarehouseResource(dg.ConfigurableResource):
                 "dataset": self.dataset,
                 "deletes": self.deletes,
                 "page_size": self.page_size,
+                "duckdb_memory_limit": self.duckdb_memory_limit,
+                "duckdb_threads": self.duckdb_threads,
             }
             self._warehouse = Warehouse(WarehouseSettings(**{k: v for k, v in given.items() if v is not None}))
         return self._warehouse
