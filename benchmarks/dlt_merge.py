@@ -59,7 +59,6 @@ import cProfile
 import gc
 import io
 import logging
-import os
 import pstats
 import random
 import statistics
@@ -93,6 +92,7 @@ from _common import (
     record_bytes,
     sample_indexes,
 )
+from _dlt_peer import DELETED_FRACTION, UPDATED_FRACTION, check_versions, dlt_credentials, isolated_dlt
 from pydantic import BaseModel, ConfigDict
 
 from sync_project.core.clock import utcnow
@@ -103,8 +103,6 @@ from sync_project.store import MergeStrategy, ProviderConnection, RecordSpec, St
 BENCHMARK = "dlt_merge"
 QUICK_RECORDS = 20_000
 TARGET_RATIO = 3.0
-UPDATED_FRACTION = 0.20
-DELETED_FRACTION = 0.01
 #: Rounds of the change load (each on the state the previous one left).
 CHANGE_ROUNDS = 3
 
@@ -285,14 +283,6 @@ def load_with_store(store: Store, load: Load, *, sync: str = SYNC, client: httpx
         )
 
 
-def dlt_credentials(database_url: str) -> str:
-    """A libpq URL for dlt. dlt insists on a password; trust-auth servers ignore the placeholder."""
-    url = sa.engine.make_url(database_url).set(drivername="postgresql")
-    if not url.password:
-        url = url.set(password=os.environ.get("PGPASSWORD") or "unused-with-trust-auth")
-    return url.render_as_string(hide_password=False)
-
-
 def dlt_pipeline(database_url: str, workdir: Path, name: str, dataset: str) -> Any:
     import dlt
 
@@ -345,15 +335,7 @@ def check_dlt(engine: sa.Engine, load: Load) -> None:
 
 
 def _compare(side: str, actual: dict[str, datetime], load: Load) -> None:
-    expected = _as_instants(load.expected)
-    if actual != expected:
-        missing = len(expected.keys() - actual.keys())
-        extra = len(actual.keys() - expected.keys())
-        wrong = sum(1 for key in expected.keys() & actual.keys() if expected[key] != actual[key])
-        raise RuntimeError(
-            f"{side} ended the load {load.name!r} in the wrong state: {missing} records missing,"
-            f" {extra} that should be gone, {wrong} at the wrong version"
-        )
+    check_versions(f"{side} ended the load {load.name!r} in the wrong state", actual, _as_instants(load.expected))
 
 
 # -- stale after fresh ----------------------------------------------------------------------------
@@ -595,17 +577,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     count = args.records or (QUICK_RECORDS if args.quick else DATASET_RECORDS)
     if count < 1000:
         parser.error("--records must be at least 1,000 (1% of it is deleted)")
-    with tempfile.TemporaryDirectory(prefix="dlt-home-") as home:
-        _isolate_dlt(Path(home))
+    with isolated_dlt():
         figures = run(count, profile=args.profile)
     return publish(figures, args.json)
-
-
-def _isolate_dlt(home: Path) -> None:
-    """dlt reads its settings from the environment: no telemetry, nothing written outside ``home``."""
-    os.environ["RUNTIME__DLTHUB_TELEMETRY"] = "false"
-    os.environ["DLT_DATA_DIR"] = str(home)
-    os.environ.setdefault("RUNTIME__LOG_LEVEL", "WARNING")
 
 
 if __name__ == "__main__":
