@@ -105,7 +105,8 @@ def _check_payload(payload: Any, where: str) -> None:
         text = json.dumps(payload, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as error:
         raise UnstorableEventError(f"{where}: payload is not storable JSON ({type(error).__name__})") from None
-    suspicious = _NUL_ESCAPE.search(text) is not None
+    # The substring first: the regex's look-behind at every position cost more than the dumps.
+    suspicious = "\\u0000" in text and _NUL_ESCAPE.search(text) is not None
     if not suspicious:
         try:
             text.encode("utf-8")

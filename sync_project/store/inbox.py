@@ -47,7 +47,7 @@ from sync_project.store.engine import reading, unavailable_as_store_error
 from sync_project.store.leases import Lease, check_lease
 from sync_project.store.routing import ConnectionLookup, connections_for
 from sync_project.store.schema import UtcDateTime, connections, inbox, inbox_done, inbox_pending
-from sync_project.store.wakeup import notify_inserted
+from sync_project.store.wakeup import _CHANNEL_SQL, notify_inserted
 
 InboxStatus = Literal["pending", "done", "dead", "unroutable", "ignored", "routed", "orphaned"]
 INBOX_STATUSES: tuple[str, ...] = get_args(InboxStatus)
@@ -827,9 +827,10 @@ def insert_events(
                 continue
             owner[key] = index
             rows.append((provider, event, received_at))
-    inserted = _insert_returning(conn, rows)
-    # Wakes the partitions' drainers when this transaction commits (Postgres; see store/wakeup.py).
-    notify_inserted(conn, {(sync, connection_id) for _, _, sync, connection_id in inserted})
+    inserted, notified = _insert_returning(conn, rows, notify=True)
+    if not notified:
+        # Wakes the partitions' drainers when this transaction commits (Postgres; see store/wakeup.py).
+        notify_inserted(conn, {(sync, connection_id) for _, _, sync, connection_id in inserted})
     for key, index in owner.items():
         if key in inserted:
             results[index].stored += 1
@@ -839,15 +840,17 @@ def insert_events(
 
 
 def _insert_rows(conn: Connection, rows: Sequence[tuple[str, RoutedEvent, datetime]]) -> int:
-    return len(_insert_returning(conn, rows))
+    return len(_insert_returning(conn, rows)[0])
 
 
 #: Rows per INSERT statement on Postgres (the receiver's batches are rarely bigger).
 _INSERT_CHUNK = 1000
-#: The Postgres insert as SQL text, per row count: rendered once, then reused with no compilation
-#: (SQLAlchemy re-rendered a multi-row VALUES for every batch: 15 % of the commit thread). One
-#: statement inserts the rows and queues the pending ones: one round trip per batch.
-_POSTGRES_INSERTS: dict[int, str] = {}
+#: The Postgres insert as SQL text, per (row count, notifying): rendered once, then reused with no
+#: compilation (SQLAlchemy re-rendered a multi-row VALUES for every batch: 15 % of the commit
+#: thread). One statement inserts the rows, queues the pending ones and, notifying, sends
+#: notify_inserted's wake-ups (one per partition inserted into, in order, on the store's channel,
+#: delivered at commit): one round trip per batch instead of two.
+_POSTGRES_INSERTS: dict[tuple[int, bool], str] = {}
 _POSTGRES_INSERT = (
     "WITH ins AS (INSERT INTO inbox (provider, event_key, sync, connection_id, account_id, event_type, payload, "
     "status, attempts, received_at) VALUES {values} "
@@ -855,23 +858,33 @@ _POSTGRES_INSERT = (
     "RETURNING id, provider, event_key, sync, connection_id, status), "
     "queued AS (INSERT INTO inbox_pending (id, sync, connection_id) "
     "SELECT id, sync, connection_id FROM ins WHERE status = 'pending') "
-    "SELECT provider, event_key, sync, connection_id FROM ins"
+    "{woken}SELECT provider, event_key, sync, connection_id FROM ins{with_woken}"
+)
+_POSTGRES_WOKEN = (
+    f"woken AS (SELECT count(pg_notify({_CHANNEL_SQL}, p.sync || '|' || p.connection_id)) AS n "
+    "FROM (SELECT DISTINCT sync, connection_id FROM ins ORDER BY sync, connection_id) AS p) "
 )
 
 
-def _postgres_insert(count: int) -> str:
-    statement = _POSTGRES_INSERTS.get(count)
+def _postgres_insert(count: int, notify: bool) -> str:
+    statement = _POSTGRES_INSERTS.get((count, notify))
     if statement is None:
-        statement = _POSTGRES_INSERT.format(values=",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,0,%s)"] * count))
-        _POSTGRES_INSERTS[count] = statement
+        statement = _POSTGRES_INSERT.format(
+            values=",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,0,%s)"] * count),
+            # Only a data-modifying CTE runs unreferenced: the one-row join makes the notify run.
+            woken=", " + _POSTGRES_WOKEN if notify else "",
+            with_woken=" CROSS JOIN woken" if notify else "",
+        )
+        _POSTGRES_INSERTS[(count, notify)] = statement
     return statement
 
 
 def _insert_returning(
-    conn: Connection, rows: Sequence[tuple[str, RoutedEvent, datetime]]
-) -> set[tuple[str, str, str, str]]:
+    conn: Connection, rows: Sequence[tuple[str, RoutedEvent, datetime]], *, notify: bool = False
+) -> tuple[set[tuple[str, str, str, str]], bool]:
+    """The keys inserted, and whether their wake-ups were sent too (``notify`` on psycopg2)."""
     if not rows:
-        return set()
+        return set(), False
     # In arrival order: ids are the order a webhook run applies events in.
     if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg2":
         inserted: set[tuple[str, str, str, str]] = set()
@@ -883,9 +896,9 @@ def _insert_returning(
                     provider, event.event_key, event.sync, event.connection_id, event.account_id,
                     event.event_type, event.payload_json, event.status, received_at,
                 )  # fmt: skip
-            result = conn.exec_driver_sql(_postgres_insert(len(chunk)), tuple(parameters))
+            result = conn.exec_driver_sql(_postgres_insert(len(chunk), notify), tuple(parameters))
             inserted.update(tuple(row) for row in result)
-        return inserted
+        return inserted, notify
     dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     statement = (
         dialect_insert(inbox)
@@ -920,7 +933,7 @@ def _insert_returning(
             queued.append({"id": row_id, "sync": sync, "connection_id": connection_id})
     if queued:
         conn.execute(insert(inbox_pending), queued)
-    return inserted
+    return inserted, False
 
 
 def _check_purge(older_than: timedelta, statuses: Sequence[str]) -> timedelta:
