@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import queue
 import sys
 import time
@@ -30,6 +31,8 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
+            # Which process: with --workers N, N of them write to one stream.
+            "pid": record.process,
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
@@ -95,6 +98,7 @@ class _JsonListener(logging.handlers.QueueListener):
             "ts": datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": logging.getLevelName(level).lower(),
             "logger": name,
+            "pid": os.getpid(),  # not cached at import: a forked process has its own
             **fields,
         }
         output = self._output

@@ -44,6 +44,17 @@ def test_the_receiver_command_serves_and_logs_json_lines(database_url: str, tmp_
     ]
 
 
+def _storing_pids(log_path: Path) -> set[int]:
+    """The processes that logged a delivery stored (202) in the receiver's JSON lines."""
+    pids = set()
+    for line in log_path.read_text().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("outcome") == "stored":
+                pids.add(entry["pid"])
+    return pids
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -57,7 +68,10 @@ def _children(pid: int) -> list[int]:
 
 def test_receiver_workers_share_a_port_and_store_each_delivery_once(database_url: str, tmp_path: Path) -> None:
     """``--workers 2``: two processes behind one port, each with its own store; a delivery sent
-    over and over on fresh connections (so it lands on either process) is stored once."""
+    over and over on fresh connections (so it lands on either process) is stored once, and both
+    processes store signed deliveries (their log lines name them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from sync_project.core import standard_webhooks
     from sync_project.store import Store
     from sync_project_tests.cli.test_dev import free_port
@@ -116,9 +130,33 @@ def test_receiver_workers_share_a_port_and_store_each_delivery_once(database_url
             headers=standard_webhooks.sign_headers(standard_webhooks.generate_secret(), "msg-x", deliveries[0][1]),
         )
         assert forged.status_code == 401
+
+        def send(n: int) -> int:
+            body = json.dumps(
+                {"id": f"spread-{n}", "type": "contact.updated", "account_id": "acct-unknown",
+                 "occurred_at": "2026-01-01T00:00:00Z", "data": {"id": f"s{n}"}}
+            ).encode()  # fmt: skip
+            with httpx.Client() as client:  # a fresh connection: either worker accepts it
+                headers = standard_webhooks.sign_headers(secret, f"spread-msg-{n}", body)
+                return client.post(f"{url}/webhooks/sandbox", content=body, headers=headers).status_code
+
+        # Concurrent connections until each worker has stored some (the kernel picks the acceptor).
+        storing: set[int] = set()
+        spread = 0
+        with ThreadPoolExecutor(8) as pool:
+            while len(storing) < 2 and spread < 480:
+                assert set(pool.map(send, range(spread, spread + 16))) == {202}
+                spread += 16
+                storing = _storing_pids(stderr_path)
+        deadline = time.monotonic() + 10
+        while len(storing) < 2 and time.monotonic() < deadline:  # the last lines may still be on their way
+            time.sleep(0.2)
+            storing = _storing_pids(stderr_path)
+        workers = set(_children(process.pid))
+        assert len(storing) == 2 and storing <= workers, (storing, workers, spread)
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
     with Store(database_url) as store:
         stats = store.inbox.stats()
-        assert sum(stats.counts.values()) == len(deliveries), stats
+        assert sum(stats.counts.values()) == len(deliveries) + spread, stats

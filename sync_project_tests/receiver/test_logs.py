@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 
 import pytest
 
@@ -37,12 +38,13 @@ def test_a_delivery_line_is_one_json_object_like_any_other_record(restore_loggin
     assert first == {
         "level": "info",
         "logger": "sync_project.receiver",
+        "pid": os.getpid(),
         "provider": "acme",
         "status": 202,
         "event_keys": ["e1"],
     }
     assert (second["level"], second["status"], second["reason"]) == ("warning", 503, "QueueFullError")
-    assert (third["level"], third["message"]) == ("info", "an ordinary record")
+    assert (third["level"], third["message"], third["pid"]) == ("info", "an ordinary record", os.getpid())
 
 
 def test_with_another_handler_a_delivery_line_is_an_ordinary_record(
