@@ -136,9 +136,20 @@ def _bare_app() -> Any:
 
 
 def serve(
-    kind: str, database_url: str | None, max_batch: int, writers: int | None, log_path: str, ready: Any, stats: Any
+    kind: str,
+    database_url: str | None,
+    max_batch: int,
+    writers: int | None,
+    log_path: str,
+    ready: Any,
+    stats: Any,
+    port: int | None = None,
 ) -> None:
-    """Child process: serve one app on a free port, report the port, serve until SIGTERM/SIGINT."""
+    """Child process: serve one app on a free port, report the port, serve until SIGTERM/SIGINT.
+
+    With ``port``, share that one (``SO_REUSEPORT``: the kernel spreads the connections over the
+    processes listening on it), as ``sync-project receiver --workers N`` runs N processes.
+    """
     import uvicorn
 
     from sync_project.receiver.factory import tune_serving_process
@@ -162,7 +173,9 @@ def serve(
     tune_serving_process()  # as `sync-project receiver` does (the bare app too: the same process)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    if port is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port or 0))
     ready.put(sock.getsockname()[1])
     config = uvicorn.Config(app, access_log=False, log_config=None, loop="uvloop", http="httptools", backlog=2048)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it shut down on
@@ -178,35 +191,51 @@ def serve(
 
 @contextmanager
 def server(
-    kind: str, database_url: str | None, log_dir: str, max_batch: int = 1000, writers: int | None = None
+    kind: str,
+    database_url: str | None,
+    log_dir: str,
+    max_batch: int = 1000,
+    writers: int | None = None,
+    workers: int = 1,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Serve ``kind`` in a child process; on exit, shut it down and put its commit counts in the dict.
+    """Serve ``kind`` in ``workers`` child processes on one port; on exit, shut them down and put
+    their commit counts (summed) in the dict.
 
-    The dict's ``watch`` is what :func:`drive` watches: the phase ends within a second of the
+    The dict's ``watch`` is what :func:`drive` watches: the phase ends within a second of a
     server's death, with its traceback, instead of at its time limit.
     """
     context = multiprocessing.get_context("spawn")
     ready, stats = context.Queue(), context.Queue()
-    log_path = f"{log_dir}/{kind}-{max_batch}.log"
-    process = context.Process(
-        target=Reporting(serve, ready), args=(kind, database_url, max_batch, writers, log_path, ready, stats)
-    )
-    process.start()
-    report: dict[str, Any] = {"watch": ([process], f"the {kind} server", ready)}
+    processes: list[Any] = []
+    report: dict[str, Any] = {"watch": (processes, f"the {kind} server", ready)}
     try:
-        port = get_from_child(ready, [process], 60, f"the {kind} server")
-        _wait_listening(port, process)
+        port: int | None = None if workers == 1 else 0
+        for worker in range(workers):
+            log_path = f"{log_dir}/{kind}-{max_batch}-{next(_PHASES)}-{worker}.log"
+            process = context.Process(
+                target=Reporting(serve, ready),
+                args=(kind, database_url, max_batch, writers, log_path, ready, stats, port),
+            )
+            process.start()
+            processes.append(process)
+            port = get_from_child(ready, processes, 60, f"the {kind} server")
+            assert port is not None
+            _wait_listening(port, process)
+        assert port is not None
         yield port, report
     finally:
-        if process.pid is not None and process.is_alive():
-            os.kill(process.pid, signal.SIGINT)  # a graceful uvicorn shutdown, then the stats
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGINT)  # a graceful uvicorn shutdown, then the stats
         if kind != "bare":
             with contextlib.suppress(Exception):  # the figures print without it
-                report["batches"] = stats.get(timeout=30)
-        process.join(30)
-        if process.is_alive():
-            process.terminate()
-            process.join(10)
+                counts = [stats.get(timeout=30) for _ in processes]
+                report["batches"] = (sum(c[0] for c in counts), sum(c[1] for c in counts))
+        for process in processes:
+            process.join(30)
+            if process.is_alive():
+                process.terminate()
+                process.join(10)
 
 
 def _wait_listening(port: int, process: Any) -> None:
@@ -342,10 +371,11 @@ def drive(port: int, requests: list[bytes], concurrency: int, max_seconds: float
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
         runner = asyncio.run
-    pid = watch[0][0].pid
-    server_cpu, client_cpu = _cpu_seconds(pid), time.process_time()
+    pids = [process.pid for process in watch[0]]
+    server_cpu, client_cpu = sum(map(_cpu_seconds, pids)), time.process_time()
     runner(_load(port, requests, concurrency, max_seconds, phase, watch))
-    phase.server_cpu_s, phase.client_cpu_s = _cpu_seconds(pid) - server_cpu, time.process_time() - client_cpu
+    phase.server_cpu_s = sum(map(_cpu_seconds, pids)) - server_cpu
+    phase.client_cpu_s = time.process_time() - client_cpu
     return phase
 
 
@@ -466,7 +496,11 @@ def database(backend: str) -> Iterator[str]:
 def run_receiver(
     name: str, url: str, log_dir: str, requests: list[bytes], args: argparse.Namespace, max_batch: int
 ) -> Phase:
-    with server("receiver", url, log_dir, max_batch=max_batch, writers=args.writers) as (port, report):
+    workers = args.workers if max_batch > 1 else 1
+    with server("receiver", url, log_dir, max_batch=max_batch, writers=args.writers, workers=workers) as (
+        port,
+        report,
+    ):
         warmup = deliveries(WARMUP, f"warmup-{next(_PHASES)}")  # new ones each phase: all stored
         drive(port, warmup, args.concurrency, 30, "warmup", report["watch"])
         phase = drive(port, requests, args.concurrency, args.max_seconds, name, report["watch"])
@@ -517,6 +551,7 @@ def main() -> int:
         help="pgbench connections for the one-row limit (fewer if the server has not that many free)",
     )
     parser.add_argument("--writers", type=int, default=None, help="the receiver's writers (default: its own default)")
+    parser.add_argument("--workers", type=int, default=1, help="receiver processes sharing the port (group commit)")
     parser.add_argument(
         "--done-events",
         type=int,
@@ -642,6 +677,8 @@ def main() -> int:
     case = f"{args.backend}, {args.concurrency} connections, {args.requests:,} signed deliveries"
     if args.writers is not None:
         case += f", {args.writers} writers"
+    if args.workers > 1:
+        case += f", {args.workers} worker processes"
     figures = [
         figure(
             case,
@@ -650,7 +687,7 @@ def main() -> int:
             "deliveries/s",
             baseline="bare Starlette",
             baseline_value=bare.per_second,
-            at_least=4000,
+            at_least=4000 if args.workers == 1 else None,  # the target is for one process
         ),
         figure(
             case,
