@@ -6,7 +6,9 @@ commit thread). The snapshot is re-read when the table has changed, checked with
 aggregate at most every ``check_interval_s`` (0.5 s), and at once when an account the snapshot
 does not know has a connection now (one added a moment ago routes its first event; accounts with
 no connection cost that one lookup per batch, as every batch once did). A connection removed,
-paused or re-pointed is seen within the interval.
+paused or re-pointed is seen within the interval. And whatever the aggregate says, the snapshot is
+re-read once it is ``max_age_s`` (30 s) old: the aggregate reads ``updated_at``, which the writing
+host's clock sets, so a change written by a host whose clock is behind may not move it.
 
 Each of the group committer's worker threads keeps ONE database connection for its whole life
 instead of checking one out of the pool per batch: a checkout costs a ping, and every round trip
@@ -47,9 +49,11 @@ DEADLOCK_RETRIES = 3
 class RoutingCache:
     """The connections snapshot shared by the writer threads; see the module docstring."""
 
-    def __init__(self, connections: Connections, check_interval_s: float = 0.5) -> None:
+    def __init__(self, connections: Connections, check_interval_s: float = 0.5, max_age_s: float = 30.0) -> None:
         self._connections = connections
         self._check_interval_s = check_interval_s
+        self._max_age_s = max_age_s
+        self._loaded_at = 0.0
         self._lock = threading.Lock()
         self._snapshot: ConnectionSnapshot | None = None
         self._version: tuple[Any, ...] | None = None
@@ -64,7 +68,7 @@ class RoutingCache:
             snapshot = self._snapshot
             if snapshot is None or now - self._checked_at >= self._check_interval_s:
                 version = self._connections.version(conn)
-                if snapshot is None or version != self._version:
+                if snapshot is None or version != self._version or now - self._loaded_at >= self._max_age_s:
                     snapshot = self._load(conn)
                 self._version, self._checked_at = version, now
             unknown = [
@@ -81,6 +85,7 @@ class RoutingCache:
 
     def _load(self, conn: Connection) -> ConnectionSnapshot:
         self._snapshot = self._connections.snapshot(conn)
+        self._loaded_at = time.monotonic()
         self.loads += 1
         return self._snapshot
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 
 from sync_project.core import InboundEvent
 from sync_project.receiver.routing import InvalidEventError, route, subscribers_from
@@ -135,6 +136,24 @@ def test_the_receivers_writer_routes_from_a_kept_snapshot_and_sees_new_connectio
         # Pending when its connection went: orphaned with it (kept, pending again if it comes back).
         assert {e.status for e in store.inbox.events(event_key="before")} == {"orphaned"}
         assert {e.status for e in store.inbox.events(event_key="after")} == {"unroutable"}
+
+        # A change the aggregate cannot see (written by a host whose clock is behind, so the
+        # newest updated_at and the count stay as they were) is seen once the snapshot is
+        # max_age_s old.
+        store.connections.add("acme", "west", account_id="acct-3")
+        stale = RoutingCache(store.connections, check_interval_s=0.0, max_age_s=3600.0)
+        aged = RoutingCache(store.connections, check_interval_s=0.0, max_age_s=0.0)
+        for cache, key in ((stale, "w1"), (aged, "w2")):  # both read the table now
+            writer.routing = cache
+            writer([Delivery("acme", (inbound(key, account="acct-3"),))])
+        with store.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE connections SET account_id = 'acct-4' WHERE connection_id = 'west'"))
+        writer.routing = stale
+        writer([Delivery("acme", (inbound("w3", account="acct-3"),))])
+        assert {e.connection_id for e in store.inbox.events(event_key="w3")} == {"west"}  # not seen
+        writer.routing = aged
+        writer([Delivery("acme", (inbound("w4", account="acct-3"),))])
+        assert {e.status for e in store.inbox.events(event_key="w4")} == {"unroutable"}
     finally:
         writer.close()
 
