@@ -152,7 +152,7 @@ def run_workload(store: Store, workload: str, count: int, batch_size: int, keep_
     log = logging.getLogger("bench.drain")
     with httpx.Client() as client:
         # As a webhook run drains: under the partition's drain lease, every batch fenced by it.
-        with store.hold_lease(SYNC.key, "bench", "drain", f"drain-benchmark-{workload}") as keeper:
+        with store.leases.hold(SYNC.key, "bench", "drain", f"drain-benchmark-{workload}") as keeper:
             started = time.perf_counter()
             result = drain_inbox(store, SYNC, connection, client, log, batch_size=batch_size, keeper=keeper)
             elapsed = time.perf_counter() - started

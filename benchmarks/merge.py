@@ -242,7 +242,7 @@ def run_backend(url: str, versions: tuple[list[Record], list[Record]], page_size
     first, second = versions
     batches = {"fresh": first, "newer": second, "stale": first, "unchanged": second}
     results = []
-    with Store(url) as store, store.hold_lease(SYNC, CONNECTION, "poll", "merge-benchmark") as keeper:
+    with Store(url) as store, store.leases.hold(SYNC, CONNECTION, "poll", "merge-benchmark") as keeper:
         create_bare_table(store.engine)
         bare = postgres_bare(store.engine) if store.backend == "postgresql" else sqlite_bare(store.engine)
         for phase in PHASES:

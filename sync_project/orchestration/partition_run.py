@@ -104,7 +104,7 @@ def run_partition(
     with ExitStack() as held:
         try:
             keeper = held.enter_context(
-                store.hold_lease(
+                store.leases.hold(
                     sync.key,
                     connection.connection_id,
                     role,
@@ -126,7 +126,7 @@ def run_partition(
         # after the sync's own (which decides who runs), in declared order, so runs never deadlock.
         model_keepers = {
             key: held.enter_context(
-                store.hold_lease(
+                store.leases.hold(
                     key, connection.connection_id, role, run_id, ttl_s=settings.lease_ttl_s, wait_s=wait_s, log=log
                 )
             )
@@ -220,7 +220,7 @@ def reset_partition(
     with ExitStack() as held:
         keepers = {
             key: held.enter_context(
-                store.hold_lease(key, connection_id, "poll", requested_by, ttl_s=ttl_s, wait_s=wait_s, log=log)
+                store.leases.hold(key, connection_id, "poll", requested_by, ttl_s=ttl_s, wait_s=wait_s, log=log)
             )
             for key in (sync.model_key(model.name) for model in sync.all_models)
         }

@@ -243,22 +243,20 @@ class Standby:
             return None  # events of an unregistered connection wait for it
         if connection.status != "active":
             return None
+        resources = ExitStack()
+        ttl_s = self.settings.lease_ttl_s
         try:
-            lease = self.store.leases.acquire(
-                sync_key, connection_id, "drain", self.run_id, ttl_s=self.settings.lease_ttl_s
+            keeper = resources.enter_context(
+                self.store.leases.hold(sync_key, connection_id, "drain", self.run_id, ttl_s=ttl_s, log=self.log)
             )
         except LeaseHeldError:
             return None  # another drainer took it meanwhile: it drains these events
-        resources = ExitStack()
-        ttl_s = self.settings.lease_ttl_s
-        keeper = LeaseKeeper(self.store.leases, lease, ttl_s=ttl_s, log=self.log).start()
-        resources.callback(keeper.stop)
         try:
             # A sync of several models writes each further model under its own drain lease,
             # taken after the sync's own as every drainer takes them (a dead holder's expires).
             model_keepers = {
                 key: resources.enter_context(
-                    self.store.hold_lease(
+                    self.store.leases.hold(
                         key, connection_id, "drain", self.run_id, ttl_s=ttl_s, wait_s=ttl_s + 5.0, log=self.log
                     )
                 )
@@ -268,7 +266,7 @@ class Standby:
         except BaseException:
             resources.close()
             raise
-        self.log.info(f"standby: {sync_key} {connection_id}: holding {lease.describe()}")
+        self.log.info(f"standby: {sync_key} {connection_id}: holding {keeper.lease.describe()}")
         held = HeldPartition(sync, connection, keeper, client, resources, utcnow(), time.monotonic(), model_keepers)
         self.held[partition] = held
         return held

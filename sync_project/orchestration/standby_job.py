@@ -138,7 +138,7 @@ def build_standby_job(
             return {run.tags[DRAIN_PARTITION_TAG] for run in started if DRAIN_PARTITION_TAG in run.tags}
 
         lease_sync, lease_connection = standby_lease_key(provider_name, config.slot)
-        with store.hold_lease(
+        with store.leases.hold(
             lease_sync,
             lease_connection,
             "standby",

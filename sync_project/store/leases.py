@@ -261,6 +261,44 @@ class Leases:
                     raise
                 time.sleep(min(WAIT_POLL_S, remaining))
 
+    @contextmanager
+    def hold(
+        self,
+        sync: str,
+        connection_id: str,
+        role: LeaseRole,
+        holder: str,
+        *,
+        ttl_s: float = DEFAULT_TTL_S,
+        wait_s: float = 0.0,
+        only_for_a_dead_holder: bool = False,
+        log: Any = None,
+    ) -> Iterator[LeaseKeeper]:
+        """Hold the ``role`` lease of (sync, connection) for ``holder`` (a run id) while the block
+        runs: granted as :meth:`acquire` grants it (waiting up to ``wait_s``, then raising
+        :class:`LeaseHeldError`), renewed on a thread, released at the end. Pass
+        ``keeper.lease`` to ``Store.writer`` so every write is fenced."""
+
+        def waiting(error: LeaseHeldError) -> None:
+            if log is not None:
+                log.info(f"{error}; waiting up to {wait_s:.0f} s for it")
+
+        lease = self.acquire(
+            sync,
+            connection_id,
+            role,
+            holder,
+            ttl_s=ttl_s,
+            wait_s=wait_s,
+            only_for_a_dead_holder=only_for_a_dead_holder,
+            on_wait=waiting,
+        )
+        keeper = LeaseKeeper(self, lease, ttl_s=ttl_s, log=log).start()
+        try:
+            yield keeper
+        finally:
+            keeper.stop()
+
     def renew(self, lease: Lease, *, ttl_s: float = DEFAULT_TTL_S) -> Lease:
         with unavailable_as_store_error(), self._engine.begin() as conn:
             return renew(conn, lease, ttl_s)
@@ -348,40 +386,3 @@ class LeaseKeeper:
                 continue
             with self._lock:
                 self._lease = renewed
-
-
-@contextmanager
-def holding(
-    leases_: Leases,
-    sync: str,
-    connection_id: str,
-    role: LeaseRole,
-    holder: str,
-    *,
-    ttl_s: float = DEFAULT_TTL_S,
-    wait_s: float = 0.0,
-    only_for_a_dead_holder: bool = False,
-    log: Any = None,
-) -> Iterator[LeaseKeeper]:
-    """Acquire (waiting as :meth:`Leases.acquire` does), keep renewed while the block runs, then
-    release."""
-
-    def waiting(error: LeaseHeldError) -> None:
-        if log is not None:
-            log.info(f"{error}; waiting up to {wait_s:.0f} s for it")
-
-    lease = leases_.acquire(
-        sync,
-        connection_id,
-        role,
-        holder,
-        ttl_s=ttl_s,
-        wait_s=wait_s,
-        only_for_a_dead_holder=only_for_a_dead_holder,
-        on_wait=waiting,
-    )
-    keeper = LeaseKeeper(leases_, lease, ttl_s=ttl_s, log=log).start()
-    try:
-        yield keeper
-    finally:
-        keeper.stop()

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
@@ -18,7 +18,7 @@ from sync_project.store.engine import make_engine, reading, unavailable_as_store
 from sync_project.store.forwards import DEFAULT_SETTLE_S, DEFAULT_STATE_NAME, Forwards
 from sync_project.store.health import Health
 from sync_project.store.inbox import Inbox
-from sync_project.store.leases import DEFAULT_TTL_S, Lease, LeaseKeeper, LeaseRole, Leases, holding
+from sync_project.store.leases import Lease, Leases
 from sync_project.store.merge import MergeResult, RecordSpec
 from sync_project.store.records import RecordLike, RecordWriter, WriteHints
 from sync_project.store.resets import RecordsAction, ResetResult, Resets
@@ -152,36 +152,6 @@ class Store:
         with self.writer(sync, connection_id, spec) as writer:
             return writer.delete(batch, fetched_at=fetched_at)
 
-    @contextmanager
-    def hold_lease(
-        self,
-        sync: str,
-        connection_id: str,
-        role: LeaseRole,
-        holder: str,
-        *,
-        ttl_s: float = DEFAULT_TTL_S,
-        wait_s: float = 0.0,
-        only_for_a_dead_holder: bool = False,
-        log: Any = None,
-    ) -> Iterator[LeaseKeeper]:
-        """Hold the ``role`` lease of (sync, connection) for ``holder`` (a run id) while the block
-        runs, renewed on a thread; waits up to ``wait_s`` for it, then raises
-        :class:`~sync_project.store.errors.LeaseHeldError`. Pass ``keeper.lease`` to
-        :meth:`writer` so every write is fenced (see :meth:`Leases.acquire` for the wait)."""
-        with holding(
-            self.leases,
-            sync,
-            connection_id,
-            role,
-            holder,
-            ttl_s=ttl_s,
-            wait_s=wait_s,
-            only_for_a_dead_holder=only_for_a_dead_holder,
-            log=log,
-        ) as keeper:
-            yield keeper
-
     def reset(
         self,
         sync: str,
@@ -200,7 +170,7 @@ class Store:
         """
         action = resets.check_action(records)
         if lease is None:
-            with self.hold_lease(sync, connection_id, "poll", requested_by, wait_s=0.0) as keeper:
+            with self.leases.hold(sync, connection_id, "poll", requested_by, wait_s=0.0) as keeper:
                 return self._reset(sync, connection_id, action, requested_by, keeper.lease)
         return self._reset(sync, connection_id, action, requested_by, lease)
 

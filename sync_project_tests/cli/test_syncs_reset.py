@@ -77,7 +77,7 @@ def test_reset_from_the_command_line_with_and_without_emptying(instance, acme, d
 
 def test_reset_refuses_while_a_run_holds_the_poll_lease_and_bad_arguments(instance, acme, database_url) -> None:  # noqa: F811
     assert run(instance, mode="full").success
-    with Store(database_url) as store, store.hold_lease(SYNC, "acme", "poll", "run-that-polls"):
+    with Store(database_url) as store, store.leases.hold(SYNC, "acme", "poll", "run-that-polls"):
         held = reset("--empty-records", "--yes")
         assert held.exit_code == 1
         assert "another run (run-that-polls) holds the poll lease of sandbox/contacts" in held.output
@@ -122,7 +122,7 @@ def test_reset_from_the_ui_through_run_config(instance, acme, database_url) -> N
     # refuses the reset run after its wait, having changed nothing.
     assert CliRunner().invoke(main, ["connections", "pause", "sandbox", "acme"]).exit_code == 0
     assert run(instance, mode="reset").success
-    with Store(database_url) as store, store.hold_lease(SYNC, "acme", "poll", "run-that-polls"):
+    with Store(database_url) as store, store.leases.hold(SYNC, "acme", "poll", "run-that-polls"):
         blocked = run(instance, mode="reset", poll_lease_wait_s=0)
         assert not blocked.success
         assert len(store.resets.list(SYNC, "acme")) == 2

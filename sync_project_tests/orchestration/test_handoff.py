@@ -26,7 +26,7 @@ from sync_project_tests.webhook_support import at, event
 
 def hold_drain_lease(store: Store, sync: str, holder: str, held_s: float, ready: threading.Event) -> threading.Thread:
     def hold() -> None:
-        with store.hold_lease(sync, "north", "drain", holder, ttl_s=3.0):
+        with store.leases.hold(sync, "north", "drain", holder, ttl_s=3.0):
             ready.set()
             time.sleep(held_s)
 
@@ -152,7 +152,7 @@ def test_a_standby_drains_a_partition_without_a_drainer_at_once_and_hands_it_ove
     stop_south, south_held = threading.Event(), threading.Event()
 
     def hold_south() -> None:
-        with store.hold_lease(key, "south", "drain", "run-south", ttl_s=3.0):
+        with store.leases.hold(key, "south", "drain", "run-south", ttl_s=3.0):
             south_held.set()
             stop_south.wait(60)
 

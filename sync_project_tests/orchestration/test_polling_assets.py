@@ -207,7 +207,7 @@ def test_provider_faults_fail_the_run_and_leave_the_store_unchanged(instance, co
 
 
 def test_a_poll_waits_for_the_partitions_poll_lease_then_gives_up_naming_its_holder(instance, connected_store, api):
-    with connected_store.hold_lease(ITEMS.key, CONNECTION, "poll", "other-run", ttl_s=5):
+    with connected_store.leases.hold(ITEMS.key, CONNECTION, "poll", "other-run", ttl_s=5):
         run_config = dg.RunConfig(ops={op_name(ITEMS): SyncRunConfig(mode="full", poll_lease_wait_s=1.0)})
         result = dg.materialize(
             [build_sync_asset(ITEMS, PROVIDER)],
@@ -226,7 +226,7 @@ def test_a_poll_waits_for_the_partitions_poll_lease_then_gives_up_naming_its_hol
 
 
 def test_a_poll_proceeds_while_the_drain_lease_is_held(instance, connected_store, api):
-    with connected_store.hold_lease(ITEMS.key, CONNECTION, "drain", "webhook-run", ttl_s=5):
+    with connected_store.leases.hold(ITEMS.key, CONNECTION, "drain", "webhook-run", ttl_s=5):
         result = materialize(instance, connected_store, "full")
     assert result.success
     assert connected_store.count(ITEMS.key, CONNECTION) == 35

@@ -89,8 +89,8 @@ def test_two_connections_proceed_independently(harness: RealtimeHarness) -> None
 
     def hold_lock() -> None:
         with (
-            harness.store.hold_lease("sandbox/contacts", "demo-1", "drain", "live-drainer", ttl_s=2),
-            harness.store.hold_lease("sandbox/deals", "demo-1", "drain", "live-drainer", ttl_s=2),
+            harness.store.leases.hold("sandbox/contacts", "demo-1", "drain", "live-drainer", ttl_s=2),
+            harness.store.leases.hold("sandbox/deals", "demo-1", "drain", "live-drainer", ttl_s=2),
         ):
             holding.set()
             release.wait(60)

@@ -125,7 +125,7 @@ def test_trigger_queues_the_schedules_poll_and_409s_while_the_partition_is_taken
     assert status.status_code == 200 and status.json()["queued_or_running_poll"] == answer["run_id"]
 
     instance.report_run_canceled(dagster_run)
-    with Store(database_url) as store, store.hold_lease(SYNC.key, "acme", "poll", "run-from-a-backfill"):
+    with Store(database_url) as store, store.leases.hold(SYNC.key, "acme", "poll", "run-from-a-backfill"):
         held = call(api, "POST", f"{BASE}/trigger")
         assert held.status_code == 409 and "run run-from-a-backfill holds the poll lease" in held.json()["error"]
         assert call(api, "GET", f"{BASE}/status").json()["poll_lease_holder"] == "run-from-a-backfill"

@@ -107,8 +107,8 @@ def test_stores_in_two_schemas_of_one_database_do_not_share_locks(postgres_url: 
     production store's writers (its leases are rows of its own schema)."""
     with Store(postgres_url) as one, Store(other_postgres_url) as other:
         with (
-            one.hold_lease(workers.SYNC, "acme", "poll", "run-1"),
-            other.hold_lease(workers.SYNC, "acme", "poll", "run-1"),
+            one.leases.hold(workers.SYNC, "acme", "poll", "run-1"),
+            other.leases.hold(workers.SYNC, "acme", "poll", "run-1"),
         ):
             with one.writer(workers.SYNC, "acme", workers.NEWEST) as first:
                 first.save([workers.contact("a", 1)])

@@ -128,7 +128,7 @@ def test_failed_inbox_attempts_are_fenced_too(store: Store) -> None:
 
 
 def test_the_keeper_renews_and_notices_a_takeover(store: Store) -> None:
-    with store.hold_lease(SYNC, "acme", "poll", "run-1", ttl_s=0.6) as keeper:
+    with store.leases.hold(SYNC, "acme", "poll", "run-1", ttl_s=0.6) as keeper:
         granted = keeper.lease
         time.sleep(1.5)  # two and more renewals: without them the lease would have expired
         with pytest.raises(LeaseHeldError):

@@ -90,7 +90,7 @@ def test_removing_empties_the_partition_and_tells_readers_with_an_older_cursor(s
 def test_a_reset_never_runs_beside_a_poll_holding_the_lease(store: Store) -> None:
     seed(store)
     before = snapshot(store)
-    with store.hold_lease(SYNC, "acme", "poll", "run-polling") as keeper:
+    with store.leases.hold(SYNC, "acme", "poll", "run-polling") as keeper:
         with pytest.raises(LeaseHeldError, match=r"another run \(run-polling\) holds the poll lease"):
             store.reset(SYNC, "acme", records="remove", requested_by="cli:test")
         assert snapshot(store) == before
@@ -100,7 +100,7 @@ def test_a_reset_never_runs_beside_a_poll_holding_the_lease(store: Store) -> Non
             == 3
         )
     # A drain of the same partition is another role and does not stop a reset.
-    with store.hold_lease(SYNC, "acme", "drain", "run-draining"):
+    with store.leases.hold(SYNC, "acme", "drain", "run-draining"):
         assert store.reset(SYNC, "acme", requested_by="cli:test").records == "kept"
     with pytest.raises(ValueError, match="unknown records action 'drop'"):
         store.reset(SYNC, "acme", records="drop", requested_by="cli:test")  # type: ignore[arg-type]

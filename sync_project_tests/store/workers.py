@@ -48,7 +48,7 @@ def hold_lease(url: str, connection_id: str, ttl_s: float, acquired: Event, rele
     report what the fence said: a frozen holder learns only at its next write that it lost."""
     with (
         Store(url) as store,
-        store.hold_lease(SYNC, connection_id, "poll", f"child-{connection_id}", ttl_s=ttl_s) as keeper,
+        store.leases.hold(SYNC, connection_id, "poll", f"child-{connection_id}", ttl_s=ttl_s) as keeper,
     ):
         results.put(("granted", keeper.lease.token))
         acquired.set()
