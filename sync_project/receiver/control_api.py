@@ -51,7 +51,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sync_project.core.sync import SyncDefinition
-from sync_project.receiver.tokens import ApiToken, authenticate
+from sync_project.receiver.tokens import ApiToken, bearer
 from sync_project.store import Store, StoreUnavailableError, UnknownConnectionError
 
 if TYPE_CHECKING:  # importing it loads Dagster: only a receiver with the API on pays for that
@@ -107,8 +107,7 @@ def control_routes(
         """The token (401) and the sync (404), before the request's body or parameters are read."""
         if not enabled:
             raise _Refused(503, "the control API is not enabled on this receiver")
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        token = authenticate(given.strip(), tokens) if scheme.lower() == "bearer" and given.strip() else None
+        token = bearer(request.headers.get("authorization", ""), tokens)
         if token is None:
             raise _Refused(401, "a valid bearer token is required", {"WWW-Authenticate": 'Bearer realm="control"'})
         key = f"{request.path_params['provider']}/{request.path_params['object']}"

@@ -66,7 +66,7 @@ from sync_project.receiver.tokens import (
     SCOPED_TOKENS_ENV,
     TOKEN_ENV,
     ApiToken,
-    authenticate,
+    bearer,
     load_tokens,
     tokens_from,
 )
@@ -126,8 +126,7 @@ def records_routes(
         if not accepted:
             # The operator's fix is in the start-up log; an unauthenticated caller learns none of it.
             return _error(503, "the records API is not enabled on this receiver")
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        token = authenticate(given.strip(), accepted) if scheme.lower() == "bearer" and given.strip() else None
+        token = bearer(request.headers.get("authorization", ""), accepted)
         if token is None:
             return _error(401, "a valid bearer token is required", {"WWW-Authenticate": 'Bearer realm="records"'})
         key = f"{request.path_params['provider']}/{request.path_params['object']}"

@@ -90,6 +90,13 @@ def tokens_from(plain: Sequence[str]) -> list[ApiToken]:
     return [ApiToken(f"token#{n}", digest(token), frozenset({EVERYTHING})) for n, token in enumerate(plain)]
 
 
+def bearer(authorization: str, tokens: Sequence[ApiToken]) -> ApiToken | None:
+    """The token of an ``Authorization: Bearer <token>`` header (the records and control APIs
+    alike), or None for no header, another scheme, or a token that is not configured."""
+    scheme, _, given = authorization.partition(" ")
+    return authenticate(given.strip(), tokens) if scheme.lower() == "bearer" and given.strip() else None
+
+
 def authenticate(given: str, tokens: Sequence[ApiToken]) -> ApiToken | None:
     """The token ``given`` is, comparing its digest with every configured one in constant time."""
     offered = digest(given)
