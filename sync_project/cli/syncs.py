@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import getpass
-from typing import Literal
 
 import click
 
 from sync_project import registry
+from sync_project.core import RecordsAction
 
 
 @click.group("syncs")
@@ -51,7 +51,7 @@ def reset(sync_key: str, connection_id: str, empty_records: bool, remove: bool, 
                 f"`sync-project syncs reset {owner.key} {connection_id}` resets them all"
             ) from None
         raise click.ClickException(str(error.args[0])) from None
-    action: Literal["keep", "tombstone", "remove"] = "remove" if remove else "tombstone" if empty_records else "keep"
+    action: RecordsAction = "remove" if remove else "tombstone" if empty_records else "keep"
     from sync_project.orchestration.partition_run import reset_partition
 
     keys = [sync.model_key(model.name) for model in sync.all_models]

@@ -43,9 +43,19 @@ from sync_project.core.records import (
     Update,
     WebhookChange,
 )
-from sync_project.core.sync import FetchContext, FetchMode, Page, SyncDefinition, SyncModel, WebhookContext
+from sync_project.core.sync import (
+    RECORDS_ACTIONS,
+    FetchContext,
+    FetchMode,
+    Page,
+    RecordsAction,
+    SyncDefinition,
+    SyncModel,
+    WebhookContext,
+)
 
 __all__ = [
+    "RECORDS_ACTIONS",
     "ConnectionStatus",
     "Delete",
     "FetchContext",
@@ -63,6 +73,7 @@ __all__ = [
     "ProviderError",
     "RecordLike",
     "RecordSpec",
+    "RecordsAction",
     "Save",
     "SignatureError",
     "Sleep",

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import httpx
 from pydantic import BaseModel
@@ -20,6 +20,11 @@ from sync_project.core.provider import InboundEvent
 from sync_project.core.records import MergeStrategy, RecordLike, RecordSpec, WebhookChange
 
 FetchMode = Literal["full", "incremental"]
+#: What a reset of a sync's partition does with its records: keep them, tombstone each (the change
+#: feed shows them deleted; the next poll restores what the provider still has), or remove the
+#: rows. One rule for the store's reset, the run config and the command.
+RecordsAction = Literal["keep", "tombstone", "remove"]
+RECORDS_ACTIONS: tuple[RecordsAction, ...] = get_args(RecordsAction)
 
 
 @dataclass
@@ -82,6 +87,7 @@ class SyncModel:
 
     @property
     def record_spec(self) -> RecordSpec:
+        """Default strategy: newest_source_wins when the model has a provider timestamp, else override."""
         strategy = self.strategy or (MergeStrategy.NEWEST_SOURCE_WINS if self.updated_field else MergeStrategy.OVERRIDE)
         return RecordSpec(primary_key=self.primary_key, updated_field=self.updated_field, strategy=strategy)
 
@@ -136,8 +142,7 @@ class SyncDefinition:
 
     @property
     def record_spec(self) -> RecordSpec:
-        strategy = self.strategy or (MergeStrategy.NEWEST_SOURCE_WINS if self.updated_field else MergeStrategy.OVERRIDE)
-        return RecordSpec(primary_key=self.primary_key, updated_field=self.updated_field, strategy=strategy)
+        return self.own_model.record_spec
 
     @property
     def own_model(self) -> SyncModel:

@@ -16,7 +16,7 @@ from pydantic import Field
 from sync_project.core.clock import utcnow
 from sync_project.core.http import ProviderError
 from sync_project.core.provider import Provider
-from sync_project.core.sync import SyncDefinition
+from sync_project.core.sync import RecordsAction, SyncDefinition
 from sync_project.notifications.sync import NotificationOutcome, SyncNotification, SyncNotifier, SyncResults
 from sync_project.orchestration.checks import (
     CheckSettings,
@@ -35,10 +35,6 @@ if TYPE_CHECKING:
     from sync_project.orchestration.partition_run import RunSettings
     from sync_project.orchestration.webhook_drain import DrainResult
     from sync_project.store import FullWindow, Store
-
-#: What a reset does with the partition's records (``sync_project.store.resets.RecordsAction``,
-#: spelled out so the code location does not import the store to declare its config).
-RecordsAction = Literal["keep", "tombstone", "remove"]
 
 #: The run modes: a partition's run polls (full, incremental), drains (webhook) or resets it.
 SyncMode = Literal["full", "incremental", "webhook", "reset"]

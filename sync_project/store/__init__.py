@@ -66,7 +66,7 @@ _WHERE = {
     "PreparedBatch": "sync_project.store.records",
     "RecordWriter": "sync_project.store.records",
     "prepare": "sync_project.store.records",
-    "RecordsAction": "sync_project.store.resets",
+    "RecordsAction": "sync_project.core",
     "ResetResult": "sync_project.store.resets",
     "Resets": "sync_project.store.resets",
     "ConnectionLookup": "sync_project.store.routing",
@@ -147,7 +147,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from sync_project.core import ProviderConnection
+    from sync_project.core import ProviderConnection, RecordsAction
     from sync_project.store.connections import Connections, DuplicateConnectionError
     from sync_project.store.engine import unavailable_as_store_error
     from sync_project.store.errors import (
@@ -183,7 +183,7 @@ if TYPE_CHECKING:
         prepare_batch,
     )
     from sync_project.store.records import PreparedBatch, RecordWriter, prepare
-    from sync_project.store.resets import RecordsAction, ResetResult, Resets
+    from sync_project.store.resets import ResetResult, Resets
     from sync_project.store.routing import ConnectionLookup, ConnectionSnapshot, connections_for
     from sync_project.store.state import FullWindow, SyncState, SyncStates
     from sync_project.store.store import Store

@@ -22,17 +22,15 @@ Every reset is kept in ``sync_resets``, as a record of who emptied what and when
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
 
 from pydantic import BaseModel
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection, Engine
 
+from sync_project.core.sync import RECORDS_ACTIONS, RecordsAction
 from sync_project.store.engine import reading, unavailable_as_store_error
 from sync_project.store.schema import sync_resets, sync_state
 
-RecordsAction = Literal["keep", "tombstone", "remove"]
-RECORDS_ACTIONS: tuple[RecordsAction, ...] = ("keep", "tombstone", "remove")
 #: What ``sync_resets.records`` says of each action.
 _OUTCOME = {"keep": "kept", "tombstone": "tombstoned", "remove": "removed"}
 
