@@ -289,7 +289,7 @@ def _next_poll(
     if connection.status != "active":
         return NextPoll(schedule=name, note=connection.status)
     if not has_partition:
-        return NextPoll(schedule=name, note="no partition (re-add the connection)")
+        return NextPoll(schedule=name, note="no partition yet (connection_partitions_sensor adds it)")
     if has_own_poll_interval(sync, connection):
         sensor_name = PER_CONNECTION_SENSOR
         sensor = defs.resolve_sensor_def(sensor_name)

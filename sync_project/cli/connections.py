@@ -10,6 +10,7 @@ import click
 import dagster as dg
 
 from sync_project import registry, settings
+from sync_project.orchestration.connection_partitions import reconcile_partitions
 from sync_project.orchestration.partitions import partitions_name
 from sync_project.store import ProviderConnection, Store, StoreError
 
@@ -204,9 +205,11 @@ def add(
                 poll_interval_s=poll_s,
                 full_refresh_interval_s=full_s,
             )
+            # Its partition is derived from the table (connection_partitions_sensor keeps them
+            # equal); added here too, so it is there when this returns.
+            reconcile_partitions(dagster_instance(), store, [provider])
     except (StoreError, ValueError) as error:
         raise click.ClickException(str(error)) from None
-    dagster_instance().add_dynamic_partitions(partitions_name(provider), [connection_id])
     click.echo(
         f"added {provider}/{connection_id} (partition {connection_id} of {partitions_name(provider)}): {_describe(row)}"
     )
@@ -319,11 +322,10 @@ def remove(provider: str, connection_id: str) -> None:
     try:
         with Store() as store:
             orphaned = store.connections.remove(provider, connection_id)
+            instance = dagster_instance()
+            reconcile_partitions(instance, store, [provider])  # the partition goes with it
     except StoreError as error:
         raise click.ClickException(str(error)) from None
-    instance = dagster_instance()
-    if instance.has_dynamic_partition(partitions_name(provider), connection_id):
-        instance.delete_dynamic_partition(partitions_name(provider), connection_id)
     canceled = cancel_queued_runs(instance, provider, connection_id)
     click.echo(f"removed {provider}/{connection_id}")
     if orphaned:

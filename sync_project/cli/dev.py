@@ -35,7 +35,7 @@ import yaml
 from sync_project import settings
 from sync_project.cli.connections import dagster_instance
 from sync_project.core.standard_webhooks import generate_secret
-from sync_project.orchestration.partitions import partitions_name
+from sync_project.orchestration.connection_partitions import reconcile_partitions
 from sync_project.receiver.records_api import TOKEN_ENV as RECORDS_TOKEN_ENV
 from sync_project.sandbox.client import SandboxAdmin
 from sync_project.store import Store
@@ -188,7 +188,7 @@ def register_demo_connections(sandbox_url: str, token_envs: dict[str, str]) -> N
                 credentials_env=token_envs[connection_id],
                 config={"base_url": sandbox_url},
             )
-    dagster_instance().add_dynamic_partitions(partitions_name("sandbox"), list(DEMO_ACCOUNTS))
+        reconcile_partitions(dagster_instance(), store, ["sandbox"])
 
 
 def prepare_demo_accounts(admin: SandboxAdmin, env: dict[str, str], token_envs: dict[str, str]) -> list[str]:

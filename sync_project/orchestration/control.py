@@ -40,7 +40,7 @@ UNFINISHED = [
 
 
 class PartitionBusyError(Exception):
-    """A poll of the partition is queued or running (or it has no partition to run)."""
+    """A poll of the partition is queued or running."""
 
     def __init__(self, message: str, *, run_id: str | None = None) -> None:
         super().__init__(message)
@@ -83,13 +83,13 @@ class RunLauncher:
         return records[0].dagster_run if records else None
 
     def submit_poll(self, sync: SyncDefinition, connection_id: str, mode: PollMode) -> dg.DagsterRun:
-        """Queue a poll of the partition, or raise :class:`PartitionBusyError` if one is queued or
-        running already, or if the instance has no partition for the connection."""
-        if not self.instance.has_dynamic_partition(partitions_name(sync.provider), connection_id):
-            raise PartitionBusyError(
-                f"connection {connection_id!r} has no partition of {partitions_name(sync.provider)} in this Dagster "
-                "instance; re-add it with `sync-project connections add` to register it"
-            )
+        """Queue a poll of the partition of ``connection_id`` (a connection of the store: the caller
+        looked it up), or raise :class:`PartitionBusyError` if one is queued or running already."""
+        name = partitions_name(sync.provider)
+        if not self.instance.has_dynamic_partition(name, connection_id):
+            # Derived from the connection, which exists: connection_partitions_sensor would add
+            # it at its next tick; the run needs it now.
+            self.instance.add_dynamic_partitions(name, [connection_id])
         queued = self.unfinished_poll(sync, connection_id)
         if queued is not None:
             raise PartitionBusyError(

@@ -1,4 +1,5 @@
 """Turns declared syncs into Dagster definitions: assets, jobs, polling schedules, the inbox sensor,
+the sensor that derives the connection partitions from the store's connections table,
 the checks of every sync and the schedule that runs them, and each sync's warehouse asset with the
 automation sensor that keeps it following its sync."""
 
@@ -12,6 +13,7 @@ from sync_project.core.provider import Provider
 from sync_project.core.sync import SyncDefinition
 from sync_project.orchestration.assets import STORE_KEY, build_sync_asset, job_name
 from sync_project.orchestration.checks import CheckSettings, build_checks_job
+from sync_project.orchestration.connection_partitions import build_connection_partitions_sensor
 from sync_project.orchestration.notifications import NOTIFIER_KEY, NotifierResource
 from sync_project.orchestration.resources import StoreResource
 from sync_project.orchestration.run_limits import RunLimits
@@ -79,6 +81,8 @@ def build_definitions(
         ),
         *(build_poll_sensor(sync, jobs[sync.key], run_limits) for sync in syncs if not sync.cron),
         *([build_per_connection_sensor(syncs, jobs, run_limits)] if syncs else []),
+        # The connection partitions follow the store's connections table.
+        *([build_connection_partitions_sensor([sync.provider for sync in syncs])] if syncs else []),
     ]
     if warehouse_assets:
         sensors.append(build_warehouse_sensor(warehouse_assets))

@@ -61,8 +61,8 @@ def poll_requests(
     now: datetime | None = None,
     connections: Sequence[ProviderConnection] | None = None,
 ) -> list[dg.RunRequest]:
-    """A run for each active connection that exists as a partition (``connections``: those of
-    the sync's provider that the sync's schedule covers, by default), full when one is due."""
+    """A run for each active connection whose partition exists already (``connections``: those
+    of the sync's provider that the sync's schedule covers, by default), full when one is due."""
     store = store_resource.get_store()
     now = now or datetime.now(timezone.utc)
     registered = set(context.instance.get_dynamic_partitions(partitions_name(sync.provider)))
@@ -77,10 +77,8 @@ def poll_requests(
     requests = []
     for connection in connections:
         if connection.connection_id not in registered:
-            context.log.warning(
-                f"{sync.key}: connection {connection.connection_id} has no partition in this Dagster "
-                "instance; re-add it with `sync-project connections add` to register it"
-            )
+            # Added a moment ago elsewhere: connection_partitions_sensor derives its partition
+            # from the table within its interval, and the next tick polls it.
             continue
         mode: PollMode = "incremental"
         reason = cadence.full_refresh_due(sync, connection, states.get(connection.connection_id), now)

@@ -380,6 +380,8 @@ def build_inbox_sensor(
             if not due:
                 return dg.SkipReason(f"no due inbox events (high-water mark {high_water_mark})")
             return dg.SkipReason(f"{len(due)} partition(s) with due events, each with a drainer")
+        # Only connections of the table get runs (above), so these are partitions derived from it,
+        # as connection_partitions_sensor derives them: added in this tick so its runs can start.
         additions = []
         for provider, connection_ids in by_provider.items():
             partitions = connection_partitions(provider)

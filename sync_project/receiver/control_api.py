@@ -27,8 +27,8 @@ read scopes (the records API's) do not control anything.
 401   no bearer token, or a wrong one
 403   the token may not control this provider or connection (decided before the database is read)
 404   no such sync, or no such connection of its provider
-409   trigger only: a run holds the partition's poll lease, a poll of it is queued or running, the
-      connection is paused, or it has no partition in the Dagster instance
+409   trigger only: a run holds the partition's poll lease, a poll of it is queued or running, or the
+      connection is paused
 503   the database or the Dagster instance is unavailable, or no control token is configured
 ====  =========================================================================================
 
