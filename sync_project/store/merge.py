@@ -1,8 +1,15 @@
-"""The merge rules, as pure functions over one batch and the stored state of its keys.
+"""The merge rules, in one place: pure functions over a batch and the stored state of its keys.
 
 The store reads the stored state of a batch's keys under the (sync, connection) batch lock, asks
 :func:`plan_batch` what to write, and writes exactly that. Keeping the rules free of SQL keeps them
 identical on both backends and lets the property tests exercise them directly.
+
+- :data:`GUARDS` declares each strategy's guard once; :func:`rejects` evaluates it and
+  :func:`guard_sql` renders it for the one set-based execution (the write-first save on Postgres,
+  ``store/bulk.py``), so the two executions of a plan cannot drift apart.
+- :func:`prepare_batch` validates and collapses a batch (:func:`supersedes`: the same guard).
+- :func:`segments` and :func:`plan_in_order` plan an event-ordered batch (a webhook run's) as its
+  segments merged one after another, over one read of its keys, so it is written once.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Saves that write first (``PostgresBulk.save_unread``) against saves that read first.
 
-The two are one set of rules in two places: ``merge.plan_batch`` in Python and the guarded upsert's
-SQL. Hypothesis builds stored states (absent, live, tombstoned, with and without a provider
+The two are the two executions of one plan: ``merge.plan_batch`` in Python and the guarded
+upsert's SQL, whose guard is rendered from the same declaration (``merge.GUARDS``). Hypothesis builds stored states (absent, live, tombstoned, with and without a provider
 timestamp, same or other content) and a batch over them; each example is saved both ways into two
 syncs holding the same state, and everything a user can see must come out the same: the records,
 the counts, the change feed and the seen marks of a full refresh.
