@@ -2,13 +2,15 @@
 
     python benchmarks/receiver.py [--requests 30000] [--concurrency 64] [--max-seconds 30]
                                   [--backend postgres|sqlite] [--naive-requests 2000]
+                                  [--workers 1] [--writers N] [--done-events N]
 
 Three servers, each uvicorn (uvloop + httptools) in its own process on a loopback port, served the
 same way and driven by the same load generator in the same run:
 
 - ``bare``: a Starlette endpoint that reads the body and answers 202 (the ceiling: HTTP alone);
 - ``receiver``: ``sync_project.receiver.create_app`` over a fresh store: verify the HMAC signature,
-  parse, route against the connections table, group-commit to the inbox, then answer;
+  parse, route against the connections table, group-commit to the inbox, then answer
+  (``--workers N``: N such processes on one port, as ``sync-project receiver --workers N``);
 - ``one commit per delivery``: the same receiver with ``max_batch=1``, i.e. without group commit
   (the naive design), for scale.
 
@@ -16,13 +18,18 @@ The load generator is a raw asyncio HTTP/1.1 client (keep-alive, one request in 
 connection, ``--concurrency`` connections) running in this process: httpx's client costs more CPU
 per request than the server under test and would measure itself. Every request is a distinct,
 signed delivery of about 500 bytes, prepared before the clock starts. A phase stops after its
-request count or ``--max-seconds``, whichever comes first.
+request count or ``--max-seconds``, whichever comes first, and within a second of a server's
+death (with its traceback). Each phase also reports the server's CPU time per answer, the figure
+the machine's other load moves least.
 
 The limit is measured in the same run, on the same server (Postgres only): pgbench (Debian's
-``postgresql-contrib``; ``--limit-clients`` connections, 64, or fewer when the shared server has not that
-many free) inserting durable one-row
-transactions, then 100-row ones (8 connections), into a table shaped like the inbox. The
-receiver's durable deliveries/s are printed as a ratio to both.
+``postgresql-contrib``) inserting durable one-row transactions from ``--limit-clients`` connections
+(64, or fewer when the shared server has not that many free), then 100-row ones (8 connections),
+into a table shaped like the inbox. The receiver's durable deliveries/s are printed as a ratio to
+both.
+
+``--done-events N`` fills a second store's inbox with N done events first; receiver phases on it
+alternate with phases on the empty one, and the mean of each is compared.
 
 Durability is checked, not assumed: after the run, the inbox must hold exactly one row per 202.
 Postgres runs in a fresh private schema (dropped afterwards): ``SYNC_BENCH_POSTGRES_URL``, else
