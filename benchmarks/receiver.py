@@ -231,12 +231,13 @@ def server(
         assert port is not None
         yield port, report
     finally:
-        for process in processes:
-            if process.pid is not None and process.is_alive():
+        alive = [process for process in processes if process.is_alive()]
+        for process in alive:
+            if process.pid is not None:
                 os.kill(process.pid, signal.SIGINT)  # a graceful uvicorn shutdown, then the stats
-        if kind != "bare":
+        if kind != "bare" and len(alive) == len(processes):
             with contextlib.suppress(Exception):  # the figures print without it
-                counts = [stats.get(timeout=30) for _ in processes]
+                counts = [get_from_child(stats, alive, 30, "the commit counts") for _ in alive]
                 report["batches"] = (sum(c[0] for c in counts), sum(c[1] for c in counts))
         for process in processes:
             process.join(30)
