@@ -126,9 +126,8 @@ def create_app(
     thread on its own connection, and each delivery is still answered after its own batch's
     commit. Two batches racing over the same events (a redelivery sent while its original is being
     committed) can deadlock on Postgres; the batch rolled back is run again (see receiver.writer).
-    One by default: on a 2-core machine, where the receiver is CPU-bound, two split the load into
-    smaller batches and measured slower (issue 18's note); more cores and a slower disk favour
-    more. ``commit_deadline_s`` (default
+    One by default here; ``sync-project receiver`` runs two on Postgres (see its ``--writers``).
+    ``commit_deadline_s`` (default
     ``SYNC_RECEIVER_COMMIT_DEADLINE_S`` or 5 s) bounds the wait for a commit and for ``/healthz``.
 
     ``store`` need not be reachable yet, nor migrated: open it with ``migrate_schema=False`` and
