@@ -173,7 +173,11 @@ def serve(
         from sync_project.store import Store
 
         store = Store(database_url)  # its pool: the writers' connections and the health probe's
-        options: dict[str, Any] = {} if writers is None else {"writers": writers}  # else the receiver's default
+        from sync_project.cli.receiver import POSTGRES_WRITERS
+
+        if writers is None:  # as `sync-project receiver` chooses
+            writers = POSTGRES_WRITERS if store.backend == "postgresql" else 1
+        options: dict[str, Any] = {"writers": writers}
         app = create_app(
             store, providers={"bench": _bench_provider()}, syncs=[_bench_sync()], max_batch=max_batch, **options
         )
@@ -504,8 +508,9 @@ def database(backend: str) -> Iterator[str]:
 def run_receiver(
     name: str, url: str, log_dir: str, requests: list[bytes], args: argparse.Namespace, max_batch: int
 ) -> Phase:
-    workers = args.workers if max_batch > 1 else 1
-    with server("receiver", url, log_dir, max_batch=max_batch, writers=args.writers, workers=workers) as (
+    # The one-commit-per-delivery phase is the naive design: one process, one commit at a time.
+    workers, writers = (args.workers, args.writers) if max_batch > 1 else (1, 1)
+    with server("receiver", url, log_dir, max_batch=max_batch, writers=writers, workers=workers) as (
         port,
         report,
     ):
@@ -558,7 +563,9 @@ def main() -> int:
         default=64,
         help="pgbench connections for the one-row limit (fewer if the server has not that many free)",
     )
-    parser.add_argument("--writers", type=int, default=None, help="the receiver's writers (default: its own default)")
+    parser.add_argument(
+        "--writers", type=int, default=None, help="the receiver's writers (default: as sync-project receiver)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="receiver processes sharing the port (group commit)")
     parser.add_argument(
         "--done-events",
