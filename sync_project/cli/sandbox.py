@@ -135,11 +135,16 @@ def command(
         def ready(sandbox: Sandbox, base_url: str) -> None:
             _banner(sandbox, base_url, secret_given=secret is not None, admin_given=admin_token is not None)
 
-        serve(config, host=host, port=port, log_level=log_level, on_ready=ready)
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
-        click.echo("sandbox stopped")
+        try:
+            serve(config, host=host, port=port, log_level=log_level, on_ready=ready)
+        except KeyboardInterrupt:
+            # uvicorn re-raises Ctrl-C after its graceful shutdown, but the re-raised signal lands in
+            # asyncio.run's own SIGINT handler, which only cancels the server's task: when that task
+            # finishes first, serve() returns normally. Either way the sandbox has stopped.
+            pass
     except (ValueError, OSError) as error:
         raise click.ClickException(str(error)) from error
+    click.echo("sandbox stopped")
 
 
 def _parse_mix(text: str) -> ChangeMix:
