@@ -230,7 +230,7 @@ def create_app(
         try:
             check_json_depth(body, max_json_depth)
             events = provider.parse(webhook)
-            check_storable(events)
+            payloads_json = check_storable(events)
         except RecursionError:  # a provider reading its JSON some other way than json.loads
             return answer(400, "malformed", {"error": "JSON nested too deeply"})
         except (MalformedWebhookError, ValueError) as error:  # ValueError covers bad JSON and UTF-8
@@ -249,7 +249,7 @@ def create_app(
             entry["reason"] = "DatabaseNotReached"
             return answer(503, "unavailable", {"error": "inbox unavailable, retry later"}, unavailable_headers)
         try:
-            result = await committer.submit(Delivery(name, tuple(events)))
+            result = await committer.submit(Delivery(name, tuple(events), tuple(payloads_json)))
         except MalformedWebhookError as error:
             return answer(400, "malformed", {"error": str(error)})
         except (StoreUnavailableError, QueueFullError, CommitterClosedError) as error:

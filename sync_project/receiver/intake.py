@@ -57,8 +57,13 @@ def check_json_depth(body: bytes, max_depth: int) -> None:
             depth -= 1
 
 
-def check_storable(events: Sequence[InboundEvent]) -> None:
-    """Raise :class:`UnstorableEventError` for the first event the inbox could not store."""
+def check_storable(events: Sequence[InboundEvent]) -> list[str]:
+    """Raise :class:`UnstorableEventError` for the first event the inbox could not store.
+
+    Returns each event's payload as the JSON text the inbox stores: the check serialises it
+    anyway, and the commit thread would otherwise encode it again.
+    """
+    texts: list[str] = []
     for event in events:
         key = event.event_key
         if not isinstance(key, str | int) or isinstance(key, bool) or key == "":
@@ -75,7 +80,8 @@ def check_storable(events: Sequence[InboundEvent]) -> None:
             not isinstance(event.account_id, int) or isinstance(event.account_id, bool)
         ):
             raise UnstorableEventError(f"{where}: account id is a {type(event.account_id).__name__}")
-        _check_payload(event.payload, where)
+        texts.append(_check_payload(event.payload, where))
+    return texts
 
 
 def _check_text(value: str, what: str) -> None:
@@ -96,13 +102,13 @@ def _text_problem(value: str) -> str | None:
     return None
 
 
-def _check_payload(payload: Any, where: str) -> None:
+def _check_payload(payload: Any, where: str) -> str:
     if not isinstance(payload, dict):
         raise UnstorableEventError(f"{where}: payload is not a JSON object")
     # One C-speed serialisation says whether anything is wrong; only then is the payload walked
     # to name the place (a literal backslash-u0000 in a string is not a NUL, hence the regex).
     try:
-        text = json.dumps(payload, ensure_ascii=False, allow_nan=False)
+        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError, RecursionError) as error:
         raise UnstorableEventError(f"{where}: payload is not storable JSON ({type(error).__name__})") from None
     # The substring first: the regex's look-behind at every position cost more than the dumps.
@@ -113,11 +119,12 @@ def _check_payload(payload: Any, where: str) -> None:
         except UnicodeEncodeError:
             suspicious = True
     if not suspicious:
-        return
+        return text
     for path, value in _strings(payload, "payload"):
         problem = _text_problem(value)
         if problem:
             raise UnstorableEventError(f"{where}: {path[:200]} {problem}")
+    return text  # a literal backslash-u0000 (an escaped backslash): stored as it is
 
 
 def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pydantic import ValidationError
-
 from sync_project.core.provider import InboundEvent, MalformedWebhookError
 from sync_project.core.sync import SyncDefinition
 from sync_project.store import ConnectionLookup, RoutedEvent, connections_for
@@ -55,6 +53,7 @@ def route(
     connections: ConnectionLookup,
     *,
     subscribers: SubscribersFn = registry_subscribers,
+    payloads_json: Sequence[str] | None = None,
 ) -> list[RoutedEvent]:
     """The inbox rows for ``events`` of ``provider``.
 
@@ -63,28 +62,36 @@ def route(
       until ``inbox replay --status unroutable`` finds its connection;
     - otherwise one ``pending`` row per subscribed sync and routed connection (paused ones too:
       their events wait).
+
+    ``payloads_json``, one per event: each payload as the inbox stores it, when the caller has
+    serialised it already (the receiver's intake has), so it is not encoded a second time.
     """
     try:
-        return _route(provider, events, connections, subscribers)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ())) or "event"
-        raise InvalidEventError(f"invalid event ({where}): {first.get('msg', 'invalid')}") from None
+        return _route(provider, events, connections, subscribers, payloads_json)
+    except InvalidEventError:
+        raise
+    except ValueError as error:  # RoutedEvent's checks: the field and the reason
+        raise InvalidEventError(f"invalid event: {error}") from None
 
 
 def _route(
-    provider: str, events: Sequence[InboundEvent], connections: ConnectionLookup, subscribers: SubscribersFn
+    provider: str,
+    events: Sequence[InboundEvent],
+    connections: ConnectionLookup,
+    subscribers: SubscribersFn,
+    payloads_json: Sequence[str] | None,
 ) -> list[RoutedEvent]:
     routed: list[RoutedEvent] = []
-    for event in events:
+    for index, event in enumerate(events):
         account_id = account_of(event)
         if account_id is not None and not isinstance(account_id, str):
             raise InvalidEventError(f"event {event.event_key!r}: account id is a {type(account_id).__name__}")
-        common = {
+        common: dict[str, Any] = {
             "event_key": _text(event.event_key),
             "event_type": event.event_type,
             "account_id": account_id,
             "payload": event.payload,
+            "payload_json": payloads_json[index] if payloads_json is not None else "",
         }
         syncs = subscribers(provider, event.event_type)
         if not syncs:

@@ -96,6 +96,8 @@ class Delivery:
 
     provider: str
     events: tuple[InboundEvent, ...]
+    #: Each event's payload as the inbox stores it (``intake.check_storable`` serialised them).
+    payloads_json: tuple[str, ...] | None = None
 
 
 class InboxWriter:
@@ -191,7 +193,13 @@ class InboxWriter:
         routed: list[tuple[int, tuple[str, list]]] = []
         for delivery in batch:
             try:
-                rows = route(delivery.provider, delivery.events, snapshot, subscribers=self._subscribers)
+                rows = route(
+                    delivery.provider,
+                    delivery.events,
+                    snapshot,
+                    subscribers=self._subscribers,
+                    payloads_json=delivery.payloads_json,
+                )
             except MalformedWebhookError as error:
                 outcomes.append(error)
                 continue
