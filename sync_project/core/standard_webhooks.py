@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import secrets as _secrets
 import time
@@ -63,7 +62,7 @@ def decode_secret(secret: str) -> bytes:
 def signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     """The ``v1,<base64>`` signature of one delivery attempt."""
     signed = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.new(decode_secret(secret), signed, hashlib.sha256).digest()
+    digest = hmac.digest(decode_secret(secret), signed, "sha256")
     return "v1," + base64.b64encode(digest).decode()
 
 
