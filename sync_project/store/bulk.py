@@ -35,15 +35,11 @@ _TABLE = records.name
 _UTC = timezone.utc
 
 
-class BulkWriter(Protocol):
-    """What :class:`~sync_project.store.records.RecordWriter` needs from a backend: the Python
-    plan's execution (read state, then write what :func:`~sync_project.store.merge.plan_batch`
-    decided) and, where ``writes_first``, the set-based one (``save_unread``)."""
+class SaveUnread(Protocol):
+    """The set-based execution of a save: the guarded upsert, without reading first. Returns
+    (external id, last action, whether it was a restore) for each row it wrote."""
 
-    #: Whether ``save_unread`` (the guarded upsert) is available.
-    writes_first: bool
-
-    def save_unread(
+    def __call__(
         self,
         items: Sequence[Incoming],
         now: datetime,
@@ -51,6 +47,15 @@ class BulkWriter(Protocol):
         fetched_at: datetime,
         seen_by_run: str | None,
     ) -> list[tuple[str, str, bool]]: ...
+
+
+class BulkWriter(Protocol):
+    """What :class:`~sync_project.store.records.RecordWriter` needs from a backend: the Python
+    plan's execution (read state, then write what :func:`~sync_project.store.merge.plan_batch`
+    decided) and, where the backend has one, the set-based one (``save_unread``, else None)."""
+
+    @property
+    def save_unread(self) -> SaveUnread | None: ...
 
     def read_state(self, keys: Sequence[str], *, with_data: bool, with_modified: bool) -> dict[str, Stored]: ...
 
@@ -104,8 +109,6 @@ _GUARDS = {strategy: guard_sql(strategy, _TABLE) for strategy in MergeStrategy}
 
 
 class PostgresBulk:
-    writes_first = True
-
     def __init__(self, conn: Connection, sync: str, connection_id: str) -> None:
         self._conn = conn
         self._dbapi = conn.connection.dbapi_connection
@@ -144,7 +147,11 @@ class PostgresBulk:
             self._stage(cursor, rows, now)
             cursor.execute(_UPSERT_STAGED, self._params(now=now, seen=seen_by_run))
 
-    def save_unread(
+    @property
+    def save_unread(self) -> SaveUnread:
+        return self._save_unread
+
+    def _save_unread(
         self,
         items: Sequence[Incoming],
         now: datetime,
@@ -360,23 +367,14 @@ def _copy_text(value: str) -> str:
 
 
 class SqliteBulk:
-    #: In-process, a read costs SQLite no round trip and no parse: it always reads first.
-    writes_first = False
+    #: In-process, a read costs SQLite no round trip and no parse: it always reads first, and has
+    #: no set-based execution.
+    save_unread: None = None
 
     def __init__(self, conn: Connection, sync: str, connection_id: str) -> None:
         self._dbapi = conn.connection.dbapi_connection
         self._sync = sync
         self._connection_id = connection_id
-
-    def save_unread(
-        self,
-        items: Sequence[Incoming],
-        now: datetime,
-        strategy: MergeStrategy,
-        fetched_at: datetime,
-        seen_by_run: str | None,
-    ) -> list[tuple[str, str, bool]]:
-        raise NotImplementedError("SQLite reads first (writes_first is False)")
 
     def read_state(self, keys: Sequence[str], *, with_data: bool, with_modified: bool) -> dict[str, Stored]:
         assert self._dbapi is not None

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from sync_project.core.clock import utcnow
 from sync_project.core.records import RecordLike
 from sync_project.store import feed
-from sync_project.store.bulk import KEY_CHUNK, bulk_writer
+from sync_project.store.bulk import KEY_CHUNK, SaveUnread, bulk_writer
 from sync_project.store.errors import InvalidBatchError
 from sync_project.store.leases import Lease, check_lease
 from sync_project.store.locks import take_batch_lock
@@ -188,8 +188,9 @@ class RecordWriter:
                 continue
             # The plan's two executions: the set-based one (the guards in SQL) when the backend
             # has it and the partition's saves mostly write; else read, plan in Python, write.
-            if self._bulk.writes_first and self._hints.write_first(self.sync, self.connection_id):
-                chunk_result = self._save_unread(chunk, fetched_at, seen_by_run)
+            save_unread = self._bulk.save_unread
+            if save_unread is not None and self._hints.write_first(self.sync, self.connection_id):
+                chunk_result = self._save_unread(save_unread, chunk, fetched_at, seen_by_run)
             else:
                 chunk_result = self._read_plan_apply(action, chunk, fetched_at, seen_by_run)
             self._hints.observe(self.sync, self.connection_id, len(chunk), chunk_result.added + chunk_result.updated)
@@ -371,12 +372,14 @@ class RecordWriter:
         self._apply(plan, seen_by_run)
         return plan.result
 
-    def _save_unread(self, chunk: list[Incoming], fetched_at: datetime, seen_by_run: str | None) -> MergeResult:
+    def _save_unread(
+        self, save_unread: SaveUnread, chunk: list[Incoming], fetched_at: datetime, seen_by_run: str | None
+    ) -> MergeResult:
         """A save that writes first (see :class:`WriteHints`), then reads and plans only the keys
         the guarded upsert left: their counts, source advances and seen marks come from the same
         rules as ever, on state this transaction has not changed."""
         now = self._stamp()
-        written = self._bulk.save_unread(chunk, now, self.spec.strategy, fetched_at, seen_by_run)
+        written = save_unread(chunk, now, self.spec.strategy, fetched_at, seen_by_run)
         result = MergeResult()
         keys = []
         superseded = 0

@@ -155,13 +155,13 @@ def test_a_store_writes_first_after_a_page_that_was_mostly_written(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    real = PostgresBulk.save_unread
+    real = PostgresBulk._save_unread
 
     def counted(self: PostgresBulk, items: Any, *args: Any) -> Any:
         calls.append(len(items))
         return real(self, items, *args)
 
-    monkeypatch.setattr(PostgresBulk, "save_unread", counted)
+    monkeypatch.setattr(PostgresBulk, "_save_unread", counted)
     with Store(postgres_url) as store:
         sync = "wf/adaptive"
         first = [contact(f"c{i}", 1) for i in range(10)]
