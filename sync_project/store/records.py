@@ -249,7 +249,7 @@ class RecordWriter:
         finally:
             self._held_keys, self._held_stamp = None, None
         if stamp is not None and keys:
-            self._record_feed_entry(stamp, keys, superseded=superseded)
+            self._insert_feed_entry(stamp, keys, superseded)
 
     def delete_unseen(self, run_id: str, started_at: datetime) -> int:
         """Tombstone live records a full refresh did not see and nobody modified since it started.
@@ -278,7 +278,7 @@ class RecordWriter:
             .returning(records.c.external_id)
         )
         keys = list(self.conn.execute(statement).scalars())
-        self._record_feed_entry(now, keys, superseded=len(keys))
+        self._record_feed_entry(now, [(key, True) for key in keys])
         return len(keys)
 
     def tombstone_all(self) -> int:
@@ -300,7 +300,7 @@ class RecordWriter:
             .returning(records.c.external_id)
         )
         keys = list(self.conn.execute(statement).scalars())
-        self._record_feed_entry(now, keys, superseded=len(keys))
+        self._record_feed_entry(now, [(key, True) for key in keys])
         return len(keys)
 
     def next_stamp(self) -> datetime:
@@ -382,15 +382,13 @@ class RecordWriter:
         written = save_unread(chunk, now, self.spec.strategy, fetched_at, seen_by_run)
         result = MergeResult()
         keys = []
-        superseded = 0
-        for key, last_action, is_new in written:
+        for key, last_action, _ in written:
             keys.append(key)
             if last_action == "added":
                 result.added += 1
             else:
                 result.updated += 1
-            superseded += not is_new
-        self._record_feed_entry(now, keys, superseded=superseded)
+        self._record_feed_entry(now, [(key, not is_new) for key, _, is_new in written])
         if len(keys) < len(chunk):
             done = set(keys)
             left = [item for item in chunk if item.key not in done]
@@ -442,30 +440,31 @@ class RecordWriter:
                 self._bulk.upsert(content, now, seen_by_run)
             if tombstones:
                 self._bulk.tombstone(tombstones, now)
-            self._record_feed_entry(
-                now, [w.key for w in plan.writes], superseded=sum(1 for w in plan.writes if not w.is_new)
-            )
+            self._record_feed_entry(now, [(w.key, not w.is_new) for w in plan.writes])
         if plan.advance:
             self._bulk.advance_source(plan.advance)
         if seen_by_run and plan.untouched:
             self._bulk.mark_seen(plan.untouched, seen_by_run)
 
-    def _record_feed_entry(self, stamp: datetime, keys: list[str], *, superseded: int) -> None:
-        """Enter one write in the change feed: the records stamped ``stamp`` (each once), of which
-        ``superseded`` were listed before under an older stamp; compact the feed when it is due."""
-        if not keys:
+    def _record_feed_entry(self, stamp: datetime, written: Sequence[tuple[str, bool]]) -> None:
+        """Enter one write in the change feed: (key, whether the record existed before, so was
+        listed under an older stamp) for each record stamped ``stamp``, each once."""
+        if not written:
             return
         if self._held_keys is not None:
-            # A key this entry lists already was counted as superseded by its second write (the
-            # record existed by then); listed once, it supersedes nothing more.
-            repeats = 0
-            for key in keys:
-                if key in self._held_keys:
-                    repeats += 1
-                else:
+            # Only a key's first write in the block says whether it was listed before the block: a
+            # later one finds the record the block itself wrote (and a write-first upsert of a row
+            # this transaction inserted even reports it as new).
+            for key, existed in written:
+                if key not in self._held_keys:
                     self._held_keys[key] = None
-            self._held_superseded += superseded - repeats
+                    self._held_superseded += existed
             return
+        self._insert_feed_entry(stamp, [key for key, _ in written], sum(existed for _, existed in written))
+
+    def _insert_feed_entry(self, stamp: datetime, keys: list[str], superseded: int) -> None:
+        """One change-feed row: ``keys`` stamped ``stamp``, ``superseded`` of them listed before
+        under an older stamp; compact the feed when it is due."""
         self._ids_listed += len(keys)
         self._ids_superseded += superseded
         self.conn.execute(
