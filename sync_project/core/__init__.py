@@ -4,7 +4,13 @@ Provider modules (``sync_project.providers``) and sync modules (``sync_project.s
 against these names only, imported from ``sync_project.core`` itself; the Dagster machinery in
 ``sync_project.orchestration`` turns them into assets, schedules and sensors, and the store
 (``sync_project.store``) keeps what they produce. ``core`` imports nothing else of the package,
-and nothing heavier than httpx and pydantic (an import-linter contract and a test check both).
+and nothing heavier than pydantic (an import-linter contract and a test check both).
+
+Not even httpx: every run process imports the code location before its first step, and httpx
+(with the idna and rich it pulls in) would be most of what the project adds to that, so a process
+pays for it when it builds a client (``make_client``) instead. ``core`` names httpx in annotations
+only (under ``TYPE_CHECKING``), and the transports subclassing it are a submodule,
+``sync_project.core.transports``, imported where a client is built; provider modules do the same.
 
 The signature schemes are submodules: ``from sync_project.core import signing, standard_webhooks``.
 """

@@ -1,23 +1,25 @@
 """HTTP behaviour every provider client shares: retries on 429/5xx, clear auth and body errors.
 
-Implemented as an httpx transport wrapper so provider modules keep using plain ``httpx.Client``.
+Implemented as an httpx transport wrapper (:mod:`sync_project.core.transports`) so provider modules
+keep using plain ``httpx.Client``. httpx itself is imported only when a client is built: a run
+process imports every provider module with the code location, and httpx is the heaviest part of
+that import the project could avoid (see :mod:`sync_project.core`).
 """
 
 from __future__ import annotations
 
 import email.utils
 import json
-import random
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 #: How a client waits (``time.sleep``); tests pass their own to assert waits without waiting them.
 Sleep = Callable[[float], None]
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 class ProviderError(Exception):
@@ -26,51 +28,6 @@ class ProviderError(Exception):
 
 class ProviderAuthError(ProviderError):
     """401/403: the connection's credentials are wrong, expired or lack a scope."""
-
-
-class RetryingTransport(httpx.BaseTransport):
-    """Retries 429 and 5xx with exponential backoff, honouring ``Retry-After`` when given."""
-
-    def __init__(
-        self,
-        inner: httpx.BaseTransport | None = None,
-        *,
-        max_attempts: int = 5,
-        backoff_s: float = 0.5,
-        max_backoff_s: float = 60.0,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self._inner = inner or httpx.HTTPTransport()
-        self._max_attempts = max_attempts
-        self._backoff_s = backoff_s
-        self._max_backoff_s = max_backoff_s
-        self._sleep = sleep
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        for attempt in range(1, self._max_attempts + 1):
-            try:
-                response = self._inner.handle_request(request)
-            except httpx.TransportError:
-                if attempt == self._max_attempts:
-                    raise
-                self._sleep(self._delay(attempt, None))
-                continue
-            if response.status_code not in RETRY_STATUSES or attempt == self._max_attempts:
-                return response
-            response.read()
-            response.close()
-            self._sleep(self._delay(attempt, response.headers.get("retry-after")))
-        raise AssertionError("unreachable")
-
-    def _delay(self, attempt: int, retry_after: str | None) -> float:
-        hinted = parse_retry_after(retry_after)
-        if hinted is not None:
-            return min(hinted, self._max_backoff_s)
-        base = min(self._backoff_s * 2 ** (attempt - 1), self._max_backoff_s)
-        return base * (0.5 + random.random() / 2)
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -98,10 +55,14 @@ def make_client(
     timeout_s: float = 30.0,
     transport: httpx.BaseTransport | None = None,
     max_attempts: int = 5,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Sleep = time.sleep,
 ) -> httpx.Client:
     """An ``httpx.Client`` with retries. ``transport`` lets tests serve fixtures and ``sleep`` lets
     them assert the waits a ``Retry-After`` asked for without waiting them."""
+    import httpx
+
+    from sync_project.core.transports import RetryingTransport
+
     return httpx.Client(
         base_url=base_url,
         headers=headers,

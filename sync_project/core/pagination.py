@@ -20,12 +20,14 @@ import email.utils
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
 from pydantic import BaseModel, ValidationError
 
 from sync_project.core.http import ProviderError
+
+if TYPE_CHECKING:
+    import httpx
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 

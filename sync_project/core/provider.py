@@ -8,11 +8,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from sync_project.core.connection import ProviderConnection
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class SignatureError(Exception):

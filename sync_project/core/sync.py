@@ -10,14 +10,16 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import httpx
 from pydantic import BaseModel
 
 from sync_project.core.connection import ProviderConnection
 from sync_project.core.provider import InboundEvent
 from sync_project.core.records import MergeStrategy, RecordLike, RecordSpec, WebhookChange
+
+if TYPE_CHECKING:
+    import httpx
 
 FetchMode = Literal["full", "incremental"]
 #: What a reset of a sync's partition does with its records: keep them, tombstone each (the change

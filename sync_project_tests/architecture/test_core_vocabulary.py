@@ -14,7 +14,8 @@ from pathlib import Path
 
 import sync_project.core as core
 
-HEAVY = ("pandas", "sqlalchemy", "alembic", "dagster")
+#: httpx too (and idna, rich, which it pulls in): it is imported when a client is built.
+HEAVY = ("pandas", "sqlalchemy", "alembic", "dagster", "httpx", "idna", "rich")
 
 
 def test_importing_core_loads_neither_the_store_nor_its_database_stack() -> None:
