@@ -52,6 +52,24 @@ def test_the_code_location_is_a_definitions_function_dagster_loads_lazily() -> N
     assert location.code_location().resolve_assets_def(dg.AssetKey(["sandbox", "contacts"])) is not None
 
 
+#: What a run process must not pay for before its first step: httpx (with the idna and rich it
+#: pulls in) waits for a client to be built, and the store's stack for a step that writes.
+NOT_AT_LOAD = ("httpx", "idna", "rich", "pandas", "sqlalchemy", "alembic")
+
+
+def test_loading_the_code_location_imports_no_http_client_nor_database_stack() -> None:
+    """Every run process imports the code location (and builds its definitions) before its first
+    step; a fresh interpreter shows what that costs, which this process, having run tests, cannot."""
+    probe = (
+        "import sys\n"
+        "import sync_project.definitions as location\n"
+        "location.code_location()\n"
+        f"print(sorted(m for m in {NOT_AT_LOAD!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_the_analytics_asset_follows_the_warehouse_tables_by_declarative_automation() -> None:
     from sync_project.definitions import defs
     from sync_project.orchestration.factory import AUTOMATION_SENSOR

@@ -14,10 +14,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import httpx
+from typing import TYPE_CHECKING
 
 from sync_project.core.standard_webhooks import sign_headers
+
+if TYPE_CHECKING:
+    import httpx
 
 USER_AGENT = "sync-project-webhooks/1"
 #: Answers worth another attempt: the consumer is overloaded, restarting or timed out.
@@ -75,6 +77,9 @@ class DeliveryOutcome:
 
 def post_signed(client: httpx.Client, url: str, secret: str, msg_id: str, body: bytes, *, timeout_s: float) -> Attempt:
     """One signed POST of ``body``; never raises for what the network or the consumer does."""
+    # Here, not at the top: the code location imports this module, and needs httpx only to send.
+    import httpx
+
     headers = {
         **sign_headers(secret, msg_id, body),
         "content-type": "application/json",
@@ -111,6 +116,8 @@ def deliver(
     """
     if max_attempts < 1 or total_timeout_s <= 0 or attempt_timeout_s <= 0:
         raise ValueError("max_attempts, total_timeout_s and attempt_timeout_s must be positive")
+    import httpx
+
     outcome = DeliveryOutcome()
     deadline = clock() + total_timeout_s
     owned = client is None

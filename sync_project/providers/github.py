@@ -15,14 +15,13 @@ failed deliveries each poll asks GitHub to redeliver (:func:`redeliver_failed`).
 
 from __future__ import annotations
 
-import email.utils
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from pydantic import BaseModel, ConfigDict
 
 from sync_project.core import (
@@ -46,6 +45,9 @@ from sync_project.core import (
     signing,
     time_window_pages,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 API_VERSION = "2022-11-28"
 SIGNATURE_HEADER = "x-hub-signature-256"
@@ -86,60 +88,16 @@ def rate_limit_wait(response: httpx.Response, attempt: int, now: float) -> float
     return None
 
 
-class RateLimitTransport(httpx.BaseTransport):
-    """Waits out GitHub's rate limits (sitting under the generic 429/5xx retries), up to a bound.
-
-    It sits inside :class:`~sync_project.core.http.RetryingTransport` and consumes GitHub's 403/429
-    rate-limit answers itself: the generic retry would come back within seconds, and GitHub warns
-    that requests made while limited can get an integration banned. Past ``max_wait_s`` it raises
-    :class:`GitHubRateLimited` naming the reset time instead of returning the response.
-    """
-
-    def __init__(
-        self,
-        inner: httpx.BaseTransport | None = None,
-        *,
-        sleep: Sleep = time.sleep,
-        clock: Callable[[], float] = time.time,
-        max_wait_s: float = 900.0,
-        max_attempts: int = 4,
-    ) -> None:
-        self._inner = inner or httpx.HTTPTransport()
-        self._sleep = sleep
-        self._clock = clock
-        self._max_wait_s = max_wait_s
-        self._max_attempts = max_attempts
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        for attempt in range(1, self._max_attempts + 1):
-            response = self._inner.handle_request(request)
-            wait = rate_limit_wait(response, attempt, self._now(response))
-            if wait is None:
-                return response
-            response.read()
-            response.close()
-            if wait > self._max_wait_s or attempt == self._max_attempts:
-                raise GitHubRateLimited(
-                    f"{request.method} {request.url.copy_with(query=None)}: GitHub rate limit "
-                    f"(HTTP {response.status_code}) asks to wait {wait:.0f} s; this run waits at most "
-                    f"{self._max_wait_s:.0f} s per request and tried {attempt} time(s): "
-                    f"the next run continues from the checkpoint"
-                )
-            self._sleep(wait)
-        raise AssertionError("unreachable")
-
-    def _now(self, response: httpx.Response) -> float:
-        """GitHub's clock when the response says it (``x-ratelimit-reset`` is on that clock)."""
-        value = response.headers.get("date")
-        if value:
-            try:
-                return email.utils.parsedate_to_datetime(value).timestamp()
-            except (TypeError, ValueError):
-                pass
-        return self._clock()
-
-    def close(self) -> None:
-        self._inner.close()
+def rate_limited(
+    request: httpx.Request, response: httpx.Response, wait_s: float, attempts: int, *, max_wait_s: float
+) -> GitHubRateLimited:
+    """The error for a rate limit that outlasts what a run waits (``max_wait_s`` per request)."""
+    return GitHubRateLimited(
+        f"{request.method} {request.url.copy_with(query=None)}: GitHub rate limit "
+        f"(HTTP {response.status_code}) asks to wait {wait_s:.0f} s; this run waits at most "
+        f"{max_wait_s:.0f} s per request and tried {attempts} time(s): "
+        f"the next run continues from the checkpoint"
+    )
 
 
 @dataclass
@@ -164,8 +122,19 @@ class GitHubProvider(Provider):
         token = connection.credentials()
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        # Here, not at the top: the transports need httpx, which the code location does not load.
+        from sync_project.core.transports import RateLimitTransport
+
+        # Under the generic retries, which would come back within seconds: GitHub warns that
+        # requests made while limited can get an integration banned.
+
         limits = RateLimitTransport(
-            self.transport, sleep=self.sleep, clock=self.clock, max_wait_s=self.max_rate_limit_wait_s
+            self.transport,
+            wait_for=rate_limit_wait,
+            give_up=functools.partial(rate_limited, max_wait_s=self.max_rate_limit_wait_s),
+            sleep=self.sleep,
+            clock=self.clock,
+            max_wait_s=self.max_rate_limit_wait_s,
         )
         base_url = str(connection.config.get("base_url") or self.default_base_url)
         return make_client(base_url, headers=headers, transport=limits, sleep=self.sleep)

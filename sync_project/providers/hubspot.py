@@ -18,9 +18,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sync_project.core import (
@@ -42,6 +41,9 @@ from sync_project.core import (
     signing,
     time_window_pages,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 SIGNATURE_HEADER = "x-hubspot-signature-v3"
 TIMESTAMP_HEADER = "x-hubspot-request-timestamp"

@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
 from sync_project.core import (
@@ -35,6 +34,9 @@ from sync_project.core import (
     make_client,
     standard_webhooks,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 URL_ENV = "SYNC_SANDBOX_URL"
 DEFAULT_URL = "http://127.0.0.1:8765"

@@ -2,15 +2,18 @@
 A connection's account id is its shop's domain (``SHOP.myshopify.com``, the webhooks'
 ``X-Shopify-Shop-Domain``); its credential an Admin API access token with ``read_customers``."""
 
+from __future__ import annotations
+
 import base64
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from sync_project import core
+
+if TYPE_CHECKING:
+    import httpx
 
 API_VERSION = "2024-10"
 PAGE_SIZE = 250  # the largest limit the REST Admin API accepts

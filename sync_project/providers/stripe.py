@@ -18,10 +18,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
 from pydantic import BaseModel, ValidationError
 
 from sync_project.core import (
@@ -43,6 +42,9 @@ from sync_project.core import (
     server_time,
     signing,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 SIGNATURE_HEADER = "stripe-signature"
 #: stripe-python's ``DEFAULT_TOLERANCE``.
