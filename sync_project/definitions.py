@@ -9,13 +9,19 @@ built on first use and kept for the process.
 from __future__ import annotations
 
 import functools
+import gc
 from typing import Any
 
 import dagster as dg
 
-from sync_project import registry
-from sync_project.analytics.deals_per_contact import deals_per_contact
-from sync_project.orchestration.factory import build_definitions
+# Every run process imports this module, right after Dagster. Dagster's import leaves a large heap
+# of objects that live as long as the process; each full collection the imports below trigger
+# would walk all of it again (about 80 ms of a run's start). Frozen, the collector skips them.
+gc.freeze()
+
+from sync_project import registry  # noqa: E402 - after the freeze, on purpose
+from sync_project.analytics.deals_per_contact import deals_per_contact  # noqa: E402
+from sync_project.orchestration.factory import build_definitions  # noqa: E402
 
 
 @dg.definitions
