@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run lint test bench clean
+.PHONY: install bytecode run lint test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: $(STAMP)
+# Every Dagster run is a new process that imports the project; where PYTHONDONTWRITEBYTECODE is
+# set (this machine sets it) none of them would write bytecode, so each compiled every module of
+# the project again (~85 ms of its start). Compiled here once; stale files are simply not used.
+bytecode: $(STAMP)
+	$(PY) -m compileall -q sync_project
+
+run: bytecode
 	$(VENV)/bin/sync-project dev
 
 # The gates: style (ruff), types (mypy, configured in pyproject.toml) and the package's layers
@@ -39,7 +45,7 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 # Runs every benchmark and rewrites the table in benchmarks/README.md. BENCH_ARGS=--quick for small sizes.
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) bytecode
 	$(PY) benchmarks/report.py $(BENCH_ARGS)
 
 clean:
