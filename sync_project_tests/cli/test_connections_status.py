@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -214,11 +215,12 @@ def test_inbox_stats_by_connection(instance: dg.DagsterInstance, acme: str, data
                 webhook_event("a2", "con_2", "2030-01-01T00:00:00.000001Z"),
             ],
         )
-        globex = webhook_event("g1", "con_1", "2030-01-01T00:00:00.000001Z").model_copy(
-            update={"connection_id": "globex"}
-        )
-        unroutable = webhook_event("u1", "con_1", "2030-01-01T00:00:00.000001Z").model_copy(
-            update={"connection_id": "", "status": "unroutable", "account_id": "acct-9"}
+        globex = replace(webhook_event("g1", "con_1", "2030-01-01T00:00:00.000001Z"), connection_id="globex")
+        unroutable = replace(
+            webhook_event("u1", "con_1", "2030-01-01T00:00:00.000001Z"),
+            connection_id="",
+            status="unroutable",
+            account_id="acct-9",
         )
         store.inbox.receive("sandbox", [globex, unroutable])
         store.inbox.mark_failed(next(e.id for e in store.inbox.events(event_key="g1")), "boom", max_attempts=1)
