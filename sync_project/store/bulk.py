@@ -37,7 +37,7 @@ _UTC = timezone.utc
 
 class SaveUnread(Protocol):
     """The set-based execution of a save: the guarded upsert, without reading first. Returns
-    (external id, last action, whether it was a restore) for each row it wrote."""
+    (external id, last action, whether the row is new) for each row it wrote."""
 
     def __call__(
         self,

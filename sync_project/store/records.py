@@ -381,16 +381,14 @@ class RecordWriter:
         now = self._stamp()
         written = save_unread(chunk, now, self.spec.strategy, fetched_at, seen_by_run)
         result = MergeResult()
-        keys = []
-        for key, last_action, _ in written:
-            keys.append(key)
+        for _, last_action, _ in written:
             if last_action == "added":
                 result.added += 1
             else:
                 result.updated += 1
         self._record_feed_entry(now, [(key, not is_new) for key, _, is_new in written])
-        if len(keys) < len(chunk):
-            done = set(keys)
+        if len(written) < len(chunk):
+            done = {key for key, _, _ in written}
             left = [item for item in chunk if item.key not in done]
             result += self._read_plan_apply("save", left, fetched_at, seen_by_run)
         return result
