@@ -38,6 +38,8 @@ class FakeApi:
     _clock: int = 0
     #: Called with the page number before each list page is answered (lets a test act mid-run).
     on_page: object = None
+    #: Set while ``on_page`` runs: the client is then waiting on this API, not on its database.
+    answering_page: threading.Event = field(default_factory=threading.Event)
     #: When set, list requests need ``Authorization: Bearer <token>`` (else 401, as APIs answer).
     token: str | None = None
 
@@ -63,7 +65,11 @@ class FakeApi:
             if self.fail_after_pages is not None and self.pages_served >= self.fail_after_pages:
                 return PlainTextResponse("internal error", status_code=500)
             if callable(self.on_page):
-                self.on_page(self.pages_served + 1)
+                self.answering_page.set()
+                try:
+                    self.on_page(self.pages_served + 1)
+                finally:
+                    self.answering_page.clear()
             after = request.query_params.get("updated_after", "")
             cursor = request.query_params.get("cursor", "")
             with self.lock:

@@ -73,27 +73,30 @@ def named(url: str, application_name: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}application_name={application_name}"
 
 
-def open_transactions(kind: str, url: str, application_name: str) -> int:
-    """How many transactions the named process has open right now (SQLite: is the write lock held)."""
+def sessions_and_transactions(kind: str, url: str, application_name: str) -> tuple[int, int]:
+    """The named process's database sessions and how many of them are in a transaction right now
+    (SQLite: no sessions to count, and whether the write lock is held)."""
     if kind == "sqlite":
         conn = sqlite3.connect(sa.engine.make_url(url).database or "", timeout=0)
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("ROLLBACK")
-            return 0
+            return 0, 0
         except sqlite3.OperationalError:
-            return 1
+            return 0, 1
         finally:
             conn.close()
     admin = sa.create_engine(POSTGRES_URL)
     try:
         with admin.connect() as conn:
-            return int(
-                conn.execute(
-                    sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name AND state <> 'idle'"),
-                    {"name": application_name},
-                ).scalar_one()
-            )
+            sessions, busy = conn.execute(
+                sa.text(
+                    "SELECT count(*), count(*) FILTER (WHERE state <> 'idle') FROM pg_stat_activity"
+                    " WHERE application_name = :name"
+                ),
+                {"name": application_name},
+            ).one()
+            return int(sessions), int(busy)
     finally:
         admin.dispose()
 
@@ -114,17 +117,23 @@ def terminate_sessions(application_name: str) -> int:
         admin.dispose()
 
 
-def freeze_between_transactions(process: Any, kind: str, url: str) -> None:
-    """SIGSTOP the child at a moment it holds no transaction open (waiting on the provider, as it
-    mostly is): frozen mid-transaction it would hold its row locks, which is another fault."""
+def freeze_while_waiting_on_the_provider(process: Any, kind: str, url: str, fake: FakeApi) -> None:
+    """SIGSTOP the child while it waits for a page, as a refresh mostly does: it then holds no
+    transaction and no connection it is about to use, but keeps its pooled sessions to cut.
+
+    Frozen mid-transaction it would hold its row locks, and frozen between a connection's checkout
+    (where the pool pings it) and its first statement, that statement would fail on the cut
+    session: other faults, with other outcomes (a run that fails with StoreUnavailableError)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        os.kill(process.pid, signal.SIGSTOP)
-        if open_transactions(kind, url, FIRST) == 0:
-            return
-        os.kill(process.pid, signal.SIGCONT)
+        if fake.answering_page.wait(timeout=1):
+            os.kill(process.pid, signal.SIGSTOP)
+            sessions, busy = sessions_and_transactions(kind, url, FIRST)
+            if fake.answering_page.is_set() and busy == 0 and (kind == "sqlite" or sessions >= 1):
+                return
+            os.kill(process.pid, signal.SIGCONT)
         time.sleep(0.05)
-    pytest.fail("the child never paused between transactions")
+    pytest.fail("the child was never caught waiting on the provider with its sessions idle")
 
 
 def start_first_refresh(kind: str, url: str, fake: FakeApi) -> tuple[Any, Any]:
@@ -167,7 +176,7 @@ def test_a_refresh_frozen_past_its_lease_is_fenced_and_tombstones_nothing(
     store = store_with_connection
     child, results = start_first_refresh(kind, url, fake)
     try:
-        freeze_between_transactions(child, kind, url)
+        freeze_while_waiting_on_the_provider(child, kind, url, fake)
         if kind != "sqlite":
             assert terminate_sessions(FIRST) >= 1  # its sessions, and with them any session lock
 
@@ -227,7 +236,7 @@ def test_terminated_sessions_do_not_end_ownership(
     store = store_with_connection
     child, results = start_first_refresh(kind, url, fake)
     try:
-        freeze_between_transactions(child, kind, url)
+        freeze_while_waiting_on_the_provider(child, kind, url, fake)
         try:
             assert terminate_sessions(FIRST) >= 1
         finally:
