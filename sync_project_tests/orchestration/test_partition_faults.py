@@ -77,15 +77,15 @@ def sessions_and_transactions(kind: str, url: str, application_name: str) -> tup
     """The named process's database sessions and how many of them are in a transaction right now
     (SQLite: no sessions to count, and whether the write lock is held)."""
     if kind == "sqlite":
-        conn = sqlite3.connect(sa.engine.make_url(url).database or "", timeout=0)
+        probe = sqlite3.connect(sa.engine.make_url(url).database or "", timeout=0)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
             return 0, 0
         except sqlite3.OperationalError:
             return 0, 1
         finally:
-            conn.close()
+            probe.close()
     admin = sa.create_engine(POSTGRES_URL)
     try:
         with admin.connect() as conn:
