@@ -102,13 +102,18 @@ def _text_problem(value: str) -> str | None:
     return None
 
 
+#: The inbox's payload text: compact, UTF-8 (not escaped), NaN and Infinity refused. One encoder for
+#: every payload: ``json.dumps`` with options builds a new one per call.
+_PAYLOAD_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def _check_payload(payload: Any, where: str) -> str:
     if not isinstance(payload, dict):
         raise UnstorableEventError(f"{where}: payload is not a JSON object")
     # One C-speed serialisation says whether anything is wrong; only then is the payload walked
     # to name the place (a literal backslash-u0000 in a string is not a NUL, hence the regex).
     try:
-        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        text = _PAYLOAD_JSON.encode(payload)
     except (TypeError, ValueError, RecursionError) as error:
         raise UnstorableEventError(f"{where}: payload is not storable JSON ({type(error).__name__})") from None
     # The substring first: the regex's look-behind at every position cost more than the dumps.

@@ -22,6 +22,10 @@ import time
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
+#: One encoder for every line (``json.dumps`` with options builds a new one per call); a value
+#: JSON has no form for is written as its ``str``.
+_LINE_JSON = json.JSONEncoder(default=str)
+
 
 class JsonFormatter(logging.Formatter):
     """Renders a record as one JSON object; a record's ``fields`` (the delivery line) are merged in."""
@@ -41,7 +45,7 @@ class JsonFormatter(logging.Formatter):
             line["message"] = record.getMessage()
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return _LINE_JSON.encode(line)
 
 
 def configure_json_logging(level: int = logging.INFO, stream: TextIO | None = None) -> logging.handlers.QueueListener:
@@ -134,7 +138,7 @@ class _JsonListener(logging.handlers.QueueListener):
         output = self._output
         with output.lock or _NO_LOCK:
             try:
-                output.stream.write(json.dumps(line, default=str) + output.terminator)
+                output.stream.write(_LINE_JSON.encode(line) + output.terminator)
             except Exception:  # noqa: BLE001 - as logging does: a broken stream never breaks the receiver
                 output.handleError(logging.makeLogRecord({"msg": line}))
 

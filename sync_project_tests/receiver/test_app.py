@@ -7,7 +7,7 @@ import json
 import logging
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -243,6 +243,57 @@ def test_an_unknown_provider_is_404(receiver: Receiver) -> None:
 
 def test_only_post_is_served_on_the_webhook_route(receiver: Receiver) -> None:
     assert receiver.client.get(f"{receiver.url}/webhooks/acme").status_code == 405
+
+
+def test_a_trailing_slash_or_a_deeper_path_is_no_delivery(receiver: Receiver) -> None:
+    body = body_of(event("evt-1"))
+    # Starlette's router answers these, as it always did: a redirect to the route, and a 404.
+    slashed = receiver.client.post(f"{receiver.url}/webhooks/acme/", content=body, headers=sign(body))
+    assert slashed.status_code == 307 and slashed.headers["location"].endswith("/webhooks/acme")
+    assert receiver.client.post(f"{receiver.url}/webhooks/acme/x", content=body, headers=sign(body)).status_code == 404
+    assert receiver.client.post(f"{receiver.url}/webhooks/", content=body, headers=sign(body)).status_code == 404
+    assert receiver.store.inbox.count() == 0
+
+
+@dataclass
+class UrlRecordingProvider(AcmeProvider):
+    urls: list[str] = field(default_factory=list)
+
+    def verify(self, request: WebhookRequest, secrets: list[str]) -> None:
+        self.urls.append(request.url)
+        super().verify(request, secrets)
+
+
+@pytest.mark.parametrize("root_path", ["", "/hooks"])
+def test_the_provider_verifies_against_the_url_it_called(
+    store: Store, monkeypatch: pytest.MonkeyPatch, root_path: str
+) -> None:
+    """Schemes that sign the URL (HubSpot v3) need it as called: host, mount point, query."""
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    store.connections.add("acme", "north", account_id="acct-1")
+    provider = UrlRecordingProvider()
+    app = create_app(store, providers={"acme": provider}, syncs=[contacts_sync(), audit_sync()])
+
+    async def mounted(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # As a server mounted below a prefix passes requests on (ASGI: path includes root_path).
+        if scope["type"] == "http" and root_path:
+            scope = {**scope, "root_path": root_path, "path": root_path + scope["path"]}
+        await app(scope, receive, send)
+
+    with ServerThread(mounted) as server, httpx.Client(timeout=10) as client:
+        for n, query in enumerate(["", "?tenant=north&x=%20y"]):
+            body = body_of(event(f"evt-{n}"))
+            response = client.post(f"{server.url}/webhooks/acme{query}", content=body, headers=sign(body))
+            assert response.status_code == 202, response.text
+            assert provider.urls[-1] == f"{server.url}{root_path}/webhooks/acme{query}"
+        # Another Host header is another URL (the cache is keyed by what makes the URL).
+        body = body_of(event("evt-host"))
+        response = client.post(
+            f"{server.url}/webhooks/acme", content=body, headers={**sign(body), "Host": "hooks.example.com"}
+        )
+        assert response.status_code == 202
+        assert provider.urls[-1] == f"http://hooks.example.com{root_path}/webhooks/acme"
+    assert store.inbox.count() == 3
 
 
 # -- 5xx ---------------------------------------------------------------------------------------------
