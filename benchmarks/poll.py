@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -159,10 +160,15 @@ def main() -> int:
                         target=Reporting(run_full_refresh, result_queue), args=(base_url, database_url, result_queue)
                     )
                     run.start()
+                    outcome: dict[str, Any] | None = None
                     try:
                         # Within a second of the run's (or the API's) death, with its exit code.
                         outcome = get_from_child(result_queue, [run, api], 3600, f"full refresh of {size:,}")
                     finally:
+                        if outcome is not None:
+                            # It reported and is exiting: terminated now, its finalizers would
+                            # print a KeyboardInterrupt traceback.
+                            run.join(10)
                         if run.is_alive():
                             run.terminate()
                         run.join(30)

@@ -117,6 +117,19 @@ def failure_message(instance: dg.DagsterInstance, run_id: str) -> str:
     return " | ".join(event.message for event in events)
 
 
+def retry_decision(instance: dg.DagsterInstance, run_id: str) -> str:
+    """Why a failed run was or was not retried: its will-retry tag and the daemon's engine events
+    (it skips, for one, a run whose backfill had already reached a terminal status)."""
+    run = instance.get_run_by_id(run_id)
+    tags = {k: v for k, v in (run.tags if run else {}).items() if k in ("dagster/will_retry", "dagster/failure_reason")}
+    said = [
+        str(entry.message)
+        for entry in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT)
+        if "retry" in str(entry.message).lower()
+    ]
+    return f"{tags} {said}"
+
+
 def test_a_backfill_spreads_over_two_worker_hosts_and_survives_one_dying(deployment: ScaleOutDeployment) -> None:
     d = deployment
     assert d.instance is not None and d.store is not None
@@ -198,10 +211,11 @@ def test_a_backfill_spreads_over_two_worker_hosts_and_survives_one_dying(deploym
                 r.status,
                 r.tags.get("dagster/parent_run_id"),
                 failure_message(instance, r.run_id),
+                retry_decision(instance, r.run_id),
             )
             for r in instance.get_runs()
             if r.tags.get("dagster/partition") in missing
-        ] + [d.tails()]
+        ] + [f"backfill {backfill_id}: {d.backfill_status(backfill_id)}", d.tails()]
         records = {
             r.dagster_run.run_id: r
             for r in instance.get_run_records(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
