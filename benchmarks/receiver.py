@@ -173,10 +173,10 @@ def serve(
         from sync_project.store import Store
 
         store = Store(database_url)  # its pool: the writers' connections and the health probe's
-        from sync_project.cli.receiver import POSTGRES_WRITERS
+        from sync_project.cli.receiver import DEFAULT_WRITERS
 
         if writers is None:  # as `sync-project receiver` chooses
-            writers = POSTGRES_WRITERS if store.backend == "postgresql" else 1
+            writers = DEFAULT_WRITERS
         options: dict[str, Any] = {"writers": writers}
         app = create_app(
             store, providers={"bench": _bench_provider()}, syncs=[_bench_sync()], max_batch=max_batch, **options

@@ -11,10 +11,13 @@ from sync_project.receiver.app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_B
 from sync_project.receiver.intake import DEFAULT_MAX_JSON_DEPTH, MAX_JSON_DEPTH_LIMIT
 from sync_project.settings import COMMIT_DEADLINE_ENV, DEFAULT_COMMIT_DEADLINE_S
 
-#: Writers (group commits in flight) per process on Postgres. Two measured level with one on this
-#: 2-core machine, where the receiver is CPU-bound (2,785 vs 2,637 deliveries/s, means of three
-#: alternated runs), and overlap the commits' WAL flushes wherever the disk is the slower part.
-POSTGRES_WRITERS = 2
+#: Group commits in flight per process. One: each batch takes what arrived while the one before
+#: committed, so batches grow with the commit's latency. On this 2-core machine, where the receiver
+#: is CPU-bound, two writers were 13 % slower (6,076 vs 6,984 deliveries/s, 163 vs 140 µs of CPU a
+#: delivery, means of three alternated runs, 2026-12-02): the second commit thread competes for
+#: the GIL and the batches shrink. More pay off when a commit is slow next to the load (a remote
+#: database): one writer commits at most the requests in flight per round trip.
+DEFAULT_WRITERS = 1
 DEFAULT_PORT = 8000  # what `make run` serves it on too: one address in every example
 #: Connections (and requests in flight) one receiver process serves at once; uvicorn answers
 #: 503 beyond it. Below the common 1024 open-files limit, with room for database connections.
@@ -90,10 +93,12 @@ WORKER_HEALTHCHECK_S = 30
 )
 @click.option(
     "--writers",
-    default=None,
+    default=DEFAULT_WRITERS,
+    show_default=True,
     type=click.IntRange(1, 16),
-    help="Group commits in flight at once per process, each on its own database connection "
-    f"(default: {POSTGRES_WRITERS} on Postgres, 1 on SQLite, whose writers take turns anyway).",
+    help="Group commits in flight at once per process, each on its own database connection: more "
+    "pay off on Postgres when commits are slow next to the load (a remote database); SQLite's "
+    "writers take turns anyway.",
 )
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning"]))
 def command(
@@ -107,7 +112,7 @@ def command(
     max_connections: int,
     keep_alive_s: int,
     workers: int,
-    writers: int | None,
+    writers: int,
     log_level: str,
 ) -> None:
     """Receive webhooks: POST /webhooks/{provider}, GET /healthz. Logs are JSON lines on stderr.
@@ -130,8 +135,7 @@ def command(
         "commit_deadline_s": commit_deadline_s,
         "body_timeout_s": body_timeout_s,
         "max_json_depth": max_json_depth,
-        # Overlapping commits: one batch is sent while another waits for its WAL flush.
-        "writers": writers or (POSTGRES_WRITERS if store.backend == "postgresql" else 1),
+        "writers": writers,
     }
     server_options: dict[str, Any] = {
         "host": host,

@@ -129,7 +129,7 @@ def create_app(
     thread on its own connection, and each delivery is still answered after its own batch's
     commit. Two batches racing over the same events (a redelivery sent while its original is being
     committed) can deadlock on Postgres; the batch rolled back is run again (see receiver.writer).
-    One by default here; ``sync-project receiver`` runs two on Postgres (see its ``--writers``).
+    One by default, here and in ``sync-project receiver`` (see its ``--writers`` for when more pay off).
     ``commit_deadline_s`` (default
     ``SYNC_RECEIVER_COMMIT_DEADLINE_S`` or 5 s) bounds the wait for a commit and for ``/healthz``.
 
