@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import sqlalchemy as sa
 
@@ -164,8 +166,6 @@ def test_a_batch_rolled_back_to_break_a_deadlock_is_committed_again(postgres_url
     the victim here (its deadlock_timeout expires first); it runs again and is stored, not 503."""
     import threading
 
-    import sqlalchemy as sa
-
     from sync_project.receiver.writer import Delivery, InboxWriter
     from sync_project.store.inbox import RoutedEvent, insert_events
 
@@ -177,6 +177,17 @@ def test_a_batch_rolled_back_to_break_a_deadlock_is_committed_again(postgres_url
 
     with Store(postgres_url) as store:
         store.connections.add("acme", "north", account_id="acct-1")
+
+        # Postgres checks a lock wait for a deadlock once, deadlock_timeout after it began: the
+        # writer's check must come after the test has closed the cycle, which takes a while on a
+        # loaded machine (1 s, the default, was not always enough).
+        @sa.event.listens_for(store.engine, "connect")
+        def _late_deadlock_check(dbapi_connection: Any, _record: Any) -> None:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET deadlock_timeout = '5s'")
+            dbapi_connection.commit()  # a SET rolled back with its transaction would not hold
+
+        store.engine.dispose()  # the pooled connections predate the listener
         writer = InboxWriter(store, SUBSCRIBERS)
         other = store.engine.connect()
         try:
