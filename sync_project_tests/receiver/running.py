@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +39,23 @@ class RunningReceiver:
         raise AssertionError("no VmRSS line")
 
     def log_lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
+        """The JSON lines written so far (a line still being written is left for the next read)."""
+        complete = self.log_path.read_text().split("\n")[:-1]
+        return [json.loads(line) for line in complete if line.startswith("{")]
+
+    def log_lines_when(
+        self, done: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 15.0
+    ) -> list[dict[str, Any]]:
+        """The log's lines once ``done`` holds of them, or at the deadline, whichever comes first.
+
+        A line reaches the file after its answer: the log writer is a thread of its own, which on a
+        loaded machine waits for the GIL while the event loop answers a burst."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = self.log_lines()
+            if done(lines) or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager
