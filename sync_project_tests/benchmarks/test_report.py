@@ -21,11 +21,13 @@ from pydantic import ValidationError
 MACHINE = {"CPU": "test CPU", "cores": "2"}
 README = f"# Benchmarks\n\nHand-written text.\n\n{report.START_MARKER}\nold table\n{report.END_MARKER}\n\nFooter.\n"
 
+#: A benchmark named after its script, as report.py requires (``fake.py`` reports ``fake``).
 WRITES_FIGURE = """
-import json, sys
+import json, pathlib, sys
 path = sys.argv[sys.argv.index("--json") + 1]
-figure = {"benchmark": "fake", "case": "size " + ("small" if "--quick" in sys.argv else "full"),
-          "metric": "speed", "value": 2500.0, "unit": "records/s", "baseline": "peer",
+value = float(sys.argv[sys.argv.index("--value") + 1]) if "--value" in sys.argv else 2500.0
+figure = {"benchmark": pathlib.Path(sys.argv[0]).stem, "case": "size " + ("small" if "--quick" in sys.argv else "full"),
+          "metric": "speed", "value": value, "unit": "records/s", "baseline": "peer",
           "baseline_value": 1000.0, "ratio": 2.5, "target": ">= 3x peer", "met": False}
 json.dump([figure], open(path, "w"))
 print("fake ran")
@@ -112,7 +114,7 @@ def test_replace_section_without_markers_is_an_error(text: str) -> None:
 
 
 def test_report_writes_figures_machine_and_absent_scripts(tmp_path: Path) -> None:
-    ok = _script(tmp_path, "ok.py", WRITES_FIGURE)
+    ok = _script(tmp_path, "fake.py", WRITES_FIGURE)
     readme = _readme(tmp_path)
     status = _report(tmp_path, [ok, report.Benchmark("not_written_yet.py")], readme)
     text = readme.read_text()
@@ -124,7 +126,7 @@ def test_report_writes_figures_machine_and_absent_scripts(tmp_path: Path) -> Non
 
 
 def test_report_quick_passes_the_quick_arguments(tmp_path: Path) -> None:
-    ok = _script(tmp_path, "ok.py", WRITES_FIGURE)
+    ok = _script(tmp_path, "fake.py", WRITES_FIGURE)
     readme = _readme(tmp_path)
     assert _report(tmp_path, [ok], readme, quick=True) == 0
     assert "| fake | size small |" in readme.read_text()
@@ -144,7 +146,7 @@ def test_report_quick_passes_the_quick_arguments(tmp_path: Path) -> None:
     ],
 )
 def test_a_failed_script_fails_the_report_and_is_shown(tmp_path: Path, body: str, reason: str) -> None:
-    ok = _script(tmp_path, "ok.py", WRITES_FIGURE)
+    ok = _script(tmp_path, "fake.py", WRITES_FIGURE)
     bad = _script(tmp_path, "bad.py", body)
     readme = _readme(tmp_path)
     status = _report(tmp_path, [ok, bad], readme)
@@ -152,6 +154,100 @@ def test_a_failed_script_fails_the_report_and_is_shown(tmp_path: Path, body: str
     assert status == 1
     assert "| bad.py | FAILED: " in text and reason in text
     assert "| fake | size full |" in text  # the scripts that ran still have their figures
+
+
+def test_figures_that_name_another_benchmark_fail_the_script(tmp_path: Path) -> None:
+    # Its rows could not be found again by a later --only rerun, so they are refused at once.
+    misnamed = _script(tmp_path, "misnamed.py", WRITES_FIGURE.replace("pathlib.Path(sys.argv[0]).stem", "'other'"))
+    readme = _readme(tmp_path)
+    assert _report(tmp_path, [misnamed], readme) == 1
+    assert "| misnamed.py | FAILED: figures name other, not misnamed |" in readme.read_text()
+
+
+def _two_scripts(tmp_path: Path) -> list[report.Benchmark]:
+    first = _script(tmp_path, "first.py", WRITES_FIGURE)
+    second = _script(tmp_path, "second.py", WRITES_FIGURE)
+    return [
+        report.Benchmark(first.script, args=("--value", "100")),
+        report.Benchmark(second.script, args=("--value", "200")),
+    ]
+
+
+def _figure_rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(("| first |", "| second |"))]
+
+
+def test_only_reruns_its_scripts_and_keeps_the_other_rows_in_table_order(tmp_path: Path) -> None:
+    first, second = _two_scripts(tmp_path)
+    readme = _readme(tmp_path)
+    assert _report(tmp_path, [first, second], readme) == 0
+    before = readme.read_text()
+    assert [row.split(" | ")[3] for row in _figure_rows(before)] == ["100.0 records/s", "200.0 records/s"]
+
+    rerun = report.Benchmark(first.script, args=("--value", "150"))
+    assert _report(tmp_path, [rerun, second], readme, only=["first.py"]) == 0
+    after = readme.read_text()
+    assert [row.split(" | ")[3] for row in _figure_rows(after)] == ["150.0 records/s", "200.0 records/s"]
+    assert "first.py rerun with `report.py --only`" in after and "(full sizes)" in after
+    scripts = [line for line in after.splitlines() if line.startswith(("| first.py |", "| second.py |"))]
+    kept_row = next(line for line in before.splitlines() if line.startswith("| second.py |"))
+    assert scripts[0].startswith("| first.py | ran: exit 0 |") and scripts[1] == kept_row
+    assert after.endswith("Footer.\n") and "Hand-written text." in after
+
+    # Kept rows survive a second partial rerun, of the other script, too.
+    assert (
+        _report(tmp_path, [rerun, report.Benchmark(second.script, args=("--value", "250"))], readme, only=["second.py"])
+        == 0
+    )
+    assert [row.split(" | ")[3] for row in _figure_rows(readme.read_text())] == ["150.0 records/s", "250.0 records/s"]
+
+
+def test_only_on_a_table_written_before_run_at_dates_the_kept_rows_by_its_machine(tmp_path: Path) -> None:
+    first, second = _two_scripts(tmp_path)
+    old = (
+        f"{report.START_MARKER}\nGenerated by `make bench` (full sizes) in 9 s.\n\n| Machine | |\n| --- | --- |\n"
+        "| CPU | test CPU |\n| cores | 2 |\n| date | 2026-01-01 10:00 UTC |\n\n"
+        f"{report.FIGURES_HEADER}\n| --- | --- | --- | ---: | --- | ---: | ---: | --- | --- |\n"
+        "| second | size full | speed | 7 records/s | | | | | |\n\n"
+        f"| Script | Result | Seconds |\n| --- | --- | ---: |\n| second.py | ran: exit 0 | 9 |\n{report.END_MARKER}\n"
+    )
+    readme = _readme(tmp_path, old)
+    assert _report(tmp_path, [first, second], readme, only=["first.py"]) == 0
+    text = readme.read_text()
+    assert "| second | size full | speed | 7 records/s | | | | | |" in text
+    assert "| second.py | ran: exit 0 | 9 | 2026-01-01 10:00 UTC |" in text
+    assert text.index("| first | size full |") < text.index("| second | size full |")
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"quick": True}, "measured at full sizes, this run would use --quick sizes"),
+        ({"machine": {**MACHINE, "CPU": "another CPU"}}, "measured on CPU 'test CPU', this machine has 'another CPU'"),
+        ({"machine": {**MACHINE, "cores": "8"}}, "measured on cores '2', this machine has '8'"),
+    ],
+)
+def test_only_refuses_to_mix_rows_of_other_sizes_or_machines(
+    tmp_path: Path, change: dict[str, object], reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = _two_scripts(tmp_path)
+    readme = _readme(tmp_path)
+    assert _report(tmp_path, [first, second], readme) == 0
+    before = readme.read_text()
+    ran = tmp_path / "ran"
+    marking = report.Benchmark(_script(tmp_path, "first.py", f"open({str(ran)!r}, 'w').close()").script)
+    kwargs: dict[str, object] = {"machine": MACHINE, **change}
+    status = report.report(
+        [marking, second],
+        only=["first.py"],
+        scripts_dir=tmp_path,
+        readme=readme,
+        results_dir=tmp_path / ".results",
+        **kwargs,  # type: ignore[arg-type]
+    )
+    assert status == 2
+    assert reason in capsys.readouterr().err
+    assert not ran.exists() and readme.read_text() == before
 
 
 def test_a_hung_script_is_killed_and_fails_the_report(tmp_path: Path) -> None:
