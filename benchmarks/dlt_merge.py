@@ -301,7 +301,9 @@ def dlt_resource(
 
     columns: dict[str, Any] = {DELETED_COLUMN: {"data_type": "bool", "hard_delete": True}}
     columns.update(extra_columns or {})
-    return dlt.resource(rows, name=DLT_TABLE, write_disposition=write_disposition, primary_key="id", columns=columns)
+    return dlt.resource(  # type: ignore[call-overload]  # dlt's column hints are TypedDicts; these are plain dicts of their keys
+        rows, name=DLT_TABLE, write_disposition=write_disposition, primary_key="id", columns=columns
+    )
 
 
 def load_with_dlt(pipeline: Any, rows: Sequence[Record], **hints: Any) -> None:

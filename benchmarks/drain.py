@@ -54,7 +54,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import private_postgres_schema  # noqa: E402
 
-from sync_project.core import Delete, InboundEvent, Page, Save, SyncDefinition, Update, WebhookContext  # noqa: E402
+from sync_project.core import (  # noqa: E402
+    Delete,
+    InboundEvent,
+    Page,
+    Save,
+    SyncDefinition,
+    Update,
+    WebhookChange,
+    WebhookContext,
+)
 from sync_project.orchestration.webhook_drain import DEFAULT_BATCH_SIZE, drain_inbox  # noqa: E402
 from sync_project.store import RoutedEvent, Store  # noqa: E402
 
@@ -66,7 +75,7 @@ class Contact(BaseModel):
     updated_at: datetime
 
 
-def on_webhook(context: WebhookContext, event: InboundEvent) -> Iterator[object]:
+def on_webhook(context: WebhookContext, event: InboundEvent) -> Iterator[WebhookChange]:
     if event.event_type == "contact.updated":
         yield Save(event.payload)
     elif event.event_type == "contact.patched":

@@ -148,8 +148,11 @@ def postgres_bare(engine: sa.Engine) -> Callable[[Sequence[Record]], None]:
     def write(page: Sequence[Record]) -> None:
         raw = engine.raw_connection()
         try:
-            with raw.cursor() as cursor:
+            cursor = raw.cursor()
+            try:
                 execute_values(cursor, statement, bare_rows(page), template=template, page_size=len(page))
+            finally:
+                cursor.close()
             raw.commit()
         finally:
             raw.close()

@@ -25,11 +25,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import Reporting, exit_cleanly_on_sigterm, get_from_child, private_postgres_schema  # noqa: E402
+
+if TYPE_CHECKING:  # the API runs in a child process: only it imports Starlette
+    from starlette.applications import Starlette
 
 PAGE_SIZE = 1000
 EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -49,7 +52,7 @@ def synthetic_record(index: int) -> dict:
     }
 
 
-def api_app(total: int):
+def api_app(total: int) -> Starlette:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response

@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,7 +360,8 @@ async def _load(
     load = asyncio.ensure_future(asyncio.gather(*(connection() for _ in range(concurrency))))
     watcher = asyncio.ensure_future(watch_children(*watch))
     try:
-        await asyncio.wait([load, watcher], return_when=asyncio.FIRST_COMPLETED)
+        either: list[asyncio.Future[Any]] = [load, watcher]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if watcher.done():
             load.cancel()
             watcher.result()  # raises ChildDiedError, with the server's traceback
@@ -377,6 +378,7 @@ async def _load(
 def drive(port: int, requests: list[bytes], concurrency: int, max_seconds: float, name: str, watch: Any) -> Phase:
     """Send ``requests`` over ``concurrency`` connections; ``watch`` is the server's (see :func:`server`)."""
     phase = Phase(name)
+    runner: Callable[[Coroutine[Any, Any, None]], None]
     try:
         import uvloop
 

@@ -192,7 +192,8 @@ class Side:
             dataset_name="warmup_peer",
         )
         pipeline.run(
-            self._resource(rows), loader_file_format=self.warehouse.config.file_format()
+            self._resource(rows),
+            loader_file_format=self.warehouse.config.file_format(),  # type: ignore[arg-type]  # None: the destination's choice, as dlt's own default
         ).raise_on_failed_jobs()
 
     def flush(self) -> None:
@@ -221,11 +222,12 @@ class Side:
             write_disposition="merge",
             primary_key=primary_key(SYNC),
             columns=table_columns(SYNC, self.warehouse.config.deletes),
-        )
+        )  # type: ignore[call-overload]  # as in Warehouse.load: dlt's column hints are TypedDicts
 
     def load_peer(self, rows: list[dict[str, Any]]) -> None:
         self.peer.run(
-            self._resource(rows), loader_file_format=self.warehouse.config.file_format()
+            self._resource(rows),
+            loader_file_format=self.warehouse.config.file_format(),  # type: ignore[arg-type]  # None: the destination's choice, as dlt's own default
         ).raise_on_failed_jobs()
 
     def check(self, dataset: str, expected: dict[str, datetime]) -> None:
