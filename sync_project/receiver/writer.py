@@ -2,13 +2,15 @@
 
 Routing reads a snapshot of the connections table kept between batches (:class:`RoutingCache`),
 not a query per batch: the table changes rarely and routing every batch re-read it (18 % of the
-commit thread). The snapshot is re-read when the table has changed, checked with one cheap
-aggregate at most every ``check_interval_s`` (0.5 s), and at once when an account the snapshot
-does not know has a connection now (one added a moment ago routes its first event; accounts with
-no connection cost that one lookup per batch, as every batch once did). A connection removed,
-paused or re-pointed is seen within the interval. And whatever the aggregate says, the snapshot is
-re-read once it is ``max_age_s`` (30 s) old: the aggregate reads ``updated_at``, which the writing
-host's clock sets, so a change written by a host whose clock is behind may not move it.
+commit thread). The snapshot is re-read when the table has changed, told by the table's revision
+(a counter every write of a connection moves in its own transaction; host clocks play no part),
+read at most every ``check_interval_s`` (0.5 s), and at once when an account the snapshot does not
+know has a connection now (one added a moment ago routes its first event; accounts with no
+connection cost that one lookup per batch, as every batch once did). A connection removed, paused
+or re-pointed is seen within the interval. And whatever the revision says, the snapshot is re-read
+once it is ``max_age_s`` (30 s) old: an edit made outside the store (SQL by hand) does not move it.
+The revision is always read before the snapshot it stands for, so a write committed between the
+two makes the next check re-read, never a change missed.
 
 Each of the group committer's worker threads keeps ONE database connection for its whole life
 instead of checking one out of the pool per batch: a checkout costs a ping, and every round trip
@@ -56,7 +58,7 @@ class RoutingCache:
         self._loaded_at = 0.0
         self._lock = threading.Lock()
         self._snapshot: ConnectionSnapshot | None = None
-        self._version: tuple[Any, ...] | None = None
+        self._version: int | None = None
         self._checked_at = 0.0
         #: Full re-reads of the table (a test and the benchmark look at it).
         self.loads = 0
@@ -79,8 +81,9 @@ class RoutingCache:
             # An account the snapshot does not know: unroutable, or a connection added since. Only
             # those are looked up (as every batch once was); a hit re-reads the whole table.
             if unknown and self._connections.snapshot(conn, unknown).list():
+                version = self._connections.version(conn)
                 snapshot = self._load(conn)
-                self._version, self._checked_at = self._connections.version(conn), now
+                self._version, self._checked_at = version, now
             return snapshot
 
     def _load(self, conn: Connection) -> ConnectionSnapshot:

@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -16,7 +16,7 @@ from sync_project.core.clock import utcnow
 from sync_project.core.connection import ConnectionStatus, ProviderConnection
 from sync_project.store.engine import reading, unavailable_as_store_error
 from sync_project.store.errors import StoreError, UnknownConnectionError
-from sync_project.store.schema import connections
+from sync_project.store.schema import connections, connections_revision
 
 if TYPE_CHECKING:
     from sync_project.store.routing import ConnectionSnapshot
@@ -81,6 +81,7 @@ class Connections:
         try:
             with unavailable_as_store_error(), self._engine.begin() as conn:
                 conn.execute(insert(connections).values(**row))
+                _moved(conn)
                 # Events left pending when a connection of this id was removed are its work again.
                 restore_orphaned(conn, provider=provider, connection_id=connection_id)
         except IntegrityError:
@@ -125,6 +126,7 @@ class Connections:
                 .where(connections.c.provider == provider, connections.c.connection_id == connection_id)
                 .values(status=status, updated_at=utcnow())
             ).rowcount
+            _moved(conn, changed)
         if not changed:
             raise UnknownConnectionError(f"no connection {connection_id!r} for provider {provider!r}")
         return self.get(provider, connection_id)
@@ -157,6 +159,7 @@ class Connections:
                 .where(connections.c.provider == provider, connections.c.connection_id == connection_id)
                 .values(**values, updated_at=utcnow())
             ).rowcount
+            _moved(conn, changed)
         if not changed:
             raise UnknownConnectionError(f"no connection {connection_id!r} for provider {provider!r}")
         return self.get(provider, connection_id)
@@ -168,10 +171,10 @@ class Connections:
 
         return ConnectionSnapshot.load_all(conn) if wanted is None else ConnectionSnapshot.load(conn, wanted)
 
-    def version(self, conn: Connection) -> tuple[Any, ...]:
-        """What changes whenever a connection is added, removed or updated (every write sets
-        ``updated_at``): one cheap aggregate that says a snapshot is out of date."""
-        return tuple(conn.execute(_VERSION).one())
+    def version(self, conn: Connection) -> int:
+        """The table's revision: it moves with every add, remove and change made through this
+        class, in the writing transaction, so a snapshot read after it is at least that new."""
+        return int(conn.execute(_REVISION).scalar() or 0)
 
     def remove(self, provider: str, connection_id: str) -> int:
         """Remove the connection; its pending webhook events become ``orphaned`` in the same
@@ -186,6 +189,7 @@ class Connections:
             ).rowcount
             if not removed:
                 raise UnknownConnectionError(f"no connection {connection_id!r} for provider {provider!r}")
+            _moved(conn)
             return orphan_pending(conn, provider, connection_id)
 
     @staticmethod
@@ -195,7 +199,16 @@ class Connections:
         return ProviderConnection.model_validate(values)
 
 
-_VERSION = select(func.count(), func.max(connections.c.updated_at)).select_from(connections)
+_REVISION = select(connections_revision.c.revision).where(connections_revision.c.id == 1)
+
+
+def _moved(conn: Connection, changed: int = 1) -> None:
+    """Moves the revision in ``conn``'s transaction (a write that ``changed`` nothing leaves it)."""
+    if not changed:
+        return
+    bump = update(connections_revision).where(connections_revision.c.id == 1)
+    if not conn.execute(bump.values(revision=connections_revision.c.revision + 1)).rowcount:
+        conn.execute(insert(connections_revision).values(id=1, revision=1))  # the row was removed by hand
 
 
 def credential_columns(

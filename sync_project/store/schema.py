@@ -85,6 +85,17 @@ connections = Table(
     Index("ix_connections_account", "provider", "account_id"),
 )
 
+# One row: a counter every write of the connections table moves, in the writing transaction. The
+# receiver compares it to tell that its routing snapshot is out of date. Timestamps cannot say so:
+# the writing host's clock sets them, and a host whose clock is behind writes an older one. Writers
+# queue on the row, so the counter moves in commit order (revision 0010).
+connections_revision = Table(
+    "connections_revision",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("revision", BigInteger, nullable=False),
+)
+
 records = Table(
     "records",
     metadata,

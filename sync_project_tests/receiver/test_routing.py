@@ -139,9 +139,8 @@ def test_the_receivers_writer_routes_from_a_kept_snapshot_and_sees_new_connectio
         assert {e.status for e in store.inbox.events(event_key="before")} == {"orphaned"}
         assert {e.status for e in store.inbox.events(event_key="after")} == {"unroutable"}
 
-        # A change the aggregate cannot see (written by a host whose clock is behind, so the
-        # newest updated_at and the count stay as they were) is seen once the snapshot is
-        # max_age_s old.
+        # A change the revision cannot see (SQL by hand, outside the store) is seen once the
+        # snapshot is max_age_s old.
         store.connections.add("acme", "west", account_id="acct-3")
         stale = RoutingCache(store.connections, check_interval_s=0.0, max_age_s=3600.0)
         aged = RoutingCache(store.connections, check_interval_s=0.0, max_age_s=0.0)
@@ -158,6 +157,66 @@ def test_the_receivers_writer_routes_from_a_kept_snapshot_and_sees_new_connectio
         assert {e.status for e in store.inbox.events(event_key="w4")} == {"unroutable"}
     finally:
         writer.close()
+
+
+def test_a_connection_re_pointed_from_a_host_whose_clock_is_behind_is_seen_at_the_next_check(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Removed and added back under another account, both written an hour in the past: the count
+    of connections and their newest ``updated_at`` stay as they were, the table's revision moves."""
+    from datetime import timedelta
+
+    from sync_project.core.clock import utcnow
+    from sync_project.receiver.writer import Delivery, InboxWriter, RoutingCache
+    from sync_project.store import connections as connections_module
+    from sync_project.store.schema import connections
+
+    def count_and_newest() -> tuple[Any, ...]:
+        with store.engine.connect() as conn:
+            return tuple(conn.execute(sa.select(sa.func.count(), sa.func.max(connections.c.updated_at))).one())
+
+    store.connections.add("acme", "north", account_id="acct-1")
+    store.connections.add("acme", "south", account_id="acct-9")  # the newest updated_at
+    writer = InboxWriter(store, SUBSCRIBERS)
+    writer.routing = RoutingCache(store.connections, check_interval_s=0.0, max_age_s=3600.0)
+    try:
+        writer([Delivery("acme", (inbound("before"),))])
+        assert {e.connection_id for e in store.inbox.events(event_key="before")} == {"north"}
+
+        before = count_and_newest()
+        behind = utcnow() - timedelta(hours=1)
+        monkeypatch.setattr(connections_module, "utcnow", lambda: behind)
+        store.connections.remove("acme", "north")
+        store.connections.add("acme", "north", account_id="acct-2")
+        assert count_and_newest() == before  # only the revision tells
+
+        writer([Delivery("acme", (inbound("after"),))])  # acct-1 has no connection now
+        assert {e.status for e in store.inbox.events(event_key="after")} == {"unroutable"}
+        assert writer.routing.loads == 2
+    finally:
+        writer.close()
+
+
+def test_each_write_of_a_connection_moves_the_revision_once_and_a_failed_one_not_at_all(store: Store) -> None:
+    from sync_project.store import UnknownConnectionError
+
+    def revision() -> int:
+        with store.engine.connect() as conn:
+            return store.connections.version(conn)
+
+    start = revision()
+    store.connections.add("acme", "north", account_id="acct-1")
+    store.connections.configure("acme", "north")  # nothing to change: no write
+    assert revision() == start + 1
+    store.connections.set_status("acme", "north", "paused")
+    store.connections.configure("acme", "north", poll_interval_s=600)
+    store.connections.remove("acme", "north")
+    assert revision() == start + 4
+    with pytest.raises(UnknownConnectionError):
+        store.connections.set_status("acme", "north", "active")
+    with pytest.raises(UnknownConnectionError):
+        store.connections.remove("acme", "north")
+    assert revision() == start + 4
 
 
 def test_a_batch_rolled_back_to_break_a_deadlock_is_committed_again(postgres_url: str) -> None:
