@@ -1,10 +1,11 @@
 """Read-only health figures of a sync, for asset checks: inbox backlog, dead letters, last successes.
 
 Every query here is meant to run after every sync run and on a schedule, so each one is an
-indexed read that touches only the rows it reports on: the inbox queries filter on
-``(status, sync[, connection_id])``, the leading columns of ``ix_inbox_claim``, so they read the
-pending or dead rows of one sync and nothing else; the state query reads one sync's rows by
-primary-key prefix.
+indexed read that touches only the rows it reports on: the backlog reads the work queue
+(``inbox_pending``, by its ``(sync, connection_id, id)`` index) joined to those rows of the inbox
+by primary key; dead letters filter on ``(status, sync[, connection_id])``, the leading columns
+of ``ix_inbox_parked``, which holds no queued or done row; the state query reads one sync's rows
+by primary-key prefix.
 """
 
 from __future__ import annotations
