@@ -37,6 +37,15 @@ from sync_project_tests.support.scale_out import ScaleOutDeployment, unavailable
 MAX_RUNTIME_S = 60
 POLL_INTERVAL_S = 5
 MONITORING_FAILURES = ("Exceeded maximum runtime", "Detected run worker status")
+#: As the README tells operators to launch backfills. ALL_STEPS: a host killed after a run's
+#: step succeeded but before the run's success was written leaves a failed run with nothing to
+#: re-run "from failure" (Dagster's default), and the retry daemon gives up on it for good ("No
+#: steps needed to be retried in the failed run").
+BACKFILL_TAGS = {
+    "dagster/max_runtime": str(MAX_RUNTIME_S),
+    "dagster/max_retries": "2",
+    "dagster/retry_strategy": "ALL_STEPS",
+}
 
 
 @pytest.fixture
@@ -122,11 +131,13 @@ def retry_decision(instance: dg.DagsterInstance, run_id: str) -> str:
     (it skips, for one, a run whose backfill had already reached a terminal status)."""
     run = instance.get_run_by_id(run_id)
     tags = {k: v for k, v in (run.tags if run else {}).items() if k in ("dagster/will_retry", "dagster/failure_reason")}
-    said = [
-        str(entry.message)
-        for entry in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT)
-        if "retry" in str(entry.message).lower()
-    ]
+    said = []
+    for entry in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):
+        if "retry" not in str(entry.message).lower():
+            continue
+        data = entry.dagster_event.engine_event_data if entry.dagster_event else None
+        error = data.error if data is not None else None
+        said.append(f"{entry.message}: {error.message.strip()}" if error else str(entry.message))
     return f"{tags} {said}"
 
 
@@ -138,9 +149,7 @@ def test_a_backfill_spreads_over_two_worker_hosts_and_survives_one_dying(deploym
     try:
         with LeaseWatch(store) as watch:
             d.start_webhook_stream(rate_per_s=2.0)
-            backfill_id = d.launch_backfill(
-                d.connection_ids, {"dagster/max_runtime": str(MAX_RUNTIME_S), "dagster/max_retries": "2"}
-            )
+            backfill_id = d.launch_backfill(d.connection_ids, BACKFILL_TAGS)
 
             def backfill_runs() -> list[dg.DagsterRun]:
                 return list(instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id})))
@@ -204,18 +213,24 @@ def test_a_backfill_spreads_over_two_worker_hosts_and_survives_one_dying(deploym
                 break
             time.sleep(2)
         missing = set(d.connection_ids) - succeeded
-        assert not missing, [
-            (
-                r.run_id,
-                r.tags["dagster/partition"],
-                r.status,
-                r.tags.get("dagster/parent_run_id"),
-                failure_message(instance, r.run_id),
-                retry_decision(instance, r.run_id),
-            )
-            for r in instance.get_runs()
-            if r.tags.get("dagster/partition") in missing
-        ] + [f"backfill {backfill_id}: {d.backfill_status(backfill_id)}", d.tails()]
+        # A string, not a list: pytest would shorten a list's repr to one line.
+        assert not missing, "\n".join(
+            [
+                str(
+                    (
+                        r.run_id,
+                        r.tags["dagster/partition"],
+                        r.status,
+                        r.tags.get("dagster/parent_run_id"),
+                        failure_message(instance, r.run_id),
+                        retry_decision(instance, r.run_id),
+                    )
+                )
+                for r in instance.get_runs()
+                if r.tags.get("dagster/partition") in missing
+            ]
+            + [f"backfill {backfill_id}: {d.backfill_status(backfill_id)}", d.tails()]
+        )
         records = {
             r.dagster_run.run_id: r
             for r in instance.get_run_records(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
