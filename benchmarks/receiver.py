@@ -20,7 +20,8 @@ per request than the server under test and would measure itself. Every request i
 signed delivery of about 500 bytes, prepared before the clock starts. A phase stops after its
 request count or ``--max-seconds``, whichever comes first, and within a second of a server's
 death (with its traceback). Each phase also reports the server's CPU time per answer, the figure
-the machine's other load moves least.
+the machine's other load moves least, and how much of it the event-loop thread used: under the GIL
+that one thread is a process's ceiling (the commit and log threads run beside it).
 
 The limit is measured in the same run, on the same server (Postgres only): pgbench (Debian's
 ``postgresql-contrib``) inserting durable one-row transactions from ``--limit-clients`` connections
@@ -304,6 +305,9 @@ class Phase:
     #: CPU seconds the server process and this one (the load generator) used during the phase.
     server_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
+    #: Of ``server_cpu_s``, what the servers' main threads used: uvicorn's event loop, which takes
+    #: every request and, being one thread under the GIL, is each process's ceiling.
+    server_loop_cpu_s: float = 0.0
 
     @property
     def answered(self) -> int:
@@ -313,6 +317,10 @@ class Phase:
     def server_cpu_us(self) -> float:
         """The server's CPU time per answer: what the cores cost, whatever else runs on them."""
         return self.server_cpu_s / self.answered * 1e6 if self.answered else float("nan")
+
+    @property
+    def server_loop_cpu_us(self) -> float:
+        return self.server_loop_cpu_s / self.answered * 1e6 if self.answered else float("nan")
 
     @property
     def per_second(self) -> float:
@@ -388,16 +396,20 @@ def drive(port: int, requests: list[bytes], concurrency: int, max_seconds: float
         runner = asyncio.run
     pids = [process.pid for process in watch[0]]
     server_cpu, client_cpu = sum(map(_cpu_seconds, pids)), time.process_time()
+    loop_cpu = sum(_cpu_seconds(pid, pid) for pid in pids)
     runner(_load(port, requests, concurrency, max_seconds, phase, watch))
     phase.server_cpu_s = sum(map(_cpu_seconds, pids)) - server_cpu
+    phase.server_loop_cpu_s = sum(_cpu_seconds(pid, pid) for pid in pids) - loop_cpu
     phase.client_cpu_s = time.process_time() - client_cpu
     return phase
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (Linux's /proc; 0 elsewhere)."""
+def _cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of process ``pid`` so far, or of its ``thread`` (a thread id; the
+    main thread's is the pid) (Linux's /proc; 0 elsewhere)."""
+    stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -664,7 +676,10 @@ def main() -> int:
         f"{args.requests} distinct signed deliveries per phase, {os.cpu_count()} cores shared by all "
         f"(load average {os.getloadavg()[0]:.1f} at the end)"
     )
-    print(f"  {'phase':<24} {'answered/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'server CPU µs/answer':>21}  statuses")
+    print(
+        f"  {'phase':<24} {'answered/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'server CPU µs/answer':>21} "
+        f"{'of it, event loop':>18}  statuses"
+    )
     for phase in phases:
         extra = ""
         if phase.batches:
@@ -672,7 +687,8 @@ def main() -> int:
             extra = f"  ({items / max(commits, 1):.1f} deliveries per commit)"
         print(
             f"  {phase.name:<24} {phase.per_second:>11,.0f} {phase.percentile(0.50):>8.1f} "
-            f"{phase.percentile(0.99):>8.1f} {phase.server_cpu_us:>21,.0f}  {dict(phase.statuses)}{extra}"
+            f"{phase.percentile(0.99):>8.1f} {phase.server_cpu_us:>21,.0f} {phase.server_loop_cpu_us:>18,.0f}  "
+            f"{dict(phase.statuses)}{extra}"
         )
     durable = receiver.statuses[202] / receiver.seconds
     print(f"durable deliveries/s: {durable:,.0f} (target >= 4,000); p99 {receiver.percentile(0.99):.1f} ms")
@@ -735,6 +751,16 @@ def main() -> int:
             "µs",
             baseline="bare Starlette",
             baseline_value=bare.server_cpu_us,
+        )
+    )
+    figures.append(
+        figure(
+            case,
+            "event-loop thread CPU per delivery",
+            receiver.server_loop_cpu_us,
+            "µs",
+            baseline="bare Starlette",
+            baseline_value=bare.server_loop_cpu_us,
         )
     )
     if limit_one:
