@@ -16,6 +16,8 @@ from sync_project.orchestration.run_limits import RunLimits
 
 ROOT = settings.project_root()
 CONFIGS = {"dagster.yaml": settings.INSTANCE_TEMPLATE, "deploy/dagster.yaml": ROOT / "deploy" / "dagster.yaml"}
+#: Every instance config the project ships, scale-out included.
+SHIPPED = {**CONFIGS, "deploy/celery/dagster.yaml": ROOT / "deploy" / "celery" / "dagster.yaml"}
 
 
 def monitoring(name: str) -> dict[str, Any]:
@@ -70,3 +72,18 @@ def test_healthy_runs_end_well_before_their_limits():
     # It is requested early enough to start, and waits long enough to outlast the predecessor's lease.
     assert limits.handoff_wait >= limits.handoff_lead + timedelta(seconds=run.lease_ttl_s)
     assert limits.poll_floor >= 2 * timedelta(seconds=run.poll_lease_wait_s)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_instance_config_runs_one_warehouse_step_at_a_time(name):
+    """The warehouse assets share one pool; only the instance config caps it. Left out of the
+    Celery config, two workers' loads ran at once and failed on the DuckDB file's lock."""
+    from sync_project.warehouse.assets import WAREHOUSE_POOL
+
+    config = yaml.safe_load(SHIPPED[name].read_text())["concurrency"]
+    assert config["pools"]["default_limit"] == 1, f"the {WAREHOUSE_POOL!r} pool is not capped"
+    assert config["pools"]["granularity"] == "op"
+    # And one run per partition, however it was launched through the queue.
+    assert {"key": "sync/asset_partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in config["runs"][
+        "tag_concurrency_limits"
+    ]
