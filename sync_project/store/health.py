@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 
 from sync_project.core.clock import utcnow
 from sync_project.store.engine import unavailable_as_store_error
-from sync_project.store.inbox import MAX_ERROR_CHARS
+from sync_project.store.inbox import MAX_ERROR_CHARS, PARKED
 from sync_project.store.schema import inbox, inbox_pending, sync_state
 
 
@@ -114,7 +114,7 @@ class Health:
         """Dead-lettered events of ``sync`` per connection, each with its newest dead event."""
         counts = (
             select(inbox.c.connection_id, func.count(), func.max(inbox.c.id))
-            .where(inbox.c.status == "dead", inbox.c.sync == sync)
+            .where(PARKED, inbox.c.status == "dead", inbox.c.sync == sync)
             .group_by(inbox.c.connection_id)
             .order_by(inbox.c.connection_id)
         )

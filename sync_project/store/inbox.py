@@ -409,7 +409,7 @@ class Inbox:
         with unavailable_as_store_error(), reading(self._engine) as conn:
             counts = dict.fromkeys(INBOX_STATUSES, 0)
             # The parked statuses through their partial index; pending and done by their tables.
-            parked = select(inbox.c.status, func.count()).where(_PARKED).group_by(inbox.c.status)
+            parked = select(inbox.c.status, func.count()).where(PARKED).group_by(inbox.c.status)
             for status, count in conn.execute(parked):
                 counts[status] = int(count)
             counts["pending"] = int(conn.execute(select(func.count()).select_from(inbox_pending)).scalar_one())
@@ -529,7 +529,7 @@ class Inbox:
             if parked:
                 total += int(
                     conn.execute(
-                        select(func.count()).where(_PARKED, inbox.c.status.in_(parked), inbox.c.received_at < cutoff)
+                        select(func.count()).where(PARKED, inbox.c.status.in_(parked), inbox.c.received_at < cutoff)
                     ).scalar_one()
                 )
         return total
@@ -566,7 +566,7 @@ class Inbox:
         while True:
             # Bounded deletes: short transactions, so receivers and runs never wait long.
             with unavailable_as_store_error(), self._engine.begin() as conn:
-                ids = select(inbox.c.id).where(_PARKED, inbox.c.status.in_(parked), inbox.c.received_at < cutoff)
+                ids = select(inbox.c.id).where(PARKED, inbox.c.status.in_(parked), inbox.c.received_at < cutoff)
                 removed = int(
                     conn.execute(delete(inbox).where(inbox.c.id.in_(ids.limit(_ID_CHUNK).scalar_subquery()))).rowcount
                 )
@@ -976,8 +976,11 @@ _ACK_POSTGRES = text(
     "INSERT INTO inbox_done (id, processed_at) SELECT id, :now FROM acked"
 ).bindparams(bindparam("now", type_=UtcDateTime))
 
-#: The rows of the partial status index: what is neither queued nor done (see schema.inbox).
-_PARKED = inbox.c.status.not_in(["pending", "done"])
+#: The rows of the partial status index: what is neither queued nor done (see schema.inbox). A
+#: query on a parked status states it as well, as literal SQL: SQLite uses a partial index only
+#: when the query's WHERE holds the index's own condition, constants and all (``status = 'dead'``
+#: alone, or ``NOT IN (?, ?)`` with bound values, scans the whole inbox).
+PARKED = text("inbox.status NOT IN ('pending', 'done')")
 #: An inbox row beside its acknowledgement, if any: what the derived status reads.
 _WITH_DONE = inbox.outerjoin(inbox_done, inbox_done.c.id == inbox.c.id)
 _IS_DONE = inbox_done.c.id.is_not(None)
