@@ -200,15 +200,17 @@ class Connections:
 
 
 _REVISION = select(connections_revision.c.revision).where(connections_revision.c.id == 1)
+_BUMP = (
+    update(connections_revision)
+    .where(connections_revision.c.id == 1)
+    .values(revision=connections_revision.c.revision + 1)
+)
 
 
 def _moved(conn: Connection, changed: int = 1) -> None:
     """Moves the revision in ``conn``'s transaction (a write that ``changed`` nothing leaves it)."""
-    if not changed:
-        return
-    bump = update(connections_revision).where(connections_revision.c.id == 1)
-    if not conn.execute(bump.values(revision=connections_revision.c.revision + 1)).rowcount:
-        conn.execute(insert(connections_revision).values(id=1, revision=1))  # the row was removed by hand
+    if changed:
+        conn.execute(_BUMP)
 
 
 def credential_columns(
