@@ -11,8 +11,6 @@ every record equals the provider's truth. Under the old run lock every backfill 
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,14 +23,13 @@ import httpx
 from sync_project import settings
 from sync_project.sandbox.client import SandboxAdmin
 from sync_project.store import Store
-from sync_project_tests.cli.test_dev import free_port
+from sync_project_tests.cli.dev_support import ACCOUNTS, Dev, DevPorts, wait_until_applied, wait_until_drained
 from sync_project_tests.support.dagster_ui import BACKFILL_STATUS, LAUNCH_BACKFILL
 from sync_project_tests.support.realtime import sandbox_syncs, stored_state
 
 ROOT = settings.project_root()
 BIN = Path(sys.executable).parent
 PARTITIONS = ["demo-1", "demo-2"]
-ACCOUNTS = {"demo-1": "acct-1", "demo-2": "acct-2"}
 
 
 def graphql(ui_url: str, query: str, variables: dict[str, Any]) -> dict[str, Any]:
@@ -51,54 +48,20 @@ def failed_webhook_runs(instance: dg.DagsterInstance) -> list[str]:
 
 
 def test_a_backfill_and_a_cli_materialize_succeed_while_webhook_runs_drain(tmp_path: Path) -> None:
-    data, home = tmp_path / "data", tmp_path / "dagster_home"
-    ports = {name: free_port() for name in ("ui", "receiver", "sandbox")}
     env = {
-        **os.environ,
-        "SYNC_DATA_DIR": str(data),
-        "DAGSTER_HOME": str(home),
         "SYNC_SANDBOX_ADMIN_TOKEN": "adm_backfill_test",
         "SYNC_DEMO_DEMO_1_TOKEN": "tok_backfill_demo_1",
         "SYNC_DEMO_DEMO_2_TOKEN": "tok_backfill_demo_2",
     }
-    env.pop("SYNC_DATABASE_URL", None)
-    ui_url = f"http://127.0.0.1:{ports['ui']}"
-    dev = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sync_project.cli",
-            "dev",
-            "--ui-port",
-            str(ports["ui"]),
-            "--receiver-port",
-            str(ports["receiver"]),
-            "--sandbox-port",
-            str(ports["sandbox"]),
-            "--change-rate",
-            "4",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    output: list[str] = []
+    ports = DevPorts()
+    dev = Dev(tmp_path, ports, env=env)
+    ui_url = f"http://127.0.0.1:{ports.ui}"
     try:
-        deadline = time.monotonic() + 240
-        while not any("Ctrl-C stops everything" in line for line in output):
-            assert time.monotonic() < deadline, "".join(output)
-            line = dev.stdout.readline()  # type: ignore[union-attr]
-            assert line or dev.poll() is None, "".join(output)
-            output.append(line)
-        store = Store(f"sqlite:///{data / 'sync.db'}")
-        instance = dg.DagsterInstance.from_config(str(home))
+        dev.wait_for_banner()
+        store = Store(dev.store_url)
+        instance = dg.DagsterInstance.from_config(str(dev.home))
         try:
-            deadline = time.monotonic() + 180
-            while store.inbox.stats().counts["done"] == 0:  # webhook runs are flowing
-                assert time.monotonic() < deadline, "no webhook run finished in time"
-                time.sleep(1)
+            wait_until_applied(store, 1)  # webhook runs are flowing
 
             applied_before = store.inbox.stats().counts["done"]
             launched = graphql(
@@ -129,7 +92,7 @@ def test_a_backfill_and_a_cli_materialize_succeed_while_webhook_runs_drain(tmp_p
                     "--partition",
                     "demo-1",
                 ],
-                env={**env, "SYNC_DATABASE_URL": f"sqlite:///{data / 'sync.db'}"},
+                env={**dev.env, "SYNC_DATABASE_URL": dev.store_url},
                 capture_output=True,
                 text=True,
                 cwd=ROOT,
@@ -142,24 +105,23 @@ def test_a_backfill_and_a_cli_materialize_succeed_while_webhook_runs_drain(tmp_p
                 status = graphql(ui_url, BACKFILL_STATUS, {"backfillId": backfill_id})["partitionBackfillOrError"]
                 if status.get("status") in ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"):
                     break
-                assert time.monotonic() < deadline, f"the backfill did not finish: {status}"
+                assert time.monotonic() < deadline, f"the backfill did not finish: {status}\n{tail(dev)}"
                 time.sleep(2)
             applied_meanwhile = store.inbox.stats().counts["done"] - applied_before
             runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+            assert status["status"] in ("COMPLETED", "COMPLETED_SUCCESS"), (
+                f"{status}: {backfill_error(instance, backfill_id)}\n{tail(dev)}"
+            )
             assert sorted(run.tags["dagster/partition"] for run in runs) == PARTITIONS
             assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs), [(r.run_id, r.status) for r in runs]
-            assert status["status"] in ("COMPLETED", "COMPLETED_SUCCESS"), status
             assert applied_meanwhile > 0, "no webhook event was applied while the backfill ran"
             assert failed_webhook_runs(instance) == []
 
             # The changes stop; the last webhooks arrive and drain; nothing is left behind.
-            with SandboxAdmin(f"http://127.0.0.1:{ports['sandbox']}", env["SYNC_SANDBOX_ADMIN_TOKEN"]) as admin:
+            with SandboxAdmin(ports.sandbox_url, env["SYNC_SANDBOX_ADMIN_TOKEN"]) as admin:
                 admin.set_generator(running=False)
                 admin.flush()
-                deadline = time.monotonic() + 180
-                while store.inbox.stats().counts["pending"]:
-                    assert time.monotonic() < deadline, store.inbox.stats()
-                    time.sleep(1)
+                wait_until_drained(store)
                 contacts = next(sync for sync in sandbox_syncs() if sync.name == "contacts")
                 for connection_id in PARTITIONS:
                     truth = admin.truth(ACCOUNTS[connection_id])
@@ -173,9 +135,17 @@ def test_a_backfill_and_a_cli_materialize_succeed_while_webhook_runs_drain(tmp_p
             instance.dispose()
             store.close()
     finally:
-        dev.send_signal(signal.SIGINT)
-        try:
-            dev.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(dev.pid, signal.SIGKILL)
-            dev.communicate()
+        dev.stop()
+
+
+def backfill_error(instance: dg.DagsterInstance, backfill_id: str) -> str:
+    """What the daemon recorded against a backfill that did not complete (it ends FAILED on an error)."""
+    backfill = instance.get_backfill(backfill_id)
+    if backfill is None:
+        return "no such backfill"
+    return backfill.error.to_string() if backfill.error is not None else "no error recorded"
+
+
+def tail(dev: Dev, lines: int = 80) -> str:
+    """The end of ``sync-project dev``'s output: the daemon's account of the backfill."""
+    return "".join(dev.lines[-lines:])

@@ -117,23 +117,38 @@ def terminate_sessions(application_name: str) -> int:
         admin.dispose()
 
 
-def freeze_while_waiting_on_the_provider(process: Any, kind: str, url: str, fake: FakeApi) -> None:
+def freeze_while_waiting_on_the_provider(process: Any, kind: str, url: str, fake: FakeApi, store: Store) -> None:
     """SIGSTOP the child while it waits for a page, as a refresh mostly does: it then holds no
     transaction and no connection it is about to use, but keeps its pooled sessions to cut.
 
     Frozen mid-transaction it would hold its row locks, and frozen between a connection's checkout
     (where the pool pings it) and its first statement, that statement would fail on the cut
-    session: other faults, with other outcomes (a run that fails with StoreUnavailableError)."""
+    session: other faults, with other outcomes (a run that fails with StoreUnavailableError).
+    A refresh fetches the next page while it merges the last one, so waiting on the provider is not
+    enough: every page served must also be merged (the window counts them), or the merge may be
+    in that gap, which no session's state shows."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if fake.answering_page.wait(timeout=1):
             os.kill(process.pid, signal.SIGSTOP)
             sessions, busy = sessions_and_transactions(kind, url, FIRST)
-            if fake.answering_page.is_set() and busy == 0 and (kind == "sqlite" or sessions >= 1):
+            if (
+                fake.answering_page.is_set()
+                and merged_pages(store) == fake.pages_served
+                and busy == 0
+                and (kind == "sqlite" or sessions >= 1)
+            ):
                 return
             os.kill(process.pid, signal.SIGCONT)
         time.sleep(0.05)
     pytest.fail("the child was never caught waiting on the provider with its sessions idle")
+
+
+def merged_pages(store: Store) -> int:
+    """Pages the refresh has merged and committed: its full window counts them."""
+    state = store.state.get(ITEMS.key, CONNECTION)
+    window = state.full_window if state is not None else None
+    return window.pages if window is not None else 0
 
 
 def start_first_refresh(kind: str, url: str, fake: FakeApi) -> tuple[Any, Any]:
@@ -176,7 +191,7 @@ def test_a_refresh_frozen_past_its_lease_is_fenced_and_tombstones_nothing(
     store = store_with_connection
     child, results = start_first_refresh(kind, url, fake)
     try:
-        freeze_while_waiting_on_the_provider(child, kind, url, fake)
+        freeze_while_waiting_on_the_provider(child, kind, url, fake, store)
         if kind != "sqlite":
             assert terminate_sessions(FIRST) >= 1  # its sessions, and with them any session lock
 
@@ -236,7 +251,7 @@ def test_terminated_sessions_do_not_end_ownership(
     store = store_with_connection
     child, results = start_first_refresh(kind, url, fake)
     try:
-        freeze_while_waiting_on_the_provider(child, kind, url, fake)
+        freeze_while_waiting_on_the_provider(child, kind, url, fake, store)
         try:
             assert terminate_sessions(FIRST) >= 1
         finally:
