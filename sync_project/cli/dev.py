@@ -50,6 +50,11 @@ ADMIN_TOKEN_ENV = "SYNC_SANDBOX_ADMIN_TOKEN"
 #: (dagster-dg-cli) the project does not use: nothing a person could act on, so it is filtered by
 #: its exact text, and every other warning still shows.
 DAGSTER_DEV_WARNINGS = "ignore:Function `dev_command` is superseded"
+#: Without it, Dagster fails a backfill for good, with no run launched, when one of the daemon's
+#: evaluations finds the code location unloadable (its code server busy past a gRPC timeout, or
+#: restarting): "existed at storage-time, but no longer does". Set, the daemon skips that
+#: evaluation and resumes once the location loads. An environment that sets it ("" for off) wins.
+BACKFILL_WAITS_FOR_CODE_ENV = "DAGSTER_BACKFILL_RETRY_DEFINITION_CHANGED_ERROR"
 
 
 @dataclass
@@ -335,6 +340,7 @@ def command(ui_port: int, receiver_port: int, sandbox_port: int, change_rate: fl
         "DAGSTER_HOME": str(home),
         "SYNC_DATABASE_URL": settings.database_url(),
         "SYNC_SANDBOX_WEBHOOK_SECRET": os.environ.get("SYNC_SANDBOX_WEBHOOK_SECRET") or generate_secret(),
+        BACKFILL_WAITS_FOR_CODE_ENV: os.environ.get(BACKFILL_WAITS_FOR_CODE_ENV, "1"),
         # Set beforehand, they are kept: a shell that also runs `dagster asset materialize` needs them.
         **{name: os.environ.get(name) or "tok_" + secrets.token_urlsafe(18) for name in token_envs.values()},
     }
