@@ -24,6 +24,10 @@ case "$role" in
     exec dagster-webserver -h "${DAGSTER_WEBSERVER_HOST:-0.0.0.0}" -p "${DAGSTER_WEBSERVER_PORT:-3000}" \
       -w "$here/workspace.yaml" ;;
   daemon)
+    # A backfill whose code location cannot be loaded for a moment (a code server restarting or
+    # slow to answer) is retried by the daemon instead of failing for good with no run. Set
+    # beforehand, even to "" (off), the environment's value wins.
+    export DAGSTER_BACKFILL_RETRY_DEFINITION_CHANGED_ERROR="${DAGSTER_BACKFILL_RETRY_DEFINITION_CHANGED_ERROR-1}"
     exec dagster-daemon run -w "$here/workspace.yaml" ;;
   worker)
     name="${2:?worker NAME}"

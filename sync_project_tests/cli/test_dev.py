@@ -15,7 +15,7 @@ import dagster as dg
 from dagster._core.instance.ref import InstanceRef
 
 from sync_project import settings
-from sync_project.cli.dev import missing_run_monitoring, missing_warehouse_pool
+from sync_project.cli.dev import BACKFILL_WAITS_FOR_CODE_ENV, missing_run_monitoring, missing_warehouse_pool
 from sync_project.store import Store
 
 
@@ -40,6 +40,24 @@ def descendants(pid: int) -> set[int]:
             if child not in found:
                 found.add(child)
                 frontier.append(child)
+    return found
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
+
+
+def daemon_pids(pids: set[int]) -> list[int]:
+    """dagster dev's daemon: ``python -m dagster._daemon run``."""
+    found = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"dagster._daemon" in argv and b"run" in argv:
+            found.append(pid)
     return found
 
 
@@ -99,6 +117,10 @@ def test_dev_runs_everything_and_ctrl_c_stops_every_process(tmp_path: Path) -> N
             assert store.count("sandbox/contacts") + store.count("sandbox/deals") > 0
         started |= descendants(process.pid)
         assert len(started) >= 4  # receiver, sandbox, dagster dev and its webserver/daemon
+        # The daemon retries a backfill whose code location is briefly unloadable (dev.py).
+        daemons = daemon_pids(started)
+        assert daemons, "no dagster daemon among dev's processes"
+        assert all(environ_of(pid).get(BACKFILL_WAITS_FOR_CODE_ENV) == "1" for pid in daemons)
         # A standing drainer lingers for minutes after its events, and the provider's standby drainer
         # runs all along (it may have drained the first events before any partition's drainer
         # started): the stop comes during a drain.
