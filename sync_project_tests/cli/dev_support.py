@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,13 +130,20 @@ def wait_until_drained(store: Store, timeout_s: float = 180) -> None:
         time.sleep(1)
 
 
-def differences(store: Store, admin: SandboxAdmin) -> list[str]:
-    """What the store and the sandbox disagree on, per (sync, connection): empty when they agree."""
+def differences(
+    store: Store, admin: SandboxAdmin, *, kinds: Collection[str] | None = None, connections: Collection[str] = ACCOUNTS
+) -> list[str]:
+    """What the store and the sandbox disagree on, per (sync, connection): empty when they agree.
+
+    ``kinds`` (sandbox object names, e.g. "contacts") and ``connections`` narrow the comparison to
+    the partitions a test has synced in full; by default every sandbox sync and demo connection."""
     found = []
     for sync in sandbox_syncs():
         kind = sync.name
-        for connection_id, account_id in ACCOUNTS.items():
-            truth = admin.truth(account_id)
+        if kinds is not None and kind not in kinds:
+            continue
+        for connection_id in connections:
+            truth = admin.truth(ACCOUNTS[connection_id])
             live, deleted = stored_state(store, sync.key, connection_id)
             expected = {o["id"]: sync.model.model_validate(o).model_dump(mode="json") for o in truth[kind]}
             for key in sorted(set(live) | set(expected)):
